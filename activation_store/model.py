@@ -1,0 +1,376 @@
+"""One model object over two backends: TransformerLens hook names (TransformerBridge) or plain forward hooks.
+
+Both backends expose the same surface: `.tokenizer`, `.hook_points` (name → width), `__call__(tokens)`
+→ logits (batch, pos, vocab), `capture(tokens, hook_points)` with an early stop after the deepest hook
+point needed, `intervene({hook_point: fn})` to edit activations inside a `with` block, and `generate`.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+REFERENCE_NAME = "reference"
+BACKENDS = ("auto", "transformer_lens", "hf")
+
+Edit = Callable[[Tensor], Tensor | None]
+"""An activation edit: receives (batch, pos, width) and returns the replacement, or None to keep it."""
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once every needed activation is captured."""
+
+
+def reference_model_path() -> Path:
+    """Folder of the embedded reference model shipped inside the package."""
+    return Path(__file__).resolve().parent / "assets" / "reference"
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """Map the alias "reference" to the shipped folder; anything else is a hub name or local path."""
+    if name_or_path == REFERENCE_NAME:
+        path = reference_model_path()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded reference model is missing from {path}; "
+                "rebuild it with `python -m activation_store.train_reference`"
+            )
+        return str(path)
+    return name_or_path
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def closest_names(name: str, valid: Sequence[str], n: int = 5) -> list[str]:
+    """The valid names most similar to `name`, for error messages."""
+    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
+    return close or list(valid[:n])
+
+
+class LoadedModel:
+    """A causal LM with named hook points; subclasses implement one backend."""
+
+    backend: str = ""
+
+    def __init__(self, name: str, tokenizer: Any, device: torch.device):
+        self.name = name
+        self.tokenizer = tokenizer
+        self.device = device
+        self._widths: dict[str, int] = {}
+        self._order: dict[str, int] = {}  # firing order of hook points, for early stopping
+        self._head_shapes: dict[str, tuple[int, int]] = {}  # hook points flattened over heads
+
+    # -- what every backend provides -----------------------------------------------------------------
+    def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    @contextmanager
+    def _raw_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        """Attach fns to hook points (raw backend tensors); remove them on exit, whatever happens."""
+        raise NotImplementedError
+        yield
+
+    def hf_model(self) -> nn.Module:
+        """The underlying `transformers` model (for `generate` and the config)."""
+        raise NotImplementedError
+
+    # -- shared surface --------------------------------------------------------------------------------
+    @property
+    def hook_points(self) -> dict[str, int]:
+        """Every hook point with its activation width (hook_z-style points flattened over heads)."""
+        return dict(self._widths)
+
+    def list_hook_points(self) -> list[str]:
+        """Hook point names in the order the forward pass reaches them."""
+        return sorted(self._widths, key=lambda n: self._order[n])
+
+    def validate_hook_point(self, name: str) -> str:
+        """Return the name if valid, else raise ValueError naming the closest valid hook points."""
+        if name not in self._widths:
+            raise ValueError(
+                f"unknown hook point {name!r} for model {self.name!r} ({self.backend} backend); "
+                f"closest valid: {closest_names(name, self.list_hook_points())} "
+                "(`sae-kit hooks --model M` lists them all)"
+            )
+        return name
+
+    def width(self, hook_point: str) -> int:
+        """Activation width at a hook point."""
+        return self._widths[self.validate_hook_point(hook_point)]
+
+    @property
+    def n_ctx(self) -> int:
+        """Longest context the model accepts."""
+        cfg = self.hf_model().config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if getattr(cfg, attr, None):
+                return int(getattr(cfg, attr))
+        return 2048
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """Token the model expects at the start of a document, if any."""
+        tok_bos = getattr(self.tokenizer, "bos_token_id", None)
+        return tok_bos if tok_bos is not None else getattr(self.hf_model().config, "bos_token_id", None)
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Tensor:
+        """Tokenize text (one string or a list padded to the longest) to (batch, pos) on the model's device."""
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if prepend_bos and self.bos_token_id is not None:
+            rows = [[self.bos_token_id, *r] for r in rows]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.bos_token_id or 0)
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(self.device)
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits (batch, pos, vocab) for token ids (batch, pos)."""
+        return self._forward(tokens.to(self.device), attention_mask)
+
+    def _flatten(self, name: str, act: Tensor) -> Tensor:
+        # hook_z arrives as (batch, pos, n_heads, d_head); SAEs read it concatenated over heads.
+        return act.flatten(-2) if name in self._head_shapes else act
+
+    def _unflatten(self, name: str, act: Tensor) -> Tensor:
+        return act.unflatten(-1, self._head_shapes[name]) if name in self._head_shapes else act
+
+    @torch.no_grad()
+    def capture(
+        self, tokens: Tensor, hook_points: Sequence[str], stop_early: bool = True,
+        attention_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Activations (batch, pos, width) at each hook point from one forward pass.
+
+        With stop_early the forward ends right after the deepest requested hook point fires, so later layers
+        cost nothing; the captured values are identical either way.
+        """
+        names = [self.validate_hook_point(h) for h in dict.fromkeys(hook_points)]
+        if not names:
+            raise ValueError("capture needs at least one hook point")
+        last = max(names, key=lambda n: self._order[n])
+        out: dict[str, Tensor] = {}
+
+        def make(name: str) -> Callable[[Tensor], None]:
+            def fn(act: Tensor) -> None:
+                out[name] = self._flatten(name, act).detach()
+                if stop_early and name == last and all(n in out for n in names):
+                    raise StopForward
+            return fn
+
+        try:
+            with self._raw_hooks({n: make(n) for n in names}):
+                self._forward(tokens.to(self.device), attention_mask)
+        except StopForward:
+            pass
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise RuntimeError(f"hook points {missing} did not fire during the forward pass of {self.name!r}")
+        return out
+
+    @contextmanager
+    def intervene(self, edits: dict[str, Edit]) -> Iterator[LoadedModel]:
+        """Inside the block, each edit rewrites the activation (batch, pos, width) at its hook point.
+
+        Edits see hook_z flattened over heads, like `capture`; hooks are removed on exit even after an error.
+        """
+        for name in edits:
+            self.validate_hook_point(name)
+
+        def make(name: str, edit: Edit) -> Callable[[Tensor], Tensor | None]:
+            def fn(act: Tensor) -> Tensor | None:
+                new = edit(self._flatten(name, act))
+                return None if new is None else self._unflatten(name, new).to(act.dtype)
+            return fn
+
+        with self._raw_hooks({n: make(n, e) for n, e in edits.items()}):
+            yield self
+
+    def generate(self, tokens: Tensor, max_new_tokens: int = 20, **kwargs: Any) -> Tensor:
+        """Continue (batch, pos) token ids with the `transformers` generate loop (KV cache on by default)."""
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("use_cache", True)
+        pad = self.tokenizer.pad_token_id
+        kwargs.setdefault("pad_token_id", pad if pad is not None else self.bos_token_id)
+        attention_mask = kwargs.pop("attention_mask", torch.ones_like(tokens))
+        return self.hf_model().generate(
+            tokens.to(self.device), attention_mask=attention_mask.to(self.device),
+            max_new_tokens=max_new_tokens, **kwargs,
+        )
+
+    def layer_of(self, hook_point: str) -> int | None:
+        """Block index a hook point belongs to, or None outside the blocks."""
+        m = re.search(r"(?:blocks|h|layers|layer)\.(\d+)\b", hook_point)
+        return int(m.group(1)) if m else None
+
+    _PROBE_LEN = 7  # odd length so (batch, pos, heads, d_head) is not confused with attention patterns
+
+    def _probe(self) -> None:
+        """Record each hook point's width and firing order with a short dry forward pass."""
+        seq = self._PROBE_LEN
+        for order, (name, shape) in enumerate(self._probe_shapes(seq).items()):
+            if len(shape) == 3 and shape[:2] == (1, seq) and shape[2] > 1:
+                self._widths[name] = shape[2]
+            elif len(shape) == 4 and shape[:2] == (1, seq) and not re.search(r"pattern|scores", name):
+                self._widths[name] = shape[2] * shape[3]
+                self._head_shapes[name] = (shape[2], shape[3])
+            else:
+                continue
+            self._order[name] = order
+
+    def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of every candidate activation on a (1, seq) input, in firing order."""
+        raise NotImplementedError
+
+
+class TransformerLensModel(LoadedModel):
+    """TransformerLens hook names (`blocks.3.hook_resid_post`, `blocks.3.attn.hook_z`) via TransformerBridge."""
+
+    backend = "transformer_lens"
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(resolve_model_name(name), device=str(device), dtype=dtype)
+        bridge.eval()
+        super().__init__(name, bridge.tokenizer, device)
+        self.bridge = bridge
+        self._probe()
+
+    def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
+        # The cache holds canonical names and TransformerLens aliases (hook_resid_post, attn.hook_z, ...),
+        # in the order the forward reaches them; researchers know the aliases, so both are valid.
+        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            _, cache = self.bridge.run_with_cache(tokens)
+        return {name: tuple(act.shape) for name, act in cache.items()}
+
+    def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is not None:
+            return self.bridge(tokens, attention_mask=attention_mask)
+        return self.bridge(tokens)
+
+    @contextmanager
+    def _raw_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        hooks = [(name, _tl_adapter(fn)) for name, fn in fns.items()]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            yield
+
+    def hf_model(self) -> nn.Module:
+        return self.bridge.original_model
+
+
+def _tl_adapter(fn: Callable[[Tensor], Tensor | None]) -> Callable[[Tensor, Any], Tensor | None]:
+    def hook(act: Tensor, hook: Any) -> Tensor | None:
+        return fn(act)
+    return hook
+
+
+class HFModel(LoadedModel):
+    """Plain `transformers` forward hooks; hook points are module paths (`transformer.h.3.mlp`)."""
+
+    backend = "hf"
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_name(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model.to(device).eval()
+        super().__init__(name, AutoTokenizer.from_pretrained(path), device)
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self._probe()
+
+    def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def recorder(name: str) -> Callable[[Tensor], None]:
+            def fn(act: Tensor) -> None:
+                shapes.setdefault(name, tuple(act.shape))
+            return fn
+
+        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        with torch.no_grad(), self._raw_hooks({n: recorder(n) for n in self._modules if n}):
+            self._forward(tokens, None)
+        return shapes
+
+    def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits
+
+    @contextmanager
+    def _raw_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        handles = []
+        try:
+            for name, fn in fns.items():
+                handles.append(self._modules[name].register_forward_hook(_hf_adapter(fn)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def hf_model(self) -> nn.Module:
+        return self.model
+
+
+def _hf_adapter(fn: Callable[[Tensor], Tensor | None]) -> Callable[..., Any]:
+    # Decoder blocks return tuples (hidden, ...); the activation is the first element.
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        act = output[0] if isinstance(output, tuple) else output
+        if not isinstance(act, Tensor):
+            return None
+        new = fn(act)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
+def load_model(
+    name_or_path: str = REFERENCE_NAME,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+) -> LoadedModel:
+    """Load a Hugging Face causal LM (hub name, local folder, or "reference") behind named hook points.
+
+    backend "transformer_lens" gives TransformerLens hook names through TransformerBridge; "hf" gives module
+    paths with plain forward hooks; "auto" tries TransformerLens and falls back to "hf" for architectures it
+    does not know.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
+    if backend == "hf":
+        return HFModel(name_or_path, dev, dtype)
+    try:
+        return TransformerLensModel(name_or_path, dev, dtype)
+    except (FileNotFoundError, OSError) as err:
+        if backend == "transformer_lens" or not os.path.exists(resolve_model_name(name_or_path)):
+            raise
+        log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
+        return HFModel(name_or_path, dev, dtype)
+    except Exception as err:  # architectures TransformerLens does not know raise assorted errors
+        if backend == "transformer_lens":
+            raise
+        log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
+        return HFModel(name_or_path, dev, dtype)

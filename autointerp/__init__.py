@@ -1,0 +1,1 @@
+"""Auto-interpretation: latent records, LLM explanations and the scorers that measure them."""

@@ -1,0 +1,1 @@
+"""Evals: reconstruction, sparsity, downstream-loss and geometry metrics, and HTML reports."""

@@ -1,0 +1,246 @@
+"""Shared base for every sparse coder: SAEs and (skip) transcoders.
+
+A sparse coder maps an input x ∈ R^{d_in} to latents z ∈ R^{d_sae} and reconstructs a target
+y ∈ R^{d_out} (y = x for an SAE; the MLP output for a transcoder):
+
+    z  = act(W_encᵀ(x − b_dec·[SAE]) + b_enc)
+    ŷ  = W_decᵀ z + b_dec (+ W_skipᵀ x for a skip transcoder)
+
+Parameters keep the field's conventional names and shapes so other toolkits' files map onto them:
+`W_enc` [d_in, d_sae], `W_dec` [d_sae, d_out], `b_enc` [d_sae], `b_dec` [d_out], `W_skip` [d_in, d_out],
+`threshold` [d_sae] (JumpReLU / BatchTopK inference).
+
+Each architecture is one file subclassing `SparseCoder`, registered with `@register("name")`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Everything needed to rebuild a sparse coder; serialised as `cfg.json`."""
+
+    architecture: str
+    """Registry name: "topk", "batchtopk", "jumprelu", "abstopk" or "relu"."""
+    d_in: int
+    """Width of the input activations."""
+    d_sae: int
+    """Number of latents."""
+    k: int | None = None
+    """Active latents per token for the TopK family (None for JumpReLU / ReLU)."""
+    d_out: int | None = None
+    """Width of the target; None means d_in (an SAE). Set for transcoders whose output width differs."""
+    transcoder: bool = False
+    """True when the target is another hook point (MLP in → MLP out); the input is then not centred by b_dec."""
+    skip_connection: bool = False
+    """Add a linear skip path W_skip x (zero-initialised): a skip transcoder."""
+    hook_point: str = ""
+    """Hook point the input is read from."""
+    target_hook_point: str | None = None
+    """Hook point the target is read from (transcoders only)."""
+    model_name: str = ""
+    """Model the coder was trained on (hub name, local path or "reference")."""
+    dtype: str = "float32"
+    """Parameter dtype as saved."""
+    # Architecture-specific knobs; unused ones are ignored by the other architectures.
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss; None means d_in // 2."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.)."""
+    jumprelu_bandwidth: float = 0.001
+    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial θ of every JumpReLU latent."""
+    sparsity_coefficient: float = 0.0
+    """Final λ of the L0 (JumpReLU) or decoder-norm-weighted L1 (ReLU) penalty."""
+    target_l0: float | None = None
+    """JumpReLU: if set, penalise (L0/target_l0 − 1)² instead of plain λ·L0."""
+    input_scale: float = 1.0
+    """Scale the saved weights already absorb: 1.0 after folding; kept for provenance."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form training provenance (tokens seen, normalisation, dataset, metrics)."""
+
+    def __post_init__(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.architecture in SparseCoder.REGISTRY:
+            SparseCoder.REGISTRY[self.architecture].validate_config(self)
+
+    @property
+    def d_target(self) -> int:
+        """Width of the reconstruction target."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form written to cfg.json."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Rebuild from cfg.json, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SAE config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SAEConfig:
+        """A copy with some fields changed (configs are never mutated)."""
+        return dataclasses.replace(self, **changes)
+
+
+class EncoderOutput(NamedTuple):
+    """Sparse form of the latents: the active values and which latents they belong to."""
+
+    top_acts: Tensor  # (N, k) activation values (0 where fewer than k fired)
+    top_indices: Tensor  # (N, k) latent indices, int64
+    pre_acts: Tensor  # (N, d_sae) pre-activations, kept for AuxK / JumpReLU losses
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one training or eval step needs from a forward pass."""
+
+    sae_out: Tensor  # (N, d_out) reconstruction ŷ
+    latent_acts: Tensor  # (N, k) sparse values, or (N, d_sae) dense for JumpReLU / ReLU
+    latent_indices: Tensor | None  # (N, k) indices, or None when latent_acts is dense
+    fvu: Tensor  # scalar: E‖y−ŷ‖² / E‖y−E[y]‖² over the batch
+    auxk_loss: Tensor  # scalar, 0 when unused
+    sparsity_loss: Tensor  # scalar, already multiplied by its coefficient; 0 when unused
+    loss: Tensor  # scalar: what the optimiser minimises
+    l0: Tensor  # scalar: mean active latents per row
+
+
+class SparseCoder(nn.Module):
+    """Base class: holds the parameters, save/load, decoder-norm maintenance and weight folding."""
+
+    REGISTRY: ClassVar[dict[str, type[SparseCoder]]] = {}
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dtype = dtype or getattr(torch, cfg.dtype)
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_target
+        # Unit-norm random decoder rows, encoder = decoder transpose (Gao et al.): good start for TopK.
+        w_dec = torch.randn(d_sae, d_out, device=device, dtype=dtype)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)  # (d_sae, d_out)
+        w_enc = w_dec.T.clone() if d_in == d_out else torch.randn(d_in, d_sae, device=device, dtype=dtype) / d_in**0.5
+        self.W_enc = nn.Parameter(w_enc)  # (d_in, d_sae)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, device=device, dtype=dtype))  # (d_in, d_out)
+        else:
+            self.W_skip = None
+
+    # -- registry ---------------------------------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.architecture:
+            SparseCoder.REGISTRY[cls.architecture] = cls
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        """Raise ValueError naming the bad field; architectures extend this."""
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, **kwargs: Any) -> SparseCoder:
+        """Build the registered architecture named by cfg.architecture."""
+        import sae_kit.sae  # noqa: F401  (registers every architecture)
+
+        if cfg.architecture not in SparseCoder.REGISTRY:
+            raise ValueError(
+                f"unknown architecture {cfg.architecture!r}; valid: {sorted(SparseCoder.REGISTRY)}"
+            )
+        return SparseCoder.REGISTRY[cfg.architecture](cfg, **kwargs)
+
+    # -- the maths every architecture defines ---------------------------------------------------------------
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """Centre SAE inputs by b_dec (Gao et al. b_pre); transcoders see x as it is."""
+        return x if self.cfg.transcoder else x - self.b_dec
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations (N, d_sae)."""
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations (N, d_sae) for inputs (N, d_in)."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        """Reconstruction (N, d_out) from dense latents; x is needed only by skip transcoders."""
+        out = z @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a skip transcoder's decode needs the input x for its skip path")
+            out = out + x @ self.W_skip
+        return out
+
+    def forward(self, x: Tensor, target: Tensor | None = None, **loss_kwargs: Any) -> ForwardOutput:
+        """Encode, decode and compute the training loss; target defaults to x (an SAE)."""
+        raise NotImplementedError
+
+    # -- maintenance called by the trainer ---------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm_(self) -> None:
+        """Renormalise every decoder row to unit L2 norm."""
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions_(self) -> None:
+        """Project out the gradient component along each decoder row, so Adam cannot grow the norm."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec.data / self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * w
+
+    @torch.no_grad()
+    def fold_scaling_(self, input_scale: float, output_scale: float | None = None) -> None:
+        """Absorb training-time scaling (x·input_scale, y·output_scale) so the coder takes raw activations.
+
+        Latent activations are unchanged by the fold: the encoder sees (x·s_in − b_dec)W = (x − b_dec/s_in)(s_in·W).
+        """
+        s_in = float(input_scale)
+        s_out = float(output_scale) if output_scale is not None else s_in
+        self.W_enc.data *= s_in
+        self.W_dec.data /= s_out
+        self.b_dec.data /= s_out
+        if self.W_skip is not None:
+            self.W_skip.data *= s_in / s_out
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write `cfg.json` and `sae_weights.safetensors` into the folder `path` (atomically, file by file)."""
+        from sae_kit.io import save_sparse_coder
+
+        save_sparse_coder(self, path)
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+        """Rebuild the right architecture from a folder holding cfg.json + sae_weights.safetensors."""
+        from sae_kit.io import load_sparse_coder
+
+        return load_sparse_coder(path, device=device)
+
+
+def fvu(target: Tensor, recon: Tensor) -> Tensor:
+    """Fraction of variance unexplained: E‖y−ŷ‖² / E‖y−E[y]‖² (per-dimension mean, not the mean of squares)."""
+    total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
+    return (target - recon).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)

@@ -1,0 +1,156 @@
+"""The model adapter: hook points, capture against reference forwards, early stopping, interventions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from activation_store.model import HFModel, StopForward, load_model
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+    torch.manual_seed(0)
+    return torch.randint(0, len(tiny_model.tokenizer), (2, 11))
+
+
+def test_tl_hook_points_have_widths(tiny_model):
+    hp = tiny_model.hook_points
+    assert hp["blocks.1.hook_resid_post"] == 32
+    assert hp["blocks.1.hook_mlp_out"] == 32
+    assert hp["blocks.0.ln2.hook_normalized"] == 32
+    assert hp["blocks.0.attn.hook_z"] == 32  # 4 heads × d_head 8, flattened
+    assert not any("pattern" in h or "attn_scores" in h for h in hp)
+    order = tiny_model.list_hook_points()
+    assert order.index("blocks.0.hook_resid_post") < order.index("blocks.1.attn.hook_z")
+
+
+def test_tl_capture_matches_hidden_states(tiny_model, tiny_gpt2_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path).eval()
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+    acts = tiny_model.capture(tokens, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"])
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], ref.hidden_states[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acts["blocks.1.hook_resid_pre"], ref.hidden_states[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny_model(tokens), ref.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tl_hook_z_matches_manual_attention(tiny_model, tiny_gpt2_path, tokens):
+    """hook_z flattened over heads equals the input of the attention output projection (c_proj)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path).eval()
+    seen = {}
+    handle = hf.transformer.h[1].attn.c_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("z", a[0]))
+    try:
+        with torch.no_grad():
+            hf(tokens)
+    finally:
+        handle.remove()
+    z = tiny_model.capture(tokens, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
+    assert z.shape == (2, 11, 32)
+    torch.testing.assert_close(z, seen["z"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])
+def test_early_stop_gives_identical_activations_and_skips_later_layers(fixture, request, tokens):
+    model = request.getfixturevalue(fixture)
+    names = (["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"] if model.backend == "transformer_lens"
+             else ["transformer.h.0", "transformer.h.0.mlp"])
+    later = "blocks.1.hook_resid_post" if model.backend == "transformer_lens" else "transformer.h.1"
+    fired = []
+    early = model.capture(tokens, names)
+    full = model.capture(tokens, names, stop_early=False)
+    for n in names:
+        assert torch.equal(early[n], full[n])
+    with model._raw_hooks({later: lambda a: fired.append(1)}):
+        model.capture(tokens, names)
+    assert fired == []  # the later layer never ran
+    with model._raw_hooks({later: lambda a: fired.append(1)}):
+        model.capture(tokens, names, stop_early=False)
+    assert fired == [1]
+
+
+def test_unknown_hook_point_names_closest(tiny_model, tokens):
+    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_post"):
+        tiny_model.capture(tokens, ["blocks.1.hook_resid_pots"])
+
+
+def test_intervene_edits_and_restores(tiny_model, tokens):
+    clean = tiny_model(tokens)
+    with tiny_model.intervene({"blocks.1.hook_resid_post": lambda x: torch.zeros_like(x)}):
+        ablated = tiny_model(tokens)
+    assert not torch.allclose(clean, ablated)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny_model.intervene({"blocks.1.hook_resid_post": lambda x: x * 0}):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(tiny_model(tokens), clean)
+
+
+def test_intervene_hook_z_round_trips_head_shape(tiny_model, tokens):
+    clean = tiny_model(tokens)
+    with tiny_model.intervene({"blocks.0.attn.hook_z": lambda z: z.clone()}):
+        same = tiny_model(tokens)
+    torch.testing.assert_close(same, clean)
+
+
+def test_hf_backend_matches_hidden_states(tiny_hf_model, tiny_gpt2_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path).eval()
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+    acts = tiny_hf_model.capture(tokens, ["transformer.h.0"])
+    torch.testing.assert_close(acts["transformer.h.0"], ref.hidden_states[1])
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "hf"])
+def test_llama_style_model_both_backends(tiny_llama_path, backend):
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(tiny_llama_path), backend=backend, device="cpu")
+    tokens = torch.randint(0, len(model.tokenizer), (2, 9))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+    name = "blocks.0.hook_resid_post" if backend == "transformer_lens" else "model.layers.0"
+    acts = model.capture(tokens, [name])
+    torch.testing.assert_close(acts[name], ref.hidden_states[1], atol=1e-5, rtol=1e-5)
+    if backend == "transformer_lens":
+        assert model.hook_points["blocks.1.attn.hook_z"] == 32
+
+
+def test_generate_with_intervention_changes_greedy_tokens(tiny_model):
+    prompt = tiny_model.to_tokens("def __init__(self")
+    plain = tiny_model.generate(prompt, max_new_tokens=5)
+    direction = torch.randn(32) * 50
+    with tiny_model.intervene({"blocks.1.hook_resid_post": lambda x: x + direction}):
+        steered = tiny_model.generate(prompt, max_new_tokens=5)
+    assert plain.shape == steered.shape == (1, prompt.shape[1] + 5)
+    assert not torch.equal(plain, steered)
+    assert torch.equal(tiny_model.generate(prompt, max_new_tokens=5), plain)
+
+
+def test_bad_backend_and_dtype():
+    with pytest.raises(ValueError, match="backend"):
+        load_model("reference", backend="jax")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model("reference", dtype="float8")
+
+
+def test_auto_backend_falls_back_to_hf_for_unknown_architectures(tiny_gpt2_path, monkeypatch):
+    import activation_store.model as m
+
+    def refuse(*a, **k):
+        raise NotImplementedError("architecture not supported by TransformerBridge")
+
+    monkeypatch.setattr(m.TransformerLensModel, "__init__", refuse)
+    model = load_model(str(tiny_gpt2_path), backend="auto", device="cpu")
+    assert isinstance(model, HFModel)
+    with pytest.raises(NotImplementedError):
+        load_model(str(tiny_gpt2_path), backend="transformer_lens", device="cpu")
+
+
+def test_stop_forward_is_an_exception():
+    assert issubclass(StopForward, Exception)

@@ -1,0 +1,98 @@
+"""Token streams: packing, BOS handling, splits, local files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from activation_store.corpus import is_heldout, stdlib_files, stdlib_root
+from activation_store.tokens import DatasetConfig, iter_documents, iter_token_batches, special_token_mask
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_gpt2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_gpt2_path)
+
+
+def test_stdlib_split_is_disjoint_and_deterministic():
+    train, held = stdlib_files("train"), stdlib_files("heldout")
+    assert train and held and not set(train) & set(held)
+    assert stdlib_files("heldout") == held
+    root = stdlib_root()
+    assert all(is_heldout(p.relative_to(root).as_posix()) for p in held)
+    assert not any(is_heldout(p.relative_to(root).as_posix()) for p in train[:200])
+
+
+def test_packing_keeps_every_token_in_order(tokenizer, tmp_path):
+    docs = ["alpha beta gamma " * 3, "def f(x):\n    return x\n", "class A:\n    pass\n" * 2]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    cfg = DatasetConfig(path=str(path), context_size=8, eval_percent=0)
+    batches = list(iter_token_batches(tokenizer, cfg, batch_size=2))
+    flat = torch.cat([b.tokens.flatten() for b in batches])
+    expected = []
+    for d in docs:
+        expected += [tokenizer.bos_token_id, *tokenizer(d, add_special_tokens=False)["input_ids"]]
+    n = len(expected) // 8 * 8  # only the last partial context is dropped
+    assert flat.tolist() == expected[:n]
+    doc_ids = torch.cat([b.doc_ids.flatten() for b in batches])
+    positions = torch.cat([b.positions.flatten() for b in batches])
+    assert doc_ids[0] == 0 and positions[0] == 0
+    # each document's positions restart at 0 where its BOS sits
+    starts = (positions == 0).nonzero().flatten()
+    assert all(flat[s] == tokenizer.bos_token_id for s in starts)
+
+
+def test_bos_per_context(tokenizer):
+    cfg = DatasetConfig(context_size=16, bos="context", split="eval")
+    batch = next(iter_token_batches(tokenizer, cfg, batch_size=4))
+    assert batch.tokens.shape == (4, 16)
+    assert (batch.tokens[:, 0] == tokenizer.bos_token_id).all()
+    mask = special_token_mask(batch.tokens, tokenizer)
+    assert mask[:, 0].all()
+
+
+def test_eval_split_differs_from_train(tokenizer):
+    a = next(iter_token_batches(tokenizer, DatasetConfig(context_size=32), 2)).tokens
+    b = next(iter_token_batches(tokenizer, DatasetConfig(context_size=32, split="eval"), 2)).tokens
+    assert not torch.equal(a, b)
+
+
+def test_max_tokens_stops(tokenizer):
+    batches = list(iter_token_batches(tokenizer, DatasetConfig(context_size=16), 4, max_tokens=100))
+    assert sum(b.tokens.numel() for b in batches) == 128  # rounded up to whole batches
+
+
+def test_local_txt_documents_and_hash_split(tokenizer, tmp_path):
+    for i in range(40):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\nwith two lines\n")
+    train = [i for i, _ in iter_documents(DatasetConfig(path=str(tmp_path), eval_percent=25))]
+    held = [i for i, _ in iter_documents(DatasetConfig(path=str(tmp_path), eval_percent=25, split="eval"))]
+    assert sorted(train + held) == list(range(40)) and held and train
+    texts = dict(iter_documents(DatasetConfig(path=str(tmp_path), eval_percent=0)))
+    assert texts[3] == "document number 3\nwith two lines\n"  # whole files, not lines
+
+
+def test_missing_text_column_names_columns(tokenizer, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(ValueError, match="content"):
+        list(iter_documents(DatasetConfig(path=str(path))))
+
+
+def test_parquet_source(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x = 1\n", "y = 2\n"]}), tmp_path / "d.parquet")
+    docs = list(iter_documents(DatasetConfig(path=str(tmp_path / "d.parquet"), text_column="body", eval_percent=0)))
+    assert [t for _, t in docs] == ["x = 1\n", "y = 2\n"]
+
+
+@pytest.mark.parametrize("bad", [dict(split="test"), dict(bos="start"), dict(context_size=1), dict(eval_percent=100)])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        DatasetConfig(**bad)
