@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: more threads only add contention
 
 SNIPPETS = [
     "def __init__(self, name, value=None):\n    self.name = name\n    self.value = value\n",

@@ -1,0 +1,59 @@
+"""`sae-kit cache`: capture activations at hook points into a sharded, resumable store."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from activation_store.model import BACKENDS, REFERENCE_NAME
+from activation_store.storage import is_disk_full
+from activation_store.store import DTYPES, CacheConfig, cache_activations
+from activation_store.tokens import DatasetConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sae-kit cache`."""
+    d, dd = CacheConfig(), DatasetConfig()
+    parser.add_argument("--model", default=REFERENCE_NAME, help="hub name, local folder or 'reference' (default)")
+    parser.add_argument("--hook", action="append", dest="hooks", metavar="H",
+                        help=f"hook point to capture; repeat for several (default: {d.hook_points[0]})")
+    parser.add_argument("--dataset", default=dd.path, help="'stdlib' (default), a hub dataset or local files")
+    parser.add_argument("--text-column", default=dd.text_column, help="column holding the text (default: text)")
+    parser.add_argument("--split", default=dd.split, choices=("train", "eval"), help="document split (default: train)")
+    parser.add_argument("--tokens", type=int, default=d.n_tokens, help=f"tokens to run (default: {d.n_tokens})")
+    parser.add_argument("--context-size", type=int, default=dd.context_size, help="tokens per context")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="contexts per forward pass")
+    parser.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="target tokens per shard")
+    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="stored dtype (default: float32)")
+    parser.add_argument("--backend", default=d.backend, choices=BACKENDS, help="hook-name backend (default: auto)")
+    parser.add_argument("--no-exclude-special", action="store_true", help="keep rows of BOS/EOS/pad tokens")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--out", default=d.out, help="output folder or fsspec URL (default: activations)")
+
+
+def config_from_args(args: argparse.Namespace) -> CacheConfig:
+    """The CacheConfig the flags describe."""
+    dataset = DatasetConfig(path=args.dataset, text_column=args.text_column, split=args.split,
+                            context_size=args.context_size)
+    return CacheConfig(
+        model=args.model, backend=args.backend, hook_points=tuple(args.hooks or CacheConfig().hook_points),
+        dataset=dataset, n_tokens=args.tokens, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+        dtype=args.dtype, out=args.out, exclude_special=not args.no_exclude_special, device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Cache the activations and print where they went."""
+    cfg = config_from_args(args)
+    try:
+        out = cache_activations(cfg)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"sae-kit cache: error: {err.strerror or err}", file=sys.stderr)
+        return 1
+    from activation_store.store import ActivationStore
+
+    store = ActivationStore.open(out, verify=False)
+    shards = len(store.manifest["shards"])
+    print(f"{out}: {store.n_rows} rows × {len(store.hook_points)} hook point(s) in {shards} shard(s), complete")
+    return 0

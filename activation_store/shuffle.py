@@ -1,0 +1,120 @@
+"""Shuffled, row-aligned batches from shards with bounded memory (SAELens-style mixing buffer).
+
+The plan works on global row ids only: each epoch visits the shards in a seeded random order; rows are added to
+a buffer, and whenever it holds `buffer_rows` rows it is permuted and the first half is emitted as batches; at
+the end of an epoch the rest is permuted and emitted, the last partial batch carrying over to the next epoch.
+Row data follows the ids through the same permutations. Because the plan needs no data, `start_batch` replays
+it on ids alone and loads only the shards whose rows are still in the buffer at that point, so a resumed
+trainer sees exactly the batches an uninterrupted run would have seen next.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+ShardLoader = Callable[[int], dict[str, Tensor]]
+"""Loads one shard: shard index → {hook point: (rows, d)}."""
+
+
+class _Prefetcher:
+    """Loads the shards of a known visiting order in a background thread, `depth` ahead of use."""
+
+    def __init__(self, load: ShardLoader, order: Sequence[int], depth: int):
+        self.load, self.order, self.depth = load, order, depth
+        self.pool = ThreadPoolExecutor(max_workers=1) if depth > 0 else None
+        self.pending: dict[int, Future] = {}
+
+    def get(self, pos: int) -> dict[str, Tensor]:
+        """Data of the shard at position `pos` of the order; schedules the next few."""
+        if self.pool is not None:
+            for p in range(pos + 1, min(pos + 1 + self.depth, len(self.order))):
+                if p not in self.pending:
+                    self.pending[p] = self.pool.submit(self.load, self.order[p])
+        fut = self.pending.pop(pos, None)
+        return fut.result() if fut is not None else self.load(self.order[pos])
+
+    def close(self) -> None:
+        """Stop the thread and drop queued loads."""
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shard_order(n_shards: int, epochs: int, shuffle: bool, seed: int) -> list[int]:
+    """Shard visiting order over all epochs (its own generator, so it is known before any data is read)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = [torch.randperm(n_shards, generator=gen).tolist() if shuffle else list(range(n_shards))
+                 for _ in range(epochs)]
+    return list(itertools.chain.from_iterable(per_epoch))
+
+
+def mixed_batches(
+    shard_rows: Sequence[int], load: ShardLoader, batch_size: int, shuffle: bool = True, seed: int = 0,
+    epochs: int = 1, start_batch: int = 0, buffer_rows: int = 262_144, dtype: torch.dtype = torch.float32,
+    prefetch: int = 2,
+) -> Iterator[dict[str, Tensor]]:
+    """Batches {hook point: (batch_size, d)} over all shards; deterministic given seed; the last partial batch of
+    the final epoch is dropped."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    offsets = [0, *itertools.accumulate(shard_rows)]
+    bounds = torch.tensor(offsets, dtype=torch.long)
+    n_shards = len(shard_rows)
+    order = shard_order(n_shards, epochs, shuffle, seed)
+    epoch_end = {(e + 1) * n_shards - 1 for e in range(epochs)}
+    perm_gen = torch.Generator().manual_seed(seed + 1_000_003)  # buffer permutations, separate from shard order
+    prefetcher = _Prefetcher(load, order, prefetch)
+
+    ids = torch.empty(0, dtype=torch.long)  # (N,) global row ids in buffer order
+    data: dict[str, Tensor] | None = None  # hook → (N, d), mirrors ids once live
+    emitted = 0
+
+    def materialize(row_ids: Tensor) -> dict[str, Tensor]:
+        # Going live mid-plan: gather the buffered rows shard by shard (one shard in memory at a time).
+        shard_of = torch.searchsorted(bounds, row_ids, right=True) - 1  # (N,) shard of each buffered row
+        out: dict[str, Tensor] = {}
+        for s in torch.unique(shard_of).tolist():
+            where = (shard_of == s).nonzero().squeeze(1)
+            shard = load(s)
+            for h, a in shard.items():
+                if h not in out:
+                    out[h] = torch.empty((len(row_ids), a.shape[1]), dtype=a.dtype)
+                out[h][where] = a[row_ids[where] - offsets[s]]
+        return out
+
+    try:
+        for pos, s in enumerate(order):
+            ids = torch.cat([ids, torch.arange(offsets[s], offsets[s + 1])])
+            if data is not None:
+                shard = prefetcher.get(pos)
+                data = {h: torch.cat([data[h], shard[h]]) for h in data}
+            flush = pos in epoch_end
+            if shuffle and not flush and len(ids) < buffer_rows:
+                continue
+            if shuffle:
+                perm = torch.randperm(len(ids), generator=perm_gen)
+                ids = ids[perm]
+                if data is not None:
+                    data = {h: a[perm] for h, a in data.items()}
+            n_emit = len(ids) // batch_size if (flush or not shuffle) else (len(ids) // 2) // batch_size
+            for b in range(n_emit):
+                if emitted >= start_batch:
+                    if data is None:
+                        data = materialize(ids)
+                    yield {h: a[b * batch_size:(b + 1) * batch_size].to(dtype) for h, a in data.items()}
+                emitted += 1
+            ids = ids[n_emit * batch_size:]
+            if data is not None:
+                data = {h: a[n_emit * batch_size:] for h, a in data.items()}
+    finally:
+        prefetcher.close()

@@ -1,0 +1,518 @@
+"""The on-disk activation store: write once with `cache_activations`, read shuffled batches with `ActivationStore`.
+
+Layout of a store folder (any fsspec URL: local path, memory://, s3://, gs://):
+
+    manifest.json                          config, model/tokenizer/dataset provenance, shard list, norm stats
+    <hook point>/shard_00000.safetensors   {"activations": (rows, d_in)} in the stored dtype
+    tokens/shard_00000.safetensors         {"tokens", "doc_ids", "positions"}: (rows,) int64, same row order
+
+Every shard holds the rows of a whole number of forward batches (contexts × positions, minus BOS/EOS/pad rows
+when `exclude_special`), identical across hook points. Shards are written first (atomically on local disks),
+then the manifest is rewritten to list them: the manifest is the commit point, so a killed run resumes after
+its last listed shard, skipping the tokens already stored without running the model over them, and ends with
+exactly the shards (same sha256) of an uninterrupted run. `"complete": true` in the manifest marks a finished
+store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from activation_store.capture import capture_rows, check_finite, n_contexts, token_batches
+from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
+from activation_store.shuffle import mixed_batches
+from activation_store.storage import Storage, is_disk_full, sha256
+from activation_store.tokens import DatasetConfig, describe_source
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TOKENS_DIR = "tokens"
+FORMAT = "sae-kit-activations"
+VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+KILL_ENV = "SAE_KIT_CACHE_TEST_KILL"
+"""Test hook: "<point>:<shard>" SIGKILLs the cache at `point` (mid_shard, before_manifest, after_shard)."""
+
+# Config fields that do not change what is stored, so a resume may differ in them.
+_NOT_CONTENT = ("out", "device")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `sae-kit cache` captures and where it writes it."""
+
+    model: str = REFERENCE_NAME
+    """Hub name, local folder, or "reference" (the embedded model)."""
+    backend: str = "auto"
+    """Hook-name backend: "auto", "transformer_lens" or "hf"."""
+    hook_points: tuple[str, ...] = ("blocks.2.hook_resid_post",)
+    """Hook points captured in one forward pass; each gets its own folder."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Token source and context size."""
+    n_tokens: int = 1_000_000
+    """Tokens run through the model (rounded up to whole contexts); special-token rows are then dropped."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Target tokens per shard, rounded down to whole forward batches (at least one)."""
+    dtype: str = "float32"
+    """Stored dtype: "float32", "bfloat16" or "float16" (the model always runs in float32)."""
+    out: str = "activations"
+    """Output folder or fsspec URL (memory://, s3://, gs://)."""
+    exclude_special: bool = True
+    """Drop rows of BOS/EOS/pad tokens, whose activations are outliers."""
+    device: str | None = None
+    """Torch device for the model; None picks CUDA when present."""
+    seed: int = 0
+    """Recorded for provenance; capture itself is deterministic (eval mode, fixed token order)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hook_points, str) or not self.hook_points:
+            raise ValueError(f"hook_points must be a non-empty tuple of names, got {self.hook_points!r}")
+        object.__setattr__(self, "hook_points", tuple(self.hook_points))
+        if len(set(self.hook_points)) != len(self.hook_points):
+            raise ValueError(f"hook_points has duplicates: {list(self.hook_points)}")
+        if any(h == TOKENS_DIR or "/" in h for h in self.hook_points):
+            raise ValueError(f"hook point names may not be {TOKENS_DIR!r} or contain '/': {list(self.hook_points)}")
+        for name in ("n_tokens", "batch_size", "shard_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.backend not in ("auto", "transformer_lens", "hf"):
+            raise ValueError(f"backend must be 'auto', 'transformer_lens' or 'hf', got {self.backend!r}")
+        if not isinstance(self.dataset, DatasetConfig):
+            raise ValueError(f"dataset must be a DatasetConfig, got {type(self.dataset).__name__}")
+
+    @property
+    def batches_per_shard(self) -> int:
+        """Forward batches stored in each shard (all but the last shard are full)."""
+        return max(1, self.shard_tokens // (self.batch_size * self.dataset.context_size))
+
+    def content_dict(self) -> dict[str, Any]:
+        """The fields that determine the stored content (compared on resume)."""
+        d = dataclasses.asdict(self)
+        d["hook_points"] = list(self.hook_points)
+        for name in _NOT_CONTENT:
+            d.pop(name)
+        return d
+
+
+class NormStats(NamedTuple):
+    """Normalisation statistics of one hook point over all stored rows."""
+
+    mean: Tensor  # (d,) per-dimension mean
+    mean_sq_norm: float  # E‖x‖²
+
+
+class TokenRows(NamedTuple):
+    """Where every stored row came from, in store row order."""
+
+    tokens: Tensor  # (n_rows,) int64 token id
+    doc_ids: Tensor  # (n_rows,) int64 document index in the dataset's order
+    positions: Tensor  # (n_rows,) int64 position inside the document
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_fingerprint(model: LoadedModel) -> dict[str, Any]:
+    """Cheap identity of local model weights: config hash plus size and head/tail hash of each weight file."""
+    path = Path(resolve_model_name(model.name))
+    if not path.is_dir():
+        return {"hub_name": model.name}
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt"):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                tail = fh.read()
+            h.update(f"{f.name}:{size}".encode() + head + tail)
+    return {"weights_fingerprint": h.hexdigest()}
+
+
+def _tokenizer_info(model: LoadedModel) -> dict[str, Any]:
+    tok = model.tokenizer
+    info: dict[str, Any] = {"name_or_path": model.name, "vocab_size": len(tok)}
+    path = Path(resolve_model_name(model.name)) / "tokenizer.json"
+    if path.exists():
+        info["tokenizer_json_sha256"] = _file_sha256(path)
+    elif getattr(tok, "backend_tokenizer", None) is not None:
+        info["tokenizer_json_sha256"] = sha256(tok.backend_tokenizer.to_str().encode())
+    return info
+
+
+def _header(cfg: CacheConfig, model: LoadedModel) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": cfg.content_dict(),
+        "model": {"name": cfg.model, "backend": model.backend, **_model_fingerprint(model)},
+        "tokenizer": _tokenizer_info(model),
+        "dataset": describe_source(cfg.dataset),
+        "context_size": cfg.dataset.context_size,
+        "dtype": cfg.dtype,
+        "exclude_special": cfg.exclude_special,
+        "hook_points": {h: {"d_in": model.width(h), "folder": h} for h in cfg.hook_points},
+        "batches_per_shard": cfg.batches_per_shard,
+        "n_contexts_planned": n_contexts(cfg.n_tokens, cfg.dataset.context_size),
+    }
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, requested {b!r}")
+    return out
+
+
+def _maybe_die(point: str, shard: int) -> None:
+    # Lets the resume tests kill the process at exact points; a no-op unless the env var is set.
+    if os.environ.get(KILL_ENV) == f"{point}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_folder(storage: Storage, cfg: CacheConfig) -> dict[str, Any] | None:
+    """The existing manifest if the folder holds this run; None if empty; ValueError if it holds another."""
+    if storage.exists(MANIFEST):
+        return storage.read_json(MANIFEST)
+    if storage.exists() and not storage.fs.isdir(storage.root):
+        raise ValueError(f"output {cfg.out!r} is a file, not a folder")
+    ours = set(cfg.hook_points) | {TOKENS_DIR}
+    foreign = [n for n in storage.listdir() if n not in ours]
+    if foreign:
+        raise ValueError(
+            f"output folder {cfg.out!r} is not empty and holds no {MANIFEST} (found {foreign[:5]}); "
+            "choose an empty or new folder"
+        )
+    return None
+
+
+def _verify_listed(storage: Storage, manifest: dict[str, Any], check_hash: bool) -> None:
+    for shard in manifest["shards"]:
+        for entry in shard["files"].values():
+            if not storage.exists(entry["path"]):
+                raise ValueError(f"shard file {entry['path']!r} listed in {storage.url}/{MANIFEST} is missing")
+            size = storage.size(entry["path"])
+            if size != entry["bytes"]:
+                raise ValueError(
+                    f"shard file {entry['path']!r} in {storage.url} has {size} bytes, manifest says {entry['bytes']}"
+                    " (truncated or overwritten)"
+                )
+            if check_hash and sha256(storage.read_bytes(entry["path"])) != entry["sha256"]:
+                raise ValueError(f"shard file {entry['path']!r} in {storage.url} fails its sha256 check (corrupted)")
+
+
+class _ShardWriter:
+    """Accumulates rows of one shard and commits it: files first, manifest last."""
+
+    def __init__(self, storage: Storage, manifest: dict[str, Any], cfg: CacheConfig):
+        self.storage, self.manifest, self.cfg = storage, manifest, cfg
+        self.dtype = getattr(torch, cfg.dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self.acts: dict[str, list[Tensor]] = {h: [] for h in self.cfg.hook_points}
+        self.where: list[list[Tensor]] = [[], [], []]
+        self.contexts = 0
+        self.batches = 0
+
+    @property
+    def index(self) -> int:
+        return len(self.manifest["shards"])
+
+    def add(self, rows: Any, n_contexts_in_batch: int) -> None:
+        acts = {h: a.to(self.dtype) for h, a in rows.acts.items()}
+        check_finite(acts, f"shard {self.index}, batch {self.batches} of that shard")
+        for h, a in acts.items():
+            self.acts[h].append(a)
+        for lst, t in zip(self.where, (rows.tokens, rows.doc_ids, rows.positions)):
+            lst.append(t)
+        self.contexts += n_contexts_in_batch
+        self.batches += 1
+
+    def commit(self) -> None:
+        index, name = self.index, _shard_name(self.index)
+        files: dict[str, dict[str, Any]] = {}
+        sums: dict[str, tuple[list[float], float]] = {}
+        blobs: dict[str, bytes] = {}
+        for h, parts in self.acts.items():
+            a = torch.cat(parts)  # (R, d) stored dtype
+            blobs[h] = safetensors.torch.save({"activations": a.contiguous()})
+            x = a.double()  # statistics over the values as stored, in float64
+            sums[h] = (x.sum(0).tolist(), float((x * x).sum()))
+        tok, doc, pos = (torch.cat(p).long() for p in self.where)
+        blobs[TOKENS_DIR] = safetensors.torch.save({"tokens": tok, "doc_ids": doc, "positions": pos})
+        written: list[str] = []
+        try:
+            for i, (key, blob) in enumerate(blobs.items()):
+                rel = f"{key}/{name}"
+                self.storage.write_atomic(rel, blob)
+                written.append(rel)
+                files[key] = {"path": rel, "sha256": sha256(blob), "bytes": len(blob)}
+                if i == 0:
+                    _maybe_die("mid_shard", index)
+        except OSError as err:
+            for rel in written:  # not listed in the manifest, so not part of the store; tidy up anyway
+                try:
+                    self.storage.fs.rm(self.storage.path(rel))
+                except OSError:
+                    pass
+            if is_disk_full(err):
+                raise OSError(
+                    err.errno,
+                    f"disk full while writing shard {index} to {self.cfg.out!r}: that shard was discarded, the "
+                    f"{index} finished shard(s) are kept; free some space and re-run the same command to resume",
+                ) from err
+            raise
+        _maybe_die("before_manifest", index)
+        m = self.manifest
+        for h, (s, sq) in sums.items():
+            acc = m["norm_sums"].setdefault(h, {"sum": [0.0] * len(s), "sum_sq_norm": 0.0, "count": 0})
+            acc["sum"] = [p + q for p, q in zip(acc["sum"], s)]
+            acc["sum_sq_norm"] += sq
+            acc["count"] += len(tok)
+        m["shards"].append({"name": name, "contexts": self.contexts, "batches": self.batches, "rows": len(tok),
+                            "files": files})
+        m["n_rows"] = sum(s["rows"] for s in m["shards"])
+        m["n_contexts"] = sum(s["contexts"] for s in m["shards"])
+        self.storage.write_json_atomic(MANIFEST, m)
+        _maybe_die("after_shard", index)
+        self.reset()
+
+
+def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedModel | None = None) -> str:
+    """Run the model over the token stream and write every hook point's activations to cfg.out; resumable.
+
+    `model` may pass in cfg.model already loaded (a pipeline or test reusing it); otherwise it is loaded here.
+    """
+    from tqdm.auto import tqdm
+
+    storage = Storage(cfg.out)
+    storage.remove_temporaries()
+    existing = _check_folder(storage, cfg)
+    if existing is not None:
+        if existing.get("format") != FORMAT:
+            raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest")
+        diff = _differences(existing["config"], cfg.content_dict())
+        if diff:
+            raise ValueError(
+                f"output folder {cfg.out!r} holds a different run; differing fields: {'; '.join(diff)}. "
+                "Use another --out, or the stored settings to resume"
+            )
+        if existing.get("complete"):
+            log.info("%s is already complete (%d rows in %d shards); nothing to do",
+                     cfg.out, existing["n_rows"], len(existing["shards"]))
+            return cfg.out
+
+    if model is None:
+        model = load_model(cfg.model, backend=cfg.backend, device=cfg.device)
+    elif model.name != cfg.model or (cfg.backend != "auto" and model.backend != cfg.backend):
+        raise ValueError(f"the model passed in is {model.name!r} ({model.backend} backend), but the config asks "
+                         f"for {cfg.model!r} ({cfg.backend} backend)")
+    for h in cfg.hook_points:
+        model.validate_hook_point(h)
+    header = _header(cfg, model)
+    if existing is not None:
+        diff = _differences({k: existing.get(k) for k in ("model", "tokenizer", "dataset", "hook_points")},
+                            {k: header[k] for k in ("model", "tokenizer", "dataset", "hook_points")})
+        if diff:
+            raise ValueError(f"cannot resume {cfg.out!r}: the model or data changed since it was started: "
+                             f"{'; '.join(diff)}. Use a new --out")
+        _verify_listed(storage, existing, check_hash=False)
+        manifest = existing
+        log.info("resuming %s after %d finished shard(s)", cfg.out, len(manifest["shards"]))
+    else:
+        manifest = {**header, "shards": [], "norm_sums": {}, "n_rows": 0, "n_contexts": 0, "complete": False}
+
+    skip = len(manifest["shards"]) * cfg.batches_per_shard
+    stream = token_batches(model, cfg.dataset, cfg.batch_size, cfg.n_tokens, skip_batches=skip)
+    first = next(stream, None)  # surfaces dataset errors (missing text column, ...) before anything is written
+    if existing is None:
+        if first is None:
+            raise ValueError(f"dataset {cfg.dataset.path!r} produced no complete context of "
+                             f"{cfg.dataset.context_size} tokens")
+        storage.write_json_atomic(MANIFEST, manifest)  # records the config so a mismatch is caught from the start
+
+    writer = _ShardWriter(storage, manifest, cfg)
+    C = cfg.dataset.context_size
+    total = header["n_contexts_planned"] * C
+    bar = tqdm(total=total, initial=manifest["n_contexts"] * C, unit="tok", unit_scale=True,
+               desc=f"cache {len(cfg.hook_points)} hook(s)", disable=not progress)
+    try:
+        batches = iter(()) if first is None else _chain(first, stream)
+        for batch in batches:
+            writer.add(capture_rows(model, batch, cfg.hook_points, cfg.exclude_special), len(batch.tokens))
+            bar.update(batch.tokens.numel())
+            if writer.batches == cfg.batches_per_shard:
+                writer.commit()
+        if writer.batches:
+            writer.commit()
+    finally:
+        bar.close()
+    if manifest["n_contexts"] < header["n_contexts_planned"]:
+        log.warning("the dataset ran out after %d of %d contexts", manifest["n_contexts"],
+                    header["n_contexts_planned"])
+    manifest["norm_stats"] = {
+        h: {"mean": [v / s["count"] for v in s["sum"]], "mean_sq_norm": s["sum_sq_norm"] / s["count"]}
+        for h, s in manifest["norm_sums"].items() if s["count"]
+    }
+    manifest["complete"] = True
+    storage.write_json_atomic(MANIFEST, manifest)
+    return cfg.out
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+class ActivationStore:
+    """Read side of a finished store: provenance, normalisation stats and shuffled row-aligned batches.
+
+    With `verify` (the default) every shard's sha256 is checked as it is read, and file sizes at open.
+    """
+
+    def __init__(self, storage: Storage, manifest: dict[str, Any], verify: bool):
+        self.storage, self.manifest, self.verify = storage, manifest, verify
+        self.hook_points: list[str] = list(manifest["hook_points"])
+        self.n_rows: int = int(manifest["n_rows"])
+        self._entries = {f["path"]: f for shard in manifest["shards"] for f in shard["files"].values()}
+
+    @classmethod
+    def open(cls, path: str, verify: bool = True) -> ActivationStore:
+        """Open a finished store; FileNotFoundError when there is none, ValueError when incomplete or damaged."""
+        storage = Storage(path)
+        if not storage.exists(MANIFEST):
+            raise FileNotFoundError(f"no {MANIFEST} in {path!r}: not an activation store (make one with `sae-kit cache`)")
+        manifest = storage.read_json(MANIFEST)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}/{MANIFEST} is not a sae-kit activation manifest")
+        if manifest.get("version", 0) > VERSION:
+            raise ValueError(f"{path} was written by a newer sae-kit (format version {manifest['version']})")
+        if not manifest.get("complete"):
+            raise ValueError(
+                f"activation store {path!r} is incomplete ({manifest['n_contexts']} of "
+                f"{manifest['n_contexts_planned']} contexts); re-run the same `sae-kit cache` command to finish it"
+            )
+        if verify:
+            _verify_listed(storage, manifest, check_hash=False)
+        return cls(storage, manifest, verify)
+
+    @property
+    def model(self) -> str:
+        """Model the activations came from."""
+        return self.manifest["model"]["name"]
+
+    def _hook(self, hook_point: str) -> str:
+        if hook_point not in self.manifest["hook_points"]:
+            raise ValueError(f"store {self.storage.url!r} has no hook point {hook_point!r}; it holds {self.hook_points}")
+        return hook_point
+
+    def d_in(self, hook_point: str) -> int:
+        """Activation width at a stored hook point."""
+        return int(self.manifest["hook_points"][self._hook(hook_point)]["d_in"])
+
+    def norm_stats(self, hook_point: str) -> NormStats:
+        """Per-dimension mean and E‖x‖² over all stored rows (computed in float64 while caching)."""
+        s = self.manifest["norm_stats"][self._hook(hook_point)]
+        return NormStats(torch.tensor(s["mean"], dtype=torch.float64).float(), float(s["mean_sq_norm"]))
+
+    def check(self, model: str | None = None, hook_point: str | None = None, d_in: int | None = None) -> None:
+        """Raise ValueError naming the mismatch between this store and what a consumer expects."""
+        if model is not None and model != self.model:
+            same = False
+            try:
+                same = Path(resolve_model_name(model)).resolve() == Path(resolve_model_name(self.model)).resolve()
+            except FileNotFoundError:
+                pass
+            if not same:
+                raise ValueError(f"store {self.storage.url!r} holds activations of model {self.model!r}, "
+                                 f"not {model!r}")
+        if hook_point is not None:
+            self._hook(hook_point)
+        if d_in is not None:
+            widths = {h: self.d_in(h) for h in ([hook_point] if hook_point else self.hook_points)}
+            if d_in not in widths.values():
+                raise ValueError(f"store {self.storage.url!r} has d_in {widths}, not {d_in}")
+
+    def _read(self, rel: str) -> dict[str, Tensor]:
+        blob = self.storage.read_bytes(rel)
+        if self.verify:
+            entry = self._entries[rel]
+            if len(blob) != entry["bytes"] or sha256(blob) != entry["sha256"]:
+                raise ValueError(f"shard {rel!r} of {self.storage.url!r} fails its sha256 check (corrupted or "
+                                 "truncated); re-create the store")
+        return safetensors.torch.load(blob)
+
+    def load_shard(self, index: int, hook_points: Sequence[str]) -> dict[str, Tensor]:
+        """All rows of one shard: {hook point: (rows, d)} in the stored dtype."""
+        files = self.manifest["shards"][index]["files"]
+        return {h: self._read(files[self._hook(h)]["path"])["activations"] for h in hook_points}
+
+    def batches(
+        self, hook_points: Sequence[str], batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
+        start_batch: int = 0, dtype: torch.dtype = torch.float32, buffer_rows: int | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[dict[str, Tensor]]:
+        """Row-aligned batches {hook_point: (batch_size, d)}; deterministic given seed, and start_batch skips
+        ahead so a resumed trainer sees exactly the batches an uninterrupted run would have seen next.
+
+        Memory is bounded by `buffer_rows` (default: four of the largest shards) plus `prefetch` shards.
+        """
+        if isinstance(hook_points, str):
+            hook_points = [hook_points]
+        hooks = [self._hook(h) for h in hook_points]
+        rows = [int(s["rows"]) for s in self.manifest["shards"]]
+        if buffer_rows is None:
+            buffer_rows = 4 * max(rows)
+        if buffer_rows <= 0:
+            raise ValueError(f"buffer_rows must be positive, got {buffer_rows}")
+        return mixed_batches(rows, lambda i: self.load_shard(i, hooks), batch_size, shuffle=shuffle, seed=seed,
+                             epochs=epochs, start_batch=start_batch, buffer_rows=buffer_rows, dtype=dtype,
+                             prefetch=prefetch)
+
+    def row_tokens(self) -> TokenRows:
+        """Token id, document index and position of every stored row, in store row order."""
+        parts = [self._read(s["files"][TOKENS_DIR]["path"]) for s in self.manifest["shards"]]
+        return TokenRows(*(torch.cat([p[k] for p in parts]) for k in ("tokens", "doc_ids", "positions")))
+
+    def verify_all(self) -> None:
+        """Check every shard's sha256 now (reading normally checks each shard as it is used)."""
+        _verify_listed(self.storage, self.manifest, check_hash=True)

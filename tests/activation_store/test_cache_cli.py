@@ -1,0 +1,80 @@
+"""`sae-kit cache`: flags map onto CacheConfig, the store is written, bad input is one clear line."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+
+from activation_store import storage as storage_mod
+from activation_store.store import ActivationStore
+from sae_kit.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n" * 4}) + "\n" for i in range(40)))
+    return path
+
+
+def args(model, docs, out, *extra):
+    return ["cache", "--model", str(model), "--backend", "transformer_lens", "--dataset", str(docs),
+            "--text-column", "body", "--context-size", "16", "--batch-size", "2", "--shard-tokens", "64",
+            "--out", str(out), *extra]
+
+
+def test_cache_writes_store_and_resumes(tiny_gpt2_path, docs, tmp_path, capsys):
+    out = tmp_path / "store"
+    argv = args(tiny_gpt2_path, docs, out, "--hook", "blocks.0.hook_resid_post", "--hook",
+                "blocks.1.attn.hook_z", "--tokens", "200", "--dtype", "float16", "--no-exclude-special")
+    assert main(argv) == 0
+    assert "complete" in capsys.readouterr().out
+    store = ActivationStore.open(str(out))
+    assert store.hook_points == ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    assert store.n_rows == 13 * 16  # 200 tokens → 13 contexts, specials kept
+    assert len(store.manifest["shards"]) == 4  # 64 tokens = 2 forward batches of 2 contexts per shard
+    m = store.manifest
+    assert m["dtype"] == "float16" and m["dataset"]["text_column"] == "body" and m["context_size"] == 16
+    from transformers import AutoTokenizer
+
+    assert m["tokenizer"]["vocab_size"] == len(AutoTokenizer.from_pretrained(tiny_gpt2_path))
+    assert len(m["tokenizer"]["tokenizer_json_sha256"]) == 64
+    assert m["dataset"]["files"] == [str(docs)]
+    batch = next(store.batches(["blocks.1.attn.hook_z"], batch_size=8, dtype=torch.float16))
+    assert batch["blocks.1.attn.hook_z"].shape == (8, 32) and batch["blocks.1.attn.hook_z"].dtype == torch.float16
+    assert main(argv) == 0  # complete: nothing to redo
+    assert main(args(tiny_gpt2_path, docs, out, "--tokens", "400")) == 2
+    assert "differing fields" in capsys.readouterr().err
+
+
+def test_cache_bad_input_is_one_line(tiny_gpt2_path, docs, tmp_path, capsys):
+    assert main(args(tiny_gpt2_path, docs, tmp_path / "a", "--tokens", "0")) == 2
+    assert "n_tokens must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(args(tiny_gpt2_path, docs, tmp_path / "b", "--hook", "blocks.9.hook_resid_post")) == 2
+    err = capsys.readouterr().err
+    assert err.count("sae-kit cache: error: unknown hook point 'blocks.9.hook_resid_post'") == 1
+    assert "Traceback" not in err
+    assert main(args(tiny_gpt2_path, docs, tmp_path / "c", "--text-column", "text",
+                     "--hook", "blocks.0.hook_resid_post")) == 2
+    assert "no text column 'text'" in capsys.readouterr().err
+
+
+def test_cache_disk_full_exits_cleanly(tiny_gpt2_path, docs, tmp_path, capsys, monkeypatch):
+    def full(f, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod, "_write_all", full)
+    assert main(args(tiny_gpt2_path, docs, tmp_path / "s", "--tokens", "64",
+                     "--hook", "blocks.0.hook_resid_post")) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert not list((tmp_path / "s").rglob("*")) if (tmp_path / "s").exists() else True

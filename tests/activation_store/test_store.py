@@ -1,0 +1,354 @@
+"""The activation store: round trip against direct capture, resume after crashes, verification, bad input."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from activation_store import storage as storage_mod
+from activation_store import store as store_mod
+from activation_store.capture import capture_rows, token_batches
+from activation_store.store import KILL_ENV, ActivationStore, CacheConfig, cache_activations
+from activation_store.streaming import StreamingActivations
+from activation_store.tokens import DatasetConfig
+
+H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
+TWIN = "blocks.1.hook_resid_pre"  # equals H0 row for row: a direct check of cross-hook alignment
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On shared cores, two intra-op threads make tiny forwards ~50× slower; restore afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    """A small jsonl corpus of Python snippets (much faster to tokenize than the stdlib)."""
+    from conftest import SNIPPETS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(120):
+            f.write(json.dumps({"text": "".join(rng.choice(SNIPPETS) for _ in range(3)), "id": i}) + "\n")
+    return path
+
+
+def make_cfg(model_path, docs, out, **kw) -> CacheConfig:
+    base = dict(model=str(model_path), backend="transformer_lens", hook_points=(H0, H1),
+                dataset=DatasetConfig(path=str(docs), context_size=16), n_tokens=1000, batch_size=4,
+                shard_tokens=128, out=str(out))
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def shard_hashes(out) -> list[dict[str, str]]:
+    manifest = store_mod.Storage(str(out)).read_json(store_mod.MANIFEST)
+    return [{k: f["sha256"] for k, f in s["files"].items()} for s in manifest["shards"]]
+
+
+@pytest.fixture(scope="module")
+def ref_store(tiny_model, tiny_gpt2_path, docs, tmp_path_factory):
+    """An uninterrupted run every resume is compared against."""
+    out = tmp_path_factory.mktemp("ref") / "store"
+    cfg = make_cfg(tiny_gpt2_path, docs, out, hook_points=(H0, H1, TWIN))
+    cache_activations(cfg, progress=False, model=tiny_model)
+    return cfg
+
+
+def sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows in lexicographic order, to compare multisets of rows."""
+    for col in reversed(range(x.shape[1])):
+        x = x[torch.argsort(x[:, col], stable=True)]
+    return x
+
+
+def row_counts(x: torch.Tensor) -> Counter:
+    """Multiset of rows (the snippet corpus repeats, so some rows occur more than once)."""
+    return Counter(tuple(r) for r in x.tolist())
+
+
+def direct_rows(model, cfg: CacheConfig) -> dict[str, torch.Tensor]:
+    rows = [capture_rows(model, b, cfg.hook_points, cfg.exclude_special)
+            for b in token_batches(model, cfg.dataset, cfg.batch_size, cfg.n_tokens)]
+    out = {h: torch.cat([r.acts[h] for r in rows]) for h in cfg.hook_points}
+    out["tokens"] = torch.cat([r.tokens for r in rows])
+    return out
+
+
+def test_round_trip_equals_direct_capture(ref_store, tiny_model):
+    store = ActivationStore.open(ref_store.out)
+    want = direct_rows(tiny_model, ref_store)
+    all_tokens = torch.cat([b.tokens.flatten() for b in token_batches(tiny_model, ref_store.dataset, 4, 1000)])
+    assert len(all_tokens) == 63 * 16  # 1000 tokens rounded up to whole contexts
+    n_bos = int((all_tokens == tiny_model.bos_token_id).sum())
+    assert n_bos > 0 and store.n_rows == len(want[H0]) == len(all_tokens) - n_bos
+    assert len(store.manifest["shards"]) == 8  # 63 contexts; 2 forward batches of 4 contexts per shard
+    shuffled = list(store.batches([H0, H1], batch_size=50, seed=3))
+    assert len(shuffled) == store.n_rows // 50
+    for h in (H0, H1):
+        got = torch.cat([b[h] for b in shuffled])
+        assert not torch.equal(got, want[h][: len(got)])  # really shuffled
+    # Every row exactly once: compare the full multiset through one batch holding all rows.
+    (whole,) = list(store.batches([H0, H1], batch_size=store.n_rows, seed=3))
+    for h in (H0, H1):
+        assert torch.equal(sorted_rows(whole[h]), sorted_rows(want[h]))
+    # Sequential reading is store order, which is token-stream order; row_tokens maps rows back to tokens.
+    seq = torch.cat([b[H0] for b in store.batches([H0], batch_size=1, shuffle=False)])
+    assert torch.equal(seq, want[H0])
+    assert torch.equal(store.row_tokens().tokens, want["tokens"])
+
+
+def test_norm_stats_match_rows(ref_store, tiny_model):
+    store = ActivationStore.open(ref_store.out)
+    x = direct_rows(tiny_model, ref_store)[H1].double()
+    stats = store.norm_stats(H1)
+    torch.testing.assert_close(stats.mean, x.mean(0).float())
+    assert stats.mean_sq_norm == pytest.approx(float((x * x).sum(1).mean()), rel=1e-9)
+
+
+def test_batches_deterministic_and_start_batch(ref_store):
+    store = ActivationStore.open(ref_store.out)
+    kw = dict(batch_size=32, seed=7, epochs=3, buffer_rows=200)
+    full = list(store.batches([H0, H1], **kw))
+    again = list(store.batches([H0, H1], **kw))
+    assert len(full) == (3 * store.n_rows) // 32
+    assert all(torch.equal(a[H0], b[H0]) for a, b in zip(full, again))
+    other = next(iter(store.batches([H0, H1], **{**kw, "seed": 8})))
+    assert not torch.equal(other[H0], full[0][H0])
+    for start in (1, 13, len(full) // 3 + 1, len(full) - 1):  # incl. across an epoch boundary
+        tail = list(store.batches([H0, H1], start_batch=start, **kw))
+        assert len(tail) == len(full) - start
+        assert all(torch.equal(a[h], b[h]) for a, b in zip(full[start:], tail) for h in (H0, H1))
+    # Each epoch covers the rows once: 3 epochs hold every row 3 times, up to the dropped partial batch.
+    got = row_counts(torch.cat([b[H0] for b in full]))
+    thrice = Counter({r: 3 * c for r, c in row_counts(
+        torch.cat([b[H0] for b in store.batches([H0], batch_size=1, shuffle=False)])).items()})
+    assert not got - thrice and sum((thrice - got).values()) < 32
+
+
+def test_two_hook_batches_are_row_aligned(ref_store):
+    store = ActivationStore.open(ref_store.out)
+    for batch in store.batches([H0, TWIN], batch_size=40, seed=1, buffer_rows=150):
+        assert torch.equal(batch[H0], batch[TWIN])  # resid_post of block 0 is resid_pre of block 1
+
+
+def test_bfloat16_and_memory_storage(ref_store, tiny_model):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": "memory://sae-kit-test/bf16", "dtype": "bfloat16",
+                         "hook_points": (H0,)})
+    cache_activations(cfg, progress=False, model=tiny_model)
+    store = ActivationStore.open(cfg.out)
+    (whole,) = list(store.batches([H0], batch_size=store.n_rows, shuffle=False, dtype=torch.bfloat16))
+    assert torch.equal(whole[H0], direct_rows(tiny_model, ref_store)[H0].bfloat16())
+    # float32 in memory:// is byte-identical to the local store
+    mem = CacheConfig(**{**ref_store.__dict__, "out": "memory://sae-kit-test/f32"})
+    cache_activations(mem, progress=False, model=tiny_model)
+    assert shard_hashes(mem.out) == shard_hashes(ref_store.out)
+
+
+def test_flipped_byte_is_caught(ref_store, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(ref_store.out, out)
+    victim = out / H1 / "shard_00003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01
+    victim.write_bytes(bytes(data))
+    store = ActivationStore.open(str(out))  # sizes are fine: hashes are checked on read
+    with pytest.raises(ValueError, match=r"shard_00003.*sha256"):
+        list(store.batches([H0, H1], batch_size=64))
+    with pytest.raises(ValueError, match="shard_00003"):
+        store.verify_all()
+    list(ActivationStore.open(str(out), verify=False).batches([H1], batch_size=64))  # opt-out reads it
+
+
+def test_truncated_shard_and_incomplete_store(ref_store, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(ref_store.out, out)
+    victim = out / H0 / "shard_00001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"shard_00001.*truncated"):
+        ActivationStore.open(str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="incomplete"):
+        ActivationStore.open(str(out))
+    with pytest.raises(FileNotFoundError, match="not an activation store"):
+        ActivationStore.open(str(tmp_path / "nothing"))
+
+
+def test_check_names_the_mismatch(ref_store):
+    store = ActivationStore.open(ref_store.out)
+    store.check(model=ref_store.model, hook_point=H0, d_in=32)
+    with pytest.raises(ValueError, match="not 'gpt2'"):
+        store.check(model="gpt2")
+    with pytest.raises(ValueError, match="no hook point 'blocks.3.hook_resid_post'"):
+        store.check(hook_point="blocks.3.hook_resid_post")
+    with pytest.raises(ValueError, match="not 64"):
+        store.check(hook_point=H0, d_in=64)
+
+
+@pytest.mark.parametrize("point,shard", [("mid_shard", 1), ("before_manifest", 2), ("after_shard", 0)])
+def test_resume_after_crash_in_process(ref_store, tiny_model, tmp_path, monkeypatch, point, shard):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+
+    def crash(p, s):
+        if (p, s) == (point, shard):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_maybe_die", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    done = shard + (point == "after_shard")
+    assert len(shard_hashes(cfg.out)) == done
+    monkeypatch.undo()
+    calls = []
+    real = store_mod.token_batches
+    monkeypatch.setattr(store_mod, "token_batches", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cache_activations(cfg, progress=False, model=tiny_model)
+    assert calls[0]["skip_batches"] == done * cfg.batches_per_shard  # skipped, not recomputed
+    assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
+    assert json.loads((tmp_path / "s/manifest.json").read_text())["norm_stats"] == \
+        json.loads(Path(ref_store.out, "manifest.json").read_text())["norm_stats"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from activation_store.store import CacheConfig, cache_activations
+    from activation_store.tokens import DatasetConfig
+    model, docs, out = sys.argv[1:4]
+    cache_activations(CacheConfig(model=model, backend="transformer_lens",
+        hook_points=("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_pre"),
+        dataset=DatasetConfig(path=docs, context_size=16), n_tokens=1000, batch_size=4, shard_tokens=128, out=out),
+        progress=False)
+""")
+
+
+@pytest.mark.parametrize("kill", ["after_shard:2", pytest.param("mid_shard:4", marks=pytest.mark.slow),
+                                  pytest.param("before_manifest:5", marks=pytest.mark.slow)])
+def test_resume_after_sigkill(ref_store, tiny_model, docs, tmp_path, kill):
+    out = tmp_path / "killed"
+    env = {**os.environ, KILL_ENV: kill, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ref_store.model, str(docs), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    point, k = kill.split(":")
+    n_done = int(k) + (point == "after_shard")
+    assert len(shard_hashes(out)) == n_done
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    cache_activations(CacheConfig(**{**ref_store.__dict__, "out": str(out)}), progress=False, model=tiny_model)
+    assert shard_hashes(out) == shard_hashes(ref_store.out)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_disk_full_keeps_store_consistent(ref_store, tiny_model, tmp_path, monkeypatch):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+    real, n = storage_mod._write_all, []
+
+    def write(f, data):
+        n.append(1)
+        if len(n) == 13:  # 2nd file of shard 2: 1 initial manifest, then 4 files + 1 manifest per shard
+            f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(storage_mod, "_write_all", write)
+    with pytest.raises(OSError, match="disk full while writing shard 2") as err:
+        cache_activations(cfg, progress=False, model=tiny_model)
+    assert err.value.errno == errno.ENOSPC
+    assert len(shard_hashes(cfg.out)) == 2
+    assert not [p for p in Path(cfg.out).rglob("*") if ".tmp-" in p.name or "shard_00002" in p.name]
+    monkeypatch.undo()
+    cache_activations(cfg, progress=False, model=tiny_model)
+    assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
+
+
+def test_nan_activations_are_refused(ref_store, tiny_model, tmp_path, monkeypatch):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+    real, calls = store_mod.capture_rows, []
+
+    def poisoned(*a, **k):
+        rows = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 5:  # first batch of shard 2
+            rows.acts[H1][3, 7] = float("nan")
+        return rows
+
+    monkeypatch.setattr(store_mod, "capture_rows", poisoned)
+    with pytest.raises(ValueError, match=r"hook point 'blocks.1.hook_mlp_out' \(shard 2, batch 0"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    assert len(shard_hashes(cfg.out)) == 2
+    assert not list(Path(cfg.out).rglob("shard_00002*"))
+
+
+def test_bad_inputs(ref_store, tiny_model, tmp_path, docs):
+    with pytest.raises(ValueError, match="n_tokens must be a positive integer, got 0"):
+        CacheConfig(n_tokens=0)
+    with pytest.raises(ValueError, match="-5"):
+        CacheConfig(n_tokens=-5)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CacheConfig(dtype="int8")
+    base = ref_store.__dict__
+    with pytest.raises(ValueError, match=r"unknown hook point 'blocks.0.hook_resid_pots'.*blocks.0.hook_resid_post"):
+        cache_activations(CacheConfig(**{**base, "hook_points": ("blocks.0.hook_resid_pots",),
+                                         "out": str(tmp_path / "a")}), progress=False, model=tiny_model)
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text(json.dumps({"content": "x = 1\n"}) + "\n")
+    with pytest.raises(ValueError, match="no text column 'text'.*content"):
+        cache_activations(CacheConfig(**{**base, "dataset": DatasetConfig(path=str(nocol), context_size=16),
+                                         "out": str(tmp_path / "b")}), progress=False, model=tiny_model)
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    # A folder holding a different run names the differing fields; a complete one is left alone.
+    with pytest.raises(ValueError, match="different run") as err:
+        cache_activations(CacheConfig(**{**base, "n_tokens": 2000, "dtype": "float16"}), progress=False)
+    assert "n_tokens: stored 1000, requested 2000" in str(err.value)
+    assert "dtype: stored 'float32', requested 'float16'" in str(err.value)
+    before = Path(base["out"], "manifest.json").stat().st_mtime_ns
+    assert cache_activations(ref_store, progress=False) == ref_store.out  # no model load needed
+    assert Path(base["out"], "manifest.json").stat().st_mtime_ns == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        cache_activations(CacheConfig(**{**base, "out": str(foreign)}), progress=False, model=tiny_model)
+
+
+def test_streaming_matches_store(ref_store, tiny_model):
+    stream = StreamingActivations(tiny_model, [H0, H1], ref_store.dataset, ref_store.n_tokens,
+                                  batch_size_contexts=4, buffer_rows=300, seed=5)
+    want = direct_rows(tiny_model, ref_store)
+    assert stream.d_in(H0) == 32
+    # norm stats come from the first fill: whole forward batches until at least 300 rows
+    sizes = [len(capture_rows(tiny_model, b, [H0], True).tokens)
+             for b in token_batches(tiny_model, ref_store.dataset, 4, ref_store.n_tokens)]
+    n_head = next(sum(sizes[: i + 1]) for i in range(len(sizes)) if sum(sizes[: i + 1]) >= 300)
+    head = want[H0][:n_head].double()
+    stats = stream.norm_stats(H0)
+    torch.testing.assert_close(stats.mean, head.mean(0).float())
+    assert stats.mean_sq_norm == pytest.approx(float((head * head).sum(1).mean()), rel=1e-6)
+    full = list(stream.batches([H0, H1], batch_size=25))
+    assert len(full) == len(want[H0]) // 25
+    got = torch.cat([b[H1] for b in full])
+    assert not torch.equal(got, want[H1][: len(got)])
+    # every emitted row is a real row, none more often than it occurs; only the final partial batch is dropped
+    assert not row_counts(got) - row_counts(want[H1])
+    assert len(want[H1]) - len(got) < 25
+    tail = list(stream.batches([H0, H1], batch_size=25, start_batch=9))
+    assert all(torch.equal(a[h], b[h]) for a, b in zip(full[9:], tail) for h in (H0, H1))
+    assert len(tail) == len(full) - 9
