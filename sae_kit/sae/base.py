@@ -74,8 +74,11 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.architecture in SparseCoder.REGISTRY:
-            SparseCoder.REGISTRY[self.architecture].validate_config(self)
+        import sae_kit.sae  # noqa: F401  (registers every architecture)
+
+        if self.architecture not in SparseCoder.REGISTRY:
+            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {sorted(SparseCoder.REGISTRY)}")
+        SparseCoder.REGISTRY[self.architecture].validate_config(self)
 
     @property
     def d_target(self) -> int:

@@ -1,0 +1,400 @@
+"""The eval stage: saved SAEs + a model + held-out tokens → `OUT/metrics.json` and `OUT/report.html`.
+
+`run_eval(EvalConfig)` is what `sae-kit eval` calls; `evaluate_sae(model, sae, batches)` is the library entry
+point for one SAE on token batches you already have. Tokens always come from the held-out `split="eval"`.
+
+`metrics.json` is a JSON list with one flat record per SAE. Keys (NaN written as null):
+
+- `sae_path`, `architecture`, `hook_point`, `target_hook_point` (transcoders, else null), `transcoder`, `d_sae`,
+  `model`, `dataset`: what was evaluated, on what.
+- `n_tokens`: tokens run through the model; `n_tokens_reconstruction`: of those, the ones the reconstruction
+  and sparsity metrics average over (special tokens such as BOS excluded unless `exclude_special_tokens=False`).
+- Reconstruction (of the target: the input for an SAE, the MLP output for a transcoder), see `evals.metrics`:
+  `mse`, `fvu` (E‖x−x̂‖² / E‖x−E[x]‖², per-dimension mean), `explained_variance`, `cosine_similarity`,
+  `l2_ratio`, `relative_reconstruction_bias`.
+- Sparsity: `l0` (mean active latents per token), `dead_fraction` / `dead_count` (never fired over the eval
+  tokens), `dense_fraction` / `dense_count` (fired on more than `dense_threshold` of them).
+- Downstream, mean next-token cross-entropy in nats over all predicted positions: `ce_clean`, `ce_sae` (SAE
+  spliced in), `ce_zero_ablation`, `ce_mean_ablation`, `ce_sae_with_error` (x̂ + (x − x̂): must equal
+  `ce_clean`), `max_abs_logit_diff_with_error` (its largest |logit − clean logit|, ≈ 0);
+  `ce_loss_recovered` = (CE_zero − CE_sae)/(CE_zero − CE_clean) and `ce_loss_recovered_mean_ablation` likewise.
+- KL(clean ‖ spliced) per position, mean in nats: `kl_sae`, `kl_zero_ablation`, `kl_mean_ablation`;
+  `kl_score` = (KL_zero − KL_sae)/KL_zero and `kl_score_mean_ablation` likewise.
+- Geometry: `max_decoder_cosine_mean` (mean over latents of the largest cosine with another decoder
+  direction), `enc_dec_cosine_mean` (mean cosine between a latent's encoder and decoder vectors; null when
+  d_in ≠ d_out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activation_store.model import LoadedModel, load_model
+from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
+from evals import metrics as M
+from evals.downstream import replaced_hook_point, splice
+
+log = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.json"
+REPORT_FILENAME = "report.html"
+CONFIG_FILENAME = "eval_config.json"
+DEFAULT_CONTEXT_SIZE = 128
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `sae-kit eval` evaluates and where it writes."""
+
+    sae_paths: tuple[str, ...]
+    """Folders of saved SAEs / transcoders (cfg.json + weights)."""
+    out: str
+    """Output folder for metrics.json and report.html."""
+    n_tokens: int = 65_536
+    """Held-out tokens to evaluate on (rounded up to whole contexts)."""
+    model: str | None = None
+    """Model name or path; None means the one recorded in each SAE's cfg.json."""
+    dataset: str | None = None
+    """Dataset path; None means the one recorded in each SAE's metadata (its held-out split is used)."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    context_size: int | None = None
+    """Tokens per context; None means the SAE's training context size, else 128."""
+    device: str = "cpu"
+    """Torch device for the model and SAEs."""
+    backend: str = "auto"
+    """Model backend: "auto", "transformer_lens" or "hf"."""
+    dense_threshold: float = M.DEFAULT_DENSE_THRESHOLD
+    """A latent firing on more than this fraction of tokens counts as dense."""
+    exclude_special_tokens: bool = True
+    """Leave BOS/EOS/pad positions clean in splices and out of the reconstruction and sparsity metrics."""
+    geometry_chunk_size: int = 1024
+    """Decoder rows per chunk when computing max decoder cosines (bounds memory at chunk × d_sae)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sae_paths", tuple(str(p) for p in self.sae_paths))  # lists in, tuple kept
+        if not self.sae_paths:
+            raise ValueError("at least one SAE folder is needed")
+        if self.n_tokens <= 0:
+            raise ValueError(f"n_tokens must be positive, got {self.n_tokens}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.context_size is not None and self.context_size < 2:
+            raise ValueError(f"context_size must be at least 2, got {self.context_size}")
+        if not 0 < self.dense_threshold < 1:
+            raise ValueError(f"dense_threshold must be in (0, 1), got {self.dense_threshold}")
+        if self.geometry_chunk_size <= 0:
+            raise ValueError(f"geometry_chunk_size must be positive, got {self.geometry_chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, written as eval_config.json."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SAEEvalResult:
+    """One SAE's flat metrics record plus the distributions the report plots."""
+
+    record: dict[str, Any]
+    sparsity: M.SparsityStats
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# -- loading and validation -----------------------------------------------------------------------------------
+def load_sae(path: str | Path, device: str = "cpu") -> Any:
+    """Load a saved sparse coder, with a clear error when the folder is not one."""
+    from sae_kit.sae.base import CFG_FILENAME, SparseCoder
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder {str(folder)!r} does not exist")
+    if not (folder / CFG_FILENAME).exists():
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a saved SAE: no {CFG_FILENAME} in it (expected cfg.json + sae_weights.safetensors, "
+            "as written by SparseCoder.save)"
+        )
+    sae = SparseCoder.load(folder, device=device)
+    sae.eval()
+    return sae
+
+
+def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
+    """Raise ValueError when the SAE's hook points are not in the model or their widths differ from the SAE's."""
+    cfg = sae.cfg
+    label = where or cfg.hook_point
+    if not cfg.hook_point:
+        raise ValueError(f"SAE {label!r} records no hook_point in its cfg.json")
+    width = model.width(cfg.hook_point)  # ValueError naming the closest hook points if unknown
+    if width != cfg.d_in:
+        raise ValueError(
+            f"SAE {label!r} has d_in={cfg.d_in} but hook point {cfg.hook_point!r} of model {model.name!r} "
+            f"has width {width}: this SAE was trained on a different model or hook point"
+        )
+    if cfg.transcoder:
+        if not cfg.target_hook_point:
+            raise ValueError(f"transcoder {label!r} records no target_hook_point in its cfg.json")
+        t_width = model.width(cfg.target_hook_point)
+        if t_width != cfg.d_target:
+            raise ValueError(
+                f"transcoder {label!r} has d_out={cfg.d_target} but target hook point {cfg.target_hook_point!r} "
+                f"has width {t_width}"
+            )
+
+
+def keep_mask(tokens: Tensor, model: LoadedModel, exclude_special_tokens: bool) -> Tensor | None:
+    """(B, P) positions left clean (special tokens), or None to splice everywhere."""
+    return special_token_mask(tokens, model.tokenizer) if exclude_special_tokens else None
+
+
+# -- the evaluation of one SAE --------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_activation(model: LoadedModel, hook_point: str, batches: Sequence[Tensor],
+                    exclude_special_tokens: bool = True, progress: bool = False) -> Tensor:
+    """(width,) mean activation at a hook point over the given token batches (special tokens excluded)."""
+    total = torch.zeros(model.width(hook_point), dtype=M.ACC_DTYPE)
+    count = 0
+    for tokens in tqdm(batches, desc=f"mean activation @ {hook_point}", unit="batch", disable=not progress):
+        act = model.capture(tokens, [hook_point])[hook_point]  # (B, P, width)
+        keep = keep_mask(tokens, model, exclude_special_tokens)
+        rows = act.reshape(-1, act.shape[-1]) if keep is None else act[~keep.to(act.device)]
+        total += rows.to("cpu", M.ACC_DTYPE).sum(0)
+        count += rows.shape[0]
+    if count == 0:
+        raise ValueError(f"no non-special tokens to average the activation at {hook_point!r} over")
+    return (total / count).float()
+
+
+class _Sums:
+    """Running sums of per-position losses for one splice mode."""
+
+    def __init__(self) -> None:
+        self.ce = 0.0
+        self.ce_n = 0
+        self.kl = 0.0
+        self.kl_n = 0
+
+    def add(self, ce: Tensor, kl: Tensor | None) -> None:
+        self.ce += float(ce.double().sum())
+        self.ce_n += ce.numel()
+        if kl is not None:
+            self.kl += float(kl.double().sum())
+            self.kl_n += kl.numel()
+
+    @property
+    def mean_ce(self) -> float:
+        return self.ce / self.ce_n if self.ce_n else math.nan
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.kl_n if self.kl_n else math.nan
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model: LoadedModel, sae: Any, batches: Sequence[Tensor], dense_threshold: float = M.DEFAULT_DENSE_THRESHOLD,
+    exclude_special_tokens: bool = True, geometry_chunk_size: int = 1024, progress: bool = True,
+) -> SAEEvalResult:
+    """All metrics of one SAE on token batches (each (B, P)); memory is bounded by one batch, never the set."""
+    check_compatible(model, sae)
+    if not batches:
+        raise ValueError("no token batches to evaluate on")
+    cfg = sae.cfg
+    replaced = replaced_hook_point(sae)
+    # First pass: the mean activation for mean ablation, over the same held-out tokens.
+    mean = mean_activation(model, replaced, batches, exclude_special_tokens, progress)
+
+    rec = M.ReconstructionStats.zero(cfg.d_target)
+    sp = M.SparsityStats.zero(cfg.d_sae)
+
+    def observe(x_in: Tensor, target: Tensor, z: Tensor, recon: Tensor) -> None:
+        nonlocal rec, sp
+        rec = rec.merge(M.reconstruction_stats(target, recon))
+        sp = sp.merge(M.sparsity_stats(z))
+
+    sums = {mode: _Sums() for mode in ("clean", "sae", "sae_with_error", "zero_ablation", "mean_ablation")}
+    max_diff = 0.0
+    n_tokens = 0
+    bar = tqdm(batches, desc=f"eval {cfg.architecture} @ {cfg.hook_point}", unit="batch", disable=not progress)
+    for tokens in bar:
+        tokens = tokens.to(model.device)
+        keep = keep_mask(tokens, model, exclude_special_tokens)
+        n_tokens += tokens.numel()
+        clean = model(tokens)  # (B, P, V)
+        sums["clean"].add(M.next_token_ce(clean, tokens), None)
+        for mode in ("sae", "sae_with_error", "zero_ablation", "mean_ablation"):
+            with splice(model, sae, mode, mean=mean, keep=keep, observer=observe if mode == "sae" else None):
+                logits = model(tokens)  # (B, P, V)
+            sums[mode].add(M.next_token_ce(logits, tokens), M.kl_divergence(clean, logits))
+            if mode == "sae_with_error":
+                max_diff = max(max_diff, float((logits - clean).abs().max()))
+            del logits
+    bar.close()
+
+    ce = {m: s.mean_ce for m, s in sums.items()}
+    kl = {m: s.mean_kl for m, s in sums.items()}
+    record: dict[str, Any] = {
+        "architecture": cfg.architecture,
+        "hook_point": cfg.hook_point,
+        "target_hook_point": cfg.target_hook_point if cfg.transcoder else None,
+        "transcoder": bool(cfg.transcoder),
+        "d_sae": cfg.d_sae,
+        "n_tokens": n_tokens,
+        "n_tokens_reconstruction": rec.n,
+    }
+    if rec.n == 0:
+        raise ValueError("every evaluated token was a special token: nothing to measure reconstruction on")
+    record.update(M.sparsity_metrics(sp, dense_threshold))
+    record.update(M.reconstruction_metrics(rec))
+    record.update({
+        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero_ablation"],
+        "ce_mean_ablation": ce["mean_ablation"],
+        "ce_loss_recovered": M.ce_loss_recovered(ce["clean"], ce["sae"], ce["zero_ablation"]),
+        "ce_loss_recovered_mean_ablation": M.ce_loss_recovered(ce["clean"], ce["sae"], ce["mean_ablation"]),
+        "kl_sae": kl["sae"], "kl_zero_ablation": kl["zero_ablation"], "kl_mean_ablation": kl["mean_ablation"],
+        "kl_score": M.kl_score(kl["sae"], kl["zero_ablation"]),
+        "kl_score_mean_ablation": M.kl_score(kl["sae"], kl["mean_ablation"]),
+        "ce_sae_with_error": ce["sae_with_error"],
+        "max_abs_logit_diff_with_error": max_diff,
+    })
+    record.update(geometry_metrics(sae, geometry_chunk_size))
+    return SAEEvalResult(record=record, sparsity=sp)
+
+
+def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
+    """max_decoder_cosine_mean and enc_dec_cosine_mean (NaN when encoder and decoder spaces differ)."""
+    out = {"max_decoder_cosine_mean": math.nan, "enc_dec_cosine_mean": math.nan}
+    if sae.cfg.d_sae >= 2:
+        out["max_decoder_cosine_mean"] = float(M.max_decoder_cosine(sae.W_dec, chunk_size).mean())
+    if sae.cfg.d_in == sae.cfg.d_target:
+        out["enc_dec_cosine_mean"] = float(M.encoder_decoder_cosine(sae.W_enc, sae.W_dec).mean())
+    return out
+
+
+# -- sources recorded in the SAE ------------------------------------------------------------------------------
+def recorded_model(sae_cfg: Any) -> str | None:
+    """The model an SAE was trained on, from cfg.model_name or its metadata."""
+    meta = sae_cfg.metadata or {}
+    for value in (sae_cfg.model_name, meta.get("model"), meta.get("model_name")):
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return value["name"]
+    return None
+
+
+def dataset_config(sae_cfg: Any, cfg: EvalConfig) -> DatasetConfig:
+    """The held-out DatasetConfig to evaluate on: CLI dataset, else the SAE's recorded one, else "stdlib"."""
+    meta = sae_cfg.metadata or {}
+    recorded = meta.get("dataset", meta.get("dataset_config"))
+    known = {f.name for f in dataclasses.fields(DatasetConfig)}
+    base: dict[str, Any] = {}
+    if isinstance(recorded, dict):
+        base = {k: v for k, v in recorded.items() if k in known}
+    elif isinstance(recorded, str) and recorded:
+        base = {"path": recorded}
+    if cfg.dataset is not None:
+        base = {"path": cfg.dataset, **({"context_size": base["context_size"]} if "context_size" in base else {})}
+    elif not base:
+        log.warning("SAE records no dataset; evaluating on the held-out split of 'stdlib'")
+    base.setdefault("context_size", DEFAULT_CONTEXT_SIZE)
+    if cfg.context_size is not None:
+        base["context_size"] = cfg.context_size
+    base["split"] = "eval"  # never the training documents
+    return DatasetConfig(**base)
+
+
+def eval_token_batches(model: LoadedModel, dcfg: DatasetConfig, n_tokens: int, batch_size: int) -> list[Tensor]:
+    """Held-out token batches (B, P) totalling n_tokens rounded up to whole contexts (tokens are small)."""
+    if dcfg.split != "eval":
+        raise ValueError(f"evaluation uses held-out tokens only; got split={dcfg.split!r}")
+    if dcfg.context_size > model.n_ctx:
+        raise ValueError(f"context_size {dcfg.context_size} exceeds the model's maximum context {model.n_ctx}")
+    n_ctx_needed = -(-n_tokens // dcfg.context_size)
+    out: list[Tensor] = []
+    have = 0
+    for batch in iter_token_batches(model.tokenizer, dcfg, batch_size, bos_token_id=model.bos_token_id,
+                                    max_tokens=n_tokens):
+        tokens = batch.tokens[: n_ctx_needed - have]
+        out.append(tokens)
+        have += tokens.shape[0]
+        if have >= n_ctx_needed:
+            break
+    if not out:
+        raise ValueError(f"the held-out split of dataset {dcfg.path!r} yielded no complete context of "
+                         f"{dcfg.context_size} tokens")
+    if have < n_ctx_needed:
+        log.warning("held-out split of %r has only %d tokens; evaluating on those", dcfg.path,
+                    have * dcfg.context_size)
+    return out
+
+
+# -- the stage ------------------------------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename, so readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
+    """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
+    from evals.report import build_report
+
+    saes = [(str(p), load_sae(p, cfg.device)) for p in cfg.sae_paths]  # fail fast on bad folders
+    models: dict[str, LoadedModel] = {}
+    plans = []
+    for path, sae in saes:  # resolve and check every SAE before any compute
+        name = cfg.model or recorded_model(sae.cfg)
+        if not name:
+            raise ValueError(f"SAE {path!r} records no model (cfg.json model_name is empty); pass --model")
+        if name not in models:
+            models[name] = load_model(name, backend=cfg.backend, device=cfg.device)
+        check_compatible(models[name], sae, path)
+        plans.append((path, sae, name, dataset_config(sae.cfg, cfg)))
+
+    token_cache: dict[tuple[str, str], list[Tensor]] = {}
+    results: list[SAEEvalResult] = []
+    for path, sae, name, dcfg in plans:
+        model = models[name]
+        key = (name, json.dumps(dcfg.to_dict(), sort_keys=True))
+        if key not in token_cache:
+            token_cache[key] = eval_token_batches(model, dcfg, cfg.n_tokens, cfg.batch_size)
+        result = evaluate_sae(
+            model, sae.to(model.device), token_cache[key], cfg.dense_threshold, cfg.exclude_special_tokens,
+            cfg.geometry_chunk_size, progress,
+        )
+        result.record = {"sae_path": path, "model": name, "dataset": dcfg.path, **result.record}
+        results.append(result)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
+    write_atomic(out / REPORT_FILENAME, build_report(results))
+    records = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
+    write_atomic(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
+    return out
+
