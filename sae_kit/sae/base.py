@@ -10,12 +10,11 @@ Parameters keep the field's conventional names and shapes so other toolkits' fil
 `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_out], `b_enc` [d_sae], `b_dec` [d_out], `W_skip` [d_in, d_out],
 `threshold` [d_sae] (JumpReLU / BatchTopK inference).
 
-Each architecture is one file subclassing `SparseCoder`, registered with `@register("name")`.
+Each architecture is one file subclassing `SparseCoder`, registered by setting its `architecture` class attribute.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
