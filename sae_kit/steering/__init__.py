@@ -1,5 +1,18 @@
-"""Steering with SAE latents: add, clamp or ablate features during forward passes and generation."""
-from sae_kit.steering.interventions import Intervention
-from sae_kit.steering.steer import check_compatible, latent_max_activations, steer
+"""Steering: add, clamp or ablate SAE latents (or add raw directions) during forward passes and generation."""
+from sae_kit.steering.interventions import MODES, DirectionIntervention, Intervention, parse_positions, position_mask
+from sae_kit.steering.steer import (
+    METADATA_MAX_ACTS,
+    SAESteering,
+    check_compatible,
+    latent_max_activations,
+    latent_scales,
+    steer,
+    steer_all,
+    steer_direction,
+)
 
-__all__ = ["Intervention", "check_compatible", "latent_max_activations", "steer"]
+__all__ = [
+    "METADATA_MAX_ACTS", "MODES", "DirectionIntervention", "Intervention", "SAESteering", "check_compatible",
+    "latent_max_activations", "latent_scales", "parse_positions", "position_mask", "steer", "steer_all",
+    "steer_direction",
+]

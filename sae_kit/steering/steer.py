@@ -1,137 +1,336 @@
-"""Steer a model with SAE latents: a context manager over the model adapter's `intervene`.
+"""Steer a model with SAE latents or raw directions: context managers over the model adapter's `intervene`.
 
-For an SAE the edit happens at its hook point. For a transcoder the latents are read from the input hook point
-and the edit is added at the target (MLP output) hook point of the same forward pass.
+add:    h ← h + S·a_f·d̂_f, with d̂_f the unit decoder row of latent f and a_f its typical max activation
+        (`latent_scales`), so one strength means the same push for every latent.
+clamp:  h ← h + (x̂_clamped − x̂) = h + (S − z_f)·W_dec[f]: decode with latent f set to S (activation units)
+        while keeping the SAE's error term, so every untouched latent and the error stay exact.
+ablate: clamp to 0.
+For a transcoder the latents are read at its input hook point and the edit lands on its target hook point
+(the MLP output) in the same forward pass. Positions are absolute (prompt + generated tokens): a pre-forward
+hook on the top-level model reads the KV cache's length, so cached and uncached generation edit the same tokens.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from activation_store.model import LoadedModel
 from sae_kit.sae import SparseCoder
-from sae_kit.steering.interventions import Intervention, parse_positions
+from sae_kit.steering.interventions import DirectionIntervention, Intervention, position_mask
 
 log = logging.getLogger(__name__)
+
+METADATA_MAX_ACTS = "latent_max_acts"
+"""Key of `sae.cfg.metadata` holding each latent's typical max activation (list of d_sae floats), if recorded."""
+
+Scales = Mapping[int, float] | Tensor
+
+
+@dataclass(frozen=True)
+class SAESteering:
+    """Interventions on the latents of one SAE or transcoder (one per hook point); used by `steer_all`."""
+
+    sae: SparseCoder
+    """The coder whose latents are edited."""
+    interventions: tuple[Intervention, ...]
+    """What to do to which latents."""
+    scales: Scales | None = None
+    """Typical max activation per latent (the unit of 'add'); None: metadata, else estimated on the model's text."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+        for iv in self.interventions:
+            if not isinstance(iv, Intervention):
+                raise ValueError(f"expected Intervention objects, got {type(iv).__name__}: {iv!r}")
+            if iv.feature >= self.sae.cfg.d_sae:
+                raise ValueError(
+                    f"latent index {iv.feature} out of range: the SAE has d_sae={self.sae.cfg.d_sae} latents "
+                    f"(valid 0..{self.sae.cfg.d_sae - 1})"
+                )
+
+
+Steering = SAESteering | DirectionIntervention
 
 
 def check_compatible(model: LoadedModel, sae: SparseCoder) -> None:
     """Raise ValueError when the SAE's hook points are missing from the model or have another width."""
-    hooks = [(sae.cfg.hook_point, sae.cfg.d_in)]
+    hooks = [("hook_point", sae.cfg.hook_point, sae.cfg.d_in)]
     if sae.cfg.transcoder:
-        hooks.append((sae.cfg.target_hook_point, sae.cfg.d_target))
-    for hook, width in hooks:
+        hooks.append(("target_hook_point", sae.cfg.target_hook_point, sae.cfg.d_target))
+    for field_name, hook, width in hooks:
         if not hook:
-            raise ValueError("the SAE records no hook point (cfg.hook_point is empty)")
+            raise ValueError(f"the SAE records no {field_name} (cfg.{field_name} is empty); set it to a hook point "
+                             f"of model {model.name!r}")
         model.validate_hook_point(hook)
         if model.width(hook) != width:
-            raise ValueError(f"SAE expects width {width} at {hook!r}, but model {model.name!r} has {model.width(hook)}")
-
-
-class _PositionTracker:
-    """Absolute positions of the tokens a hook sees, across the prefill and KV-cached decode steps."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-    def positions(self, seq_len: int) -> Tensor:
-        # A call with several positions starts a new forward (or a prefill); a single position after earlier
-        # calls is the next decode step of the same generation.
-        if seq_len > 1 or self.seen == 0:
-            self.seen = 0
-        pos = torch.arange(self.seen, self.seen + seq_len)
-        self.seen += seq_len
-        return pos
-
-
-def _mask(spec: str, pos: Tensor) -> Tensor:
-    """Bool (pos,) of positions an intervention touches."""
-    parsed = parse_positions(spec)
-    if parsed == "all":
-        return torch.ones_like(pos, dtype=torch.bool)
-    if parsed == "last":
-        mask = torch.zeros_like(pos, dtype=torch.bool)
-        mask[-1] = True
-        return mask
-    start, stop = parsed
-    return (pos >= (start or 0)) & (pos < (stop if stop is not None else 1 << 62))
-
-
-def latent_scales(sae: SparseCoder, features: Sequence[int]) -> dict[int, float]:
-    """Typical max activation per latent from the SAE's metadata (`latent_max_acts`), else 1.0 with a warning."""
-    recorded = sae.cfg.metadata.get("latent_max_acts")
-    if recorded is None:
-        log.warning("SAE metadata has no latent_max_acts: 'add' strengths are in raw activation units; "
-                    "pass scales= (see latent_max_activations) to make them comparable across latents")
-        return {f: 1.0 for f in features}
-    return {f: float(recorded[f]) for f in features}
+            raise ValueError(f"SAE {field_name} {hook!r} expects width {width}, but model {model.name!r} has width "
+                             f"{model.width(hook)} there")
 
 
 @torch.no_grad()
-def latent_max_activations(model: LoadedModel, sae: SparseCoder, n_tokens: int = 16384, context_size: int = 128,
-                           batch_size: int = 16) -> Tensor:
-    """Max activation of every latent over n_tokens of the held-out stdlib text: the unit of 'add' strengths."""
+def latent_max_activations(
+    model: LoadedModel, sae: SparseCoder, n_tokens: int = 8192, context_size: int = 128, batch_size: int = 16,
+    dataset: Any = None,
+) -> Tensor:
+    """(d_sae,) max |activation| of every latent over n_tokens of held-out text (default: the stdlib eval split).
+
+    BOS/EOS/pad positions are skipped: their activations are outliers that would inflate the unit of 'add'.
+    """
     from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    check_compatible(model, sae)
+    cfg = dataset if dataset is not None else DatasetConfig(context_size=context_size, split="eval")
     best = torch.zeros(sae.cfg.d_sae)
-    cfg = DatasetConfig(context_size=context_size, split="eval")
     for batch in iter_token_batches(model.tokenizer, cfg, batch_size, max_tokens=n_tokens):
-        acts = model.capture(batch.tokens, [sae.cfg.hook_point])[sae.cfg.hook_point]
+        acts = model.capture(batch.tokens, [sae.cfg.hook_point])[sae.cfg.hook_point]  # (B, C, d_in)
         keep = ~special_token_mask(batch.tokens, model.tokenizer).to(acts.device)
         z = sae.encode(acts[keep].to(sae.W_enc.dtype))  # (rows, d_sae)
-        best = torch.maximum(best, z.abs().max(dim=0).values.cpu())
+        if len(z):
+            best = torch.maximum(best, z.abs().max(dim=0).values.cpu())
     return best
+
+
+def latent_scales(
+    model: LoadedModel | None, sae: SparseCoder, features: Sequence[int], scales: Scales | None = None,
+    n_tokens: int = 8192,
+) -> dict[int, float]:
+    """Typical max activation of each latent: explicit `scales`, else `metadata["latent_max_acts"]`, else estimated.
+
+    The estimate (`latent_max_activations` on n_tokens of the model's held-out text) needs `model`. A latent
+    that never fired in the sample gets the median of the latents that did, with a warning, so 'add' is not a
+    silent no-op.
+    """
+    features = sorted(set(features))
+    if not features:
+        return {}
+    if scales is None and METADATA_MAX_ACTS in sae.cfg.metadata:
+        scales = torch.as_tensor(sae.cfg.metadata[METADATA_MAX_ACTS], dtype=torch.float32)
+        if scales.shape != (sae.cfg.d_sae,):
+            raise ValueError(f"metadata[{METADATA_MAX_ACTS!r}] has shape {tuple(scales.shape)}, "
+                             f"expected ({sae.cfg.d_sae},)")
+    if scales is None:
+        if model is None:
+            raise ValueError("no latent scales: pass scales=, record metadata['latent_max_acts'], or pass the model "
+                             "so they can be estimated")
+        log.info("estimating latent max activations on %d tokens (unit of 'add' strengths)", n_tokens)
+        scales = latent_max_activations(model, sae, n_tokens=n_tokens)
+    if isinstance(scales, Tensor):
+        table = scales.detach().float().cpu()
+        fired = table[table > 0]
+        fallback = float(fired.median()) if len(fired) else 1.0
+        out = {}
+        for f in features:
+            if f >= len(table):
+                raise ValueError(f"scales has {len(table)} entries, no entry for latent {f}")
+            out[f] = float(table[f])
+            if out[f] == 0:
+                log.warning("latent %d never fired in the sample: using the median max activation %.3g as its "
+                            "scale", f, fallback)
+                out[f] = fallback
+    else:
+        missing = [f for f in features if f not in scales]
+        if missing:
+            raise ValueError(f"scales has no entry for latents {missing}")
+        out = {f: float(scales[f]) for f in features}
+    bad = {f: v for f, v in out.items() if not math.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"latent scales must be finite and >= 0, got {bad}")
+    return out
+
+
+class _PositionTracker:
+    """Absolute positions of the tokens in the current forward call, across prefill and KV-cached decode steps.
+
+    A pre-forward hook on the top-level model(s) records how many tokens the KV cache already holds (the offset)
+    and the prompt length. A forward whose input extends the previous one by one token (an uncached generation
+    step) keeps the prompt length, so "last" means the same tokens with and without the cache.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.prompt_len: int | None = None
+        self.ids: Tensor | None = None  # (B, T) every token seen in the current sequence
+
+    def before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pre-forward hook: record the KV-cache offset and the prompt length of this call."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        if past_len > 0:  # a cached decode step continues the current sequence
+            self.offset = past_len
+            if self.ids is not None and ids is not None and ids.shape[0] == self.ids.shape[0]:
+                self.ids = torch.cat([self.ids, ids.to(self.ids.device)], dim=1)
+            return
+        self.offset = 0
+        if ids is None:
+            self.ids, self.prompt_len = None, None
+            return
+        if self.ids is not None and self.ids.shape == ids.shape and torch.equal(self.ids, ids):
+            return  # the same forward seen by a wrapper (TransformerBridge) and the model it wraps
+        extends = (self.ids is not None and self.prompt_len is not None and ids.shape[0] == self.ids.shape[0]
+                   and ids.shape[1] == self.ids.shape[1] + 1 and torch.equal(ids[:, :-1], self.ids))
+        if not extends:
+            self.prompt_len = ids.shape[1]
+        self.ids = ids
+
+    def positions(self, seq_len: int) -> tuple[Tensor, int]:
+        """Absolute positions (P,) of the current call's tokens, and the prompt length."""
+        pos = torch.arange(self.offset, self.offset + seq_len)
+        return pos, self.prompt_len if self.prompt_len is not None else seq_len
+
+    @contextmanager
+    def attached(self, model: LoadedModel) -> Iterator[None]:
+        """Register the pre-forward hook on every top-level module of the model; removed in finally."""
+        tops = {id(m): m for m in (model.hf_model(), getattr(model, "bridge", None)) if isinstance(m, nn.Module)}
+        handles = []
+        try:
+            for m in tops.values():
+                handles.append(m.register_forward_pre_hook(self.before_forward, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+Edit = Callable[[Tensor], Tensor | None]
+
+
+def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int, float],
+               tracker: _PositionTracker) -> list[tuple[str, Edit]]:
+    """(hook point, edit) pairs that apply one SAE's interventions; a transcoder adds a read at its input."""
+    transcoder = bool(sae.cfg.transcoder)
+    read_hook = sae.cfg.hook_point
+    write_hook = sae.cfg.target_hook_point if transcoder else read_hook
+    adds = [iv for iv in ivs if iv.mode == "add"]
+    clamps = [iv for iv in ivs if iv.mode != "add"]
+    w_dec = sae.W_dec.detach()  # (d_sae, d_out)
+    stash: dict[str, Tensor] = {}
+
+    def read(act: Tensor) -> None:
+        stash["x"] = act
+
+    def write(act: Tensor) -> Tensor:  # act: (B, P, d_out)
+        B, P, _ = act.shape
+        pos, prompt_len = tracker.positions(P)
+        out = act
+        if clamps:
+            if transcoder:
+                if "x" not in stash:
+                    raise RuntimeError(f"transcoder input {read_hook!r} did not fire before {write_hook!r}")
+                x = stash.pop("x")
+            else:
+                x = act
+            with torch.no_grad():
+                z = sae.encode(x.reshape(B * P, -1).to(w_dec.dtype)).view(B, P, -1)  # (B, P, d_sae)
+            dz = torch.zeros_like(z)  # (B, P, d_sae): new − old value of each edited latent
+            for iv in clamps:
+                where = position_mask(iv.positions, pos, prompt_len).to(z.device)
+                dz[:, where, iv.feature] = iv.value - z[:, where, iv.feature]
+            # The decoder is linear in z, so x̂_clamped − x̂ = Δz·W_dec: the error term and the other latents are
+            # untouched exactly, not just up to the rounding of a second decode.
+            out = out + (dz @ w_dec).to(act.dtype)
+        for iv in adds:
+            where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]  # (1, P, 1)
+            row = w_dec[iv.feature]
+            delta = (iv.strength * scale[iv.feature]) * row / row.norm().clamp_min(1e-12)  # (d_out,)
+            out = out + where * delta.to(act.device, act.dtype)
+        return out
+
+    edits: list[tuple[str, Edit]] = []
+    if transcoder and clamps:
+        edits.append((read_hook, read))
+    edits.append((write_hook, write))
+    return edits
+
+
+def _direction_edit(iv: DirectionIntervention, tracker: _PositionTracker) -> tuple[str, Edit]:
+    """(hook point, edit) adding strength·direction at the selected positions."""
+    vec = iv.direction.detach()
+
+    def write(act: Tensor) -> Tensor:
+        pos, prompt_len = tracker.positions(act.shape[1])
+        where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]
+        return act + where * (iv.strength * vec).to(act.device, act.dtype)
+
+    return iv.hook_point, write
+
+
+def _chain(fns: list[Edit]) -> Edit:
+    """One edit that applies several in order (several SAEs or directions on one hook point)."""
+    if len(fns) == 1:
+        return fns[0]
+
+    def run(act: Tensor) -> Tensor:
+        for fn in fns:
+            new = fn(act)
+            act = act if new is None else new
+        return act
+
+    return run
+
+
+@contextmanager
+def steer_all(model: LoadedModel, steerings: Sequence[Steering], n_scale_tokens: int = 8192) -> Iterator[LoadedModel]:
+    """Apply several SAEs' interventions and raw-direction additions at once inside the block.
+
+    Each SAESteering edits its own hook point(s); several on one hook point apply in the order given. Every
+    forward and `generate` call of `model` inside the block is steered; all hooks are removed on exit, even
+    after an exception. Everything is validated before any hook is attached.
+    """
+    tracker = _PositionTracker()
+    per_hook: dict[str, list[Edit]] = {}
+    for s in steerings:
+        if isinstance(s, SAESteering):
+            check_compatible(model, s.sae)
+            adds = [iv.feature for iv in s.interventions if iv.mode == "add"]
+            scale = latent_scales(model, s.sae, adds, s.scales, n_tokens=n_scale_tokens) if adds else {}
+            pairs = _sae_edits(s.sae, s.interventions, scale, tracker)
+        elif isinstance(s, DirectionIntervention):
+            width = model.width(s.hook_point)  # raises naming the closest valid hook points
+            if s.direction.shape[0] != width:
+                raise ValueError(f"direction has width {s.direction.shape[0]}, but {s.hook_point!r} of model "
+                                 f"{model.name!r} has width {width}")
+            pairs = [_direction_edit(s, tracker)]
+        else:
+            raise ValueError(f"expected SAESteering or DirectionIntervention, got {type(s).__name__}")
+        for hook, fn in pairs:
+            per_hook.setdefault(hook, []).append(fn)
+    with ExitStack() as stack:
+        stack.enter_context(tracker.attached(model))
+        stack.enter_context(model.intervene({hook: _chain(fns) for hook, fns in per_hook.items()}))
+        yield model
 
 
 @contextmanager
 def steer(
-    model: LoadedModel, sae: SparseCoder, interventions: Sequence[Intervention],
-    scales: dict[int, float] | Tensor | None = None,
+    model: LoadedModel, sae: SparseCoder, interventions: Sequence[Intervention] | Intervention,
+    scales: Scales | None = None, n_scale_tokens: int = 8192,
 ) -> Iterator[LoadedModel]:
-    """Inside the block, every forward and `generate` call of `model` runs with the interventions applied.
+    """Inside the block, every forward and `generate` call of `model` runs with the SAE interventions applied.
 
-    add: h ← h + strength·scale_f·d̂_f (d̂_f the unit decoder row); clamp: h ← h + (S − z_f)·W_dec[f], which equals
-    decoding with latent f set to S while keeping the SAE error term; ablate: clamp to 0. Hooks are removed on
-    exit, even after an exception.
+    `scales` gives each latent's typical max activation (the unit of 'add'); by default it comes from
+    `sae.cfg.metadata["latent_max_acts"]` or is estimated on n_scale_tokens of held-out text. Hooks are removed
+    on exit, even after an exception.
     """
-    check_compatible(model, sae)
-    for iv in interventions:
-        if iv.feature >= sae.cfg.d_sae:
-            raise ValueError(f"latent index {iv.feature} out of range: the SAE has d_sae={sae.cfg.d_sae} latents")
-    features = [iv.feature for iv in interventions]
-    if scales is None:
-        scale = latent_scales(sae, [iv.feature for iv in interventions if iv.mode == "add"])
-    else:
-        scale = {f: float(scales[f]) for f in features}
-    read_hook = sae.cfg.hook_point
-    write_hook = sae.cfg.target_hook_point if sae.cfg.transcoder else read_hook
-    tracker = _PositionTracker()
-    captured: dict[str, Tensor] = {}
+    ivs = (interventions,) if isinstance(interventions, Intervention) else tuple(interventions)
+    with steer_all(model, [SAESteering(sae, ivs, scales)], n_scale_tokens=n_scale_tokens) as m:
+        yield m
 
-    def read(act: Tensor) -> None:
-        captured["x"] = act
 
-    def write(act: Tensor) -> Tensor:
-        x = captured.pop("x", act) if sae.cfg.transcoder else act  # (B, P, d_in)
-        pos = tracker.positions(act.shape[1])
-        needs_code = any(iv.mode != "add" for iv in interventions)
-        z = sae.encode(x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)).view(*x.shape[:2], -1) if needs_code else None
-        out = act.clone()
-        for iv in interventions:
-            where = _mask(iv.positions, pos).to(act.device)[None, :, None]  # (1, P, 1)
-            row = sae.W_dec[iv.feature].to(act.dtype)  # (d_out,)
-            if iv.mode == "add":
-                delta = iv.strength * scale[iv.feature] * row / row.norm().clamp_min(1e-12)
-                out = out + where * delta
-            else:
-                delta = (iv.value - z[..., iv.feature]).to(act.dtype)[..., None] * row  # (B, P, d_out)
-                out = out + where * delta
-        return out
-
-    edits = {read_hook: read, write_hook: write} if sae.cfg.transcoder else {write_hook: write}
-    with model.intervene(edits):
-        yield model
+@contextmanager
+def steer_direction(
+    model: LoadedModel, hook_point: str, direction: Tensor, strength: float = 1.0, positions: str = "all",
+) -> Iterator[LoadedModel]:
+    """Add strength·direction at a hook point inside the block (e.g. a difference-in-means baseline)."""
+    with steer_all(model, [DirectionIntervention(hook_point, direction, strength, positions)]) as m:
+        yield m

@@ -1,17 +1,27 @@
-"""Steering: exactness of clamps, no-ops, hook removal, KV-cache equivalence, transcoders, bad input."""
+"""Steering: exactness of clamps, no-ops, hook removal, KV-cache equivalence, several SAEs, transcoders, bad input."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from sae_kit.sae import SAEConfig, SparseCoder
-from sae_kit.steering import Intervention, steer
+from sae_kit.steering import (
+    DirectionIntervention,
+    Intervention,
+    SAESteering,
+    latent_max_activations,
+    latent_scales,
+    steer,
+    steer_all,
+    steer_direction,
+)
 
 HOOK = "blocks.0.hook_resid_post"
+TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 
 
-def make_sae(d_sae: int = 64, k: int = 8, hook: str = HOOK, **kw) -> SparseCoder:
-    torch.manual_seed(0)
+def make_sae(d_sae: int = 64, k: int = 8, hook: str = HOOK, seed: int = 0, **kw) -> SparseCoder:
+    torch.manual_seed(seed)
     return SparseCoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=d_sae, k=k, hook_point=hook, **kw))
 
 
@@ -27,11 +37,27 @@ def test_clamping_every_latent_to_its_own_value_reproduces_clean_logits(tiny_mod
     x = tiny_model.capture(tokens, [HOOK])[HOOK]
     with torch.no_grad():
         z = sae.encode(x[0, :1])  # (1, d_sae) at position 0 of the first row
+    assert (z != 0).sum() == 8  # some of the clamps below are to non-zero values
     # Every latent clamped to its own value: with the error term kept nothing may change.
     clamps = [Intervention(f, "clamp", float(z[0, f]), "0:1") for f in range(sae.cfg.d_sae)]
     with torch.no_grad(), steer(tiny_model, sae, clamps):
         steered = tiny_model(tokens[:1])
     torch.testing.assert_close(steered, clean[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_clamp_matches_decoding_with_the_latent_replaced(tiny_model, tokens):
+    sae = make_sae()
+    x = tiny_model.capture(tokens, [HOOK])[HOOK]  # (B, P, d)
+    with torch.no_grad():
+        z = sae.encode(x.reshape(-1, 32))
+        z2 = z.clone()
+        z2[:, 5] = 3.0
+        expected = x + (sae.decode(z2) - sae.decode(z)).view_as(x)  # h + (x̂_clamped − x̂)
+    seen = {}
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(5, "clamp", 3.0)]):
+        with tiny_model.intervene({"blocks.1.hook_resid_pre": lambda a: seen.setdefault("h", a)}):
+            tiny_model(tokens)
+    torch.testing.assert_close(seen["h"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_clamp_changes_logits_and_ablate_of_silent_latent_is_noop(tiny_model, tokens):
@@ -43,6 +69,8 @@ def test_clamp_changes_logits_and_ablate_of_silent_latent_is_noop(tiny_model, to
     active = int(fires.nonzero()[0])
     with torch.no_grad(), steer(tiny_model, sae, [Intervention(silent, "ablate")]):
         torch.testing.assert_close(tiny_model(tokens), clean, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(active, "ablate")]):
+        assert not torch.allclose(tiny_model(tokens), clean, atol=1e-4)
     with torch.no_grad(), steer(tiny_model, sae, [Intervention(active, "clamp", 50.0)]):
         assert not torch.allclose(tiny_model(tokens), clean, atol=1e-3)
 
@@ -58,71 +86,179 @@ def test_add_with_zero_strength_is_noop_and_positions_restrict(tiny_model, token
     assert not torch.allclose(steered[:, 5:], clean[:, 5:], atol=1e-3)
 
 
+def test_add_moves_the_residual_by_strength_times_scale_along_the_unit_decoder_row(tiny_model, tokens):
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec[3] *= 7.0  # a non-unit row: add must still use the unit direction
+    x = tiny_model.capture(tokens, [HOOK])[HOOK]
+    seen = {}
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 2.0, "last")], scales={3: 1.5}):
+        with tiny_model.intervene({"blocks.1.hook_resid_pre": lambda a: seen.setdefault("h", a)}):
+            tiny_model(tokens)
+    delta = seen["h"] - x
+    torch.testing.assert_close(delta[:, :-1], torch.zeros_like(delta[:, :-1]))  # "last": only the final token
+    unit = sae.W_dec[3] / sae.W_dec[3].norm()
+    torch.testing.assert_close(delta[:, -1], (3.0 * unit).expand(2, -1).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_hooks_removed_after_exception(tiny_model, tokens):
     sae = make_sae()
     clean = tiny_model(tokens)
     with pytest.raises(RuntimeError, match="boom"):
         with steer(tiny_model, sae, [Intervention(3, "add", 30.0)], scales={3: 1.0}):
+            assert not torch.allclose(tiny_model(tokens), clean, atol=1e-3)
             raise RuntimeError("boom")
     torch.testing.assert_close(tiny_model(tokens), clean)
+    hf = tiny_model.hf_model()
+    assert not hf._forward_pre_hooks and not tiny_model.bridge._forward_pre_hooks
+
+
+def _generate(model, prompt, use_cache):
+    out = model.generate(prompt, max_new_tokens=6, use_cache=use_cache, return_dict_in_generate=True,
+                         output_logits=True)
+    return out.sequences, torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize("fixture,hook", [("tiny_model", HOOK), ("tiny_hf_model", "transformer.h.0")])
-@pytest.mark.parametrize("positions", ["all", "last", "2:9"])
+@pytest.mark.parametrize("positions", ["all", "last", "2:9", "8:"])
 def test_kv_cache_gives_same_steered_tokens(fixture, hook, positions, request):
     model = request.getfixturevalue(fixture)
     sae = make_sae(hook=hook)
     prompt = model.to_tokens("def __init__(self, x")
+    clean_seq, clean_logits = _generate(model, prompt, True)
     iv = [Intervention(7, "add", 40.0, positions)]
     with steer(model, sae, iv, scales={7: 1.0}):
-        cached = model.generate(prompt, max_new_tokens=6, use_cache=True)
-        uncached = model.generate(prompt, max_new_tokens=6, use_cache=False)
+        cached, cached_logits = _generate(model, prompt, True)
+        uncached, uncached_logits = _generate(model, prompt, False)
     assert torch.equal(cached, uncached)
-    assert not torch.equal(cached, model.generate(prompt, max_new_tokens=6))
+    # Logits too: the second layer attends to edited keys/values, so a position mix-up would show here.
+    torch.testing.assert_close(cached_logits, uncached_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(cached_logits, clean_logits, atol=1e-3)
+
+
+def test_transcoder_generation_kv_cache_matches(tiny_model):
+    tc = make_sae(hook=TC_IN, transcoder=True, target_hook_point=TC_OUT)
+    prompt = tiny_model.to_tokens("class Foo(")
+    with steer(tiny_model, tc, [Intervention(2, "clamp", 30.0, "last")]):
+        cached, cached_logits = _generate(tiny_model, prompt, True)
+        uncached, uncached_logits = _generate(tiny_model, prompt, False)
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(cached_logits, uncached_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_positions_restart_for_a_new_prompt_after_generation(tiny_model):
+    sae = make_sae()
+    one = tiny_model.to_tokens("")  # (1, 1): just BOS
+    clean = tiny_model(one)
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 50.0, "0:1")], scales={3: 1.0}):
+        tiny_model.generate(tiny_model.to_tokens("class A"), max_new_tokens=3)
+        # A one-token prompt must count from position 0 again, not continue the previous generation.
+        assert not torch.allclose(tiny_model(one), clean, atol=1e-3)
 
 
 def test_transcoder_clamp_to_own_value_is_exact(tiny_model, tokens):
-    tc = make_sae(hook="blocks.0.ln2.hook_normalized", transcoder=True, target_hook_point="blocks.0.hook_mlp_out")
+    tc = make_sae(hook=TC_IN, transcoder=True, target_hook_point=TC_OUT)
     clean = tiny_model(tokens)
-    x = tiny_model.capture(tokens, ["blocks.0.ln2.hook_normalized"])["blocks.0.ln2.hook_normalized"]
+    x = tiny_model.capture(tokens, [TC_IN])[TC_IN]
     with torch.no_grad():
-        value = float(tc.encode(x[0, :1])[0, 2])
-    with torch.no_grad(), steer(tiny_model, tc, [Intervention(2, "clamp", value, "0:1")]):
+        z = tc.encode(x[0, :1])
+    clamps = [Intervention(f, "clamp", float(z[0, f]), "0:1") for f in range(tc.cfg.d_sae)]
+    with torch.no_grad(), steer(tiny_model, tc, clamps):
         torch.testing.assert_close(tiny_model(tokens[:1]), clean[:1], atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), steer(tiny_model, tc, [Intervention(2, "clamp", value + 40, "0:1")]):
-        assert not torch.allclose(tiny_model(tokens[:1]), clean[:1], atol=1e-3)
+    with torch.no_grad(), steer(tiny_model, tc, [Intervention(2, "clamp", float(z[0, 2]) + 40, "0:1")]):
+        steered = tiny_model(tokens[:1])
+    assert not torch.allclose(steered, clean[:1], atol=1e-3)
+    # The edit lands on the MLP output: the residual before block 0's MLP is untouched.
+    with torch.no_grad(), steer(tiny_model, tc, [Intervention(2, "clamp", 40.0)]):
+        mid = tiny_model.capture(tokens, ["blocks.0.hook_resid_mid"], stop_early=False)["blocks.0.hook_resid_mid"]
+    torch.testing.assert_close(mid, tiny_model.capture(tokens, ["blocks.0.hook_resid_mid"])["blocks.0.hook_resid_mid"])
+
+
+def test_several_saes_at_once_equal_nested_steering(tiny_model, tokens):
+    a, b = make_sae(seed=0), make_sae(hook="blocks.1.hook_resid_pre", seed=1)
+    tc = make_sae(hook=TC_IN, transcoder=True, target_hook_point=TC_OUT, seed=2)
+    ia = (Intervention(3, "add", 10.0), Intervention(9, "clamp", 2.0, "1:4"))
+    ib = (Intervention(4, "ablate"), Intervention(5, "add", -8.0, "last"))
+    ic = (Intervention(6, "clamp", 5.0),)
+    with torch.no_grad(), steer_all(tiny_model, [SAESteering(a, ia, {3: 1.0}), SAESteering(b, ib, {5: 1.0}),
+                                                 SAESteering(tc, ic)]):
+        together = tiny_model(tokens)
+    with torch.no_grad(), steer(tiny_model, a, ia, scales={3: 1.0}), steer(tiny_model, b, ib, scales={5: 1.0}), \
+            steer(tiny_model, tc, ic):
+        nested = tiny_model(tokens)
+    torch.testing.assert_close(together, nested)
+    assert not torch.allclose(together, tiny_model(tokens), atol=1e-3)
+
+
+def test_direction_steering_matches_sae_add(tiny_model, tokens):
+    sae = make_sae()
+    clean = tiny_model(tokens)
+    unit = (sae.W_dec[3] / sae.W_dec[3].norm()).detach()
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 4.0, "2:")], scales={3: 2.5}):
+        via_sae = tiny_model(tokens)
+    with torch.no_grad(), steer_direction(tiny_model, HOOK, 2.5 * unit, 4.0, "2:"):
+        via_direction = tiny_model(tokens)
+    torch.testing.assert_close(via_sae, via_direction)
+    with torch.no_grad(), steer_direction(tiny_model, HOOK, unit, 0.0):
+        torch.testing.assert_close(tiny_model(tokens), clean)
+
+
+def test_latent_scales_sources(tiny_model):
+    sae = make_sae()
+    assert latent_scales(None, sae, [1, 2], {1: 2.0, 2: 3.0}) == {1: 2.0, 2: 3.0}
+    table = torch.arange(64, dtype=torch.float32)  # latent 0 never fired → median of the others
+    assert latent_scales(None, sae, [0, 5], table) == {0: float(table[1:].median()), 5: 5.0}
+    recorded = sae.cfg.replace(metadata={"latent_max_acts": [0.5] * 64})
+    sae.cfg = recorded
+    assert latent_scales(None, sae, [7], None) == {7: 0.5}
+    sae.cfg = recorded.replace(metadata={"latent_max_acts": [0.5] * 3})
+    with pytest.raises(ValueError, match="shape"):
+        latent_scales(None, sae, [7], None)
+    with pytest.raises(ValueError, match="no entry for latents"):
+        latent_scales(None, sae, [1], {2: 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        latent_scales(None, sae, [1], {1: float("inf")})
+
+
+def test_latent_max_activations_estimates_from_text(tiny_model):
+    sae = make_sae()
+    best = latent_max_activations(tiny_model, sae, n_tokens=256, context_size=32)
+    assert best.shape == (64,) and (best >= 0).all() and (best > 0).any()
 
 
 def test_bad_input(tiny_model):
     sae = make_sae()
-    with pytest.raises(ValueError, match="out of range"):
-        with steer(tiny_model, sae, [Intervention(64, "clamp", 1.0)]):
-            pass
-    with pytest.raises(ValueError, match="finite"):
-        Intervention(1, "add", float("nan"))
-    with pytest.raises(ValueError, match="mode"):
-        Intervention(1, "boost", 1.0)
-    with pytest.raises(ValueError, match="positions"):
-        Intervention(1, "add", 1.0, "first")
+    for f in (64, 1000):
+        with pytest.raises(ValueError, match=r"out of range.*d_sae=64"):
+            with steer(tiny_model, sae, [Intervention(f, "clamp", 1.0)]):
+                pass
     with pytest.raises(ValueError, match=">= 0"):
         Intervention(-1, "add", 1.0)
-    with pytest.raises(ValueError, match="unknown hook point"):
-        with steer(tiny_model, make_sae(hook="blocks.9.hook_resid_post"), [Intervention(1)]):
+    with pytest.raises(ValueError, match="must be an int"):
+        Intervention(1.5, "add", 1.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            Intervention(1, "add", bad)
+    with pytest.raises(ValueError, match=r"mode 'boost'.*add"):
+        Intervention(1, "boost", 1.0)
+    for spec in ("first", "5:2", "a:b", "-1:", "3"):
+        with pytest.raises(ValueError, match="positions"):
+            Intervention(1, "add", 1.0, spec)
+    with pytest.raises(ValueError, match="unknown hook point 'blocks.9.hook_resid_post'.*closest"):
+        with steer(tiny_model, make_sae(hook="blocks.9.hook_resid_post"), [Intervention(1)], scales={1: 1.0}):
             pass
     wide = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=48, d_sae=96, k=4, hook_point=HOOK))
-    with pytest.raises(ValueError, match="width 48"):
-        with steer(tiny_model, wide, [Intervention(1)]):
+    with pytest.raises(ValueError, match="expects width 48.*has width 32"):
+        with steer(tiny_model, wide, [Intervention(1)], scales={1: 1.0}):
             pass
-
-
-def test_cli_side_by_side(tiny_gpt2_path, tmp_path, capsys):
-    from sae_kit.cli import main
-
-    sae = make_sae()
-    sae.save(tmp_path / "sae")
-    args = ["steer", "--sae", str(tmp_path / "sae"), "--model", str(tiny_gpt2_path), "--prompt", "class A",
-            "--feature", "3", "--strength", "50", "--max-new-tokens", "5", "--scale-tokens", "512"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "--- unsteered ---" in out and "--- steered (add 50.0 on [3]) ---" in out and "promotes" in out
-    assert main(args[:5] + ["--model", str(tiny_gpt2_path), "--feature", "999"]) == 2
+    tc = make_sae(hook=TC_IN, transcoder=True, target_hook_point="blocks.0.hook_mlp_outt")
+    with pytest.raises(ValueError, match="unknown hook point 'blocks.0.hook_mlp_outt'"):
+        with steer(tiny_model, tc, [Intervention(1, "ablate")]):
+            pass
+    with pytest.raises(ValueError, match="width 31"):
+        with steer_direction(tiny_model, HOOK, torch.ones(31)):
+            pass
+    with pytest.raises(ValueError, match="NaN or inf"):
+        DirectionIntervention(HOOK, torch.tensor([float("nan")] * 32))
+    clean = tiny_model(tiny_model.to_tokens("x"))
+    torch.testing.assert_close(tiny_model(tiny_model.to_tokens("x")), clean)  # failed set-ups left no hooks

@@ -1,0 +1,186 @@
+"""Measuring steering: logit lens, side by side, strength sweeps, difference-in-means baseline, plot, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evals.steering import (
+    diff_in_means_direction,
+    direction_logit_lens,
+    logit_lens,
+    side_by_side,
+    strength_sweep,
+    sweep_direction,
+    sweep_latent,
+    write_sweep,
+)
+from sae_kit.sae import SAEConfig, SparseCoder
+from sae_kit.steering import Intervention, SAESteering
+
+HOOK = "blocks.0.hook_resid_post"
+PROMPTS = ["def __init__(self", "for i in"]
+
+
+def make_sae(hook: str = HOOK, seed: int = 0) -> SparseCoder:
+    torch.manual_seed(seed)
+    return SparseCoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=8, hook_point=hook))
+
+
+def test_logit_lens_finds_the_token_a_direction_points_at(tiny_model):
+    w_u = tiny_model.hf_model().get_output_embeddings().weight
+    target = 57
+    lens = direction_logit_lens(tiny_model, w_u[target] * 10, n=5, through_final_norm=False)
+    assert lens.promoted[0][0] == tiny_model.tokenizer.convert_ids_to_tokens(target)
+    values = [v for _, v in lens.promoted]
+    assert values == sorted(values, reverse=True)
+    assert all(v <= lens.promoted[-1][1] for _, v in lens.suppressed)
+    sae = make_sae()
+    plain = logit_lens(tiny_model, sae, 3, n=3)
+    assert len(plain.promoted) == len(plain.suppressed) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        logit_lens(tiny_model, sae, 64)
+    with pytest.raises(ValueError, match="residual"):
+        direction_logit_lens(tiny_model, torch.ones(31))
+
+
+def test_logit_lens_goes_through_the_final_norm_scale(tiny_model, monkeypatch):
+    import evals.steering as es
+
+    gamma = torch.zeros(32)
+    gamma[4] = 2.0  # only dimension 4 survives the final norm's scale
+    monkeypatch.setattr(es, "_final_norm_weight", lambda model: gamma)
+    w_u = tiny_model.hf_model().get_output_embeddings().weight.detach()
+    direction = torch.randn(32)
+    lens = direction_logit_lens(tiny_model, direction, n=1)
+    expected = int((w_u[:, 4] * 2.0 * direction[4]).argmax())
+    assert lens.promoted[0][0] == tiny_model.tokenizer.convert_ids_to_tokens(expected)
+
+
+def test_side_by_side_same_seed_and_zero_strength(tiny_model):
+    sae = make_sae()
+    rows = side_by_side(tiny_model, "class A", [SAESteering(sae, (Intervention(3, "add", 0.0),), {3: 1.0})],
+                        seeds=[0, 1], max_new_tokens=5, temperature=1.0)
+    assert [r.seed for r in rows] == [0, 1]
+    assert all(r.steered == r.unsteered for r in rows)  # strength 0 and the same seed: identical samples
+    rows = side_by_side(tiny_model, "class A", [SAESteering(sae, (Intervention(3, "add", 80.0),), {3: 1.0})],
+                        seeds=[0], max_new_tokens=5)
+    assert rows[0].steered != rows[0].unsteered
+
+
+def test_strength_sweep_measures(tiny_model):
+    sae = make_sae()
+    calls = []
+
+    def scorer(texts):
+        calls.append(list(texts))
+        return [float(len(t)) for t in texts]
+
+    res = sweep_latent(tiny_model, sae, 3, [0.0, 60.0], PROMPTS, scales={3: 1.0}, concept_score=scorer,
+                       max_new_tokens=4, seeds=[0, 1], temperature=1.0)
+    zero, strong = res.points
+    assert res.label == "latent 3 (add)" and len(zero.texts) == 4 and len(calls) == 2
+    assert zero.kl == pytest.approx(0.0, abs=1e-6)  # unsteered vs unsteered
+    assert strong.kl > 0.01
+    assert zero.perplexity > 1 and strong.perplexity > 1
+    assert zero.concept_score == sum(len(t) for t in zero.texts) / 4
+    assert zero.latent_activation is not None and zero.latent_activation >= 0
+    json.dumps(res.to_dict())
+    with pytest.raises(ValueError, match="returned 1 scores for 2 texts"):
+        sweep_latent(tiny_model, sae, 3, [0.0], ["x"], scales={3: 1.0}, concept_score=lambda t: [0.0],
+                     max_new_tokens=2, seeds=[0, 1])
+    with pytest.raises(ValueError, match="finite"):
+        sweep_latent(tiny_model, sae, 3, [float("nan")], ["x"], scales={3: 1.0})
+    with pytest.raises(ValueError, match="out of range"):
+        sweep_latent(tiny_model, sae, 64, [1.0], ["x"], scales={3: 1.0})
+
+
+def test_clamp_sweep_drives_the_probe_latent(tiny_model):
+    sae = make_sae()
+    res = strength_sweep(
+        tiny_model, PROMPTS, [0.0, 50.0],
+        lambda s: [SAESteering(sae, (Intervention(3, "clamp", s, "last"),))],
+        probe=(sae, 3), max_new_tokens=3,
+    )
+    assert res.points[1].kl > res.points[0].kl and res.points[0].concept_score is None
+
+
+def test_diff_in_means_direction_and_baseline_sweep(tiny_model, tmp_path):
+    pos, neg = ["class Foo(object):", "class Bar:"], ["import os", "x = 1"]
+    d = diff_in_means_direction(tiny_model, HOOK, pos, neg)
+    assert d.shape == (32,) and d.norm() > 0
+    torch.testing.assert_close(diff_in_means_direction(tiny_model, HOOK, pos, pos), torch.zeros(32))
+    # By hand: mean over the non-BOS tokens of each set.
+    def mean(prompts):
+        rows = [tiny_model.capture(tiny_model.to_tokens(p), [HOOK])[HOOK][0, 1:] for p in prompts]
+        return torch.cat(rows).mean(0)
+    torch.testing.assert_close(d, mean(pos) - mean(neg), atol=1e-5, rtol=1e-5)
+    base = sweep_direction(tiny_model, HOOK, d, [0.0, 5.0], ["def f("], max_new_tokens=3,
+                           probe=(make_sae(), 3))
+    assert base.label == "diff-in-means" and base.points[0].kl == pytest.approx(0.0, abs=1e-6)
+    assert base.points[1].kl > 0
+    with pytest.raises(ValueError, match="non-empty"):
+        diff_in_means_direction(tiny_model, HOOK, [], neg)
+    with pytest.raises(ValueError, match="unknown hook point"):
+        diff_in_means_direction(tiny_model, "blocks.0.hook_resid_postt", pos, neg)
+
+    latent = sweep_latent(tiny_model, make_sae(), 3, [0.0, 5.0], ["def f("], scales={3: 1.0}, max_new_tokens=3)
+    html = write_sweep([latent, base], tmp_path / "out")
+    text = html.read_text()
+    assert "Plotly.newPlot" in text and "<script src=\"http" not in text  # self-contained, opens offline
+    assert "diff-in-means" in text and "latent 3 (add)" in text
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["label"] for r in saved] == ["latent 3 (add)", "diff-in-means"]
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("steer_cli") / "sae"
+    make_sae().save(path)
+    return path
+
+
+def test_cli_side_by_side(tiny_gpt2_path, sae_dir, capsys):
+    from sae_kit.cli import main
+
+    args = ["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--prompt", "class A",
+            "--feature", "3", "--feature", "5", "--strength", "50", "--max-new-tokens", "5", "--scale-tokens", "256",
+            "--n-samples", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- unsteered ---") == 2 and "--- steered (add 50.0 on [3, 5]) ---" in out
+    assert "promotes" in out and "max activation" in out and "=== seed 1 ===" in out
+
+
+def test_cli_sweep_with_baseline(tiny_gpt2_path, sae_dir, tmp_path, capsys):
+    from sae_kit.cli import main
+
+    (tmp_path / "pos.txt").write_text("class Foo:\nclass Bar(object):\n")
+    (tmp_path / "neg.txt").write_text("import os\n\nx = 1\n")
+    args = ["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--backend", "hf", "--feature", "3",
+            "--mode", "clamp", "--strength", "5", "--max-new-tokens", "3", "--sweep", "0,5",
+            "--baseline-positive", str(tmp_path / "pos.txt"), "--baseline-negative", str(tmp_path / "neg.txt"),
+            "--out", str(tmp_path / "out")]
+    # The SAE names a TransformerLens hook point, which the hf backend lacks: a clear error, exit 2.
+    assert main(args) == 2
+    assert "unknown hook point" in capsys.readouterr().err
+    args[args.index("hf")] = "transformer_lens"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "diff-in-means" in out and (tmp_path / "out" / "sweep.html").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--feature", "64"], "out of range"),
+    (["--feature", "-1"], ">= 0"),
+    (["--feature", "1", "--positions", "9:3"], "positions"),
+    (["--feature", "1", "--strength", "nan"], "finite"),
+    (["--feature", "1", "--sweep", "0,x", "--out", "o"], "--sweep"),
+    (["--feature", "1", "--sweep", "0,1"], "--out"),
+])
+def test_cli_bad_input(tiny_gpt2_path, sae_dir, capsys, extra, message):
+    from sae_kit.cli import main
+
+    assert main(["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), *extra]) == 2
+    assert message in capsys.readouterr().err
