@@ -1,0 +1,52 @@
+"""`sae-kit interp`: explain SAE latents and score the explanations (thin: parse → InterpConfig → run_interp)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from autointerp.explainers import EXPLAINERS
+from autointerp.pipeline import CONTROLS, InterpConfig, run_interp
+from autointerp.records import RecordConfig
+from autointerp.scorers import SCORERS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sae-kit interp`."""
+    parser.add_argument("--sae", required=True, help="folder of the saved SAE (cfg.json + weights)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model", default=None, help="model name or path (default: the SAE's cfg.model_name)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"])
+    parser.add_argument("--dataset", default="stdlib", help="dataset: stdlib, a hub name or local files")
+    parser.add_argument("--tokens", type=int, default=100_000, help="tokens read to build latent records")
+    parser.add_argument("--latents", default="0:64", help="'START:STOP', 'I,J,K' or 'random:N' (live latents)")
+    parser.add_argument("--explainer", default="baseline", choices=list(EXPLAINERS))
+    parser.add_argument("--scorers", default="embedding", help=f"comma list of {','.join(SCORERS)}")
+    parser.add_argument("--llm", default=None, help="LLM spec: openai:MODEL, http://host:port/v1:MODEL, local:PATH")
+    parser.add_argument("--control", default="none", choices=list(CONTROLS),
+                        help="random-directions: score random directions of the same norms (a baseline)")
+    parser.add_argument("--context-size", type=int, default=64, help="tokens per model context")
+    parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    parser.add_argument("--window", type=int, default=32, help="tokens per example window")
+    parser.add_argument("--workers", type=int, default=4, help="latents processed concurrently in LLM runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the config from flags and run."""
+    cfg = InterpConfig(
+        sae_path=args.sae, out=args.out, model=args.model, backend=args.backend, dataset=args.dataset,
+        latents=args.latents, explainer=args.explainer,
+        scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()), llm=args.llm, control=args.control,
+        records=RecordConfig(n_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
+                             window=args.window, seed=args.seed),
+        workers=args.workers, device=args.device, seed=args.seed, progress=not args.no_progress,
+    )
+    summary = run_interp(cfg)
+    brief = {name: {m: v["mean"] for m, v in s["metrics"].items()} | {"n_failed": s["n_failed"]}
+             for name, s in summary["scorers"].items()}
+    print(json.dumps({"n_latents": summary["n_latents"], "n_explained": summary["n_explained"], "scores": brief},
+                     indent=2, default=str))
+    print(f"wrote {args.out}/explanations.jsonl, scores.jsonl, summary.json, dashboard.html")
+    return 0
