@@ -1,9 +1,14 @@
-"""Save and load sparse coders: `cfg.json` + `sae_weights.safetensors` in one folder."""
+"""Save and load sparse coders: `cfg.json` + `sae_weights.safetensors` in one folder.
+
+The weights file holds `coder.inference_state_dict()`: parameters and the buffers inference needs (BatchTopK's
+`threshold`), under conventional names (JumpReLU stores θ as `threshold`, not its training-time log θ).
+"""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,7 +17,20 @@ from safetensors.torch import load_file, save_file
 from sae_kit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, SAEConfig, SparseCoder
 
 
-def _atomic_write(path: Path, write) -> None:
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file in the same folder, fsync it, then rename over `path`: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -23,13 +41,14 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
 
 
 def save_sparse_coder(coder: SparseCoder, path: str | Path) -> None:
     """Write the weights then cfg.json (last, so a folder with cfg.json always has matching weights)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in coder.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in coder.inference_state_dict().items()}
     _atomic_write(folder / WEIGHTS_FILENAME, lambda p: save_file(tensors, p))
     text = json.dumps(coder.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
     _atomic_write(folder / CFG_FILENAME, lambda p: Path(p).write_text(text))
@@ -44,19 +63,20 @@ def load_config(path: str | Path) -> SAEConfig:
 
 
 def load_sparse_coder(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-    """Rebuild the architecture named in cfg.json and load its weights strictly."""
+    """Rebuild the architecture named in cfg.json, load its weights strictly (names and shapes), in eval mode."""
     cfg = load_config(path)
     weights = Path(path) / WEIGHTS_FILENAME
     if not weights.exists():
         raise FileNotFoundError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
     coder = SparseCoder.from_config(cfg, device=device)
     state = load_file(str(weights), device=str(device))
-    own = coder.state_dict()
+    own = coder.inference_state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad_shapes = [f"{k}: saved {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
-                  for k in set(own) & set(state) if state[k].shape != own[k].shape]
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or bad_shapes:
-        raise ValueError(f"weights in {weights} do not fit cfg.json: missing {missing}, unexpected {unexpected}, "
+        raise ValueError(f"weights in {weights} do not fit {CFG_FILENAME} ({cfg.architecture}, d_in={cfg.d_in}, "
+                         f"d_sae={cfg.d_sae}): missing {missing}, unexpected {unexpected}, "
                          f"shape mismatches {bad_shapes}")
-    coder.load_state_dict(state)
-    return coder
+    coder.load_inference_state_dict(state)
+    return coder.eval()  # inference: BatchTopK's forward then uses θ, not the batch

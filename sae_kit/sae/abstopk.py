@@ -1,7 +1,12 @@
 """AbsTopK SAE (Zhu et al., 2025, "AbsTopK: Rethinking Sparse Autoencoders For Bidirectional Features").
 
-Keeps the k largest |pre-activations| with their sign and no ReLU, so one latent can encode both poles of a
-concept; everything else (decoder, AuxK, FVU loss) is the TopK SAE's.
+    pre = W_encᵀ(x − b_dec) + b_enc
+    z   = pre ⊙ 1[|pre| among the k largest |pre| of the row]        (signed, no ReLU)
+    ŷ   = W_decᵀ z + b_dec
+
+The ℓ₀-constrained proximal step of the reconstruction loss: one latent can encode both poles of a concept.
+Loss, AuxK (dead latents ranked by |pre|, signed values), transcoder/skip options and the fast path are the TopK
+SAE's: loss = FVU + auxk_coefficient · AuxK.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ class AbsTopKSAE(TopKSAE):
     """TopK by magnitude, signed values kept."""
 
     architecture = "abstopk"
+    by_magnitude = True
 
-    def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The k largest-magnitude pre-activations with their sign, (N, k) each."""
-        indices = pre.abs().topk(k, dim=-1, sorted=False).indices
-        return pre.gather(-1, indices), indices
+    def activation(self, values: Tensor) -> Tensor:
+        """Identity: the sign carries the pole."""
+        return values

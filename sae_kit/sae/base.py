@@ -8,7 +8,7 @@ y ∈ R^{d_out} (y = x for an SAE; the MLP output for a transcoder):
 
 Parameters keep the field's conventional names and shapes so other toolkits' files map onto them:
 `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_out], `b_enc` [d_sae], `b_dec` [d_out], `W_skip` [d_in, d_out],
-`threshold` [d_sae] (JumpReLU / BatchTopK inference).
+`threshold` [d_sae] (JumpReLU) or [] (BatchTopK's single inference threshold).
 
 Each architecture is one file subclassing `SparseCoder`, registered by setting its `architecture` class attribute.
 """
@@ -155,7 +155,17 @@ class SparseCoder(nn.Module):
 
     @classmethod
     def validate_config(cls, cfg: SAEConfig) -> None:
-        """Raise ValueError naming the bad field; architectures extend this."""
+        """Raise ValueError naming the bad field; architectures extend this (and call it via super())."""
+        if cfg.d_out is not None and cfg.d_out <= 0:
+            raise ValueError(f"d_out must be positive (or None for d_in), got d_out={cfg.d_out}")
+        if cfg.d_out is not None and cfg.d_out != cfg.d_in and not cfg.transcoder:
+            raise ValueError(f"an SAE reconstructs its input, so d_out must be None or d_in={cfg.d_in}, got "
+                             f"d_out={cfg.d_out}; set transcoder=True for a different target")
+        if cfg.k_aux is not None and cfg.k_aux <= 0:
+            raise ValueError(f"k_aux must be positive (or None for d_in // 2), got k_aux={cfg.k_aux}")
+        if cfg.auxk_coefficient < 0 or cfg.sparsity_coefficient < 0:
+            raise ValueError(f"loss coefficients must be ≥ 0, got auxk_coefficient={cfg.auxk_coefficient}, "
+                             f"sparsity_coefficient={cfg.sparsity_coefficient}")
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, **kwargs: Any) -> SparseCoder:
@@ -228,6 +238,17 @@ class SparseCoder(nn.Module):
             self.W_skip.data *= s_in / s_out
 
     # -- persistence ---------------------------------------------------------------------------------------
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """Tensors written to sae_weights.safetensors, under conventional names; architectures may rename.
+
+        The plain `state_dict()` (used by training checkpoints, exact to the bit) is left alone.
+        """
+        return {name: t.detach() for name, t in self.state_dict().items()}
+
+    def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of `inference_state_dict`: load the saved tensors strictly."""
+        self.load_state_dict(state, strict=True)
+
     def save(self, path: str | Path) -> None:
         """Write `cfg.json` and `sae_weights.safetensors` into the folder `path` (atomically, file by file)."""
         from sae_kit.io import save_sparse_coder

@@ -1,52 +1,130 @@
 """TopK SAE (Gao et al., "Scaling and evaluating sparse autoencoders").
 
-    z = ReLU(TopK_k(W_encᵀ(x − b_dec) + b_enc)),   ŷ = W_decᵀ z + b_dec
+    pre = W_encᵀ(x − b_dec) + b_enc            (transcoders: x is not centred)
+    z   = ReLU(TopK_k(pre))                    keep the k largest pre-activations per row
+    ŷ   = W_decᵀ z + b_dec (+ W_skipᵀ x)
 
-Loss = FVU(y, ŷ) + auxk_coefficient · AuxK, where AuxK reconstructs the residual e = y − ŷ from the top-k_aux
-pre-activations of dead latents only, normalised by the residual's variance and scaled by
-min(1, n_dead / k_aux) as in sparsify, so a few dead latents do not get a full-weight loss.
+Training loss (what `forward(...).loss` holds):
+
+    loss = FVU(y, ŷ) + auxk_coefficient · AuxK
+    FVU  = Σ‖y − ŷ‖² / Σ‖y − ȳ‖²                                            (over the batch)
+    AuxK = min(1, n_dead / k_aux) · Σ‖e − ê‖² / Σ‖e − ē‖²,   e = (y − ŷ) detached
+
+where ê = W_decᵀ ReLU(TopK_{k_aux}(pre restricted to the dead latents)) (no bias), k_aux = cfg.k_aux or d_in // 2,
+and dead latents come from the trainer as `dead_mask`. AuxK is normalised by the residual's own variance (Gao et
+al.'s NMSE of e; sparsify divides by the variance of y instead) and scaled down like sparsify when fewer than
+k_aux latents are dead. `sparsity_loss` is 0.
+
+By default training runs the fast path of `kernels.py` (row-chunked encoder, sparse decoder, sparse backward);
+`use_sparse_kernels = False` switches to the plain dense reference with autograd everywhere.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
+from sae_kit.sae.kernels import gather_pre_acts, scratch, sparse_decode, sparse_pattern, topk_indices
+
+CHUNK_ELEMENTS = 1 << 25
+"""Pre-activations computed per encoder chunk (128 MB in fp32): bounds the fast path's memory for wide SAEs, while
+keeping chunks tall enough that the encoder matmul runs at full speed (one chunk for 4096 × 8192)."""
+
+
+class Selection(NamedTuple):
+    """Which latents are active, chosen without autograd; values are the pre-activations there."""
+
+    values: Tensor  # (N, K) pre-activations at the active slots
+    indices: Tensor  # (N, K) latent indices, ascending within each row
+    keep: Tensor | None  # (N, K) 1.0 for slots really active, 0.0 for padding (BatchTopK); None: all active
+    aux_values: Tensor | None  # (N, k_aux) pre-activations of the AuxK dead latents, or None
+    aux_indices: Tensor | None  # (N, k_aux) their latent indices
 
 
 class TopKSAE(SparseCoder):
     """Keep the k largest pre-activations per row (ReLU on the kept values)."""
 
     architecture = "topk"
+    by_magnitude: ClassVar[bool] = False
+    """Rank latents by |pre| instead of pre (AbsTopK)."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.use_sparse_kernels = True
+        """Train through kernels.py; False runs the dense reference (same numbers, ~5× slower)."""
 
     @classmethod
     def validate_config(cls, cfg: SAEConfig) -> None:
         """k must be set and lie in [1, d_sae)."""
-        if cfg.k is None or not 0 < cfg.k < cfg.d_sae:
-            raise ValueError(f"{cfg.architecture} needs 0 < k < d_sae={cfg.d_sae}, got k={cfg.k}")
+        super().validate_config(cfg)
+        if cfg.k is None:
+            raise ValueError(f"{cfg.architecture} needs k (active latents per token), valid 1 ≤ k < d_sae={cfg.d_sae}")
+        if not 0 < cfg.k < cfg.d_sae:
+            raise ValueError(f"{cfg.architecture} needs 1 ≤ k < d_sae={cfg.d_sae}, got k={cfg.k}")
 
-    def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The kept values and their latent indices, (N, k) each."""
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        return F.relu(values), indices
+    # -- selection and activation (AbsTopK / BatchTopK override) ---------------------------------------------
+    def activation(self, values: Tensor) -> Tensor:
+        """Activation applied to the selected pre-activations."""
+        return F.relu(values)
 
+    def select(self, pre: Tensor, k: int) -> Tensor:
+        """Indices (N, k) of the latents kept per row, ascending within each row."""
+        return topk_indices(pre, k, by_magnitude=self.by_magnitude)
+
+    def active_latents(self, pre: Tensor, train: bool) -> tuple[Tensor, Tensor | None]:
+        """Active indices (N, K) ascending per row, and the keep mask (None: all K slots active)."""
+        return self.select(pre, self.cfg.k), None
+
+    def select_from_pre(self, pre: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
+        """Active latents (and AuxK dead latents) of a block of rows, from its pre-activations (N, d_sae)."""
+        idx, keep = self.active_latents(pre, train)  # (N, K)
+        aux_values = aux_idx = None
+        if dead is not None:
+            dead_pre = pre.index_select(1, dead)  # (N, n_dead)
+            pos = self.select(dead_pre, self._k_aux(dead.numel()))  # (N, k_aux), ascending
+            aux_values, aux_idx = dead_pre.gather(1, pos), dead[pos]  # dead is ascending, so aux_idx is too
+        return Selection(pre.gather(1, idx), idx, keep, aux_values, aux_idx)
+
+    def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
+        """Selection for inputs (N, d_in), computing pre-activations a chunk of rows at a time (no autograd)."""
+        xc = self.encoder_input(x)  # (N, d_in)
+        step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
+        parts = []
+        for i in range(0, xc.shape[0], step):
+            rows = xc[i:i + step]  # (C, d_in)
+            pre = scratch((rows.shape[0], self.cfg.d_sae), self.W_enc.dtype, self.W_enc.device)  # (C, d_sae)
+            parts.append(self.select_from_pre(torch.addmm(self.b_enc, rows, self.W_enc, out=pre), dead, train))
+        if len(parts) == 1:
+            return parts[0]
+        return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
+
+    def _k_aux(self, n_dead: int) -> int:
+        return min(self.cfg.k_aux or max(1, self.cfg.d_in // 2), n_dead)
+
+    # -- inference --------------------------------------------------------------------------------------------
     def encode_sparse(self, x: Tensor) -> EncoderOutput:
-        """Sparse latents: the k active values and their indices."""
+        """Sparse latents: the active values (N, K) and their indices, plus the pre-activations (N, d_sae)."""
         pre = self.pre_acts(x)  # (N, d_sae)
-        values, indices = self.select(pre, self.cfg.k)
-        return EncoderOutput(values, indices, pre)
+        sel = self.select_from_pre(pre.detach(), None)
+        acts = self.activation(pre.gather(1, sel.indices))
+        if sel.keep is not None:
+            acts = acts * sel.keep
+        return EncoderOutput(acts, sel.indices, pre)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Dense latents (N, d_sae), zero outside the top k."""
+        """Dense latents (N, d_sae), zero outside the active set."""
         enc = self.encode_sparse(x)
         return torch.zeros_like(enc.pre_acts).scatter_(-1, enc.top_indices, enc.top_acts)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """ŷ from the sparse latents without building the dense (N, d_sae) code."""
+        """ŷ (N, d_out) from sparse latents without building the dense (N, d_sae) code."""
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return self._add_bias_and_skip(out, x)
+
+    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
         out = out + self.b_dec
         if self.W_skip is not None:
             if x is None:
@@ -54,29 +132,65 @@ class TopKSAE(SparseCoder):
             out = out + x @ self.W_skip
         return out
 
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
-        """Reconstruct the residual from the dead latents' top-k_aux pre-activations (zero when none are dead)."""
-        if dead_mask is None or not bool(dead_mask.any()):
-            return pre.new_zeros(())
-        n_dead = int(dead_mask.sum())
-        k_aux = min(self.cfg.k_aux or max(1, self.cfg.d_in // 2), n_dead)
-        masked = pre.masked_fill(~dead_mask, float("-inf"))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=F.relu(values), mode="sum")
-        scale = min(1.0, n_dead / k_aux)
-        return scale * fvu(residual.detach(), e_hat)
-
+    # -- training ---------------------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
         sparsity_coefficient: float | None = None, **_: Any,
     ) -> ForwardOutput:
-        """Encode, decode, FVU + AuxK."""
+        """Encode, decode, FVU + AuxK (see the module docstring); sparsity_coefficient is unused."""
         y = x if target is None else target
-        enc = self.encode_sparse(x)
-        y_hat = self.decode_sparse(enc.top_acts, enc.top_indices, x)  # (N, d_out)
+        dead = self._dead_latents(dead_mask)
+        if self.use_sparse_kernels:
+            acts, idx, y_hat, e_hat = self._forward_sparse(x, dead)
+        else:
+            acts, idx, y_hat, e_hat = self._forward_dense(x, dead)
         recon_fvu = fvu(y, y_hat)
-        auxk = self.auxk_loss(enc.pre_acts, y - y_hat, dead_mask)
-        zero = recon_fvu.new_zeros(())
-        l0 = (enc.top_acts > 0).sum(-1).float().mean()
+        auxk = recon_fvu.new_zeros(())
+        if e_hat is not None:
+            scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
+            auxk = scale * fvu((y - y_hat).detach(), e_hat)
+        l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
         loss = recon_fvu + self.cfg.auxk_coefficient * auxk
-        return ForwardOutput(y_hat, enc.top_acts, enc.top_indices, recon_fvu, auxk, zero, loss, l0)
+        return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
+
+    def _dead_latents(self, dead_mask: Tensor | None) -> Tensor | None:
+        """Ascending indices of the dead latents, or None when there are none (or no mask)."""
+        if dead_mask is None:
+            return None
+        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), got "
+                             f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
+        dead = dead_mask.nonzero().squeeze(1)  # (n_dead,) ascending
+        return dead if dead.numel() else None
+
+    def _forward_sparse(self, x: Tensor, dead: Tensor | None):
+        """Fast path: dense encoder matmul only; gather, decode and backward touch the active slots alone."""
+        with torch.no_grad():
+            sel = self.select_active(x, dead, train=self.training)
+        b_dec = None if self.cfg.transcoder else self.b_dec
+        p = sparse_pattern(sel.indices, self.cfg.d_sae)
+        acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
+        if sel.keep is not None:
+            acts = acts * sel.keep
+        y_hat = self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
+        e_hat = None
+        if sel.aux_indices is not None:
+            pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
+            aux = self.activation(gather_pre_acts(sel.aux_values, x, self.W_enc, self.b_enc, b_dec, pa))
+            e_hat = sparse_decode(aux, self.W_dec, pa)  # (N, d_out), no bias: it predicts a residual
+        return acts, sel.indices, y_hat, e_hat
+
+    def _forward_dense(self, x: Tensor, dead: Tensor | None):
+        """Reference path: dense pre-activations and dense latents, autograd everywhere."""
+        pre = self.pre_acts(x)  # (N, d_sae)
+        sel = self.select_from_pre(pre.detach(), dead, train=self.training)
+        acts = self.activation(pre.gather(1, sel.indices))  # (N, K)
+        if sel.keep is not None:
+            acts = acts * sel.keep
+        z = torch.zeros_like(pre).scatter(1, sel.indices, acts)  # (N, d_sae)
+        y_hat = self.decode(z, x)  # (N, d_out)
+        e_hat = None
+        if sel.aux_indices is not None:
+            z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
+            e_hat = z_aux @ self.W_dec  # (N, d_out)
+        return acts, sel.indices, y_hat, e_hat

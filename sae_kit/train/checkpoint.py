@@ -1,4 +1,10 @@
-"""Atomic checkpoints holding everything the loop reads, so resume continues the same run exactly."""
+"""Atomic checkpoints of a training pass: everything the loop reads, so resume continues the same run exactly.
+
+Layout: `OUT/.checkpoints/step_XXXXXXXXX/` with `state.pt` (step, tokens, batches consumed, RNG states, the
+train config) and one `sae-<name>.pt` per SAE (weights, optimiser state, dead-latent counters, scales). A
+checkpoint is written into a temporary folder, its `COMPLETE` marker last, then renamed into place; the last
+`KEEP` are kept. A folder without the marker is never read.
+"""
 from __future__ import annotations
 
 import os
@@ -9,39 +15,79 @@ from typing import Any
 import torch
 
 KEEP = 2
+FOLDER = ".checkpoints"
+MARKER = "COMPLETE"
+STATE = "state.pt"
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    """Folder holding a run's checkpoints."""
-    return run_dir / "checkpoints"
+def checkpoint_root(out: str | Path) -> Path:
+    """Folder holding a pass's checkpoints."""
+    return Path(out) / FOLDER
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write state to checkpoints/step_XXXXXXXX.pt through a temp file; keep the last two."""
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:09d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
+def _fsync_write(path: Path, obj: Any) -> None:
+    torch.save(obj, path)
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in sorted(folder.glob("step_*.pt"))[:-KEEP]:
-        old.unlink()
-    return path
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, if any."""
-    found = sorted(checkpoint_dir(run_dir).glob("step_*.pt"))
+def begin_checkpoint(out: str | Path, step: int) -> Path:
+    """Create (empty) the temporary folder of the checkpoint of `step`; rank 0 only."""
+    tmp = checkpoint_root(out) / f".tmp-step_{step:09d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def pending_checkpoint(out: str | Path, step: int) -> Path:
+    """Temporary folder of the checkpoint of `step` (made by begin_checkpoint)."""
+    return checkpoint_root(out) / f".tmp-step_{step:09d}"
+
+
+def write_part(folder: Path, filename: str, state: dict[str, Any]) -> None:
+    """Write one file of a checkpoint being assembled (any rank, its own files)."""
+    _fsync_write(folder / filename, state)
+
+
+def commit_checkpoint(tmp: Path) -> Path:
+    """Mark the assembled checkpoint complete, rename it into place, keep the last KEEP; rank 0 only."""
+    (tmp / MARKER).write_text("ok\n")
+    final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+    if final.exists():  # a re-run of the same step after a crash: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(tmp.parent)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / MARKER).exists())
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint of the pass writing to `out`, if any."""
+    found = complete_checkpoints(checkpoint_root(out))
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint."""
+def load_part(folder: Path, filename: str) -> dict[str, Any]:
+    """Read one file of a complete checkpoint."""
+    path = folder / filename
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {folder} has no {filename}; it was written by a different pass")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def remove_checkpoints(run_dir: Path) -> None:
-    """Drop checkpoints once the final SAE is saved."""
-    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+def remove_temporaries(out: str | Path) -> None:
+    """Drop half-written checkpoint folders left by a killed run."""
+    for tmp in checkpoint_root(out).glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    """Drop the checkpoints once every final SAE folder is in place."""
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)

@@ -1,48 +1,78 @@
-"""`sae-kit train`: flags (and an optional YAML/TOML config file) → TrainConfig → train()."""
+"""`sae-kit train`: flags (and an optional YAML/TOML config file) → TrainConfig → train().
+
+    sae-kit train --activations DIR [--hook H] --arch topk --k 32 --expansion 16 --tokens N --out OUT
+    sae-kit train --model M --hook H --dataset D ...            # streaming: no disk cache
+    sae-kit train ... --k 16,32,64 --lr 1e-4,3e-4               # a sweep: one SAE per combination, one pass
+    torchrun --nproc_per_node 2 -m sae_kit.cli train ...        # data parallel (gloo on CPU, NCCL on CUDA)
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
-from sae_kit.train.config import ARCHITECTURES, TrainConfig
+from sae_kit.train.config import ARCHITECTURES, DTYPES, LR_DECAYS, TrainConfig
 
-# flag → TrainConfig field, for the flags whose names differ from the field
-RENAMES = {"arch": "architecture", "hook": "hook_point", "target_hook": "target_hook_point", "tokens": "n_tokens",
+# flag dest → TrainConfig field, where the names differ
+RENAMES = {"arch": "architecture", "hook": "hook_points", "target_hook": "target_hook_points", "tokens": "n_tokens",
            "skip": "skip_connection"}
+NOT_FIELDS = {"config", "resume", "command", "verbose", "no_progress"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `sae-kit train`; unset flags fall back to the config file, then to TrainConfig defaults."""
+    d = TrainConfig()
     p = parser.add_argument
-    p("--config", help="YAML or TOML file whose keys are TrainConfig fields; flags override it")
-    p("--activations", help="folder written by `sae-kit cache` (omit to stream from --model)")
-    p("--model", help="model for streaming mode (default: reference)")
-    p("--hook", help="input hook point (needed when the store holds several)")
-    p("--dataset", help="text source for streaming mode (default: stdlib)")
-    p("--context-size", type=int)
-    p("--arch", choices=ARCHITECTURES, help="architecture (default: topk)")
-    p("--k", type=int, help="active latents per token (default: 32)")
-    p("--expansion", type=int, help="d_sae = expansion × d_in (default: 16)")
-    p("--d-sae", type=int, help="number of latents (overrides --expansion)")
-    p("--transcoder", action="store_true", default=None, help="map --hook to --target-hook")
-    p("--target-hook", help="target hook point of a transcoder (e.g. blocks.2.hook_mlp_out)")
-    p("--skip", action="store_true", default=None, help="skip transcoder: add a linear skip path")
-    p("--tokens", type=int, help="training tokens (default: 2,000,000)")
-    p("--batch-size", type=int, help="rows per step (default: 4096)")
-    p("--lr", type=float, help="peak learning rate (default: scaled with d_sae)")
-    p("--sparsity-coefficient", type=float, help="λ for jumprelu / relu")
-    p("--dead-tokens-threshold", type=int, help="tokens without firing before a latent counts as dead")
-    p("--checkpoint-every", type=int, help="tokens between checkpoints (default: only at the end)")
-    p("--seed", type=int)
-    p("--out", help="output folder (default: runs/sae); the SAE goes to OUT/NAME")
-    p("--name", help="subfolder name (default: the architecture)")
-    p("--device", help="cpu or cuda (default: cuda when present)")
-    p("--resume", action="store_true", help="continue from the last checkpoint in OUT/NAME")
+    p("--config", help="YAML or TOML file whose keys are TrainConfig fields (and a `sweep:` section); flags override it")
+    data = parser.add_argument_group("activations")
+    data.add_argument("--activations", help="folder written by `sae-kit cache` (omit to stream from --model)")
+    data.add_argument("--model", help=f"model for streaming mode (default: {d.model})")
+    data.add_argument("--hook", action="append", metavar="H",
+                      help="input hook point; repeat or comma-separate for one SAE per hook point "
+                           "(default: the store's only one; blocks.2.hook_resid_post when streaming)")
+    data.add_argument("--dataset", help=f"text source for streaming mode (default: {d.dataset})")
+    data.add_argument("--context-size", type=int, help=f"tokens per context when streaming (default: {d.context_size})")
+    sae = parser.add_argument_group("SAE (comma-separated values of k, expansion, d-sae, lr, sparsity-coefficient sweep)")
+    sae.add_argument("--arch", choices=ARCHITECTURES, help=f"architecture (default: {d.architecture})")
+    sae.add_argument("--k", help=f"active latents per token (default: {d.k})")
+    sae.add_argument("--expansion", help=f"d_sae = expansion × d_in (default: {d.expansion})")
+    sae.add_argument("--d-sae", help="number of latents (overrides --expansion)")
+    sae.add_argument("--transcoder", action="store_true", default=None, help="map --hook to --target-hook")
+    sae.add_argument("--target-hook", action="append", metavar="H2",
+                     help="transcoder target hook point paired with each --hook (e.g. blocks.2.hook_mlp_out)")
+    sae.add_argument("--skip", action="store_true", default=None, help="skip transcoder: add a linear skip path")
+    sae.add_argument("--sparsity-coefficient", help="final λ for jumprelu / relu")
+    sae.add_argument("--target-l0", type=float, help="jumprelu: penalise (L0/target − 1)² instead of λ·L0")
+    sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_in // 2)")
+    sae.add_argument("--dead-tokens-threshold", type=int,
+                     help=f"tokens without firing before a latent counts as dead (default: {d.dead_tokens_threshold:,})")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--tokens", type=int, help=f"training tokens (default: {d.n_tokens:,})")
+    opt.add_argument("--batch-size", type=int, help=f"rows per step, over all ranks (default: {d.batch_size})")
+    opt.add_argument("--micro-batches", type=int, help="split each batch to save memory (default: 1)")
+    opt.add_argument("--lr", help="peak learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
+    opt.add_argument("--lr-decay", choices=LR_DECAYS, help=f"decay after --decay-start (default: {d.lr_decay})")
+    opt.add_argument("--decay-start", type=float, help=f"fraction of training before decay (default: {d.decay_start})")
+    opt.add_argument("--warmup-steps", type=int, help=f"LR warm-up steps (default: {d.warmup_steps})")
+    opt.add_argument("--grad-clip", type=float, help=f"gradient-norm clip, 0 disables (default: {d.grad_clip})")
+    opt.add_argument("--seed", type=int, help=f"initialisation and data-order seed (default: {d.seed})")
+    run = parser.add_argument_group("output and hardware")
+    run.add_argument("--out", help=f"output folder; each SAE goes to OUT/NAME (default: {d.out})")
+    run.add_argument("--name", help="base of the SAE folder names (default: the architecture)")
+    run.add_argument("--checkpoint-every", type=int, help="tokens between checkpoints (default: 0, none)")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+    run.add_argument("--log-every", type=int, help=f"steps between metrics.jsonl lines (default: {d.log_every})")
+    run.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    run.add_argument("--dtype", choices=DTYPES, help="bfloat16: autocast the forward pass on CUDA (default: float32)")
+    run.add_argument("--distribute-modules", action="store_true", default=None,
+                     help="with several ranks, give each rank whole SAEs instead of slicing every batch")
+    run.add_argument("--wandb", action="store_true", default=None, help="also log to Weights & Biases")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str) -> dict[str, Any]:
+    """Mapping of TrainConfig fields from a .yaml/.yml/.toml file."""
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -63,19 +93,33 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults, the config file and the flags (in that order of precedence, lowest first)."""
-    values = _read_config_file(args.config) if args.config else {}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = read_config_file(args.config) if args.config else {}
+    for alias, name in (("hook_point", "hook_points"), ("target_hook_point", "target_hook_points")):
+        if alias in values and name not in values:
+            values[name] = values.pop(alias)
     for key, value in vars(args).items():
+        if key in NOT_FIELDS or value is None:
+            continue
         field = RENAMES.get(key, key)
-        if value is not None and field in fields:
-            values[field] = value
+        if key in ("hook", "target_hook"):  # repeated and/or comma-separated
+            value = [h.strip() for v in value for h in v.split(",") if h.strip()]
+        values[field] = value
+        # A flag replaces the file's sweep of the same field too.
+        if isinstance(values.get("sweep"), dict):
+            values["sweep"].pop(field, None)
     return TrainConfig.from_dict(values)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and print where the SAE was saved."""
-    from sae_kit.train.loop import train
+    """Train and print where each SAE was saved."""
+    from sae_kit.train.loop import train_all
 
-    path = train(config_from_args(args), resume=args.resume)
-    print(f"saved {path}")
+    cfg = config_from_args(args)
+    try:
+        paths = train_all(cfg, resume=args.resume, progress=not args.no_progress)
+    except FloatingPointError as err:
+        print(f"sae-kit train: error: {err}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"saved {path}")
     return 0

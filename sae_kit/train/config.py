@@ -1,29 +1,118 @@
-"""Typed training configuration; saved beside every checkpoint and compared on resume."""
+"""Typed training configuration: one pass over the activations trains every SAE it describes.
+
+`TrainConfig` holds the data, optimisation and output settings shared by the pass; its hook points and its
+`sweep` section expand into one `SAESpec` per SAE (`TrainConfig.specs()`), each saved in its own subfolder of
+`out`. The config is saved in every checkpoint and compared on resume.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu")
+TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
+"""Architectures with a k, a unit-norm decoder and AuxK."""
+LR_DECAYS = ("linear", "cosine", "none")
+DTYPES = ("float32", "bfloat16")
+SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient")
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Values to sweep in one pass; each non-empty field multiplies the number of SAEs (cartesian product)."""
+
+    k: tuple[int, ...] = ()
+    """Active latents per token; empty uses TrainConfig.k."""
+    expansion: tuple[int, ...] = ()
+    """Expansion factors; empty uses TrainConfig.expansion (ignored where d_sae is swept or set)."""
+    d_sae: tuple[int, ...] = ()
+    """Latent counts; empty uses TrainConfig.d_sae / expansion."""
+    lr: tuple[float, ...] = ()
+    """Peak learning rates; empty uses TrainConfig.lr."""
+    sparsity_coefficient: tuple[float, ...] = ()
+    """Final λ values (jumprelu / relu); empty uses TrainConfig.sparsity_coefficient."""
+
+    def __post_init__(self) -> None:
+        casts = {"k": int, "expansion": int, "d_sae": int, "lr": float, "sparsity_coefficient": float}
+        for name, cast in casts.items():
+            raw = _as_tuple(getattr(self, name))
+            try:
+                values = tuple(cast(v) for v in raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"sweep.{name} must be a list of {cast.__name__}s, got {getattr(self, name)!r}") from None
+            if len(set(values)) != len(values):
+                raise ValueError(f"sweep.{name} has duplicate values: {list(values)}")
+            if name != "sparsity_coefficient" and any(v <= 0 for v in values):
+                raise ValueError(f"sweep.{name} values must be positive, got {list(values)}")
+            if name == "sparsity_coefficient" and any(v < 0 for v in values):
+                raise ValueError(f"sweep.sparsity_coefficient values must be >= 0, got {list(values)}")
+            object.__setattr__(self, name, values)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
+        """Build from the `sweep:` section of a config file, rejecting unknown keys by name."""
+        unknown = sorted(set(data) - set(SWEEPABLE))
+        if unknown:
+            raise ValueError(f"unknown sweep keys {unknown}; sweepable fields: {list(SWEEPABLE)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE of the pass: where it reads, its size and its own hyper-parameters."""
+
+    name: str
+    """Subfolder of `out`."""
+    hook_point: str | None
+    """Input hook point (None: the source's only one, resolved when the source opens)."""
+    target_hook_point: str | None
+    """Target hook point (transcoders), else None."""
+    k: int
+    """Active latents per token (TopK family)."""
+    d_sae: int | None
+    """Latents; None means expansion × d_in."""
+    expansion: int
+    """Used when d_sae is None."""
+    lr: float | None
+    """Peak LR; None scales with d_sae."""
+    sparsity_coefficient: float
+    """Final λ."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One SAE or transcoder training run."""
+    """One training pass: where the activations come from, the SAEs to train on them, and how."""
 
+    # -- data ---------------------------------------------------------------------------------------------
     activations: str | None = None
-    """Folder written by `sae-kit cache`; None trains in streaming mode from `model` + `dataset`."""
+    """Folder written by `sae-kit cache`; None trains in streaming mode from `model` + `dataset` (no disk)."""
     model: str = "reference"
     """Model for streaming mode (hub name, local folder or "reference")."""
-    hook_point: str | None = None
-    """Input hook point; None picks the store's only one (or blocks.2.hook_resid_post when streaming)."""
+    hook_points: tuple[str, ...] = ()
+    """Input hook points, one SAE (per sweep point) each; empty picks the store's only one, or
+    blocks.2.hook_resid_post when streaming. A single string is accepted and comma-split."""
+    target_hook_points: tuple[str, ...] = ()
+    """Transcoders: the target hook point paired with each input hook point (same length)."""
     dataset: str = "stdlib"
     """Text source for streaming mode."""
     context_size: int = 128
     """Tokens per context in streaming mode."""
+    # -- the SAEs -----------------------------------------------------------------------------------------
     architecture: str = "topk"
-    """Sparse coder architecture."""
+    """Sparse coder architecture: topk, batchtopk, jumprelu, abstopk or relu."""
     k: int = 32
     """Active latents per token (TopK family)."""
     expansion: int = 16
@@ -31,75 +120,206 @@ class TrainConfig:
     d_sae: int | None = None
     """Number of latents; overrides expansion."""
     transcoder: bool = False
-    """Map hook_point to target_hook_point instead of reconstructing hook_point."""
-    target_hook_point: str | None = None
-    """Target hook point of a transcoder."""
+    """Map each hook point to its target hook point instead of reconstructing it."""
     skip_connection: bool = False
     """Add the zero-initialised linear skip path (skip transcoder)."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK; None means d_in // 2."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU straight-through bandwidth ε."""
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU initial θ."""
+    target_l0: float | None = None
+    """JumpReLU: penalise (L0/target_l0 − 1)² instead of λ·L0."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """Values swept in the same pass (cartesian product), sharing every batch read."""
+    # -- optimisation ---------------------------------------------------------------------------------------
     n_tokens: int = 2_000_000
-    """Training tokens (rows); epochs over a smaller store repeat it with a new shuffle."""
+    """Training tokens (rows); a smaller store is repeated in further epochs with a new shuffle."""
     batch_size: int = 4096
-    """Rows per optimiser step."""
+    """Rows per optimiser step (the global batch, split across data-parallel ranks)."""
+    micro_batches: int = 1
+    """Split each (per-rank) batch into this many slices and average their gradients: saves memory, and is the
+    single-process equivalent of that many data-parallel ranks."""
     lr: float | None = None
     """Peak learning rate; None scales 2e-4 by 1/sqrt(d_sae / 16384) as sparsify does."""
     warmup_steps: int = 100
-    """Linear LR warm-up steps."""
+    """Linear LR warm-up steps (capped at a tenth of training)."""
+    lr_decay: str = "linear"
+    """LR decay after `decay_start`: linear, cosine or none."""
     decay_start: float = 0.8
-    """Fraction of training after which the LR decays linearly to zero."""
+    """Fraction of training after which the LR decays to `lr_final_fraction` of its peak."""
+    lr_final_fraction: float = 0.0
+    """LR at the last step as a fraction of the peak."""
     grad_clip: float = 1.0
-    """Gradient-norm clip."""
+    """Gradient-norm clip (0 disables)."""
     sparsity_coefficient: float = 0.0
-    """Final λ for JumpReLU / ReLU, warmed up over the first 5% of steps."""
-    dead_tokens_threshold: int = 1_000_000
-    """A latent that has not fired for this many tokens counts as dead for AuxK."""
-    checkpoint_every: int = 0
-    """Write a checkpoint every this many tokens (0: only at the end)."""
+    """Final λ for JumpReLU / ReLU."""
+    sparsity_warmup: float = 0.05
+    """Fraction of training over which λ warms up linearly from 0."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead for AuxK and the dead fraction."""
     seed: int = 0
     """Seed for initialisation and data order."""
+    # -- output, logging, hardware -----------------------------------------------------------------------
     out: str = "runs/sae"
-    """Output folder; the SAE goes into out/<name>."""
+    """Output folder; each SAE goes into out/<name>."""
     name: str | None = None
-    """Subfolder name; None uses the architecture."""
-    device: str | None = None
-    """Device; None picks CUDA when present."""
+    """Base of the subfolder names; None uses the architecture."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many tokens (0: never)."""
     log_every: int = 10
     """Steps between metrics.jsonl lines."""
+    device: str | None = None
+    """Torch device; None picks CUDA when present."""
+    dtype: str = "float32"
+    """Compute dtype: bfloat16 autocasts the forward pass on CUDA (parameters stay float32); CPU always uses float32."""
+    distribute_modules: bool = False
+    """With several ranks, give each rank whole SAEs (on the full batch) instead of slicing every batch."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (when installed)."""
+    wandb_project: str = "sae-kit"
+    """W&B project name."""
 
     def __post_init__(self) -> None:
+        for name in ("hook_points", "target_hook_points"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if isinstance(self.sweep, dict):
+            object.__setattr__(self, "sweep", SweepConfig.from_dict(self.sweep))
+        if not isinstance(self.sweep, SweepConfig):
+            raise ValueError(f"sweep must be a SweepConfig or a mapping, got {type(self.sweep).__name__}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(ARCHITECTURES)}")
-        for field in ("n_tokens", "batch_size", "expansion", "context_size", "log_every"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        for name in ("n_tokens", "batch_size", "expansion", "context_size", "log_every", "micro_batches",
+                     "dead_tokens_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
         if self.d_sae is not None and self.d_sae <= 0:
             raise ValueError(f"d_sae must be positive, got {self.d_sae}")
-        if self.architecture in ("topk", "batchtopk", "abstopk") and self.k <= 0:
+        if self.architecture in TOPK_FAMILY and self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
-        if self.transcoder and not self.target_hook_point:
-            raise ValueError("a transcoder needs target_hook_point (the MLP output hook point)")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.d_sae is not None and self.architecture in TOPK_FAMILY and not self.sweep.k and self.k >= self.d_sae:
+            raise ValueError(f"k must be smaller than d_sae, got k={self.k}, d_sae={self.d_sae}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.sparsity_coefficient < 0:
+            raise ValueError(f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient}")
+        if self.transcoder:
+            if not self.target_hook_points:
+                raise ValueError("a transcoder needs target_hook_points (e.g. blocks.2.hook_mlp_out)")
+            if len(self.target_hook_points) != max(1, len(self.hook_points)):
+                raise ValueError(f"transcoders pair each hook point with one target: got hook_points "
+                                 f"{list(self.hook_points)} and target_hook_points {list(self.target_hook_points)}")
+        elif self.target_hook_points:
+            raise ValueError("target_hook_points is set but transcoder is False; pass --transcoder")
+        if self.skip_connection and not self.transcoder:
+            raise ValueError("skip_connection is for transcoders; pass --transcoder --target-hook H as well")
+        if len(set(self.hook_points)) != len(self.hook_points):
+            raise ValueError(f"hook_points has duplicates: {list(self.hook_points)}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {list(LR_DECAYS)}, got {self.lr_decay!r}")
+        if not 0.0 <= self.decay_start <= 1.0:
+            raise ValueError(f"decay_start must lie in [0, 1], got {self.decay_start}")
+        if not 0.0 <= self.lr_final_fraction <= 1.0:
+            raise ValueError(f"lr_final_fraction must lie in [0, 1], got {self.lr_final_fraction}")
+        if not 0.0 <= self.sparsity_warmup <= 1.0:
+            raise ValueError(f"sparsity_warmup must lie in [0, 1], got {self.sparsity_warmup}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
 
-    @property
-    def run_name(self) -> str:
-        """Subfolder of `out` holding this SAE."""
-        return self.name or self.architecture
+    def specs(self, default_hook: str | None = None) -> list[SAESpec]:
+        """Every SAE of the pass, in a fixed order; names are unique subfolders of `out`."""
+        hooks = self.hook_points or (default_hook,)
+        targets = self.target_hook_points or (None,) * len(hooks)
+        sw = self.sweep
+        grid = {
+            "hook": list(zip(hooks, targets)),
+            "k": list(sw.k or (self.k,)),
+            "size": [("d", d) for d in sw.d_sae] or (
+                [("d", self.d_sae)] if self.d_sae is not None else [("x", e) for e in (sw.expansion or (self.expansion,))]),
+            "lr": list(sw.lr or (self.lr,)),
+            "lam": list(sw.sparsity_coefficient or (self.sparsity_coefficient,)),
+        }
+        base = self.name or self.architecture
+        specs = []
+        for (hook, target), k, (kind, size), lr, lam in itertools.product(*grid.values()):
+            parts = [base]
+            if len(grid["hook"]) > 1:
+                parts.append(str(hook))
+            if len(grid["k"]) > 1:
+                parts.append(f"k{k}")
+            if len(grid["size"]) > 1:
+                parts.append(f"{kind}{size}")
+            if len(grid["lr"]) > 1:
+                parts.append(f"lr{lr:g}")
+            if len(grid["lam"]) > 1:
+                parts.append(f"lambda{lam:g}")
+            specs.append(SAESpec(
+                name="_".join(parts), hook_point=hook, target_hook_point=target, k=k,
+                d_sae=size if kind == "d" else None, expansion=size if kind == "x" else self.expansion,
+                lr=lr, sparsity_coefficient=lam,
+            ))
+        return specs
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON."""
-        return dataclasses.asdict(self)
+        """Plain dict for JSON / checkpoints (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["hook_points"], d["target_hook_points"] = list(self.hook_points), list(self.target_hook_points)
+        d["sweep"] = {k: list(v) for k, v in d["sweep"].items()}
+        return d
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed."""
+        """A copy with some fields changed (configs are never mutated)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (config file), rejecting unknown keys by name."""
+        """Build from a dict (config file), rejecting unknown keys by name; list values of sweepable fields
+        (k, expansion, d_sae, lr, sparsity_coefficient) go into the sweep."""
+        data = dict(data)
+        # Friendly singular aliases for the hook-point lists.
+        for alias, name in (("hook_point", "hook_points"), ("target_hook_point", "target_hook_points")):
+            if alias in data:
+                if name in data:
+                    raise ValueError(f"give either {alias} or {name}, not both")
+                data[name] = data.pop(alias)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**data)
+        sweep = dict(data.pop("sweep", None) or {})
+        if isinstance(sweep, SweepConfig):
+            sweep = {k: v for k, v in dataclasses.asdict(sweep).items() if v}
+        for name in SWEEPABLE:
+            value = data.get(name)
+            if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value):
+                values = _as_tuple(value)
+                if len(values) == 1:
+                    data[name] = values[0]
+                else:
+                    sweep[name] = data.pop(name)
+        for name in ("k", "expansion", "d_sae"):
+            if isinstance(data.get(name), str):
+                try:
+                    data[name] = int(data[name])
+                except ValueError:
+                    raise ValueError(f"{name} must be an integer, got {data[name]!r}") from None
+        for name in ("lr", "sparsity_coefficient"):
+            if isinstance(data.get(name), str):
+                try:
+                    data[name] = float(data[name])
+                except ValueError:
+                    raise ValueError(f"{name} must be a number, got {data[name]!r}") from None
+        return cls(**data, sweep=SweepConfig.from_dict(sweep))

@@ -1,7 +1,14 @@
-"""Where training rows come from: a cached store, a live model stream, or tensors in memory."""
+"""Where training rows come from: a cached store, a live model stream, or tensors in memory.
+
+Every source offers `hook_points`, `d_in(h)`, `norm_stats(h)` and `batches(hook_points, batch_size, shuffle,
+seed, epochs, start_batch)` yielding row-aligned {hook point: (batch_size, d)} dicts, deterministic given the
+seed, with `start_batch` skipping ahead exactly (that is what makes resume exact).
+"""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,26 +17,37 @@ from activation_store.store import ActivationStore, NormStats
 from sae_kit.train.config import TrainConfig
 
 DEFAULT_STREAM_HOOK = "blocks.2.hook_resid_post"
+STREAM_TOKEN_MARGIN = 1.25
+"""Streaming drops BOS/EOS rows, so ask the model for this many times the training tokens (the loop stops on time)."""
 
 
 class TensorSource:
-    """Rows held in memory as {hook_point: (N, d)}; same `batches` contract as the store, for Python users."""
+    """Rows held in memory as {hook_point: (N, d)}: train from tensors in Python with the store's contract."""
 
-    def __init__(self, tensors: dict[str, Tensor]):
+    def __init__(self, tensors: dict[str, Tensor], model: str = "tensors"):
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"all hook points need the same number of rows, got {sorted(lengths)}")
+        bad = [h for h, t in tensors.items() if t.ndim != 2]
+        if bad:
+            raise ValueError(f"tensors must be (rows, d); {bad} are not 2-D")
         self.tensors = tensors
         self.hook_points = list(tensors)
         self.n_rows = lengths.pop()
+        self.model = model
+
+    def _get(self, hook_point: str) -> Tensor:
+        if hook_point not in self.tensors:
+            raise ValueError(f"hook point {hook_point!r} is not in this source; it holds {self.hook_points}")
+        return self.tensors[hook_point]
 
     def d_in(self, hook_point: str) -> int:
         """Width at a hook point."""
-        return self.tensors[hook_point].shape[1]
+        return self._get(hook_point).shape[1]
 
     def norm_stats(self, hook_point: str) -> NormStats:
-        """Mean and E‖x‖² of the rows."""
-        x = self.tensors[hook_point].double()
+        """Mean and E‖x‖² of the rows (float64 accumulation)."""
+        x = self._get(hook_point).double()
         return NormStats(x.mean(0).float(), float(x.pow(2).sum(1).mean()))
 
     def batches(
@@ -37,6 +55,7 @@ class TensorSource:
         start_batch: int = 0, dtype: torch.dtype = torch.float32,
     ) -> Iterator[dict[str, Tensor]]:
         """Full batches of each epoch's seeded permutation; start_batch skips ahead exactly."""
+        data = {h: self._get(h) for h in hook_points}
         per_epoch = self.n_rows // batch_size
         if per_epoch == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.n_rows} rows available")
@@ -45,29 +64,57 @@ class TensorSource:
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             order = torch.randperm(self.n_rows, generator=gen) if shuffle else torch.arange(self.n_rows)
             rows = order[within * batch_size : (within + 1) * batch_size]
-            yield {h: self.tensors[h][rows].to(dtype) for h in hook_points}
+            yield {h: t[rows].to(dtype) for h, t in data.items()}
 
 
-def open_source(cfg: TrainConfig):
+def open_source(cfg: TrainConfig) -> Any:
     """The store named by cfg.activations, or a streaming source over cfg.model and cfg.dataset."""
     if cfg.activations is not None:
         store = ActivationStore.open(cfg.activations)
-        if cfg.hook_point is None and len(store.hook_points) != 1:
-            raise ValueError(f"{cfg.activations} holds several hook points {store.hook_points}; choose one with --hook")
-        for h in (cfg.hook_point, cfg.target_hook_point):
-            if h is not None and h not in store.hook_points:
+        if not cfg.hook_points and len(store.hook_points) != 1:
+            raise ValueError(f"{cfg.activations} holds several hook points {store.hook_points}; choose with --hook")
+        for h in (*cfg.hook_points, *cfg.target_hook_points):
+            if h not in store.hook_points:
                 raise ValueError(f"hook point {h!r} is not in {cfg.activations}; it holds {store.hook_points}")
         return store
     from activation_store.streaming import StreamingActivations
     from activation_store.tokens import DatasetConfig
 
-    hooks = [cfg.hook_point or DEFAULT_STREAM_HOOK] + ([cfg.target_hook_point] if cfg.transcoder else [])
+    hooks = list(cfg.hook_points or (DEFAULT_STREAM_HOOK,)) + list(cfg.target_hook_points)
     return StreamingActivations(
-        cfg.model, hooks, DatasetConfig(path=cfg.dataset, context_size=cfg.context_size), n_tokens=cfg.n_tokens,
-        seed=cfg.seed,
+        cfg.model, hooks, DatasetConfig(path=cfg.dataset, context_size=cfg.context_size),
+        n_tokens=math.ceil(cfg.n_tokens * STREAM_TOKEN_MARGIN) + cfg.batch_size, seed=cfg.seed,
     )
 
 
-def source_rows(source) -> int | None:
+def default_hook(source: Any) -> str | None:
+    """The hook point used when the config names none: the source's only (first) one."""
+    return source.hook_points[0] if source.hook_points else None
+
+
+def source_rows(source: Any) -> int | None:
     """Rows a finite source holds (None for a stream)."""
     return getattr(source, "n_rows", None)
+
+
+def model_name(source: Any, cfg: TrainConfig) -> str:
+    """Name of the model the activations came from, for provenance."""
+    name = getattr(source, "model", None)
+    if isinstance(name, str):
+        return name
+    loaded = getattr(name, "name", None)  # StreamingActivations holds a LoadedModel
+    return loaded if isinstance(loaded, str) else cfg.model
+
+
+def dataset_record(cfg: TrainConfig, source: Any) -> dict[str, Any]:
+    """The dataset config of the training tokens, so evals can pick the held-out split of the same source."""
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, dict):
+        dataset = manifest.get("config", {}).get("dataset") or manifest.get("dataset")
+        if isinstance(dataset, dict):
+            return {k: v for k, v in dataset.items() if k in {
+                "path", "name", "hf_split", "revision", "text_column", "split", "eval_percent", "context_size", "bos",
+                "streaming"}}
+    if cfg.activations is None and not isinstance(source, TensorSource):
+        return {"path": cfg.dataset, "context_size": cfg.context_size, "split": "train"}
+    return {}

@@ -1,15 +1,18 @@
-"""The trainer: feature recovery, exact resume, normalisation folding, NaN handling, bad input, CLI."""
+"""The trainer: schedules, geometric median, feature recovery, folding, sweeps, exact resume, NaN, bad input, CLI."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from sae_kit.sae import SAEConfig, SparseCoder
-from sae_kit.train import TensorSource, TrainConfig, train
+from sae_kit.sae import SparseCoder
+from sae_kit.train import TensorSource, TrainConfig, train, train_all
+from sae_kit.train.checkpoint import latest_checkpoint, load_part
+from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.geometric_median import geometric_median
-from sae_kit.train.schedule import lr_at, sparsity_at
+from sae_kit.train.schedule import default_lr, lr_at, sparsity_at
 
 HOOK = "h"
 
@@ -22,142 +25,295 @@ def synthetic(n: int = 16384, d: int = 32, n_features: int = 64, active: int = 3
     codes = torch.zeros(n, n_features)
     idx = torch.stack([torch.randperm(n_features, generator=gen)[:active] for _ in range(n)])
     codes.scatter_(1, idx, torch.rand(n, active, generator=gen) + 0.5)
-    return scale * codes @ features, features
+    return scale * codes @ features + 3.0, features  # + an offset, so b_dec has something to find
 
 
 def cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(hook_point=HOOK, architecture="topk", k=3, d_sae=128, n_tokens=16384 * 6, batch_size=256,
+    base = dict(hook_points=HOOK, architecture="topk", k=3, d_sae=128, n_tokens=16384 * 6, batch_size=256,
                 lr=3e-3, out=str(tmp_path), log_every=5, dead_tokens_threshold=20_000)
     base.update(kw)
     return TrainConfig(**base)
 
 
-def test_recovers_true_features(tmp_path):
+def lines(path):
+    return [json.loads(s) for s in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+class Dying(TensorSource):
+    """A source whose stream dies with KeyboardInterrupt after `die_at` batches (a killed run)."""
+
+    def __init__(self, tensors, die_at):
+        super().__init__(tensors)
+        self.die_at = die_at
+
+    def batches(self, *a, **k):
+        for i, b in enumerate(super().batches(*a, **k)):
+            if i == self.die_at:
+                raise KeyboardInterrupt
+            yield b
+
+
+class Counting(TensorSource):
+    """Counts the batches read from it."""
+
+    read = 0
+
+    def batches(self, *a, **k):
+        for b in super().batches(*a, **k):
+            self.read += 1
+            yield b
+
+
+# -- pure pieces ---------------------------------------------------------------------------------------------
+
+def test_lr_schedules_are_pure_functions_of_the_step():
+    assert lr_at(0, 100, 1.0, 10, 0.8) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, 0.8) == pytest.approx(1.0)
+    assert lr_at(50, 100, 1.0, 10, 0.8) == 1.0
+    assert lr_at(80, 100, 1.0, 10, 0.8) == 1.0
+    assert lr_at(99, 100, 1.0, 10, 0.8) == pytest.approx(0.0)
+    assert lr_at(99, 100, 1.0, 10, 0.8, final_fraction=0.1) == pytest.approx(0.1)
+    mid = 80 + (99 - 80) / 2
+    assert lr_at(int(mid), 100, 1.0, 10, 0.8, decay="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * (int(mid) - 80) / 19)))
+    assert lr_at(95, 100, 1.0, 10, 0.8, decay="none") == 1.0
+    lin = [lr_at(s, 100, 1.0, 10, 0.5) for s in range(50, 100)]
+    assert all(a >= b for a, b in zip(lin, lin[1:]))  # monotone decay
+    assert lr_at(37, 100, 2.0, 10, 0.3) == lr_at(37, 100, 2.0, 10, 0.3)  # no hidden state
+    with pytest.raises(ValueError, match="warp"):
+        lr_at(90, 100, 1.0, 10, 0.8, decay="warp")
+
+
+def test_sparsity_warmup_and_default_lr():
+    assert sparsity_at(0, 100, 2.0) == pytest.approx(0.4)
+    assert sparsity_at(4, 100, 2.0) == 2.0 and sparsity_at(50, 100, 2.0) == 2.0
+    assert sparsity_at(9, 100, 1.0, warmup_fraction=0.2) == pytest.approx(0.5)
+    assert default_lr(16384) == pytest.approx(2e-4) and default_lr(4 * 16384) == pytest.approx(1e-4)
+
+
+def test_geometric_median_matches_known_answers():
+    square = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    torch.testing.assert_close(geometric_median(square), torch.tensor([1.0, 1.0]), atol=1e-4, rtol=0)
+    collinear = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])  # the median of the line: the middle point
+    torch.testing.assert_close(geometric_median(collinear, max_iter=2000), torch.tensor([1.0, 0.0]), atol=1e-2, rtol=0)
+    # equilateral triangle: the Fermat point is the centroid
+    tri = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    torch.testing.assert_close(geometric_median(tri), tri.mean(0), atol=1e-4, rtol=0)
+    pts = torch.cat([torch.zeros(50, 3), torch.full((5, 3), 1000.0)])
+    assert geometric_median(pts).norm() < 1.0 < pts.mean(0).norm()  # robust to outliers, unlike the mean
+
+
+def test_dead_tracker_counts_tokens_since_firing():
+    tracker = DeadLatentTracker(4, threshold=100)
+    fired = fired_latents(torch.tensor([[1.0, 0.0], [2.0, 3.0]]), torch.tensor([[0, 2], [0, 1]]), 4)
+    assert fired.tolist() == [True, True, False, False]
+    tracker.update(fired, 60)
+    tracker.update(fired_latents(torch.tensor([[0.0, 5.0, 0.0, 0.0]]), None, 4), 60)
+    assert tracker.since_fired.tolist() == [60, 0, 120, 120]
+    assert tracker.dead_mask.tolist() == [False, False, True, True] and tracker.dead_fraction == 0.5
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+def test_recovers_true_features_and_reduces_fvu(tmp_path):
     x, features = synthetic()
     path = train(cfg(tmp_path), TensorSource({HOOK: x}), progress=False)
+    assert path == tmp_path / "topk" and (path / "COMPLETE").exists()
     sae = SparseCoder.load(path)
     dirs = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     max_cos = (features @ dirs.T).max(dim=1).values
     assert max_cos.mean() > 0.9, max_cos.mean()
-    # the saved SAE takes raw (unscaled) activations: its reconstruction is good on them
+    log = lines(path)
+    assert log[0]["fvu"] > 3 * log[-1]["fvu"], (log[0]["fvu"], log[-1]["fvu"])
+    assert {"step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr"} <= set(log[-1])
+    assert log[-1]["l0"] <= 3 and log[-1]["tokens"] == log[-1]["step"] * 256
+    meta = sae.cfg.metadata
+    assert meta["tokens_seen"] == 16384 * 6 // 256 * 256 and meta["hook_point"] == HOOK
+    assert set(meta["final_metrics"]) >= {"fvu", "l0", "dead_frac"}
+
+
+def test_saved_sae_takes_raw_activations(tmp_path):
+    """Normalisation folding: the saved SAE on raw x reconstructs exactly as the in-training SAE on scaled x."""
+    x, _ = synthetic(n=8192)
+    path = train(cfg(tmp_path, n_tokens=8192 * 3), TensorSource({HOOK: x}), progress=False)
+    saved = SparseCoder.load(path)
+    s = saved.cfg.metadata["input_scale_folded"]
+    assert s == pytest.approx(math.sqrt(32 / x.pow(2).sum(1).mean().item()), rel=1e-4)
+    in_training = SparseCoder.load(path)
+    in_training.fold_scaling_(1 / s, 1 / s)  # un-fold: the weights as they were during training
     with torch.no_grad():
-        recon = sae.decode(sae.encode(x))
-    fvu = (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert fvu < 0.15
-    meta = json.loads((path / "cfg.json").read_text())["metadata"]
-    assert meta["tokens_seen"] == 16384 * 6 // 256 * 256 and meta["input_scale_folded"] != 1.0
+        raw = saved.decode(saved.encode(x))
+        scaled = in_training.decode(in_training.encode(x * s)) / s
+        torch.testing.assert_close(saved.encode(x), in_training.encode(x * s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw, scaled, rtol=1e-4, atol=1e-3)
+    fvu = ((x - raw).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.2 and fvu == pytest.approx(saved.cfg.metadata["final_metrics"]["fvu"], abs=0.05)
+
+
+def test_sweep_trains_several_saes_on_shared_batches(tmp_path):
+    x, _ = synthetic(n=4096)
+    source = Counting({HOOK: x, "g": x.flip(1)})
+    c = cfg(tmp_path / "sweep", n_tokens=4096 * 2, hook_points=(HOOK, "g"), sweep={"k": [2, 3]})
+    paths = train_all(c, source, progress=False)
+    assert [p.name for p in paths] == ["topk_h_k2", "topk_h_k3", "topk_g_k2", "topk_g_k3"]
+    assert source.read == 4096 * 2 // 256  # one read per step, shared by all four SAEs
+    assert [SparseCoder.load(p).cfg.k for p in paths] == [2, 3, 2, 3]
+    assert SparseCoder.load(paths[2]).cfg.hook_point == "g"
+    # each SAE of the sweep is the SAE one would get training it alone
+    alone = train(cfg(tmp_path / "alone", n_tokens=4096 * 2, k=3), TensorSource({HOOK: x}), progress=False)
+    for name, p in SparseCoder.load(alone).state_dict().items():
+        torch.testing.assert_close(SparseCoder.load(paths[1]).state_dict()[name], p)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     x, _ = synthetic(n=4096)
-    source = TensorSource({HOOK: x})
-    full = train(cfg(tmp_path / "a", n_tokens=4096 * 3), source, progress=False)
-    # Interrupt: the same run with checkpoints, stopped by a source that dies part-way.
-    interrupted = cfg(tmp_path / "b", n_tokens=4096 * 3, checkpoint_every=256 * 20)
-
-    class Dying(TensorSource):
-        def batches(self, *a, **k):
-            for i, b in enumerate(super().batches(*a, **k)):
-                if i == 27:
-                    raise KeyboardInterrupt
-                yield b
-
+    kw = dict(n_tokens=4096 * 3, sweep={"lr": [3e-3, 1e-3]}, checkpoint_every=256 * 10)
+    full = train_all(cfg(tmp_path / "a", **kw), TensorSource({HOOK: x}), progress=False)
+    interrupted = cfg(tmp_path / "b", **kw)
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, Dying({HOOK: x}), progress=False)
+        train_all(interrupted, Dying({HOOK: x}, die_at=27), progress=False)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_000000020" and load_part(ckpt, "state.pt")["batches_consumed"] == 20
     with pytest.raises(FileExistsError, match="--resume"):
-        train(interrupted, source, progress=False)
-    resumed = train(interrupted, source, resume=True, progress=False)
-    a, b = SparseCoder.load(full), SparseCoder.load(resumed)
-    for name, p in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[name], p, rtol=1e-5, atol=1e-6)
-    la = [json.loads(s) for s in (full / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(s) for s in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+        train_all(interrupted, TensorSource({HOOK: x}), progress=False)
+    resumed = train_all(interrupted, TensorSource({HOOK: x}), resume=True, progress=False)
+    assert not (tmp_path / "b" / ".checkpoints").exists()
+    for a_path, b_path in zip(full, resumed):
+        a, b = SparseCoder.load(a_path), SparseCoder.load(b_path)
+        for name, p in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[name], p, rtol=1e-5, atol=1e-6)
+        la, lb = lines(a_path), lines(b_path)
+        assert [r["step"] for r in la] == [r["step"] for r in lb]  # no duplicated or missing lines
+        assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
 
 
 def test_resume_with_different_config_is_refused(tmp_path):
     x, _ = synthetic(n=2048)
-
-    class Dying(TensorSource):
-        def batches(self, *a, **k):
-            for i, b in enumerate(super().batches(*a, **k)):
-                if i == 6:
-                    raise KeyboardInterrupt
-                yield b
-
     c = cfg(tmp_path, n_tokens=2048 * 2, checkpoint_every=256 * 4)
     with pytest.raises(KeyboardInterrupt):
-        train(c, Dying({HOOK: x}), progress=False)
-    ckpts = sorted((tmp_path / "topk" / "checkpoints").glob("*.pt"))
-    with pytest.raises(ValueError, match="lr"):
-        train(c.replace(lr=1e-2), TensorSource({HOOK: x}), resume=True, progress=False)
-    assert sorted((tmp_path / "topk" / "checkpoints").glob("*.pt")) == ckpts  # untouched
+        train(c, Dying({HOOK: x}, die_at=6), progress=False)
+    ckpts = sorted((tmp_path / ".checkpoints").glob("step_*/*"))
+    before = {p: p.read_bytes() for p in ckpts}
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.003 vs now 0.01.*seed: checkpoint 0 vs now 1"):
+        train(c.replace(lr=1e-2, seed=1), TensorSource({HOOK: x}), resume=True, progress=False)
+    with pytest.raises(ValueError, match="d_in"):  # same config, activations of another width
+        train(c, TensorSource({HOOK: x[:, :16]}), resume=True, progress=False)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / ".checkpoints").glob("step_*/*"))} == before
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+class Poisoned(TensorSource):
+    """Batch `bad_at` of the stream holds a NaN row (the statistics are clean, as a store's can be)."""
+
+    def __init__(self, tensors, bad_at):
+        super().__init__(tensors)
+        self.bad_at = bad_at
+
+    def batches(self, *a, start_batch=0, **k):
+        for i, b in enumerate(super().batches(*a, start_batch=start_batch, **k), start=start_batch):
+            if i == self.bad_at:
+                b = {h: t.clone() for h, t in b.items()}
+                b[HOOK][7] = float("nan")
+            yield b
+
+
+def test_nan_loss_stops_with_step_and_checkpoint_of_last_good_state(tmp_path):
     x, _ = synthetic(n=2048)
-    x[1500:] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"step \d+ \(batch index \d+\).*saved"):
-        train(cfg(tmp_path, n_tokens=2048, lr=1e-3), TensorSource({HOOK: x}), progress=False)
-    assert list((tmp_path / "topk" / "checkpoints").glob("*.pt"))
+    c = cfg(tmp_path, n_tokens=2048, lr=1e-3)
+    with pytest.raises(FloatingPointError, match=r"at step 5 \(batch index 5, rows 1280\.\.1535.*saved in"):
+        train(c, Poisoned({HOOK: x}, bad_at=5), progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and load_part(ckpt, "state.pt")["step"] == 5
+    state = load_part(ckpt, "sae-topk.pt")["sae"]
+    assert all(torch.isfinite(v).all() for v in state.values())  # the last good state, not the NaN one
+    assert not (tmp_path / "topk").exists()
+    # the data fixed, the run resumes from that state and finishes
+    assert train(c, TensorSource({HOOK: x}), resume=True, progress=False) == tmp_path / "topk"
+
+
+def test_nan_from_cli_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import sae_kit.train.loop as loop
+    from sae_kit.cli import main
+
+    x, _ = synthetic(n=1024)
+    monkeypatch.setattr(loop, "open_source", lambda c: Poisoned({HOOK: x}, bad_at=0))
+    assert main(["train", "--hook", HOOK, "--out", str(tmp_path), "--d-sae", "64", "--k", "3", "--tokens", "512",
+                 "--batch-size", "256", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "step 0 (batch index 0" in err and "Traceback" not in err
 
 
 def test_transcoder_learns_a_sparse_map(tmp_path):
-    x, features = synthetic()
+    x, _ = synthetic()
     gen = torch.Generator().manual_seed(1)
     y = x @ torch.randn(32, 24, generator=gen) / 4  # a linear "MLP" into a different width
-    path = train(cfg(tmp_path, transcoder=True, target_hook_point="y"),
+    path = train(cfg(tmp_path, transcoder=True, target_hook_points="y"),
                  TensorSource({HOOK: x, "y": y}), progress=False)
     sae = SparseCoder.load(path)
-    assert sae.cfg.transcoder and sae.W_dec.shape == (128, 24)
+    assert sae.cfg.transcoder and sae.W_dec.shape == (128, 24) and sae.cfg.target_hook_point == "y"
+    meta = sae.cfg.metadata
+    assert meta["input_scale_folded"] != pytest.approx(meta["output_scale_folded"])  # separate scales
     with torch.no_grad():
         pred = sae.decode(sae.encode(x))
     assert (y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum() < 0.35  # the mean predictor scores 1
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(k=0), "k must be positive"), (dict(batch_size=0), "batch_size"), (dict(architecture="gated"), "gated"),
-    (dict(n_tokens=-5), "n_tokens"), (dict(transcoder=True), "target_hook_point"),
+    (dict(k=0), "k must be positive, got 0"), (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(architecture="gated"), "'gated'.*valid"), (dict(n_tokens=-5), "n_tokens.*-5"),
+    (dict(transcoder=True), "target_hook_points"), (dict(k=128), "k=128, d_sae=128"),
+    (dict(lr_decay="step"), "lr_decay.*'step'"), (dict(sweep={"k": [4, 0]}), r"sweep.k.*\[4, 0\]"),
+    (dict(sweep={"width": [1]}), "unknown sweep keys"), (dict(batch_size=100, micro_batches=3), "divisible"),
+    (dict(skip_connection=True), "transcoder"),
 ])
-def test_bad_config(tmp_path, bad, match):
+def test_bad_config_names_the_value(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         cfg(tmp_path, **bad)
 
 
-def test_k_not_below_d_sae_is_refused(tmp_path):
+def test_bad_input_at_train_time(tmp_path):
     x, _ = synthetic(n=1024)
-    with pytest.raises(ValueError, match="k=128"):
-        train(cfg(tmp_path, k=128), TensorSource({HOOK: x}), progress=False)
+    with pytest.raises(ValueError, match="k=128"):  # k ≥ d_sae through a sweep
+        train(cfg(tmp_path, d_sae=None, expansion=4, k=3, sweep={"k": [3, 128]}), TensorSource({HOOK: x}),
+              progress=False)
+    with pytest.raises(ValueError, match="'nope'.*'h'"):
+        train(cfg(tmp_path, hook_points="nope"), TensorSource({HOOK: x}), progress=False)
+    with pytest.raises(ValueError, match="batch_size 4096 exceeds the 1024 rows"):
+        train(cfg(tmp_path, batch_size=4096), TensorSource({HOOK: x}), progress=False)
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict({"widht": 3})
 
 
 def test_finished_run_is_not_overwritten(tmp_path):
     x, _ = synthetic(n=1024)
     train(cfg(tmp_path, n_tokens=1024), TensorSource({HOOK: x}), progress=False)
-    with pytest.raises(FileExistsError, match="already holds"):
+    with pytest.raises(FileExistsError, match="already exists"):
         train(cfg(tmp_path, n_tokens=1024), TensorSource({HOOK: x}), progress=False)
+    # resuming a finished pass is a no-op that returns the folder
+    assert train(cfg(tmp_path, n_tokens=1024), TensorSource({HOOK: x}), resume=True, progress=False) == tmp_path / "topk"
 
 
-def test_schedules_are_pure_functions_of_the_step():
-    assert lr_at(0, 100, 1.0, 10, 0.8) == pytest.approx(0.1)
-    assert lr_at(50, 100, 1.0, 10, 0.8) == 1.0
-    assert lr_at(90, 100, 1.0, 10, 0.8) == pytest.approx(0.5)
-    assert sparsity_at(0, 100, 2.0) == pytest.approx(0.4) and sparsity_at(50, 100, 2.0) == 2.0
+def test_abstopk_trains_with_signed_latents(tmp_path):
+    x, _ = synthetic(n=4096)
+    path = train(cfg(tmp_path, architecture="abstopk", n_tokens=4096 * 2), TensorSource({HOOK: -x}), progress=False)
+    sae = SparseCoder.load(path)
+    assert sae.cfg.architecture == "abstopk" and lines(path)[-1]["fvu"] < 0.5
 
 
-def test_geometric_median_resists_outliers():
-    pts = torch.cat([torch.zeros(50, 3), torch.full((5, 3), 1000.0)])
-    assert geometric_median(pts).norm() < 1.0
-    assert pts.mean(0).norm() > 50
+def test_config_file_and_flags(tmp_path):
+    import argparse
 
+    from sae_kit.train.cli import add_arguments, config_from_args
 
-def test_abstopk_keeps_signed_values():
-    sae = SparseCoder.from_config(SAEConfig(architecture="abstopk", d_in=8, d_sae=16, k=2))
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.W_enc[0, 3], sae.W_enc[1, 5] = -1.0, 1.0
-    z = sae.encode(torch.tensor([[4.0, 2.0] + [0.0] * 6]))
-    assert z[0, 3] == -4.0 and z[0, 5] == 2.0 and (z != 0).sum() == 2
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (tmp_path / "c.yaml").write_text("k: 4\nexpansion: 2\nlr: 1e-3\nsweep:\n  k: [8, 16]\n  lr: [1e-3, 2e-3]\n")
+    c = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--k", "16,32", "--hook", "a,b",
+                                            "--hook", "c"]))
+    assert c.sweep.k == (16, 32) and c.sweep.lr == (1e-3, 2e-3) and c.hook_points == ("a", "b", "c")
+    assert len(c.specs()) == 3 * 2 * 2
+    (tmp_path / "c.toml").write_text('architecture = "abstopk"\nk = 5\nhook_point = "x"\n')
+    c = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.toml"), "--tokens", "999"]))
+    assert (c.architecture, c.k, c.hook_points, c.n_tokens) == ("abstopk", 5, ("x",), 999)
 
 
 def test_cli_trains_from_a_cache(tmp_path, tiny_gpt2_path):
@@ -168,10 +324,70 @@ def test_cli_trains_from_a_cache(tmp_path, tiny_gpt2_path):
                  "--context-size", "32", "--out", str(acts)]) == 0
     conf = tmp_path / "train.yaml"
     conf.write_text("k: 4\nexpansion: 2\nbatch_size: 256\n")
-    assert main(["train", "--activations", str(acts), "--config", str(conf), "--tokens", "2048", "--k", "3",
-                 "--out", str(tmp_path / "sae")]) == 0
-    sae = SparseCoder.load(tmp_path / "sae" / "topk")
-    assert (sae.cfg.k, sae.cfg.d_sae, sae.cfg.hook_point) == (3, 64, "blocks.1.hook_resid_post")
-    assert sae.cfg.metadata["model"] == str(tiny_gpt2_path)
+    assert main(["train", "--activations", str(acts), "--config", str(conf), "--tokens", "2048", "--k", "2,3",
+                 "--out", str(tmp_path / "sae"), "--no-progress"]) == 0
+    for k in (2, 3):
+        sae = SparseCoder.load(tmp_path / "sae" / f"topk_k{k}")
+        assert (sae.cfg.k, sae.cfg.d_sae, sae.cfg.hook_point) == (k, 64, "blocks.1.hook_resid_post")
+        assert sae.cfg.metadata["model"] == str(tiny_gpt2_path) and sae.cfg.metadata["dataset"]["path"] == "stdlib"
     assert main(["train", "--activations", str(acts), "--hook", "blocks.0.hook_resid_post",
                  "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--activations", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_trains_streaming_without_disk(tmp_path, tiny_gpt2_path):
+    from sae_kit.cli import main
+
+    assert main(["train", "--model", str(tiny_gpt2_path), "--hook", "blocks.0.hook_resid_post", "--dataset", "stdlib",
+                 "--context-size", "32", "--tokens", "1024", "--batch-size", "256", "--k", "4", "--expansion", "2",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    sae = SparseCoder.load(tmp_path / "s" / "topk")
+    assert sae.cfg.d_in == 32 and sae.cfg.metadata["tokens_seen"] == 1024
+    assert len(lines(tmp_path / "s" / "topk")) >= 1
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("batchtopk", {}), ("jumprelu", {"sparsity_coefficient": 1e-3, "k": 32}), ("relu", {"sparsity_coefficient": 1e-3}),
+])
+def test_every_architecture_trains_saves_and_loads(tmp_path, arch, extra):
+    x, _ = synthetic(n=4096)
+    path = train(cfg(tmp_path, architecture=arch, n_tokens=4096 * 4, lr=3e-3, **extra), TensorSource({HOOK: x}),
+                 progress=False)
+    log = lines(path)
+    assert log[-1]["fvu"] < log[0]["fvu"]
+    if arch != "batchtopk":
+        assert log[-1]["sparsity_coefficient"] == pytest.approx(1e-3) and log[-1]["sparsity_loss"] > 0
+    sae = SparseCoder.load(path)
+    assert sae.cfg.architecture == arch
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(x))
+    assert ((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item() < 1.0  # better than the mean
+
+
+@pytest.mark.slow  # two CLI subprocesses plus a cache: ≈ 40 s
+def test_cli_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_gpt2_path):
+    """SIGKILL mid-run (after the step-6 checkpoint), then --resume: the same SAE and loss curve as an uninterrupted run,
+    with the data order restored through the store's start_batch."""
+    import os
+    import subprocess
+    import sys
+
+    from sae_kit.cli import main
+
+    acts = tmp_path / "acts"
+    assert main(["cache", "--model", str(tiny_gpt2_path), "--hook", "blocks.1.hook_resid_post", "--tokens", "4096",
+                 "--context-size", "32", "--shard-tokens", "1024", "--out", str(acts)]) == 0
+    args = ["--activations", str(acts), "--tokens", "6144", "--batch-size", "256", "--k", "4", "--expansion", "2",
+            "--checkpoint-every", "768", "--log-every", "2", "--no-progress"]
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    cmd = [sys.executable, "-m", "sae_kit.cli", "train", *args, "--out", str(tmp_path / "cut")]
+    killed = subprocess.run(cmd, env={**os.environ, "SAE_KIT_TRAIN_TEST_KILL": "6"}, capture_output=True)
+    assert killed.returncode == -9
+    assert latest_checkpoint(tmp_path / "cut").name == "step_000000006" and not (tmp_path / "cut" / "topk").exists()
+    assert main(["train", *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = SparseCoder.load(tmp_path / "full" / "topk"), SparseCoder.load(tmp_path / "cut" / "topk")
+    for name, p in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], p, rtol=1e-5, atol=1e-6)
+    la, lb = lines(tmp_path / "full" / "topk"), lines(tmp_path / "cut" / "topk")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)

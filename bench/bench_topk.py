@@ -1,0 +1,149 @@
+"""TopK SAE training-step throughput: ours (sparse kernels, dense reference) vs sparsify, SAELens and the roofline.
+
+One step = forward + backward + Adam step on the same (batch, d_in) fp32 tensor, no AuxK (nothing is dead yet).
+Contenders run interleaved, round after round, so a noisy shared machine slows them alike; tokens/s is reported
+from the median step (and the best step). The roofline is the measured FLOP/s of the dense encoder matmul
+(batch × d_in)@(d_in × d_sae) into a reused output, divided by 2·d_in·d_sae FLOPs per token: the cost of the one
+dense product any TopK SAE must run.
+
+Peers are imported lazily: `pip install eai-sparsify==1.3.3 sae-lens==6.54.12` (sae-lens pins transformer-lens<4,
+so install them into a separate venv made with --system-site-packages if the project needs transformer-lens 4).
+Usage: python bench/bench_topk.py [--rounds 4] [--threads 2] [--batch 4096] [--d-in 512] [--d-sae 8192] [--k 32]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LR = 1e-4
+
+
+def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool) -> Callable[[], None]:
+    """sae-kit's TopKSAE, fast path or dense reference."""
+    from sae_kit.sae import SAEConfig, SparseCoder
+
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=d_sae, k=k))
+    sae.use_sparse_kernels = sparse
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def step() -> None:
+        out = sae(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step
+
+
+def sparsify(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
+    """EleutherAI sparsify's SparseCoder (its fused encoder and embedding_bag decoder)."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def step() -> None:
+        out = sae(x)
+        opt.zero_grad(set_to_none=True)
+        out.fvu.backward()
+        opt.step()
+
+    return step
+
+
+def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
+    """SAELens' TopKTrainingSAE with its default config (dense activations)."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, dtype="float32", device="cpu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    inp = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+
+    def step() -> None:
+        out = sae.training_forward_pass(inp)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step
+
+
+def matmul(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
+    """The roofline's dense encoder product, into a reused output."""
+    w = torch.randn(x.shape[1], d_sae) / x.shape[1] ** 0.5
+    out = torch.empty(x.shape[0], d_sae)
+    return lambda: torch.mm(x, w, out=out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d-in", type=int, default=512)
+    ap.add_argument("--d-sae", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d_in)  # (B, d_in)
+    print(f"TopK step: batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, fp32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    builders: dict[str, Callable[[], Callable[[], None]]] = {
+        "roofline matmul": lambda: matmul(x, args.d_sae),
+        "ours (sparse kernels)": lambda: ours(x, args.d_sae, args.k, sparse=True),
+        "ours (dense path)": lambda: ours(x, args.d_sae, args.k, sparse=False),
+        "sparsify 1.3.3": lambda: sparsify(x, args.d_sae, args.k),
+        "sae-lens 6.54.12": lambda: saelens(x, args.d_sae, args.k),
+    }
+    steps: dict[str, Callable[[], None]] = {}
+    for name, build in builders.items():
+        try:
+            steps[name] = build()
+            steps[name]()  # warm-up
+        except ImportError as e:
+            print(f"{name:24s} not installed ({e.name})")
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+
+    def tok_s(name: str, pick: Callable[[list[float]], float] = statistics.median) -> float:
+        return args.batch / pick(times[name])
+
+    print(f"{'contender':24s} {'tokens/s (median)':>18s} {'(best)':>9s} {'ms/step':>8s}")
+    for name in steps:
+        shown = name if name != "roofline matmul" else "roofline"
+        med = statistics.median(times[name])
+        print(f"{shown:24s} {tok_s(name):18,.0f} {tok_s(name, min):9,.0f} {1e3 * med:8.1f}")
+    if "roofline matmul" in steps:
+        flops = 2 * args.batch * args.d_in * args.d_sae / statistics.median(times["roofline matmul"])
+        print(f"matmul: {flops / 1e9:.1f} GFLOP/s → roofline {tok_s('roofline matmul'):,.0f} tokens/s "
+              f"(= FLOP/s / (2·d_in·d_sae))")
+    mine = "ours (sparse kernels)"
+    for other, label in (("sparsify 1.3.3", "ours/sparsify"), ("sae-lens 6.54.12", "ours/saelens"),
+                         ("roofline matmul", "ours/roofline"), ("ours (dense path)", "ours sparse/dense")):
+        if other in steps:
+            print(f"{label:18s} {tok_s(mine) / tok_s(other):6.2f}×  (best steps: {tok_s(mine, min) / tok_s(other, min):.2f}×)")
+        else:
+            print(f"{label:18s} n/a ({other} not installed)")
+
+
+if __name__ == "__main__":
+    main()

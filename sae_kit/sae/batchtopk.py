@@ -1,0 +1,92 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda, 2024, "BatchTopK Sparse Autoencoders").
+
+Training (module in train mode, `forward`): keep the B·k largest ReLU'd pre-activations of the whole batch, so
+rows get a variable number of latents that averages k:
+
+    pre = W_encᵀ(x − b_dec) + b_enc,   z = ReLU(pre) ⊙ 1[ReLU(pre) among the top B·k of the batch]
+
+Each training forward also updates the inference threshold θ (buffer `threshold`, one scalar) as an exponential
+moving average (decay `threshold_decay`) of the smallest positive activation kept in the batch; the first update
+sets it outright. Inference (`encode`, `encode_sparse`, and `forward` in eval mode) is batch-independent:
+
+    z = ReLU(pre) ⊙ 1[pre > θ]
+
+(before any θ has been estimated, θ < 0, inference falls back to a per-row TopK with k). Loss, AuxK and the fast
+path are the TopK SAE's: loss = FVU + auxk_coefficient · AuxK. `latent_acts` are (N, K) with K the largest row
+count of the batch; padded slots hold 0.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from sae_kit.sae.base import ForwardOutput, SAEConfig
+from sae_kit.sae.kernels import scratch, topk_indices
+from sae_kit.sae.topk import Selection, TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """Top B·k over the batch while training; a learned global threshold at inference."""
+
+    architecture = "batchtopk"
+    threshold_decay: ClassVar[float] = 0.99
+    """EMA decay of the inference threshold per training step."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=self.W_enc.dtype))  # () θ
+
+    def active_latents(self, pre: Tensor, train: bool) -> tuple[Tensor, Tensor | None]:
+        """Batch top-k when training, θ at inference (per-row TopK until θ is estimated)."""
+        if train:
+            return self._batch_topk(pre)
+        if float(self.threshold) <= 0:
+            return super().active_latents(pre, train)
+        active = pre > self.threshold  # (N, d_sae)
+        width = max(1, int(active.sum(1).max()))
+        idx = topk_indices(pre, width)  # (N, K) ascending
+        return idx, active.gather(1, idx).to(pre.dtype)
+
+    def _batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The B·k largest positive pre-activations of the batch, as per-row padded (indices, keep mask).
+
+        Only each row's top c candidates are ranked; if some row keeps all c of them it might hold more, so c
+        doubles and the selection repeats. Exact (up to ties) on return.
+        """
+        n, d = pre.shape
+        budget = n * self.cfg.k
+        width = min(d, 4 * self.cfg.k)
+        while True:
+            vals, idx = pre.topk(width, dim=1)  # (N, c) descending per row
+            flat = vals.reshape(-1)
+            cut = flat.kthvalue(flat.numel() - budget + 1).values if budget < flat.numel() else flat.min()
+            keep = (vals >= cut) & (vals > 0)  # (N, c), a prefix of each row
+            if width == d or not bool(keep[:, -1].any()):
+                break
+            width = min(d, 2 * width)
+        used = max(1, int(keep.sum(1).max()))
+        idx, keep = idx[:, :used], keep[:, :used]
+        order = idx.argsort(dim=1)  # ascending latents per row, as the sparse kernels want
+        return idx.gather(1, order), keep.gather(1, order).to(pre.dtype)
+
+    def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
+        """All rows at once: the batch-wide selection needs them, and θ gives rows different widths."""
+        pre = scratch((x.shape[0], self.cfg.d_sae), self.W_enc.dtype, self.W_enc.device)  # (N, d_sae)
+        torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc, out=pre)
+        return self.select_from_pre(pre, dead, train)
+
+    def forward(self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
+                sparsity_coefficient: float | None = None, **_: Any) -> ForwardOutput:
+        """TopK forward with batch selection; in train mode also updates θ (see the module docstring)."""
+        out = super().forward(x, target=target, dead_mask=dead_mask)
+        if self.training:
+            with torch.no_grad():
+                kept = out.latent_acts[out.latent_acts > 0]
+                if kept.numel():
+                    smallest = kept.min().to(self.threshold.dtype)
+                    first = bool(self.threshold <= 0)
+                    self.threshold.copy_(smallest if first else torch.lerp(smallest, self.threshold,
+                                                                           self.threshold_decay))
+        return out

@@ -1,0 +1,144 @@
+"""JumpReLU SAE (Rajamanoharan et al., 2024, "Jumping Ahead"; the Gemma Scope recipe).
+
+    pre = W_encᵀ(x − b_dec) + b_enc            (transcoders: x is not centred)
+    z   = JumpReLU_θ(pre) = pre · H(pre − θ)   per-latent θ > 0, stored as the parameter log θ
+    ŷ   = W_decᵀ z + b_dec (+ W_skipᵀ x)
+
+    loss = FVU(y, ŷ) + λ · L0                       L0 = mean_n Σ_i H(pre_ni − θ_i)
+    or, with cfg.target_l0 set:  FVU + λ · (L0 / target_l0 − 1)²
+
+H has zero derivative almost everywhere, so both JumpReLU and H get straight-through pseudo-derivatives in θ with
+the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε (cfg.jumprelu_bandwidth, default 0.001):
+
+    ∂JumpReLU/∂θ = −(θ/ε) · K((pre − θ)/ε),    ∂H/∂θ = −(1/ε) · K((pre − θ)/ε),
+
+and pre gets gradient only through JumpReLU (∂JumpReLU/∂pre = H(pre − θ)), never through H. θ starts at
+cfg.jumprelu_init_threshold (default θ₀ = 0.001). λ is `sparsity_coefficient` passed to forward (the trainer warms
+it up), defaulting to cfg.sparsity_coefficient. Because the reconstruction term is the FVU rather than Gemma Scope's
+summed squared error, λ is on a different scale from theirs. `sparsity_loss` holds the λ-weighted term; `auxk_loss`
+is 0. The saved file stores θ itself under the conventional key `threshold` (as Gemma Scope and SAELens do).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder, fvu
+
+
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((pre − θ)/ε) = 1[|pre − θ| < ε/2], as pre's dtype."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """pre · H(pre − θ) with ∂/∂pre = H(pre − θ) and ∂/∂θ = −(θ/ε)·K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * (pre > threshold).to(grad.dtype)
+        pseudo = -(threshold / ctx.bandwidth) * _rectangle(pre, threshold, ctx.bandwidth)
+        grad_theta = (grad * pseudo).reshape(-1, threshold.numel()).sum(0)  # (d_sae,)
+        return grad_pre, grad_theta, None
+
+
+class HeavisideFunction(torch.autograd.Function):
+    """H(pre − θ) with ∂/∂pre = 0 and ∂/∂θ = −(1/ε)·K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, None]:
+        pre, threshold = ctx.saved_tensors
+        pseudo = -(1.0 / ctx.bandwidth) * _rectangle(pre, threshold, ctx.bandwidth)
+        grad_theta = (grad * pseudo).reshape(-1, threshold.numel()).sum(0)  # (d_sae,)
+        return None, grad_theta, None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """pre · H(pre − θ) with straight-through gradients for θ."""
+    return JumpReLUFunction.apply(pre, threshold, bandwidth)
+
+
+def heaviside(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """H(pre − θ) with straight-through gradients for θ (none for pre)."""
+    return HeavisideFunction.apply(pre, threshold, bandwidth)
+
+
+class JumpReLUSAE(SparseCoder):
+    """Per-latent learned thresholds, trained with an L0 penalty through straight-through estimators."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__(cfg, device=device, dtype=dtype)
+        theta0 = math.log(cfg.jumprelu_init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), theta0, device=device, dtype=self.W_enc.dtype))
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        """Bandwidth, initial threshold and target L0 must be positive."""
+        super().validate_config(cfg)
+        if not cfg.jumprelu_bandwidth > 0:
+            raise ValueError(f"jumprelu_bandwidth must be > 0, got {cfg.jumprelu_bandwidth}")
+        if not cfg.jumprelu_init_threshold > 0:
+            raise ValueError(f"jumprelu_init_threshold must be > 0, got {cfg.jumprelu_init_threshold}")
+        if cfg.target_l0 is not None and not 0 < cfg.target_l0 <= cfg.d_sae:
+            raise ValueError(f"target_l0 must lie in (0, d_sae={cfg.d_sae}], got {cfg.target_l0}")
+
+    @property
+    def threshold(self) -> Tensor:
+        """θ (d_sae,) = exp(log θ)."""
+        return self.log_threshold.exp()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents (N, d_sae): pre · 1[pre > θ]."""
+        return jumprelu(self.pre_acts(x), self.threshold, self.cfg.jumprelu_bandwidth)
+
+    def forward(
+        self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
+        sparsity_coefficient: float | None = None, **_: Any,
+    ) -> ForwardOutput:
+        """Encode, decode, FVU + λ·(L0 or its target form) (see the module docstring); dead_mask is unused."""
+        y = x if target is None else target
+        lam = self.cfg.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
+        pre = self.pre_acts(x)  # (N, d_sae)
+        theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
+        z = jumprelu(pre, theta, eps)  # (N, d_sae)
+        y_hat = self.decode(z, x)  # (N, d_out)
+        recon_fvu = fvu(y, y_hat)
+        l0 = heaviside(pre, theta, eps).sum(-1).mean()
+        penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
+        sparsity = lam * penalty
+        zero = recon_fvu.new_zeros(())
+        return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0.detach())
+
+    # The file keeps θ under its conventional name; training checkpoints keep log θ (bit-exact resume).
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """State with `log_threshold` replaced by `threshold` = θ."""
+        state = super().inference_state_dict()
+        state["threshold"] = state.pop("log_threshold").exp()
+        return state
+
+    def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a saved state holding `threshold` (θ > 0)."""
+        state = dict(state)
+        theta = state.pop("threshold")
+        if not bool((theta > 0).all()):
+            raise ValueError("JumpReLU thresholds must be positive; the saved `threshold` holds values ≤ 0")
+        state["log_threshold"] = theta.log()
+        super().load_inference_state_dict(state)

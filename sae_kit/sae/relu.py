@@ -1,0 +1,45 @@
+"""ReLU SAE baseline (Bricken et al. / Anthropic "Towards Monosemanticity", April 2024 update).
+
+    z = ReLU(W_encᵀ(x − b_dec) + b_enc),   ŷ = W_decᵀ z + b_dec (+ W_skipᵀ x)
+
+    loss = FVU(y, ŷ) + λ · mean_n Σ_i z_ni ‖W_dec[i]‖₂
+
+The L1 penalty is weighted by decoder row norms so the decoder cannot shrink it by growing W_dec (the trainer does
+not renormalise a ReLU SAE's decoder). λ is `sparsity_coefficient` passed to forward (warmed up by the trainer),
+defaulting to cfg.sparsity_coefficient; `sparsity_loss` holds the λ-weighted term and `auxk_loss` is 0.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_kit.sae.base import ForwardOutput, SparseCoder, fvu
+
+
+class ReLUSAE(SparseCoder):
+    """Dense ReLU latents with a decoder-norm-weighted L1 penalty."""
+
+    architecture = "relu"
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents (N, d_sae)."""
+        return F.relu(self.pre_acts(x))
+
+    def forward(
+        self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
+        sparsity_coefficient: float | None = None, **_: Any,
+    ) -> ForwardOutput:
+        """Encode, decode, FVU + λ·L1 (see the module docstring); dead_mask is unused."""
+        y = x if target is None else target
+        lam = self.cfg.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
+        z = self.encode(x)  # (N, d_sae)
+        y_hat = self.decode(z, x)  # (N, d_out)
+        recon_fvu = fvu(y, y_hat)
+        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        sparsity = lam * l1
+        l0 = (z > 0).sum(-1, dtype=torch.float32).mean()
+        zero = recon_fvu.new_zeros(())
+        return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0)
