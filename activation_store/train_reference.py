@@ -117,15 +117,21 @@ def unigram_entropy(rows: torch.Tensor, vocab_size: int) -> float:
     return float(-(p * p.log()).sum())
 
 
+REPETITION_PENALTY = 1.3
+"""CTRL-style penalty for the model card's sample: a 4-layer model's plain greedy decoding loops on one token."""
+
+
 @torch.no_grad()
 def greedy_sample(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str = SAMPLE_PROMPT, n: int = 40
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompt: str = SAMPLE_PROMPT, n: int = 40,
+    repetition_penalty: float = REPETITION_PENALTY,
 ) -> str:
-    """Return the prompt plus its greedy continuation of `n` tokens, decoded (BOS-prefixed like training documents)."""
+    """Return the prompt plus its greedy (argmax) continuation of `n` tokens, decoded (BOS-prefixed like training
+    documents); repetition_penalty > 1 divides the logits of tokens already present (1.0: plain greedy)."""
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, repetition_penalty=repetition_penalty,
     )
     return tokenizer.decode(out[0, 1:])
 
@@ -236,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     ce_subset = cross_entropy(model, subset_rows)
     h_unigram = unigram_entropy(train_rows, len(tokenizer))
     sample = greedy_sample(model, tokenizer)
+    sample_plain = greedy_sample(model, tokenizer, repetition_penalty=1.0)
     print(f"held-out CE {ce_heldout:.4f} nats/token (eval subset {ce_subset:.4f}); "
           f"unigram entropy {h_unigram:.4f} nats/token")
-    print(f"greedy from {SAMPLE_PROMPT!r}:\n{sample}\n", flush=True)
+    print(f"greedy (repetition penalty {REPETITION_PENALTY}) from {SAMPLE_PROMPT!r}:\n{sample}\n", flush=True)
+    print(f"plain greedy:\n{sample_plain}\n", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         "unigram_entropy_nats": round(h_unigram, 5),
         "greedy_prompt": SAMPLE_PROMPT,
         "greedy_sample": sample,
+        "greedy_repetition_penalty": REPETITION_PENALTY,
+        "greedy_sample_plain": sample_plain,
         "n_params": sum(p.numel() for p in model.parameters()),
         **stats,
         "train_tokens_available": train_rows.numel(),

@@ -45,12 +45,9 @@ def test_heldout_loss_far_below_unigram_entropy(hf_ref, card):
     texts = [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files("train")[::40]]
     h = unigram_entropy(pack(tok, texts), len(tok))
     assert h == pytest.approx(card["unigram_entropy_nats"], abs=0.5)
-    # A context-free model cannot beat the unigram entropy; a random one sits near ln(vocab) ≈ 8.3 nats. The bar
-    # is 1 nat (e-fold lower perplexity than unigram) for the shipped, under-trained weights; a retrain on a quiet
-    # machine should reach 0.6 × h and this bar should then rise with it.
-    assert ce < h - 1.0, f"held-out CE {ce:.3f} is not far below unigram entropy {h:.3f}"
-    assert card["heldout_ce_nats"] < card["unigram_entropy_nats"] - 1.0
-
+    # A context-free model cannot beat the unigram entropy; a random one sits near ln(vocab) ≈ 8.3 nats.
+    assert ce < 0.6 * h, f"held-out CE {ce:.3f} is not far below unigram entropy {h:.3f}"
+    assert card["heldout_ce_nats"] < 0.6 * card["unigram_entropy_nats"]
 
 def test_config_and_size(hf_ref):
     model, tok = hf_ref
@@ -59,13 +56,18 @@ def test_config_and_size(hf_ref):
     assert (REF / "model.safetensors").stat().st_size < 20 * 1024 * 1024
 
 
-def test_greedy_generation_is_plausible_python(hf_ref):
+def test_greedy_generation_is_plausible_python(hf_ref, card):
     model, tok = hf_ref
     text = greedy_sample(model, tok, n=40)
+    assert text == card["greedy_sample"]  # deterministic: the card shows what the weights do
     assert text.startswith(SAMPLE_PROMPT)
     continuation = text[len(SAMPLE_PROMPT) :]
-    assert "self." in continuation or "):" in continuation or "=" in continuation, continuation
-
+    # Python shape: closes the signature, opens an indented body, writes attribute access or a def/return.
+    assert "):\n" in continuation and "\n        " in continuation, continuation
+    assert any(word in continuation for word in ("self.", "return", "def ")), continuation
+    # Plain greedy (no penalty) still continues the argument list before it loops.
+    plain = greedy_sample(model, tok, n=40, repetition_penalty=1.0)
+    assert plain == card["greedy_sample_plain"] and plain.startswith(SAMPLE_PROMPT + ",")
 
 def test_tokenizer_round_trips_source(hf_ref):
     _, tok = hf_ref
