@@ -11,7 +11,8 @@ sets it outright. Inference (`encode`, `encode_sparse`, and `forward` in eval mo
 
     z = ReLU(pre) ⊙ 1[pre > θ]
 
-(before any θ has been estimated, θ < 0, inference falls back to a per-row TopK with k). Loss, AuxK and the fast
+(before any θ has been estimated, θ < 0, inference falls back to a per-row TopK with k). At the end of training
+the trainer replaces the EMA by `calibrate_threshold_` on a sample of rows: the exact cut of the final weights. Loss, AuxK and the fast
 path are the TopK SAE's: loss = FVU + auxk_coefficient · AuxK. `latent_acts` are (N, K) with K the largest row
 count of the batch; padded slots hold 0.
 """
@@ -70,6 +71,27 @@ class BatchTopKSAE(TopKSAE):
         idx, keep = idx[:, :used], keep[:, :used]
         order = idx.argsort(dim=1)  # ascending latents per row, as the sparse kernels want
         return idx.gather(1, order), keep.gather(1, order).to(pre.dtype)
+
+    @torch.no_grad()
+    def calibrate_threshold_(self, x: Tensor, chunk_rows: int = 1024) -> float:
+        """Set θ to the (N·k)-th largest positive pre-activation over the rows x (N, d_in), so inference keeps k
+        latents per row on average on data like x; return θ. The training EMA lags θ behind the falling batch cut
+        (by ~1/(1 − decay) steps), which at inference can cost most of the L0."""
+        n = x.shape[0]
+        width = min(self.cfg.d_sae, 4 * self.cfg.k)
+        while True:
+            tops = torch.cat([self.pre_acts(x[i:i + chunk_rows]).topk(width, dim=1).values
+                              for i in range(0, n, chunk_rows)])  # (N, c) descending per row
+            flat = tops.reshape(-1)
+            budget = n * self.cfg.k
+            cut = flat.kthvalue(flat.numel() - budget + 1).values if budget < flat.numel() else flat.min()
+            # A row whose c-th value clears the cut may hold more above it: widen and recount.
+            if width == self.cfg.d_sae or not bool((tops[:, -1] >= cut).any()):
+                break
+            width = min(self.cfg.d_sae, 2 * width)
+        theta = float(cut.clamp_min(torch.finfo(cut.dtype).tiny))
+        self.threshold.fill_(theta)
+        return theta
 
     def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
         """All rows at once: the batch-wide selection needs them, and θ gives rows different widths."""

@@ -105,6 +105,15 @@ class JumpReLUSAE(SparseCoder):
         """θ (d_sae,) = exp(log θ)."""
         return self.log_threshold.exp()
 
+    @torch.no_grad()
+    def init_thresholds_to_l0_(self, x: Tensor, target_l0: float) -> None:
+        """Set each θ to its latent's (1 − target_l0/d_sae) quantile of pre-activations on x (N, d_in), never below
+        θ₀, so training starts at L0 ≈ target_l0 instead of ≈ d_sae/2 (log θ moves only ~lr per Adam step)."""
+        pre = self.pre_acts(x)  # (N, d_sae)
+        rank = min(len(pre), max(1, math.ceil(len(pre) * (1 - target_l0 / self.cfg.d_sae))))
+        theta = pre.kthvalue(rank, dim=0).values.clamp_min(self.cfg.jumprelu_init_threshold)  # (d_sae,)
+        self.log_threshold.copy_(theta.log())
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents (N, d_sae): pre · 1[pre > θ]."""
         return jumprelu(self.pre_acts(x), self.threshold, self.cfg.jumprelu_bandwidth)

@@ -16,13 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.sae.base import ForwardOutput, SparseCoder, fvu
+from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder, fvu
+
+
+INIT_DECODER_NORM = 0.1
+"""Decoder row norm at initialisation (April 2024 update): with unit rows and W_enc = W_decᵀ, half of all latents
+fire at once and the first reconstructions are ~d_sae/(2·d_in) times too large."""
 
 
 class ReLUSAE(SparseCoder):
     """Dense ReLU latents with a decoder-norm-weighted L1 penalty."""
 
     architecture = "relu"
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__(cfg, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.W_dec.mul_(INIT_DECODER_NORM)
+            if cfg.d_in == cfg.d_target:
+                self.W_enc.copy_(self.W_dec.T)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents (N, d_sae)."""

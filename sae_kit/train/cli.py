@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     except FloatingPointError as err:
         print(f"sae-kit train: error: {err}", file=sys.stderr)
         return 1
-    for path in paths:
-        print(f"saved {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the paths; say it once
+        for path in paths:
+            print(f"saved {path}")
     return 0

@@ -46,6 +46,11 @@ MEDIAN_SAMPLE = 4096
 """Rows of the first batch used for the geometric-median b_dec initialisation."""
 FINAL_WINDOW = 50
 """Final metrics average the last this many steps."""
+CALIBRATION_ROWS = 16_384
+"""Rows on which a BatchTopK SAE's inference threshold is set after training."""
+MAX_ACTS_ROWS = 65_536
+"""Rows encoded after training to record each latent's max |activation| (the unit of steering strengths)."""
+"""Final metrics average the last this many steps."""
 METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
 
 
@@ -91,6 +96,14 @@ def _device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def make_optimizer(sae: SparseCoder, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam over the SAE's parameters; the fused kernel where torch has one (one pass over memory per step)."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # e.g. a device or dtype without a fused kernel
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+
+
 def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, owner: bool) -> Trainee:
     """A freshly initialised SAE (seeded by cfg.seed alone, so it starts the same in any sweep) and its optimiser."""
     hook = spec.hook_point
@@ -120,7 +133,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
     sae = SparseCoder.from_config(sae_cfg, device=device)
     peak_lr = spec.lr or default_lr(d_sae)
     betas = (0.0, 0.999) if cfg.architecture == "jumprelu" else (0.9, 0.999)  # Gemma Scope uses β1 = 0
-    opt = torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=betas)
+    opt = make_optimizer(sae, peak_lr, betas)
     dead = DeadLatentTracker(d_sae, cfg.dead_tokens_threshold, device)
     recent = {k: deque(maxlen=FINAL_WINDOW) for k in (*METRIC_KEYS, "dead_frac")}
     return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner, recent=recent)
@@ -182,6 +195,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in kept))
+
+
+@torch.no_grad()
+def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: int = MAX_ACTS_ROWS, seed: int = 0,
+                    batch_size: int = 4096) -> list[torch.Tensor]:
+    """(d_sae,) max |activation| of each (SAE, input hook) over up to n_rows shuffled raw rows, in one shared read."""
+    rows = source_rows(source)
+    batch_size = min(batch_size, n_rows, rows) if rows else min(batch_size, n_rows)
+    best = [torch.zeros(sae.d_sae, device=sae.W_enc.device) for sae, _ in saes]
+    hooks = list(dict.fromkeys(h for _, h in saes))
+    seen = 0
+    for batch in source.batches(hooks, batch_size, shuffle=True, seed=seed, epochs=1):
+        for (sae, hook), b in zip(saes, best):
+            z = sae.encode(batch[hook].to(sae.W_enc.device, sae.W_enc.dtype))  # (batch, d_sae)
+            torch.maximum(b, z.abs().amax(dim=0).float(), out=b)
+        seen += batch_size
+        if seen >= n_rows:
+            break
+    return [b.cpu() for b in best]
 
 
 def _open_wandb(cfg: TrainConfig) -> Any:
@@ -300,6 +332,9 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
                             t.sae.b_dec.copy_(batch[t.target].to(device).mean(0) * t.s_out)  # transcoders: mean of y
                         else:
                             t.sae.b_dec.copy_(geometric_median(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in))
+                        if t.sae.cfg.architecture == "jumprelu" and t.sae.cfg.target_l0 is not None:
+                            t.sae.init_thresholds_to_l0_(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in,
+                                                         t.sae.cfg.target_l0)
             lam_frac = sparsity_at(step, n_steps, 1.0, cfg.sparsity_warmup)
             bad: list[str] = []
             stats: list[dict[str, Any]] = []
@@ -392,10 +427,20 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
                     step, n_steps, step * cfg.batch_size)
 
     # Fold the scales into the weights and publish each folder: weights, cfg.json, marker, then rename.
-    for t, i in zip(trainees, mine):
-        if not t.owner:
-            continue
+    owned = [(t, i) for t, i in zip(trainees, mine) if t.owner]
+    for t, _ in owned:
         t.sae.fold_scaling_(t.s_in, t.s_out)
+    calibrated = {}
+    for t, i in owned:
+        if t.sae.cfg.architecture == "batchtopk":
+            rows = next(iter(source.batches([t.hook], min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS),
+                                            shuffle=True, seed=cfg.seed + 2, epochs=1)))[t.hook]
+            t.sae.eval()
+            calibrated[i] = {"ema_threshold": float(t.sae.threshold),
+                             "threshold": t.sae.calibrate_threshold_(rows.to(device, t.sae.W_enc.dtype)),
+                             "threshold_calibration_rows": len(rows)}
+    all_max_acts = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1) if owned else []
+    for (t, i), max_acts in zip(owned, all_max_acts):
         final_metrics = {k: sum(v) / len(v) for k, v in t.recent.items() if v}
         t.sae.cfg = t.sae.cfg.replace(metadata={
             "model": t.sae.cfg.model_name, "hook_point": t.hook, "target_hook_point": t.target,
@@ -404,6 +449,9 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
             "normalization": "inputs scaled by input_scale_folded (E‖x‖² = d_in) in training; folded into the weights",
             "final_metrics": final_metrics, "final_metrics_window_steps": len(t.recent["fvu"]),
             "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
+            "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],
+            "latent_max_acts_rows": min(MAX_ACTS_ROWS, source_rows(source) or MAX_ACTS_ROWS),
+            **({"batchtopk_threshold": calibrated[i]} if i in calibrated else {}),
         })
         t.sae.save(partials[i])
         (partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")

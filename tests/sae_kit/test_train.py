@@ -150,13 +150,29 @@ def test_saved_sae_takes_raw_activations(tmp_path):
     assert fvu < 0.2 and fvu == pytest.approx(saved.cfg.metadata["final_metrics"]["fvu"], abs=0.05)
 
 
+def test_saved_sae_records_latent_max_acts_for_steering(tmp_path):
+    """metadata["latent_max_acts"] is each latent's max |activation| on the raw rows; steering reads it as its unit."""
+    from sae_kit.steering.steer import latent_scales
+
+    x, _ = synthetic(n=4096)
+    sae = SparseCoder.load(train(cfg(tmp_path, n_tokens=4096 * 3), TensorSource({HOOK: x}), progress=False))
+    recorded = torch.tensor(sae.cfg.metadata["latent_max_acts"])
+    with torch.no_grad():
+        expected = sae.encode(x).abs().amax(dim=0)  # every row is seen: 4096 < MAX_ACTS_ROWS
+    assert recorded.shape == (128,) and (recorded > 0).sum() >= 32
+    torch.testing.assert_close(recorded, expected, rtol=1e-4, atol=1e-4)
+    live = int(recorded.argmax())
+    assert latent_scales(None, sae, [live]) == {live: pytest.approx(float(expected[live]), rel=1e-4)}
+
+
 def test_sweep_trains_several_saes_on_shared_batches(tmp_path):
     x, _ = synthetic(n=4096)
     source = Counting({HOOK: x, "g": x.flip(1)})
     c = cfg(tmp_path / "sweep", n_tokens=4096 * 2, hook_points=(HOOK, "g"), sweep={"k": [2, 3]})
     paths = train_all(c, source, progress=False)
     assert [p.name for p in paths] == ["topk_h_k2", "topk_h_k3", "topk_g_k2", "topk_g_k3"]
-    assert source.read == 4096 * 2 // 256  # one read per step, shared by all four SAEs
+    # one read per step, shared by all four SAEs, and one more to record every latent's max activation
+    assert source.read == 4096 * 2 // 256 + 1
     assert [SparseCoder.load(p).cfg.k for p in paths] == [2, 3, 2, 3]
     assert SparseCoder.load(paths[2]).cfg.hook_point == "g"
     # each SAE of the sweep is the SAE one would get training it alone
@@ -391,3 +407,32 @@ def test_cli_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_gpt2_p
     la, lb = lines(tmp_path / "full" / "topk"), lines(tmp_path / "cut" / "topk")
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+
+
+def test_wandb_receives_every_logged_line(tmp_path, monkeypatch):
+    """--wandb logs the metrics.jsonl records under the SAE's name (a fake wandb module stands in for the real one)."""
+    import sys
+    import types
+
+    logged, inits = [], []
+    fake = types.ModuleType("wandb")
+
+    class Run:
+        finished = False
+
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            Run.finished = True
+
+    fake.init = lambda **kw: inits.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    x, _ = synthetic(n=2048)
+    path = train(cfg(tmp_path, n_tokens=2048 * 2, wandb=True, wandb_project="proj"), TensorSource({HOOK: x}),
+                 progress=False)
+    assert inits[0]["project"] == "proj" and inits[0]["config"]["architecture"] == "topk"
+    records = lines(path)
+    assert [s for s, _ in logged] == [r["step"] for r in records]
+    assert [d["topk/fvu"] for _, d in logged] == [r["fvu"] for r in records]
+    assert Run.finished

@@ -1,0 +1,368 @@
+"""Sparse coder architectures: config validation, the maths of each, weight folding, and feature recovery."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_kit.sae import SAEConfig, SparseCoder
+from sae_kit.sae.jumprelu import heaviside, jumprelu
+
+ARCHS = ("topk", "batchtopk", "abstopk", "jumprelu", "relu")
+TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
+
+
+def make(arch: str, d_in: int = 16, d_sae: int = 64, **kw) -> SparseCoder:
+    if arch in TOPK_FAMILY:
+        kw.setdefault("k", 4)
+    return SparseCoder.from_config(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **kw))
+
+
+def perturb_(sae: SparseCoder) -> SparseCoder:
+    """Non-zero biases, skip path and thresholds, so round trips and folds exercise every tensor."""
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.3)
+        if sae.W_skip is not None:
+            sae.W_skip.normal_(0, 0.1)
+        if sae.cfg.architecture == "jumprelu":
+            sae.log_threshold.copy_(torch.empty_like(sae.log_threshold).uniform_(-3, 0))
+        if sae.cfg.architecture == "batchtopk":
+            sae.threshold.fill_(0.5)
+    return sae
+
+
+# -- config validation ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", TOPK_FAMILY)
+@pytest.mark.parametrize("k", [None, 0, -3, 64, 100])
+def test_topk_family_rejects_bad_k(arch, k):
+    with pytest.raises(ValueError, match=r"k.*d_sae=64") as err:
+        SAEConfig(architecture=arch, d_in=16, d_sae=64, k=k)
+    if k is not None:
+        assert f"k={k}" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("jumprelu_bandwidth", 0.0, "jumprelu_bandwidth"),
+    ("jumprelu_init_threshold", -1.0, "jumprelu_init_threshold"),
+    ("target_l0", 0.0, "target_l0"),
+    ("target_l0", 1000.0, "target_l0"),
+])
+def test_jumprelu_rejects_bad_knobs(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SAEConfig(architecture="jumprelu", d_in=16, d_sae=64, **{field: value})
+
+
+def test_generic_config_errors():
+    with pytest.raises(ValueError, match="unknown architecture 'gated'"):
+        SAEConfig(architecture="gated", d_in=16, d_sae=64)
+    with pytest.raises(ValueError, match="d_out.*transcoder"):
+        SAEConfig(architecture="relu", d_in=16, d_sae=64, d_out=8)
+    with pytest.raises(ValueError, match="k_aux"):
+        SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4, k_aux=0)
+    with pytest.raises(ValueError, match="sparsity_coefficient"):
+        SAEConfig(architecture="relu", d_in=16, d_sae=64, sparsity_coefficient=-1.0)
+    assert SAEConfig(architecture="topk", d_in=16, d_sae=64, k=63).k == 63  # the boundary is valid
+
+
+# -- forward contract ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "skip_transcoder"])
+def test_forward_shapes_and_losses(arch, kind):
+    torch.manual_seed(0)
+    transcoder = kind != "sae"
+    sae = make(arch, d_out=24 if transcoder else None, transcoder=transcoder, skip_connection=kind == "skip_transcoder")
+    x = torch.randn(32, 16)
+    y = torch.randn(32, 24) if transcoder else None
+    out = sae(x, target=y, sparsity_coefficient=0.1)
+    assert out.sae_out.shape == (32, 24 if transcoder else 16)
+    assert out.fvu.ndim == out.loss.ndim == out.l0.ndim == 0
+    expected = out.fvu + sae.cfg.auxk_coefficient * out.auxk_loss + out.sparsity_loss
+    torch.testing.assert_close(out.loss, expected)
+    if arch in TOPK_FAMILY:
+        assert out.latent_indices.shape == out.latent_acts.shape
+        assert out.sparsity_loss == 0
+    else:
+        assert out.latent_indices is None and out.latent_acts.shape == (32, 64)
+        assert out.sparsity_loss > 0
+    out.loss.backward()
+    assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
+    if sae.W_skip is not None:
+        assert sae.W_skip.grad.abs().sum() > 0  # zero-initialised, yet learns
+    # The dense decode of the dense code is the forward's reconstruction (up to AbsTopK/BatchTopK modes).
+    if arch in ("topk", "abstopk", "jumprelu", "relu"):
+        torch.testing.assert_close(sae.decode(sae.encode(x), x), out.sae_out, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_path_starts_at_zero():
+    sae = make("topk", d_out=24, transcoder=True, skip_connection=True)
+    assert sae.W_skip.shape == (16, 24) and sae.W_skip.abs().sum() == 0
+
+
+def test_topk_keeps_k_largest_with_relu():
+    sae = make("topk")
+    x = torch.randn(20, 16)
+    z = sae.encode(x)
+    pre = sae.pre_acts(x)
+    expected = torch.zeros_like(pre).scatter(1, pre.topk(4).indices, pre.topk(4).values.relu())
+    torch.testing.assert_close(z, expected)
+    enc = sae.encode_sparse(x)
+    torch.testing.assert_close(sae.decode_sparse(enc.top_acts, enc.top_indices), sae.decode(z))
+
+
+def test_abstopk_keeps_largest_magnitudes_with_sign():
+    sae = make("abstopk")
+    with torch.no_grad():
+        sae.b_enc.fill_(0.0)
+        sae.b_dec.fill_(0.0)
+    x = torch.randn(20, 16)
+    z = sae.encode(x)
+    pre = sae.pre_acts(x)
+    top = pre.abs().topk(4).indices
+    torch.testing.assert_close(z, torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)))
+    assert (z < 0).any()  # signed values survive
+
+
+def test_auxk_uses_only_dead_latents_and_scales_with_their_count():
+    torch.manual_seed(0)
+    sae = make("topk", d_in=16, d_sae=64, k_aux=8)
+    x = torch.randn(50, 16)
+    assert sae(x).auxk_loss == 0
+    assert sae(x, dead_mask=torch.zeros(64, dtype=torch.bool)).auxk_loss == 0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True  # 24 dead ≥ k_aux: full weight
+    out = sae(x, dead_mask=dead)
+    assert out.auxk_loss > 0
+    sae.zero_grad()
+    out.auxk_loss.backward()
+    live_rows = sae.W_dec.grad[:40].abs().sum(1)
+    assert live_rows.max() == 0 and sae.W_dec.grad[40:].abs().sum() > 0  # AuxK trains dead latents only
+    few = torch.zeros(64, dtype=torch.bool)
+    few[[3, 9]] = True  # 2 dead < k_aux = 8: scaled by 2/8
+    with torch.no_grad():
+        got = sae(x, dead_mask=few).auxk_loss
+        y_hat = sae(x).sae_out
+        e = x - y_hat
+        pre = sae.pre_acts(x)
+        e_hat = pre[:, [3, 9]].relu() @ sae.W_dec[[3, 9]]
+        expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 8
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="dead_mask"):
+        sae(x, dead_mask=torch.zeros(63, dtype=torch.bool))
+
+
+def test_batchtopk_batch_budget_threshold_and_batch_independent_inference():
+    torch.manual_seed(0)
+    sae = make("batchtopk", d_sae=64)
+    x = torch.randn(40, 16)
+    assert float(sae.threshold) < 0  # not estimated yet: inference falls back to per-row TopK
+    out = sae.train()(x)
+    assert int((out.latent_acts > 0).sum()) == 40 * 4  # B·k active over the batch ...
+    counts = (out.latent_acts > 0).sum(1)
+    assert counts.min() != counts.max()  # ... spread unevenly over rows
+    kept_min = out.latent_acts[out.latent_acts > 0].min()
+    pre = sae.pre_acts(x).relu()
+    assert int((pre >= kept_min).sum()) == 40 * 4  # exactly the batch's top B·k
+    torch.testing.assert_close(sae.threshold, kept_min)  # first update sets θ
+    sae(x)
+    torch.testing.assert_close(sae.threshold, kept_min)  # same batch, same θ after the EMA
+    sae.eval()
+    theta = float(sae.threshold)
+    z = sae.encode(x)
+    torch.testing.assert_close(z, pre * (sae.pre_acts(x) > theta))
+    torch.testing.assert_close(sae.encode(x[:3]), z[:3])  # a row's code does not depend on its batch
+    before = sae.threshold.clone()
+    out_eval = sae(x)
+    assert torch.equal(sae.threshold, before)  # eval forwards leave θ alone
+    torch.testing.assert_close(out_eval.sae_out, sae.decode(z))
+
+
+def test_jumprelu_straight_through_gradients():
+    torch.manual_seed(0)
+    eps = 0.1
+    pre = torch.tensor([[0.30, 0.52, 0.97, -1.0]], requires_grad=True)
+    theta = torch.tensor([0.5, 0.5, 1.0, 0.5], requires_grad=True)
+    z = jumprelu(pre, theta, eps)
+    assert z.tolist() == [[0.0, pytest.approx(0.52), 0.0, 0.0]]
+    z.sum().backward()
+    assert pre.grad.tolist() == [[0.0, 1.0, 0.0, 0.0]]  # ∂/∂pre = H(pre − θ)
+    # ∂/∂θ = −(θ/ε)·1[|pre − θ| < ε/2]: inside the window for latents 1 and 2 only
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -0.5 / eps, -1.0 / eps, 0.0]))
+    pre.grad = theta.grad = None
+    heaviside(pre, theta, eps).sum().backward()
+    assert pre.grad is None or pre.grad.abs().sum() == 0  # no gradient to pre through H
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -1.0 / eps, -1.0 / eps, 0.0]))
+
+
+def test_jumprelu_sparsity_loss_forms():
+    torch.manual_seed(0)
+    sae = make("jumprelu", jumprelu_init_threshold=0.2, sparsity_coefficient=0.5)
+    assert sae.log_threshold.shape == (64,) and torch.allclose(sae.threshold, torch.full((64,), 0.2))
+    x = torch.randn(30, 16)
+    out = sae(x)
+    l0 = (sae.pre_acts(x) > 0.2).sum(1).float().mean()
+    torch.testing.assert_close(out.l0, l0)
+    torch.testing.assert_close(out.sparsity_loss, 0.5 * l0)  # default λ from the config
+    torch.testing.assert_close(sae(x, sparsity_coefficient=0.1).sparsity_loss, 0.1 * l0)  # trainer's warm-up
+    target = make("jumprelu", jumprelu_init_threshold=0.2, target_l0=8.0)
+    target.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(target(x, sparsity_coefficient=2.0).sparsity_loss, 2.0 * (l0 / 8 - 1) ** 2)
+    out.loss.backward()
+    assert sae.log_threshold.grad is not None
+
+
+def test_relu_l1_is_weighted_by_decoder_norms():
+    torch.manual_seed(0)
+    sae = make("relu")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1) * 3)
+    x = torch.randn(30, 16)
+    out = sae(x, sparsity_coefficient=0.2)
+    z = sae.encode(x)
+    torch.testing.assert_close(out.sparsity_loss, 0.2 * (z * sae.W_dec.norm(dim=1)).sum(1).mean())
+    torch.testing.assert_close(out.l0, (z > 0).sum(1).float().mean())
+
+
+# -- folding the training-time scales ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_fold_scaling_keeps_latents_and_reconstructs_raw_activations(arch, transcoder):
+    torch.manual_seed(0)
+    kw = dict(d_out=24, transcoder=True, skip_connection=True) if transcoder else {}
+    sae = perturb_(make(arch, **kw)).eval()
+    s_in, s_out = 3.0, (0.25 if transcoder else 3.0)
+    x_raw = torch.randn(40, 16) * 5
+    with torch.no_grad():
+        z_train = sae.encode(x_raw * s_in)  # what training saw
+        y_train = sae.decode(z_train, x_raw * s_in)
+        sae.fold_scaling_(s_in, s_out)
+        z = sae.encode(x_raw)
+        y = sae.decode(z, x_raw)
+    torch.testing.assert_close(z, z_train, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_train / s_out, rtol=1e-5, atol=1e-5)
+
+
+# -- feature recovery on synthetic data ----------------------------------------------------------------------
+D, N_FEATURES, D_SAE, N_ACTIVE = 64, 128, 256, 4
+
+
+def synthetic(seed: int, signed: bool):
+    """Unit ground-truth features and a sampler of sparse codes (~N_ACTIVE per row, magnitudes in [0.5, 1.5])."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(N_FEATURES, D, generator=g)
+    feats /= feats.norm(dim=1, keepdim=True)  # (F, D)
+
+    def sample(n: int) -> torch.Tensor:
+        on = torch.rand(n, N_FEATURES, generator=g) < N_ACTIVE / N_FEATURES
+        mag = torch.rand(n, N_FEATURES, generator=g) + 0.5
+        if signed:
+            mag = mag * (torch.randint(0, 2, (n, N_FEATURES), generator=g) * 2 - 1)
+        return (on * mag) @ feats  # (n, D)
+
+    return feats, sample
+
+
+def recovery(sae: SparseCoder, feats: torch.Tensor, signed: bool) -> float:
+    """Mean over true features of the best cosine with a decoder row (|cos| when latents carry a sign)."""
+    w = sae.W_dec.detach()
+    cos = feats @ (w / w.norm(dim=1, keepdim=True)).T  # (F, d_sae)
+    return float((cos.abs() if signed else cos).max(dim=1).values.mean())
+
+
+def train_briefly(sae: SparseCoder, sample, steps: int = 300, batch: int = 256, lr: float = 1e-2) -> None:
+    """A minimal stand-in for the trainer: Adam, λ warm-up, AuxK dead tracking, unit-norm decoder (TopK family)."""
+    unit = sae.cfg.architecture in TOPK_FAMILY
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.0, 0.999) if sae.cfg.architecture == "jumprelu"
+                           else (0.9, 0.999))
+    since_fired = torch.zeros(sae.cfg.d_sae)
+    with torch.no_grad():
+        sae.b_dec.copy_(sample(2048).mean(0))
+    for step in range(steps):
+        x = sample(batch)
+        lam = sae.cfg.sparsity_coefficient * min(1.0, (step + 1) / (0.1 * steps))
+        out = sae(x, dead_mask=since_fired > 4 * batch, sparsity_coefficient=lam)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if unit:
+            sae.remove_gradient_parallel_to_decoder_directions_()
+        opt.step()
+        if unit:
+            sae.set_decoder_norm_to_unit_norm_()
+        with torch.no_grad():
+            if out.latent_indices is None:
+                fired = (out.latent_acts != 0).any(0)
+            else:
+                fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+                fired[out.latent_indices[out.latent_acts != 0]] = True
+            since_fired += batch
+            since_fired[fired] = 0
+
+
+RECOVERY_CASES = {
+    "topk": dict(k=N_ACTIVE),
+    "batchtopk": dict(k=N_ACTIVE),
+    "abstopk": dict(k=N_ACTIVE),
+    # A short run at unit-scale data: a wider ε and a higher θ₀ than the Gemma Scope defaults let θ move quickly.
+    "jumprelu": dict(sparsity_coefficient=0.05, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1),
+    "relu": dict(sparsity_coefficient=0.1),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_feature_recovery_on_synthetic_data(arch):
+    torch.manual_seed(0)
+    signed = arch == "abstopk"  # AbsTopK's case: features used with both signs, one latent per feature
+    feats, sample = synthetic(seed=1234, signed=signed)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=D, d_sae=D_SAE, **RECOVERY_CASES[arch]))
+    assert recovery(sae, feats, signed) < 0.7  # a random decoder is far from the features
+    train_briefly(sae, sample)
+    score = recovery(sae, feats, signed)
+    assert score > 0.9, f"{arch}: mean max cosine {score:.3f}"
+    sae.eval()
+    with torch.no_grad():
+        x = sample(2048)
+        out = sae(x)
+    assert out.fvu < 0.35, f"{arch}: eval FVU {out.fvu:.3f}"  # for BatchTopK: the learned θ works at inference
+    assert 1 <= out.l0 <= 3 * N_ACTIVE, f"{arch}: L0 {out.l0:.1f}"
+    assert math.isfinite(float(out.loss))
+
+
+# -- initialisation and calibration for short runs ------------------------------------------------------------
+def _gaussian_rows(n=8192, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen) * 3 + 1
+
+
+def test_batchtopk_calibrated_threshold_gives_k_per_row_on_new_rows():
+    sae = perturb_(make("batchtopk", k=4))
+    sae.threshold.fill_(12.0)  # a stale EMA far above the cut
+    x = _gaussian_rows()
+    with torch.no_grad():
+        sae.eval()
+        assert float(sae(x[4096:]).l0) < 2
+        theta = sae.calibrate_threshold_(x[:4096], chunk_rows=1000)  # chunks that do not divide the rows
+        assert theta == pytest.approx(float(sae.threshold))
+        assert float(sae(x[4096:]).l0) == pytest.approx(4, rel=0.1)
+        pre = sae.pre_acts(x[:4096])
+        assert int((pre > theta).sum()) == pytest.approx(4096 * 4, abs=2)  # exactly the batch budget
+
+
+def test_jumprelu_threshold_init_starts_at_target_l0():
+    sae = perturb_(make("jumprelu", d_sae=64))
+    x = _gaussian_rows()
+    with torch.no_grad():
+        assert float(sae(x).l0) > 20  # θ₀ = 0.001: about half the latents fire
+        sae.init_thresholds_to_l0_(x[:4096], target_l0=4)
+        assert float(sae(x[4096:]).l0) == pytest.approx(4, rel=0.15)
+        assert bool((sae.threshold >= sae.cfg.jumprelu_init_threshold).all())
+
+
+def test_relu_init_reconstructs_at_the_right_scale():
+    """Unit decoder rows with W_enc = W_decᵀ reconstruct ~d_sae/(2·d_in) times too large; the 0.1-norm init does not."""
+    sae = make("relu", d_in=16, d_sae=128)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((128,), 0.1))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    x = torch.randn(2048, 16)
+    with torch.no_grad():
+        assert float(sae(x).fvu) < 1.0
