@@ -28,9 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
     parser.add_argument("--window", type=int, default=32, help="tokens per example window")
     parser.add_argument("--workers", type=int, default=4, help="latents processed concurrently in LLM runs")
+    parser.add_argument("--embed-chunk", type=int, default=1,
+                        help="latents whose embedding-scorer texts are embedded in one call (same scores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete OUT's earlier results (run.json, explanations, scores, summary, dashboard) and "
+                             "start over; needed when OUT holds results of other settings (records/ and llm_cache/ "
+                             "are kept, and reused only where they match)")
+    parser.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                        help="on resume, keep latents whose explanation or scoring failed instead of redoing them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()), llm=args.llm, control=args.control,
         records=RecordConfig(n_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
                              window=args.window, seed=args.seed),
-        workers=args.workers, device=args.device, seed=args.seed, progress=not args.no_progress,
+        workers=args.workers, embed_chunk=args.embed_chunk, device=args.device, seed=args.seed,
+        progress=not args.no_progress, overwrite=args.overwrite, retry_failed=args.retry_failed,
     )
     summary = run_interp(cfg)
     brief = {name: {m: v["mean"] for m, v in s["metrics"].items()} | {"n_failed": s["n_failed"]}

@@ -1,14 +1,18 @@
 """The autointerp run: records → explanations → scores → summary and dashboard, resumable per latent.
 
 Per-latent results are appended to `explanations.jsonl` / `scores.jsonl` and flushed as they finish, so an
-interrupted run resumes and skips finished latents; any exception inside one latent becomes a failure record.
+interrupted run resumes and skips finished latents; any exception inside one latent becomes a failure record,
+which a resume retries unless told not to. `run.json` keeps a resume from mixing in results of other settings
+(see `autointerp.resume`).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +20,30 @@ from typing import Any
 
 from autointerp.explainers import EXPLAINERS, Explanation, make_explainer
 from autointerp.metrics import aggregate, mean
+from autointerp.prompting import ParseError
 from autointerp.records import (
     RecordConfig,
+    RecordSet,
     build_records,
     collect_records,
     firing_counts,
     load_records,
     random_directions_like,
     save_records,
+)
+from autointerp.resume import (
+    DASHBOARD_FILE,
+    EXPLANATIONS_FILE,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    Rows,
+    append_jsonl,
+    atomic_write_text,
+    compact,
+    last_rows,
+    merge_score_rows,
+    prepare_out,
+    sae_digest,
 )
 from autointerp.scorers import SCORERS, make_scorers
 from autointerp.spec import parse_latent_spec, sample_live
@@ -32,6 +52,8 @@ log = logging.getLogger(__name__)
 
 CONTROLS = ("none", "random-directions")
 LLM_SCORERS = ("detection", "fuzzing")
+RESULTS_FORMAT = 1
+"""Bump when results of the same settings change meaning: run.json then refuses to resume older folders."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +86,19 @@ class InterpConfig:
     """Tokens read to find live latents for random:N."""
     workers: int = 4
     """Latents explained and scored concurrently when an LLM is used (1 with the intervention scorer)."""
+    embed_chunk: int = 1
+    """When latents are processed one at a time, embed this many latents' scoring texts in one call (same
+    scores). 1, latent by latent, measured faster on CPU (MiniLM is slower per text in full batches of 64);
+    larger chunks suit a GPU embedder."""
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False
+    """Delete the folder's earlier results (run.json, explanations, scores, summary, dashboard) and start over.
+    Without it, resuming into a folder holding results of other settings is an error; records/ and llm_cache/
+    are kept either way, each reused only when it matches."""
+    retry_failed: bool = True
+    """On resume, redo latents whose explanation or scoring failed (or lost prompts), e.g. in an LLM outage."""
 
     def __post_init__(self) -> None:
         if self.explainer not in EXPLAINERS:
@@ -84,6 +116,8 @@ class InterpConfig:
             )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.embed_chunk < 1:
+            raise ValueError(f"embed_chunk must be >= 1, got {self.embed_chunk}")
         if self.live_tokens <= 0:
             raise ValueError(f"live_tokens must be positive, got {self.live_tokens}")
 
@@ -92,25 +126,74 @@ class InterpConfig:
         return dataclasses.asdict(self)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by an interrupted run
+def run_fingerprint(cfg: InterpConfig, sae_sha256: str, model_name: str, random_latents: bool) -> dict[str, Any]:
+    """The settings the run's results depend on, for run.json; execution settings (progress, workers,
+    embed_chunk, device, caches) are left out, so a resume may change them."""
+    llm_judge = {"llm": cfg.llm}
+    return {
+        "format": RESULTS_FORMAT,
+        "sae": sae_sha256,
+        "model": model_name,
+        "backend": cfg.backend,  # TransformerLens folds and centres weights: other activations than HF's
+        "dataset": cfg.dataset,
+        "latents": cfg.latents,
+        "live_tokens": min(cfg.live_tokens, cfg.records.n_tokens) if random_latents else None,  # picks random:N
+        "control": cfg.control,
+        "seed": cfg.seed,
+        "records": cfg.records.to_dict(),
+        "explainer": {"name": cfg.explainer, "llm": cfg.llm if cfg.explainer == "llm" else None},
+        # per scorer, so one can be added on a resume without redoing the others
+        "scorers": {name: {"detection": llm_judge, "fuzzing": llm_judge, "embedding": {},
+                           "intervention": {"judge": cfg.llm or "embedding"}}[name] for name in cfg.scorers},
+    }
+
+
+def _failure(err: Exception) -> dict[str, Any]:
+    """A scorer's failure record; "permanent" marks one the records decide (too few contexts to score, say),
+    which a retry would only repeat, unlike an LLM outage, an unusable reply or a crash."""
+    row: dict[str, Any] = {"error": f"{type(err).__name__}: {err}"}
+    if isinstance(err, ValueError) and not isinstance(err, ParseError):  # scorers raise ValueError on bad input
+        row["permanent"] = True
+    return row
+
+
+def _retryable(result: Any) -> bool:
+    """Whether a scorer's result is a failure worth redoing, or lost prompts to failures."""
+    if not isinstance(result, dict):
+        return False
+    return ("error" in result and not result.get("permanent")) or bool(result.get("failed_prompts"))
+
+
+def _results(
+    exp_rows: Rows, score_rows: Rows, latents: set[int],
+) -> tuple[dict[int, Explanation], dict[int, dict[str, Any]]]:
+    """Explanations and scorer results per selected latent from the rows on disk; results scored against
+    another explanation than the latent's current one are left out (stale)."""
+    explanations = {lat: Explanation.from_dict(r) for lat, r in exp_rows.items() if lat in latents}
+    scores = {lat: dict(r["scores"]) for lat, r in score_rows.items()
+              if lat in explanations and r["explanation"] == explanations[lat].text}
+    return explanations, scores
+
+
+def _forget_failures(explanations: dict[int, Explanation], scores: dict[int, dict[str, Any]],
+                     records: RecordSet) -> int:
+    """Drop failure records so they are redone; returns how many latents that touches.
+
+    A dead latent's failures stay, as do permanent ones (see `_failure`): they would fail the same way again. A
+    redone explanation is scored afresh by every scorer; an explained latent loses only its failed results.
+    """
+    redo = 0
+    for lat, exp in list(explanations.items()):
+        if not exp.ok:
+            if not records[lat].is_dead:
+                del explanations[lat]
+                redo += 1
             continue
-    return rows
-
-
-def _append(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row, default=_json_default) + "\n")
-    handle.flush()
-
-
-def _json_default(v: Any) -> Any:
-    return float(v)
+        kept = {name: r for name, r in scores.get(lat, {}).items() if not _retryable(r)}
+        if len(kept) < len(scores.get(lat, {})):
+            scores[lat] = kept
+            redo += 1
+    return redo
 
 
 def _nan_to_none(v: Any) -> Any:
@@ -121,10 +204,9 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
-def _load_model(cfg: InterpConfig, sae: Any) -> Any:
+def _load_model(cfg: InterpConfig, name: str) -> Any:
     from activation_store.model import load_model
 
-    name = cfg.model or sae.cfg.model_name or "reference"
     return load_model(name, backend=cfg.backend, device=cfg.device)
 
 
@@ -146,22 +228,21 @@ def run_interp(
 
         sae = SparseCoder.load(cfg.sae_path, device=cfg.device)
     sae.eval()
+    spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
+    model_name = cfg.model or sae.cfg.model_name or "reference"
+    # 0. the folder holds no results, or results of these same settings (a retrained SAE counts as other ones).
+    fingerprint = run_fingerprint(cfg, sae_digest(sae), model_name, spec.is_random)
+    prepare_out(out, fingerprint, overwrite=cfg.overwrite, sae_path=cfg.sae_path)
     if cfg.control == "random-directions":
         sae = random_directions_like(sae, seed=cfg.seed)
-    spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
     dataset = DatasetConfig(path=cfg.dataset, context_size=cfg.records.context_size)
 
     # 1. records, reused when made with the same settings.
-    weights = [f for f in sorted(Path(cfg.sae_path).glob("*")) if f.suffix in (".safetensors", ".pt", ".npz")] \
-        if Path(cfg.sae_path).is_dir() else []
-    meta = {"sae": str(Path(cfg.sae_path).resolve()),
-            # a retrained SAE in the same folder must not reuse stale records
-            "sae_files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in weights],
-            "model": cfg.model or sae.cfg.model_name, "dataset": cfg.dataset,
-            "latents": cfg.latents, "control": cfg.control, "seed": cfg.seed, "records": cfg.records.to_dict()}
+    meta = {k: fingerprint[k] for k in ("sae", "model", "backend", "dataset", "latents", "live_tokens", "control",
+                                        "seed", "records")}
     loaded = load_records(out / "records", meta)
     if loaded is None:
-        model = model or _load_model(cfg, sae)
+        model = model or _load_model(cfg, model_name)
         if spec.is_random:
             counts = firing_counts(model, sae, dataset, cfg.records, min(cfg.live_tokens, cfg.records.n_tokens))
             live = counts.nonzero().flatten().tolist()
@@ -183,70 +264,100 @@ def run_interp(
 
         client = make_client(cfg.llm, cache_dir=str(out / "llm_cache"))
     if "intervention" in cfg.scorers and model is None:
-        model = _load_model(cfg, sae)
+        model = _load_model(cfg, model_name)
     explainer = make_explainer(cfg.explainer, client)
     scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed)
 
-    # 3. resume: what earlier runs finished.
-    exp_path, score_path = out / "explanations.jsonl", out / "scores.jsonl"
-    explanations = {r["latent"]: Explanation.from_dict(r) for r in _read_jsonl(exp_path)
-                    if r.get("explainer") == explainer.name}
-    scores: dict[int, dict[str, Any]] = {}
-    for r in _read_jsonl(score_path):
-        scores.setdefault(r["latent"], {}).update(r["scores"])
+    # 3. resume: what earlier runs finished (compacting also drops a line a killed run cut short).
+    exp_path, score_path = out / EXPLANATIONS_FILE, out / SCORES_FILE
+    selected = set(records)
+    explanations, scores = _results(compact(exp_path, last_rows), compact(score_path, merge_score_rows), selected)
+    if cfg.retry_failed and (n_retry := _forget_failures(explanations, scores, records)):
+        log.info("retrying %d latents whose explanation or scoring failed before", n_retry)
     todo = [lat for lat in records if not (lat in explanations and all(s.name in scores.get(lat, {}) for s in scorers))]
     if len(todo) < len(records):
         log.info("resuming: %d of %d latents already finished", len(records) - len(todo), len(records))
 
-    def process(latent: int) -> tuple[int, Explanation, bool, dict[str, Any]]:
-        """Explain (unless resumed) and score one latent; every exception becomes a failure record."""
-        rec = records[latent]
+    def explain(latent: int) -> tuple[Explanation, bool]:
+        """The latent's explanation (resumed or new) and whether it is new; a crash becomes a failure record."""
         exp = explanations.get(latent)
-        is_new = exp is None
-        if exp is None:
-            try:
-                exp = explainer.explain(rec)
-            except Exception as err:  # a crashed latent is a failure record, never a crashed run
-                log.debug("explainer failed on latent %d", latent, exc_info=True)
-                exp = Explanation(latent, "", explainer.name, ok=False, error=f"{type(err).__name__}: {err}")
+        if exp is not None:
+            return exp, False
+        try:
+            return explainer.explain(records[latent]), True
+        except Exception as err:  # a crashed latent is a failure record, never a crashed run
+            log.debug("explainer failed on latent %d", latent, exc_info=True)
+            return Explanation(latent, "", explainer.name, ok=False, error=f"{type(err).__name__}: {err}"), True
+
+    def unscored(latent: int, fresh: bool) -> list[Any]:
+        """Scorers still to run on the latent: all of them for a new explanation."""
+        done = () if fresh else scores.get(latent, {})
+        return [s for s in scorers if s.name not in done]
+
+    def score(latent: int, exp: Explanation, fresh: bool) -> dict[str, Any]:
+        """Every unfinished scorer's result for the latent; an exception becomes that scorer's failure record."""
         row: dict[str, Any] = {}
-        for scorer in scorers:
-            if scorer.name in scores.get(latent, {}):
-                continue
+        for scorer in unscored(latent, fresh):
             if not exp.ok:
                 row[scorer.name] = {"error": f"no explanation: {exp.error}"}
                 continue
             try:
-                row[scorer.name] = _nan_to_none(scorer.score(rec, exp.text))
+                row[scorer.name] = _nan_to_none(scorer.score(records[latent], exp.text))
             except Exception as err:
                 log.debug("scorer %s failed on latent %d", scorer.name, latent, exc_info=True)
-                row[scorer.name] = {"error": f"{type(err).__name__}: {err}"}
-        return latent, exp, is_new, row
+                row[scorer.name] = _failure(err)
+        return row
+
+    def process(latent: int) -> tuple[int, Explanation, bool, dict[str, Any]]:
+        """Explain (unless resumed) and score one latent."""
+        exp, is_new = explain(latent)
+        return latent, exp, is_new, score(latent, exp, is_new)
+
+    def process_chunk(chunk: list[int]) -> Iterator[tuple[int, Explanation, bool, dict[str, Any]]]:
+        """Explain a chunk of latents, let scorers batch their work over it (one embedding call), then score."""
+        explained = [(lat, *explain(lat)) for lat in chunk]
+        for scorer in batching:
+            items = [(records[lat], exp.text) for lat, exp, is_new in explained
+                     if exp.ok and any(s is scorer for s in unscored(lat, is_new))]
+            try:
+                scorer.prefetch(items)
+            except Exception:  # only a speed-up: scoring latent by latent records any real failure
+                log.debug("scorer %s could not batch a chunk", scorer.name, exc_info=True)
+        for lat, exp, is_new in explained:
+            yield lat, exp, is_new, score(lat, exp, is_new)
 
     # LLM-bound runs overlap latents; offline ones gain nothing, and steering hooks the one shared model.
     workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
+    batching = [s for s in scorers if hasattr(s, "prefetch")] if cfg.embed_chunk > 1 else []
     with exp_path.open("a", encoding="utf-8") as exp_f, score_path.open("a", encoding="utf-8") as score_f, \
             tqdm(total=len(todo), desc="explain + score", unit="latent", disable=not cfg.progress) as bar, \
             ThreadPoolExecutor(max_workers=workers) as pool:
-        results = map(process, todo) if workers == 1 else \
-            (f.result() for f in as_completed([pool.submit(process, lat) for lat in todo]))
-        for latent, exp, is_new, row in results:  # only this thread writes, so lines never interleave
+        if workers > 1:
+            results: Iterable[tuple[int, Explanation, bool, dict[str, Any]]] = \
+                (f.result() for f in as_completed([pool.submit(process, lat) for lat in todo]))
+        elif batching:
+            results = itertools.chain.from_iterable(
+                process_chunk(todo[i:i + cfg.embed_chunk]) for i in range(0, len(todo), cfg.embed_chunk))
+        else:
+            results = map(process, todo)
+        # Only this thread writes, so lines never interleave; the explanation goes first, so a score row on disk
+        # always has its explanation there too.
+        for latent, exp, is_new, row in results:
             if is_new:
-                explanations[latent] = exp
-                _append(exp_f, exp.to_dict())
-            scores.setdefault(latent, {}).update(row)
-            _append(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
+                append_jsonl(exp_f, exp.to_dict())
+            append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
             bar.update()
 
-    # 4. summary and dashboard over every selected latent.
+    # 4. summary and dashboard over every selected latent, from the files: one merged row per latent.
+    explanations, scores = _results(compact(exp_path, last_rows), compact(score_path, merge_score_rows), selected)
     summary = summarise(cfg, records, explanations, scores, [s.name for s in scorers])
     stats = getattr(client, "stats", None)
     if stats is not None:  # request / cache / cost counters of the LLM client, when it keeps them
         summary["llm"] = stats.snapshot() if hasattr(stats, "snapshot") else str(stats)
-    (out / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2))
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(_nan_to_none(summary), indent=2))
     from autointerp.dashboard import write_dashboard
 
-    write_dashboard(out / "dashboard.html", records, explanations, scores,
+    write_dashboard(out / DASHBOARD_FILE, records, explanations, scores,
                     title=f"autointerp: {Path(cfg.sae_path).name} ({cfg.explainer} explainer)")
     return summary
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from autointerp.resume import atomic_write, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
@@ -294,9 +296,12 @@ def save_records(path: str | Path, state: dict[str, Any], tokenizer: Any, meta: 
     """Write the record state and the token strings it needs to the folder `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path / RECORDS_FILE)
     full = {**meta, "vocab": {str(k): v for k, v in _decode_table(tokenizer, state).items()}}
-    (path / META_FILE).write_text(json.dumps(full))
+    # The meta goes first and comes back last: a run killed in between leaves records that never load, rather
+    # than new records under the old meta (which a later run with the old settings would take as its own).
+    (path / META_FILE).unlink(missing_ok=True)
+    atomic_write(path / RECORDS_FILE, lambda p: torch.save(state, p))
+    atomic_write_text(path / META_FILE, json.dumps(full))
 
 
 def load_records(path: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[int, str]] | None:
@@ -304,8 +309,12 @@ def load_records(path: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Any]
     path = Path(path)
     if not (path / RECORDS_FILE).exists() or not (path / META_FILE).exists():
         return None
-    saved = json.loads((path / META_FILE).read_text())
-    vocab = saved.pop("vocab", {})
+    try:
+        saved = json.loads((path / META_FILE).read_text())
+        vocab = saved.pop("vocab", {})
+    except (ValueError, AttributeError) as err:  # damaged by hand or by a crash of an older version: rebuild
+        log.warning("unreadable %s in %s (%s); recomputing the records", META_FILE, path, err)
+        return None
     if saved != json.loads(json.dumps(meta)):
         log.info("records in %s were made with other settings; recomputing", path)
         return None
@@ -378,4 +387,6 @@ def random_directions_like(sae: Any, seed: int = 0) -> Any:
         d = torch.randn(control.W_dec.shape, generator=gen)  # (d_sae, d_out)
         d *= sae.W_dec.norm(dim=1, keepdim=True) / d.norm(dim=1, keepdim=True)
         control.W_dec.data = d.to(sae.W_dec.dtype)
+    # The SAE's recorded per-latent max activations describe its own directions, not these.
+    control.cfg.metadata.pop("latent_max_acts", None)
     return control

