@@ -9,6 +9,7 @@ from typing import Any
 
 from autointerp.explainers import Explanation
 from autointerp.records import Example, LatentRecord
+from autointerp.resume import atomic_write_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
@@ -86,5 +87,5 @@ def write_dashboard(
         + f"{''.join(cards)}<script>{_JS}</script></body></html>"
     )
     path = Path(path)
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)  # a killed run never leaves half a page
     return path
