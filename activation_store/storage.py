@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -87,7 +89,7 @@ class Storage:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left behind (they are never part of the store)."""
@@ -107,8 +109,9 @@ class Storage:
         self.write_atomic(rel, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def _fsync_dir(path: str) -> None:
-    # The rename is only durable once the folder entry itself reaches the disk.
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename inside `path` durable: it only is once the folder entry itself reaches the disk (no-op where
+    folders cannot be opened or synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -119,6 +122,26 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Write a local file through `write(temp_path)` beside it, fsync, rename over `path`: all or nothing.
+
+    The one crash-safe write of every package (SAE files, autointerp results); a failure removes the temporary.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
 
 
 def is_disk_full(err: BaseException) -> bool:

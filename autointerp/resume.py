@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from activation_store.storage import atomic_write
 
 RUN_FILE = "run.json"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -111,21 +111,6 @@ def prepare_out(out: Path, fingerprint: dict[str, Any], *, overwrite: bool = Fal
 
 
 # -- crash-safe result files ----------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(temp_path)` in the same folder, fsync, then rename over `path`: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """`atomic_write` of a UTF-8 text."""
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))

@@ -19,12 +19,14 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from autointerp.records import META_FILE, RECORDS_FILE  # noqa: E402  (light: no model code)
+from autointerp.resume import RESULT_FILES  # noqa: E402
+
 DEFAULT_SAE = "runs/quality/saes/topk"
 TRAIN_HINT = ("train one first with `python bench/sae_quality.py` (writes runs/quality/saes/topk) or e.g. `sae-kit train --model reference --hook blocks.2.hook_resid_post --arch topk "
               "--out runs/quality` (writes runs/quality/topk)")
 RUNS = (("sae", "none"), ("control", "random-directions"))
-RUN_FILES = ("run.json", "explanations.jsonl", "scores.jsonl", "summary.json", "dashboard.html", "records/records.pt",
-             "records/meta.json")
+RUN_FILES = (*RESULT_FILES, f"records/{RECORDS_FILE}", f"records/{META_FILE}")
 """What one autointerp run writes into its folder (all that --resume keeps)."""
 
 

@@ -6,42 +6,13 @@ The weights file holds `coder.inference_state_dict()`: parameters and the buffer
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from activation_store.storage import atomic_write
 from sae_kit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, SAEConfig, SparseCoder
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same folder, fsync it, then rename over `path`: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
 
 
 def save_sparse_coder(coder: SparseCoder, path: str | Path) -> None:
@@ -49,9 +20,9 @@ def save_sparse_coder(coder: SparseCoder, path: str | Path) -> None:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in coder.inference_state_dict().items()}
-    _atomic_write(folder / WEIGHTS_FILENAME, lambda p: save_file(tensors, p))
+    atomic_write(folder / WEIGHTS_FILENAME, lambda p: save_file(tensors, p))
     text = json.dumps(coder.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / CFG_FILENAME, lambda p: Path(p).write_text(text))
+    atomic_write(folder / CFG_FILENAME, lambda p: Path(p).write_text(text))
 
 
 def load_config(path: str | Path) -> SAEConfig:

@@ -223,6 +223,17 @@ class SparseCoder(nn.Module):
         parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
         self.W_dec.grad -= parallel * w
 
+    # -- training hooks (the trainer calls them for every architecture; most need nothing) -----------------------
+    calibrates_after_training: ClassVar[bool] = False
+    """True when `calibrate_` sets inference-only state from data, so the trainer reads a sample for it."""
+
+    def init_from_data_(self, x: Tensor) -> None:
+        """Architecture-specific start from a sample (N, d_in) of scaled training inputs, after b_dec is set."""
+
+    def calibrate_(self, x: Tensor) -> dict[str, Any]:
+        """After training, fit inference-only state to raw rows x (N, d_in); return what to record in metadata."""
+        return {}
+
     @torch.no_grad()
     def fold_scaling_(self, input_scale: float, output_scale: float | None = None) -> None:
         """Absorb training-time scaling (x·input_scale, y·output_scale) so the coder takes raw activations.

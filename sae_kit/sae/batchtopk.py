@@ -72,6 +72,15 @@ class BatchTopKSAE(TopKSAE):
         order = idx.argsort(dim=1)  # ascending latents per row, as the sparse kernels want
         return idx.gather(1, order), keep.gather(1, order).to(pre.dtype)
 
+    calibrates_after_training: ClassVar[bool] = True
+
+    def calibrate_(self, x: Tensor) -> dict[str, Any]:
+        """Replace the training EMA of θ by the exact cut on x; record both."""
+        ema = float(self.threshold)
+        self.eval()
+        theta = self.calibrate_threshold_(x)
+        return {"batchtopk_threshold": {"ema_threshold": ema, "threshold": theta, "threshold_calibration_rows": len(x)}}
+
     @torch.no_grad()
     def calibrate_threshold_(self, x: Tensor, chunk_rows: int = 1024) -> float:
         """Set θ to the (N·k)-th largest positive pre-activation over the rows x (N, d_in), so inference keeps k

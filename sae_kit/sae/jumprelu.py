@@ -114,6 +114,11 @@ class JumpReLUSAE(SparseCoder):
         theta = pre.kthvalue(rank, dim=0).values.clamp_min(self.cfg.jumprelu_init_threshold)  # (d_sae,)
         self.log_threshold.copy_(theta.log())
 
+    def init_from_data_(self, x: Tensor) -> None:
+        """In the target-L0 form, start θ at the target's quantile (see `init_thresholds_to_l0_`)."""
+        if self.cfg.target_l0 is not None:
+            self.init_thresholds_to_l0_(x, self.cfg.target_l0)
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents (N, d_sae): pre · 1[pre > θ]."""
         return jumprelu(self.pre_acts(x), self.threshold, self.cfg.jumprelu_bandwidth)

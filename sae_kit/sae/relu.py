@@ -18,7 +18,6 @@ from torch import Tensor
 
 from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder, fvu
 
-
 INIT_DECODER_NORM = 0.1
 """Decoder row norm at initialisation (April 2024 update): with unit rows and W_enc = W_decᵀ, half of all latents
 fire at once and the first reconstructions are ~d_sae/(2·d_in) times too large."""

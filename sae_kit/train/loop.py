@@ -332,9 +332,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
                             t.sae.b_dec.copy_(batch[t.target].to(device).mean(0) * t.s_out)  # transcoders: mean of y
                         else:
                             t.sae.b_dec.copy_(geometric_median(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in))
-                        if t.sae.cfg.architecture == "jumprelu" and t.sae.cfg.target_l0 is not None:
-                            t.sae.init_thresholds_to_l0_(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in,
-                                                         t.sae.cfg.target_l0)
+                        t.sae.init_from_data_(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in)
             lam_frac = sparsity_at(step, n_steps, 1.0, cfg.sparsity_warmup)
             bad: list[str] = []
             stats: list[dict[str, Any]] = []
@@ -430,15 +428,14 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     owned = [(t, i) for t, i in zip(trainees, mine) if t.owner]
     for t, _ in owned:
         t.sae.fold_scaling_(t.s_in, t.s_out)
-    calibrated = {}
-    for t, i in owned:
-        if t.sae.cfg.architecture == "batchtopk":
-            rows = next(iter(source.batches([t.hook], min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS),
-                                            shuffle=True, seed=cfg.seed + 2, epochs=1)))[t.hook]
-            t.sae.eval()
-            calibrated[i] = {"ema_threshold": float(t.sae.threshold),
-                             "threshold": t.sae.calibrate_threshold_(rows.to(device, t.sae.W_enc.dtype)),
-                             "threshold_calibration_rows": len(rows)}
+    calibrated: dict[int, dict[str, Any]] = {}
+    needing = [(t, i) for t, i in owned if t.sae.calibrates_after_training]
+    if needing:  # one shared sample for every SAE that calibrates, like the max-activation pass below
+        n_rows = min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS)
+        sample = next(iter(source.batches(list(dict.fromkeys(t.hook for t, _ in needing)), n_rows, shuffle=True,
+                                          seed=cfg.seed + 2, epochs=1)))
+        for t, i in needing:
+            calibrated[i] = t.sae.calibrate_(sample[t.hook].to(device, t.sae.W_enc.dtype))
     all_max_acts = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1) if owned else []
     for (t, i), max_acts in zip(owned, all_max_acts):
         final_metrics = {k: sum(v) / len(v) for k, v in t.recent.items() if v}
@@ -451,7 +448,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
             "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
             "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],
             "latent_max_acts_rows": min(MAX_ACTS_ROWS, source_rows(source) or MAX_ACTS_ROWS),
-            **({"batchtopk_threshold": calibrated[i]} if i in calibrated else {}),
+            **calibrated.get(i, {}),
         })
         t.sae.save(partials[i])
         (partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")

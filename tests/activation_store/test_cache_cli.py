@@ -12,14 +12,6 @@ from activation_store.store import ActivationStore
 from sae_kit.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli_docs") / "docs.jsonl"

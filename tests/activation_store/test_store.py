@@ -27,15 +27,6 @@ H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
 TWIN = "blocks.1.hook_resid_pre"  # equals H0 row for row: a direct check of cross-hook alignment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On shared cores, two intra-op threads make tiny forwards ~50× slower; restore afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory) -> Path:
     """A small jsonl corpus of Python snippets (much faster to tokenize than the stdlib)."""

@@ -436,3 +436,19 @@ def test_wandb_receives_every_logged_line(tmp_path, monkeypatch):
     assert [s for s, _ in logged] == [r["step"] for r in records]
     assert [d["topk/fvu"] for _, d in logged] == [r["fvu"] for r in records]
     assert Run.finished
+
+
+def test_trainer_calibrates_batchtopk_threshold_and_starts_jumprelu_at_target(tmp_path):
+    """The trainer's architecture hooks: BatchTopK's saved θ is the exact cut on the data (inference L0 ≈ k);
+    JumpReLU in its target form starts near the target L0 instead of ≈ d_sae/2."""
+    x, _ = synthetic(n=4096)
+    path = train(cfg(tmp_path / "b", architecture="batchtopk", n_tokens=4096 * 2), TensorSource({HOOK: x}),
+                 progress=False)
+    sae = SparseCoder.load(path)
+    record = sae.cfg.metadata["batchtopk_threshold"]
+    assert record["threshold"] == pytest.approx(float(sae.threshold)) and record["threshold_calibration_rows"] == 4096
+    with torch.no_grad():
+        assert float((sae.encode(x) != 0).sum(1).float().mean()) == pytest.approx(3, rel=0.05)
+    jr = train(cfg(tmp_path / "j", architecture="jumprelu", target_l0=3.0, sparsity_coefficient=1.0,
+                   n_tokens=256 * 2, log_every=1), TensorSource({HOOK: x}), progress=False)
+    assert lines(jr)[0]["l0"] < 3 * 4  # a θ₀ = 0.001 start fires on about half of the 128 latents
