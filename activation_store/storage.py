@@ -14,7 +14,6 @@ import json
 import os
 import posixpath
 import tempfile
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -77,19 +76,12 @@ class Storage:
             self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
             return
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 _write_all(f, data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            # KeyboardInterrupt included: never leave a temporary file behind.
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        fsync_dir(parent)
+
+        atomic_write(target, write)
 
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left behind (they are never part of the store)."""
@@ -130,7 +122,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     The one crash-safe write of every package (SAE files, autointerp results); a failure removes the temporary.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # TMP_MARK in the name lets `Storage.remove_temporaries` find what a killed writer left.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
