@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default=dd.text_column, help="column holding the text (default: text)")
     parser.add_argument("--split", default=dd.split, choices=("train", "eval"), help="document split (default: train)")
     parser.add_argument("--tokens", type=int, default=d.n_tokens, help=f"tokens to run (default: {d.n_tokens})")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="read documents in an order shuffled with this seed, so the tokens sample the whole "
+                             "corpus (default: source order)")
     parser.add_argument("--context-size", type=int, default=dd.context_size, help="tokens per context")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="contexts per forward pass")
     parser.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="target tokens per shard")
@@ -33,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
     """The CacheConfig the flags describe."""
     dataset = DatasetConfig(path=args.dataset, text_column=args.text_column, split=args.split,
-                            context_size=args.context_size)
+                            context_size=args.context_size, shuffle_seed=args.shuffle_seed)
     return CacheConfig(
         model=args.model, backend=args.backend, hook_points=tuple(args.hooks or CacheConfig().hook_points),
         dataset=dataset, n_tokens=args.tokens, batch_size=args.batch_size, shard_tokens=args.shard_tokens,

@@ -42,10 +42,17 @@ def is_heldout(rel_path: str) -> bool:
     return int.from_bytes(digest[:4], "little") % 100 < HELDOUT_PERCENT
 
 
+def read_stdlib_text(path: Path) -> str | None:
+    """A stdlib file's text, or None when it is not UTF-8 (a few test files) or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
 def iter_stdlib_texts(split: str = "train") -> Iterator[str]:
     """Yield the text of each stdlib file of a split, in deterministic order; undecodable files are skipped."""
     for path in stdlib_files(split):
-        try:
-            yield path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
+        text = read_stdlib_text(path)
+        if text is not None:
+            yield text

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-from activation_store.corpus import iter_stdlib_texts, stdlib_files
+from activation_store.corpus import read_stdlib_text, stdlib_files
+
+T = TypeVar("T")
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -47,6 +50,11 @@ class DatasetConfig:
     """Where BOS goes: at each "document" start, at each "context" start, or "none"."""
     streaming: bool = True
     """Stream hub datasets instead of downloading them whole."""
+    shuffle_seed: int | None = None
+    """Read documents in an order shuffled with this seed (None: source order). The first N tokens then sample
+    the whole corpus rather than its first files; the train/eval split of a document does not change."""
+    shuffle_buffer: int = 10_000
+    """Documents held for the shuffle of a streamed dataset (the stdlib's file list is permuted whole)."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -57,6 +65,8 @@ class DatasetConfig:
             raise ValueError(f"context_size must be at least 2, got {self.context_size}")
         if not 0 <= self.eval_percent < 100:
             raise ValueError(f"eval_percent must be in [0, 100), got {self.eval_percent}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be at least 1 document, got {self.shuffle_buffer}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for manifests and cfg.json."""
@@ -93,11 +103,38 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
 
 
 def iter_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
-    """Yield (document index, text) of one split, in a deterministic order."""
+    """Yield (document index, text) of one split, in a deterministic order (seeded shuffle if asked)."""
     if cfg.path == STDLIB:
-        split = "heldout" if cfg.split == "eval" else "train"
-        yield from enumerate(iter_stdlib_texts(split))
+        # A document's index is its file's place in the sorted file list, whatever order it is read in.
+        files = list(enumerate(stdlib_files("heldout" if cfg.split == "eval" else "train")))
+        if cfg.shuffle_seed is not None:
+            random.Random(cfg.shuffle_seed).shuffle(files)
+        for index, path in files:
+            text = read_stdlib_text(path)
+            if text is not None:
+                yield index, text
         return
+    docs = _iter_dataset_documents(cfg)
+    yield from docs if cfg.shuffle_seed is None else buffer_shuffle(docs, cfg.shuffle_buffer, cfg.shuffle_seed)
+
+
+def buffer_shuffle(items: Iterable[T], buffer: int, seed: int) -> Iterator[T]:
+    """Approximate shuffle of a stream in bounded memory: each item leaves from a random slot of a full buffer."""
+    rng = random.Random(seed)
+    held: list[T] = []
+    for item in items:
+        if len(held) < buffer:
+            held.append(item)
+            continue
+        i = rng.randrange(buffer)
+        held[i], item = item, held[i]
+        yield item
+    rng.shuffle(held)
+    yield from held
+
+
+def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
+    """(document index, text) of one split of a hub or local dataset, in source order."""
     import datasets
 
     local = Path(cfg.path)
@@ -126,6 +163,8 @@ def iter_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
 def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
     """Provenance of a dataset for manifests: its config plus files or revision."""
     info = cfg.to_dict()
+    if cfg.shuffle_seed is None:  # source order: the same description as before shuffling existed
+        del info["shuffle_seed"], info["shuffle_buffer"]
     if cfg.path == STDLIB:
         import sys
 

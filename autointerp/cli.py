@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-size", type=int, default=64, help="tokens per model context")
     parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
     parser.add_argument("--window", type=int, default=32, help="tokens per example window")
+    parser.add_argument("--no-shuffle", dest="shuffle_documents", action="store_false",
+                        help="read the dataset's documents in source order (default: a seeded shuffle, so the "
+                             "records sample the whole corpus)")
     parser.add_argument("--workers", type=int, default=4, help="latents processed concurrently in LLM runs")
     parser.add_argument("--embed-chunk", type=int, default=1,
                         help="latents whose embedding-scorer texts are embedded in one call (same scores)")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         latents=args.latents, explainer=args.explainer,
         scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()), llm=args.llm, control=args.control,
         records=RecordConfig(n_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
-                             window=args.window, seed=args.seed),
+                             window=args.window, shuffle_documents=args.shuffle_documents, seed=args.seed),
         workers=args.workers, embed_chunk=args.embed_chunk, device=args.device, seed=args.seed,
         progress=not args.no_progress, overwrite=args.overwrite, retry_failed=args.retry_failed,
     )

@@ -1,6 +1,6 @@
 """Explainers: turn a latent record into a one-sentence explanation.
 
-`BaselineExplainer` needs no LLM (most frequent activating tokens and their left contexts) and is the offline
+`BaselineExplainer` needs no LLM (the words a latent peaks on and their left contexts) and is the offline
 default; `LLMExplainer` shows an LLM highlighted examples (prompt templates `explainer_*.txt`).
 """
 from __future__ import annotations
@@ -60,12 +60,37 @@ def peak_index(example: Example) -> int:
     return max(range(len(example.acts)), key=example.acts.__getitem__)
 
 
+def word_at(tokens: list[str], i: int) -> str:
+    """The whole word holding token i: neighbouring tokens joined while the boundary falls inside letters/digits.
+
+    Subword pieces ("REVER", "SE") mean little to a reader or a sentence embedder; the word ("REVERSE") does.
+    """
+    lo = hi = i
+    while lo > 0 and tokens[lo][:1].isalnum() and tokens[lo - 1][-1:].isalnum():
+        lo -= 1
+    while hi + 1 < len(tokens) and tokens[hi + 1][:1].isalnum() and tokens[hi][-1:].isalnum():
+        hi += 1
+    return "".join(tokens[lo: hi + 1]).strip()
+
+
+def describe_whitespace(token: str) -> str:
+    """A readable name for a whitespace-only token ("newline + 8 spaces"), which quoting would not show."""
+    parts = []
+    if n := token.count("\n"):
+        parts.append("newline" if n == 1 else f"{n} newlines")
+    if n := token.count(" "):
+        parts.append("1 space" if n == 1 else f"{n} spaces")
+    if n := token.count("\t"):
+        parts.append("tab" if n == 1 else f"{n} tabs")
+    return " + ".join(parts) or repr(token)
+
+
 @dataclass(frozen=True)
 class BaselineExplainer:
-    """Explain by the most frequent activating tokens (activation-weighted) and a typical left context."""
+    """Explain by the words the latent peaks on (activation-weighted) and typical left contexts of the peak."""
 
     n_tokens: int = 5
-    """Peak tokens to name."""
+    """Peak words to name."""
     n_contexts: int = 2
     """Typical contexts to quote."""
     context_tokens: int = 4
@@ -73,25 +98,25 @@ class BaselineExplainer:
     name: str = "baseline"
 
     def explain(self, record: LatentRecord) -> Explanation:
-        """One sentence naming the latent's typical activating tokens and contexts."""
+        """One sentence naming the latent's typical peak words and contexts."""
         examples = explanation_examples(record)
         if not examples:
             return Explanation(record.latent, "", self.name, ok=False, error="latent never fired in the records")
         weights: Counter[str] = Counter()
         contexts: Counter[str] = Counter()
         for ex in examples:
-            for tok, act in zip(ex.tokens, ex.acts, strict=True):
-                if act > 0 and tok.strip():
-                    weights[tok.strip()] += act
             p = peak_index(ex)
+            word = word_at(ex.tokens, p) or describe_whitespace(ex.tokens[p])
+            if ex.acts[p] > 0:
+                weights[word] += ex.acts[p]
             left = "".join(ex.tokens[max(0, p - self.context_tokens): p + 1]).strip()
             if left:
                 contexts[" ".join(left.split())] += 1
-        tokens = [t for t, _ in weights.most_common(self.n_tokens)]
+        words = [w for w, _ in weights.most_common(self.n_tokens)]
         quoted = [c for c, _ in contexts.most_common(self.n_contexts)]
-        if not tokens:
-            return Explanation(record.latent, "", self.name, ok=False, error="no printable activating tokens")
-        text = "Fires on " + ", ".join(f'"{t}"' for t in tokens)
+        if not words:
+            return Explanation(record.latent, "", self.name, ok=False, error="no activating tokens in the examples")
+        text = "Fires on " + ", ".join(f'"{w}"' for w in words)
         if quoted:
             text += ", as in " + "; ".join(f'"{c}"' for c in quoted)
         return Explanation(record.latent, text + ".", self.name)

@@ -104,6 +104,24 @@ def bootstrap_ci(
     return lo, hi
 
 
+def bootstrap_diff_ci(
+    a: Sequence[float | None], b: Sequence[float | None], n_resamples: int = 1000, confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(a) − mean(b) for two independent samples (finite values; NaNs if empty)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    va, vb = finite(a), finite(b)
+    if not va or not vb:
+        return NAN, NAN
+    rng = random.Random(seed)
+    diffs = sorted(sum(rng.choices(va, k=len(va))) / len(va) - sum(rng.choices(vb, k=len(vb))) / len(vb)
+                   for _ in range(n_resamples))
+    lo = diffs[int(math.floor((1 - confidence) / 2 * (n_resamples - 1)))]
+    hi = diffs[int(math.ceil((1 + confidence) / 2 * (n_resamples - 1)))]
+    return lo, hi
+
+
 def aggregate(per_latent: Sequence[dict[str, float]], seed: int = 0) -> dict[str, dict[str, float]]:
     """For each metric name: mean, bootstrap 95% CI and the number of latents with a finite value."""
     names = sorted({k for row in per_latent for k in row if k not in ("n", "n_positive")})

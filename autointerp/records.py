@@ -57,8 +57,11 @@ class RecordConfig:
     """How many of the top examples' peak tokens define "similar" contexts."""
     exclude_special: bool = True
     """Zero activations on BOS/EOS/pad tokens, whose activations are outliers."""
+    shuffle_documents: bool = True
+    """Read documents in a seeded shuffled order, so N tokens sample the whole corpus rather than its first files
+    (records drawn from a handful of files make activating and non-activating contexts look alike)."""
     seed: int = 0
-    """Seed of the reservoirs and random windows."""
+    """Seed of the reservoirs, random windows and document order."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "context_size", "batch_size", "window", "n_top", "n_quantiles"):
@@ -192,6 +195,8 @@ def _iter_batches(model: Any, dataset: Any, cfg: RecordConfig, n_tokens: int):
     from activation_store.tokens import iter_token_batches
 
     ds = dataset.replace(context_size=cfg.context_size)
+    if cfg.shuffle_documents and ds.shuffle_seed is None:
+        ds = ds.replace(shuffle_seed=cfg.seed)
     return iter_token_batches(model.tokenizer, ds, cfg.batch_size, bos_token_id=model.bos_token_id, max_tokens=n_tokens)
 
 

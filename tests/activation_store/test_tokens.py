@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from activation_store.corpus import is_heldout, stdlib_files, stdlib_root
-from activation_store.tokens import DatasetConfig, iter_documents, iter_token_batches, special_token_mask
+from activation_store.tokens import (
+    DatasetConfig,
+    buffer_shuffle,
+    describe_source,
+    iter_documents,
+    iter_token_batches,
+    special_token_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,40 @@ def test_parquet_source(tokenizer, tmp_path):
     assert [t for _, t in docs] == ["x = 1\n", "y = 2\n"]
 
 
-@pytest.mark.parametrize("bad", [dict(split="test"), dict(bos="start"), dict(context_size=1), dict(eval_percent=100)])
+def test_stdlib_shuffle_reorders_the_same_documents():
+    source = list(iter_documents(DatasetConfig()))
+    shuffled = list(iter_documents(DatasetConfig(shuffle_seed=1)))
+    assert sorted(shuffled) == source  # same (index, text) pairs: indices are file places, not read order
+    assert [i for i, _ in shuffled[:20]] != [i for i, _ in source[:20]]
+    assert [i for i, _ in iter_documents(DatasetConfig(shuffle_seed=1))][:50] == [i for i, _ in shuffled[:50]]
+    assert [i for i, _ in iter_documents(DatasetConfig(shuffle_seed=2))][:50] != [i for i, _ in shuffled[:50]]
+    held = {i for i, _ in iter_documents(DatasetConfig(split="eval", shuffle_seed=1))}
+    assert held == {i for i, _ in iter_documents(DatasetConfig(split="eval"))}
+
+
+def test_local_documents_shuffle_keeps_indices_and_split(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(200)))
+    cfg = DatasetConfig(path=str(tmp_path / "d.jsonl"), eval_percent=10)
+    source = list(iter_documents(cfg))
+    shuffled = list(iter_documents(cfg.replace(shuffle_seed=0, shuffle_buffer=16)))
+    assert sorted(shuffled) == sorted(source) and shuffled != source
+    assert all(text == f"doc {i}" for i, text in shuffled)
+
+
+def test_buffer_shuffle_yields_each_item_once():
+    out = list(buffer_shuffle(range(1000), buffer=50, seed=3))
+    assert sorted(out) == list(range(1000)) and out != list(range(1000))
+    assert list(buffer_shuffle(range(1000), buffer=50, seed=3)) == out
+    assert list(buffer_shuffle(range(5), buffer=1, seed=0)) == list(range(5))  # a 1-slot buffer keeps order
+
+
+def test_source_description_unchanged_without_shuffle():
+    assert "shuffle_seed" not in describe_source(DatasetConfig())
+    assert describe_source(DatasetConfig(shuffle_seed=4))["shuffle_seed"] == 4
+
+
+@pytest.mark.parametrize("bad", [dict(split="test"), dict(bos="start"), dict(context_size=1), dict(eval_percent=100),
+                                 dict(shuffle_buffer=0)])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         DatasetConfig(**bad)

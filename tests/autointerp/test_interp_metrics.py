@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from autointerp.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, top_n_predictions
+from autointerp.metrics import (
+    aggregate,
+    auroc,
+    binary_metrics,
+    bootstrap_ci,
+    bootstrap_diff_ci,
+    top_n_predictions,
+)
 from autointerp.spec import parse_latent_spec, sample_live
 
 
@@ -63,3 +71,15 @@ def test_sample_live_is_seeded_and_only_live():
     a, b = sample_live(live, 5, seed=1), sample_live(live, 5, seed=1)
     assert a == b and set(a) <= set(live) and len(a) == 5
     assert sample_live([4, 2], 5, seed=0) == [2, 4]
+
+
+def test_bootstrap_diff_ci_separates_shifted_samples_only():
+    rng = random.Random(0)
+    a = [0.65 + rng.gauss(0, 0.1) for _ in range(200)]
+    b = [0.55 + rng.gauss(0, 0.1) for _ in range(200)]
+    c = [0.55 + rng.gauss(0, 0.1) for _ in range(200)]
+    lo, hi = bootstrap_diff_ci(a, b)
+    assert 0.05 < lo < 0.1 < hi < 0.15
+    lo, hi = bootstrap_diff_ci(b, c)
+    assert lo < 0 < hi
+    assert all(math.isnan(v) for v in bootstrap_diff_ci([], [0.5]))

@@ -17,9 +17,9 @@ def setup(tiny_model):
     cfg = RecordConfig(n_tokens=2048, context_size=32, batch_size=8, window=16, n_top=5, n_sample_pool=8,
                        n_random_negatives=4, n_similar_negatives=4)
     latents = [0, 5, 17, 30, 47]
-    ds = DatasetConfig(context_size=cfg.context_size)
-    state = collect_records(tiny_model, sae, ds, latents, cfg, progress=False)
-    # Brute force: every context's activations of the selected latents.
+    state = collect_records(tiny_model, sae, DatasetConfig(), latents, cfg, progress=False)
+    # Brute force: every context's activations of the selected latents, documents in the records' seeded order.
+    ds = DatasetConfig(context_size=cfg.context_size, shuffle_seed=cfg.seed)
     rows, acts = [], []
     with torch.no_grad():
         for b in iter_token_batches(tiny_model.tokenizer, ds, cfg.batch_size, bos_token_id=tiny_model.bos_token_id,

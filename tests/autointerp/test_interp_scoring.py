@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 from fakes import FakeEmbedder, FakeJudge, LLMResponse, synthetic_record
 
-from autointerp.explainers import BaselineExplainer, LLMExplainer, make_explainer, parse_explanation
+from autointerp.explainers import (
+    BaselineExplainer,
+    LLMExplainer,
+    describe_whitespace,
+    make_explainer,
+    parse_explanation,
+    word_at,
+)
 from autointerp.metrics import auroc, binary_metrics, top_n_predictions
 from autointerp.prompting import ParseError, load_template, parse_binary_list
 from autointerp.scorers import (
@@ -65,6 +72,33 @@ def test_unparseable_reply_and_llm_down_are_failure_records():
 def test_baseline_explainer_names_the_activating_token():
     exp = BaselineExplainer().explain(synthetic_record(keyword="spam"))
     assert exp.ok and exp.text.startswith('Fires on "spam"')
+
+
+def test_word_at_joins_subword_pieces():
+    tokens = ["x", " =", " REVER", "SE", "D", "(", "a", "_b", ")"]
+    assert word_at(tokens, 3) == "REVERSED" == word_at(tokens, 2)
+    assert word_at(tokens, 5) == "("
+    assert word_at(tokens, 6) == "a"  # "_" is a word boundary: the sentence embedder splits on it too
+
+
+def test_whitespace_peaks_are_described_not_dropped():
+    assert describe_whitespace("\n        ") == "newline + 8 spaces"
+    assert describe_whitespace("\n\n\t") == "2 newlines + tab"
+    rec = synthetic_record(keyword="\n    ")  # the record puts a space before it: 5 spaces in all
+    exp = BaselineExplainer().explain(rec)
+    assert exp.ok and exp.text.startswith('Fires on "newline + 5 spaces"'), exp.text
+
+
+def test_baseline_explainer_names_the_word_of_a_subword_peak():
+    rec = synthetic_record(keyword="spam")
+    for ex in rec.top + rec.samples:  # the latent now peaks on the piece "ham" of the word " spamham"
+        toks, acts = [], []
+        for t, a in zip(ex.tokens, ex.acts, strict=True):
+            toks += [t, "ham"] if t == " spam" else [t]
+            acts += [0.0, a] if t == " spam" else [a]
+        ex.tokens, ex.acts, ex.token_ids = toks, acts, [hash(t) % 1000 for t in toks]
+    exp = BaselineExplainer().explain(rec)
+    assert exp.ok and exp.text.startswith('Fires on "spamham"'), exp.text
 
 
 @pytest.mark.parametrize("scorer_cls", [DetectionScorer, FuzzingScorer])
