@@ -276,5 +276,26 @@ class SparseCoder(nn.Module):
 
 def fvu(target: Tensor, recon: Tensor) -> Tensor:
     """Fraction of variance unexplained: E‖y−ŷ‖² / E‖y−E[y]‖² (per-dimension mean, not the mean of squares)."""
-    total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
-    return (target - recon).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
+    if target.requires_grad:  # the fused form treats the target as data
+        total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
+        return (target - recon).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
+    return _FVU.apply(target, recon)
+
+
+class _FVU(torch.autograd.Function):
+    """FVU with the gradient w.r.t. the reconstruction only: 5 passes over (N, d) instead of ~10, each a
+    subtraction or a dot product (`pow` and `var(dim=0)` are several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, target: Tensor, recon: Tensor) -> Tensor:
+        err = (target - recon).reshape(-1)  # (N·d,)
+        centred = (target - target.mean(dim=0, keepdim=True)).reshape(-1)
+        total = torch.dot(centred, centred).clamp_min(torch.finfo(target.dtype).tiny)
+        ctx.save_for_backward(err, total)
+        ctx.shape = recon.shape
+        return torch.dot(err, err) / total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        err, total = ctx.saved_tensors
+        return None, (err * (-2 * grad / total)).view(ctx.shape)

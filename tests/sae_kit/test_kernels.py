@@ -119,3 +119,30 @@ def test_sparse_pattern_layouts():
     assert p.latent_ptr.tolist() == [0, 2, 3, 4, 6]  # latents 0,1,2,3 hold 2,1,1,2 slots
     assert p.slot_token.tolist() == [0, 2, 1, 2, 0, 1]  # tokens ascending within each latent
     assert p.row_ptr.tolist() == [0, 2, 4, 6]
+
+
+def _fvu_reference(target, recon):
+    total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
+    return (target - recon).pow(2).sum() / total
+
+
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_fused_fvu_matches_the_formula_and_its_gradients(target_grad):
+    from sae_kit.sae.base import fvu
+
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.randn(64, 16, generator=gen, dtype=torch.float64) * 3 + 5  # a large mean, as residual streams have
+    r0 = y0 + torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    grads = []
+    for f in (fvu, _fvu_reference):
+        y, r = y0.clone().requires_grad_(target_grad), r0.clone().requires_grad_()
+        loss = f(y, r)
+        (loss * 2.5).backward()
+        grads.append((loss.detach(), r.grad, y.grad))
+    (l1, gr1, gy1), (l2, gr2, gy2) = grads
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(gr1, gr2)
+    if target_grad:
+        torch.testing.assert_close(gy1, gy2)
+    else:
+        assert gy1 is None and gy2 is None
