@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_kit.sae import native
+
 _SCRATCH = threading.local()
 
 
@@ -66,6 +68,8 @@ def topk_indices(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
     top k lie in the k groups with the largest maxima; a second top-k over those k·g candidates finds them.
     On CPU this is ~4× faster than one `topk` over the row.
     """
+    if native.usable(scores):  # the same selection in C, ~2.4× faster (built on first use; see native.py)
+        return native.topk_rows(scores, k, by_magnitude)
     n, d = scores.shape
     g = _group_count(d, k)
     if g is None:
