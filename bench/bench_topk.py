@@ -103,6 +103,9 @@ def main() -> None:
     x = torch.randn(args.batch, args.d_in)  # (B, d_in)
     print(f"TopK step: batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    from sae_kit.sae import native
+
+    print(f"our top-k: {'native C (sae_kit/sae/topk_native.c)' if native.library() else 'torch (no native build)'}")
 
     builders: dict[str, Callable[[], Callable[[], None]]] = {
         "roofline matmul": lambda: matmul(x, args.d_sae),
