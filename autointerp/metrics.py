@@ -87,21 +87,30 @@ def mean(values: Sequence[float | None]) -> float:
     return sum(vals) / len(vals) if vals else NAN
 
 
+def _percentile_interval(stats: list[float], confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap statistics (percentile method)."""
+    stats = sorted(stats)
+    n = len(stats)
+    return (stats[int(math.floor((1 - confidence) / 2 * (n - 1)))],
+            stats[int(math.ceil((1 + confidence) / 2 * (n - 1)))])
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
 def bootstrap_ci(
     values: Sequence[float | None], n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of the finite values (NaN, NaN if none)."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     vals = finite(values)
     if not vals:
         return NAN, NAN
     rng = random.Random(seed)
     n = len(vals)
-    means = sorted(sum(rng.choice(vals) for _ in range(n)) / n for _ in range(n_resamples))
-    lo = means[int(math.floor((1 - confidence) / 2 * (n_resamples - 1)))]
-    hi = means[int(math.ceil((1 + confidence) / 2 * (n_resamples - 1)))]
-    return lo, hi
+    return _percentile_interval([sum(rng.choice(vals) for _ in range(n)) / n for _ in range(n_resamples)], confidence)
 
 
 def bootstrap_diff_ci(
@@ -109,17 +118,14 @@ def bootstrap_diff_ci(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of mean(a) − mean(b) for two independent samples (finite values; NaNs if empty)."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     va, vb = finite(a), finite(b)
     if not va or not vb:
         return NAN, NAN
     rng = random.Random(seed)
-    diffs = sorted(sum(rng.choices(va, k=len(va))) / len(va) - sum(rng.choices(vb, k=len(vb))) / len(vb)
-                   for _ in range(n_resamples))
-    lo = diffs[int(math.floor((1 - confidence) / 2 * (n_resamples - 1)))]
-    hi = diffs[int(math.ceil((1 + confidence) / 2 * (n_resamples - 1)))]
-    return lo, hi
+    diffs = [sum(rng.choices(va, k=len(va))) / len(va) - sum(rng.choices(vb, k=len(vb))) / len(vb)
+             for _ in range(n_resamples)]
+    return _percentile_interval(diffs, confidence)
 
 
 def aggregate(per_latent: Sequence[dict[str, float]], seed: int = 0) -> dict[str, dict[str, float]]:

@@ -28,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LR = 1e-4
 
 
+def train_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """One training step: forward (`loss`), backward, Adam."""
+    def step() -> None:
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    return step
+
+
 def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool) -> Callable[[], None]:
     """sae-kit's TopKSAE, fast path or dense reference."""
     from sae_kit.sae import SAEConfig, SparseCoder
@@ -35,15 +46,7 @@ def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool) -> Callable[[], None
 
     sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=d_sae, k=k))
     sae.use_sparse_kernels = sparse
-    opt = make_optimizer(sae, LR)  # what `sae-kit train` uses (fused Adam)
-
-    def step() -> None:
-        out = sae(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-
-    return step
+    return train_step(lambda: sae(x).loss, make_optimizer(sae, LR))  # what `sae-kit train` uses (fused Adam)
 
 
 def sparsify(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
@@ -51,15 +54,7 @@ def sparsify(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=LR)
-
-    def step() -> None:
-        out = sae(x)
-        opt.zero_grad(set_to_none=True)
-        out.fvu.backward()
-        opt.step()
-
-    return step
+    return train_step(lambda: sae(x).fvu, torch.optim.Adam(sae.parameters(), lr=LR))
 
 
 def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
@@ -68,16 +63,8 @@ def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
     from sae_lens.saes.sae import TrainStepInput
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, dtype="float32", device="cpu"))
-    opt = torch.optim.Adam(sae.parameters(), lr=LR)
     inp = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
-
-    def step() -> None:
-        out = sae.training_forward_pass(inp)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-
-    return step
+    return train_step(lambda: sae.training_forward_pass(inp).loss, torch.optim.Adam(sae.parameters(), lr=LR))
 
 
 def matmul(x: torch.Tensor, d_sae: int) -> Callable[[], None]:

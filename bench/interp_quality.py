@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from autointerp.metrics import bootstrap_diff_ci, mean  # noqa: E402
 from autointerp.records import META_FILE, RECORDS_FILE  # noqa: E402  (light: no model code)
-from autointerp.resume import RESULT_FILES, SCORES_FILE, read_jsonl  # noqa: E402
+from autointerp.resume import RESULT_FILES, SCORES_FILE, merge_score_rows, read_jsonl  # noqa: E402
 
 DEFAULT_SAE = "runs/quality/saes/topk"
 TRAIN_HINT = ("train one first with `python bench/sae_quality.py` (writes runs/quality/saes/topk) or e.g. `sae-kit train --model reference --hook blocks.2.hook_resid_post --arch topk "
@@ -68,7 +68,7 @@ def auroc_summary(summary: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def per_latent_auroc(folder: Path) -> list[float]:
     """Embedding AUROC of every scored latent of one autointerp run."""
-    rows = read_jsonl(folder / SCORES_FILE)
+    rows = merge_score_rows(read_jsonl(folder / SCORES_FILE)).values()  # one row per latent, even mid-resume
     return [r["scores"]["embedding"]["auroc"] for r in rows if "auroc" in r["scores"].get("embedding", {})]
 
 

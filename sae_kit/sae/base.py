@@ -208,6 +208,18 @@ class SparseCoder(nn.Module):
         """Encode, decode and compute the training loss; target defaults to x (an SAE)."""
         raise NotImplementedError
 
+    def _dense_output(self, x: Tensor, target: Tensor | None, z: Tensor, sparsity: Tensor,
+                      l0: Tensor) -> ForwardOutput:
+        """Output of a dense-latent coder: decode z (N, d_sae); loss = FVU + the λ-weighted sparsity term."""
+        y_hat = self.decode(z, x)  # (N, d_out)
+        recon_fvu = fvu(x if target is None else target, y_hat)
+        zero = recon_fvu.new_zeros(())
+        return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0)
+
+    def _sparsity_coefficient(self, override: float | None) -> float:
+        """λ for this forward: the trainer's warmed-up value, else the config's."""
+        return self.cfg.sparsity_coefficient if override is None else override
+
     # -- maintenance called by the trainer ---------------------------------------------------------------
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm_(self) -> None:
@@ -226,6 +238,12 @@ class SparseCoder(nn.Module):
     # -- training hooks (the trainer calls them for every architecture; most need nothing) -----------------------
     calibrates_after_training: ClassVar[bool] = False
     """True when `calibrate_` sets inference-only state from data, so the trainer reads a sample for it."""
+    unit_norm_decoder: ClassVar[bool] = False
+    """True when the trainer keeps decoder rows at unit norm (projecting the gradient, renormalising after Adam)."""
+    uses_sparsity_coefficient: ClassVar[bool] = False
+    """True when the loss has a λ-weighted sparsity term (the trainer warms λ up and logs it)."""
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam's (β1, β2) for this architecture."""
 
     def init_from_data_(self, x: Tensor) -> None:
         """Architecture-specific start from a sample (N, d_in) of scaled training inputs, after b_dec is set."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder, fvu
+from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder
 
 
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -83,6 +83,8 @@ class JumpReLUSAE(SparseCoder):
     """Per-latent learned thresholds, trained with an L0 penalty through straight-through estimators."""
 
     architecture = "jumprelu"
+    uses_sparsity_coefficient = True
+    adam_betas = (0.0, 0.999)  # Gemma Scope uses β1 = 0
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -128,18 +130,13 @@ class JumpReLUSAE(SparseCoder):
         sparsity_coefficient: float | None = None, **_: Any,
     ) -> ForwardOutput:
         """Encode, decode, FVU + λ·(L0 or its target form) (see the module docstring); dead_mask is unused."""
-        y = x if target is None else target
-        lam = self.cfg.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
         pre = self.pre_acts(x)  # (N, d_sae)
         theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
         z = jumprelu(pre, theta, eps)  # (N, d_sae)
-        y_hat = self.decode(z, x)  # (N, d_out)
-        recon_fvu = fvu(y, y_hat)
         l0 = heaviside(pre, theta, eps).sum(-1).mean()
         penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
-        sparsity = lam * penalty
-        zero = recon_fvu.new_zeros(())
-        return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0.detach())
+        return self._dense_output(x, target, z, self._sparsity_coefficient(sparsity_coefficient) * penalty,
+                                  l0.detach())
 
     # The file keeps θ under its conventional name; training checkpoints keep log θ (bit-exact resume).
     def inference_state_dict(self) -> dict[str, Tensor]:

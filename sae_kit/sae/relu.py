@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder, fvu
+from sae_kit.sae.base import ForwardOutput, SAEConfig, SparseCoder
 
 INIT_DECODER_NORM = 0.1
 """Decoder row norm at initialisation (April 2024 update): with unit rows and W_enc = W_decᵀ, half of all latents
@@ -27,6 +27,7 @@ class ReLUSAE(SparseCoder):
     """Dense ReLU latents with a decoder-norm-weighted L1 penalty."""
 
     architecture = "relu"
+    uses_sparsity_coefficient = True
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -44,13 +45,7 @@ class ReLUSAE(SparseCoder):
         sparsity_coefficient: float | None = None, **_: Any,
     ) -> ForwardOutput:
         """Encode, decode, FVU + λ·L1 (see the module docstring); dead_mask is unused."""
-        y = x if target is None else target
-        lam = self.cfg.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
         z = self.encode(x)  # (N, d_sae)
-        y_hat = self.decode(z, x)  # (N, d_out)
-        recon_fvu = fvu(y, y_hat)
         l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
-        sparsity = lam * l1
         l0 = (z > 0).sum(-1, dtype=torch.float32).mean()
-        zero = recon_fvu.new_zeros(())
-        return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0)
+        return self._dense_output(x, target, z, self._sparsity_coefficient(sparsity_coefficient) * l1, l0)

@@ -50,7 +50,6 @@ CALIBRATION_ROWS = 16_384
 """Rows on which a BatchTopK SAE's inference threshold is set after training."""
 MAX_ACTS_ROWS = 65_536
 """Rows encoded after training to record each latent's max |activation| (the unit of steering strengths)."""
-"""Final metrics average the last this many steps."""
 METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
 
 
@@ -132,8 +131,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
     torch.manual_seed(cfg.seed)
     sae = SparseCoder.from_config(sae_cfg, device=device)
     peak_lr = spec.lr or default_lr(d_sae)
-    betas = (0.0, 0.999) if cfg.architecture == "jumprelu" else (0.9, 0.999)  # Gemma Scope uses β1 = 0
-    opt = make_optimizer(sae, peak_lr, betas)
+    opt = make_optimizer(sae, peak_lr, sae.adam_betas)
     dead = DeadLatentTracker(d_sae, cfg.dead_tokens_threshold, device)
     recent = {k: deque(maxlen=FINAL_WINDOW) for k in (*METRIC_KEYS, "dead_frac")}
     return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner, recent=recent)
@@ -376,7 +374,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
                 fired_int = s["fired"].to(torch.uint8)
                 dp.all_reduce_max_(fired_int)
                 s["fired"] = fired_int.bool()
-                if t.sae.cfg.architecture in TOPK_FAMILY:
+                if t.sae.unit_norm_decoder:
                     t.sae.remove_gradient_parallel_to_decoder_directions_()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 if not torch.isfinite(norm):
@@ -385,7 +383,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
             # Phase 3: update.
             for t, s in zip(trainees, stats):
                 t.opt.step()
-                if t.sae.cfg.architecture in TOPK_FAMILY:
+                if t.sae.unit_norm_decoder:
                     t.sae.set_decoder_norm_to_unit_norm_()
                 t.dead.update(s["fired"], cfg.batch_size)
                 values = dict(zip(METRIC_KEYS, s["sums"].tolist()))
@@ -397,7 +395,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
             if step % cfg.log_every == 0 or step == n_steps:
                 for t, s in zip(trainees, stats):
                     record = {"step": step, "tokens": step * cfg.batch_size, **s["values"], "lr": s["lr"]}
-                    if cfg.architecture in ("jumprelu", "relu"):
+                    if t.sae.uses_sparsity_coefficient:
                         record["sparsity_coefficient"] = t.spec.sparsity_coefficient * lam_frac
                     if t.log_file is not None:
                         t.log_file.write(json.dumps(record) + "\n")

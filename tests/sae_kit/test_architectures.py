@@ -366,3 +366,12 @@ def test_relu_init_reconstructs_at_the_right_scale():
     x = torch.randn(2048, 16)
     with torch.no_grad():
         assert float(sae(x).fvu) < 1.0
+
+
+def test_training_policies_per_architecture():
+    from sae_kit.sae.base import SparseCoder
+
+    reg = SparseCoder.REGISTRY
+    assert {a for a, c in reg.items() if c.unit_norm_decoder} == {"topk", "batchtopk", "abstopk"}
+    assert {a for a, c in reg.items() if c.uses_sparsity_coefficient} == {"jumprelu", "relu"}
+    assert reg["jumprelu"].adam_betas == (0.0, 0.999) and reg["topk"].adam_betas == (0.9, 0.999)
