@@ -4,7 +4,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -139,3 +142,25 @@ def synthetic_record(latent: int = 0, keyword: str = "spam", seed: int = 0) -> L
         e.quantile = i // 2
     return LatentRecord(latent, 0.01, top[0].max_act, top, samples,
                         [_example(rng, None) for _ in range(20)], [_example(rng, None) for _ in range(10)])
+
+
+def interp_config(out: Any, **kw: Any) -> Any:
+    """An offline InterpConfig on latents 0:8 of a tiny SAE, writing to `out` (kw: other fields, records)."""
+    from autointerp.pipeline import InterpConfig
+
+    base = dict(sae_path="tiny-sae", out=str(out), latents="0:8", progress=False)
+    return InterpConfig(**{**base, **kw})
+
+
+def records_once(out: Path, records: Any, sae: Any, model: Any) -> Path:
+    """Run once into `out` and return its records folder, for tests to copy so only one run pays for the pass."""
+    from autointerp.pipeline import run_interp
+
+    run_interp(interp_config(out, records=records), sae=sae, model=model, embedder=FakeEmbedder())
+    return out / "records"
+
+
+def with_records(folder: Path, records_dir: Path) -> Path:
+    """`folder` seeded with a copy of the records in `records_dir`."""
+    shutil.copytree(records_dir, folder / "records")
+    return folder

@@ -4,10 +4,9 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import shutil
 
 import pytest
-from fakes import FakeEmbedder, FakeJudge, make_sae
+from fakes import FakeEmbedder, FakeJudge, interp_config, make_sae, records_once, with_records
 
 from autointerp.pipeline import InterpConfig, run_interp
 from autointerp.records import RecordConfig
@@ -24,20 +23,14 @@ def sae(tiny_model):
 
 @pytest.fixture(scope="module")
 def records_dir(tiny_model, sae, tmp_path_factory):
-    """Records built once; each test copies them so only the first run pays for the pass."""
-    out = tmp_path_factory.mktemp("records_seed")
-    run_interp(_cfg(out), sae=sae, model=tiny_model, embedder=FakeEmbedder())
-    return out / "records"
+    return records_once(tmp_path_factory.mktemp("records_seed"), RECORDS, sae, tiny_model)
 
 
 def _cfg(out, **kw) -> InterpConfig:
-    base = dict(sae_path="tiny-sae", out=str(out), latents="0:8", records=RECORDS, progress=False)
-    return InterpConfig(**{**base, **kw})
+    return interp_config(out, **{"records": RECORDS, **kw})
 
 
-def _fresh(tmp_path, records_dir):
-    shutil.copytree(records_dir, tmp_path / "records")
-    return tmp_path
+_fresh = with_records
 
 
 def _jsonl(path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import FakeEmbedder, FakeJudge, LLMError, LLMResponse, make_sae
+from fakes import FakeEmbedder, FakeJudge, LLMError, LLMResponse, interp_config, make_sae, records_once, with_records
 
 from autointerp.pipeline import InterpConfig, run_interp
 from autointerp.records import RecordConfig, load_records, save_records
@@ -48,20 +48,14 @@ def other_sae(tiny_model):
 
 @pytest.fixture(scope="module")
 def records_dir(tiny_model, sae, tmp_path_factory):
-    """Records built once; each test copies them so only the first run pays for the pass."""
-    out = tmp_path_factory.mktemp("resume_records")
-    run_interp(_cfg(out), sae=sae, model=tiny_model, embedder=FakeEmbedder())
-    return out / "records"
+    return records_once(tmp_path_factory.mktemp("resume_records"), RECORDS, sae, tiny_model)
 
 
 def _cfg(out, **kw) -> InterpConfig:
-    base = dict(sae_path="tiny-sae", out=str(out), latents="0:8", records=RECORDS, progress=False)
-    return InterpConfig(**{**base, **kw})
+    return interp_config(out, **{"records": RECORDS, **kw})
 
 
-def _fresh(folder: Path, records_dir: Path) -> Path:
-    shutil.copytree(records_dir, folder / "records")
-    return folder
+_fresh = with_records
 
 
 def _jsonl(path: Path) -> list[dict]:
