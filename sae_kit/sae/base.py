@@ -138,8 +138,11 @@ class SparseCoder(nn.Module):
         w_dec = torch.randn(d_sae, d_out, device=device, dtype=dtype)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)  # (d_sae, d_out)
-        w_enc = w_dec.T.clone() if d_in == d_out else torch.randn(d_in, d_sae, device=device, dtype=dtype) / d_in**0.5
-        self.W_enc = nn.Parameter(w_enc)  # (d_in, d_sae)
+        w_enc = w_dec.clone() if d_in == d_out else torch.randn(d_sae, d_in, device=device, dtype=dtype) / d_in**0.5
+        # Shape (d_in, d_sae), stored latent-major (strides (1, d_in)): the sparse backward builds the gradient
+        # one latent row at a time, and autograd would copy a gradient whose layout differs from the parameter's.
+        # Matmuls take either layout at the same speed; the saved file is contiguous (d_in, d_sae) as before.
+        self.W_enc = nn.Parameter(w_enc.T)  # (d_in, d_sae)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
         if cfg.skip_connection:

@@ -89,6 +89,19 @@ def topk_indices(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
     return cols.gather(1, pick).sort(dim=1).values
 
 
+def topk_biased(pre: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor]:
+    """Values and indices (N, k) of the k largest (pre + bias) (or |pre + bias|) per row, indices ascending.
+
+    `pre` (N, d) is scratch: the torch fallback adds the bias into it in place. The native top-k reads the bias
+    alongside the rows instead, so no pass over `pre` is spent on it.
+    """
+    if native.usable(pre) and bias.dtype == pre.dtype:
+        return native.topk_rows_biased(pre, bias, k, by_magnitude)
+    pre += bias
+    idx = topk_indices(pre, k, by_magnitude)
+    return pre.gather(1, idx), idx
+
+
 class SparsePattern(NamedTuple):
     """Where the active slots are, in both layouts the backward needs; built once per batch."""
 
@@ -169,7 +182,7 @@ class _GatherPreActs(torch.autograd.Function):
             grad_bd = -(W_enc @ col_sum) if need_bd else None
         if need_w:
             xc = (x if b_dec is None else x - b_dec).to(W_enc.dtype)  # (N, d_in)
-            grad_w = _latent_major_mm(grad, p, xc).T  # (d_in, d_sae), a transposed view
+            grad_w = _latent_major_mm(grad, p, xc).T  # (d_in, d_sae) in W_enc's latent-major layout
         if need_x:
             grad_x = F.embedding_bag(p.indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum").to(x.dtype)
         return None, grad_x, grad_w, grad_be, grad_bd, None

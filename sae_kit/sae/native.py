@@ -1,9 +1,8 @@
-"""The optional native top-k (`topk_native.c`): compiled with the system C compiler on first use, then cached.
+"""The optional native kernels: compiled with the system C compiler on first use, then cached.
 
-On a CPU the top-k selection is the costliest part of a TopK training step after the encoder matmul; inside a
-step the C version takes 14 ms where the two-stage torch version takes 30 (4096 × 8192 scores, k 32, 2 threads;
-`kernels.topk_indices` falls back to the torch version). It is
-built with `-march=native` into `$XDG_CACHE_HOME/sae-kit/native/<digest>/`, the digest covering the source,
+`topk_native.c` holds the top-k selection, the costliest part of a TopK training step after the encoder matmul
+(inside a step 9 ms where the two-stage torch version takes 30: 4096 × 8192 scores, k 32, 2 threads);
+`kernels.py` falls back to the torch version. The library is built with `-march=native` into `$XDG_CACHE_HOME/sae-kit/native/<digest>/`, the digest covering the source,
 compiler, flags and CPU, so a shared home directory never hands one machine another's binary. No compiler, a
 failed build or `SAE_KIT_NATIVE=0` means the torch path, with one warning (none when disabled).
 """
@@ -25,10 +24,10 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("topk_native.c")
+SOURCES = (Path(__file__).with_name("topk_native.c"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "SAE_KIT_NATIVE"
-"""Set to 0 to never build or use the native top-k."""
+"""Set to 0 to never build or use the native kernels."""
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -59,7 +58,7 @@ def _build(cc: str) -> Path:
     """Compile the library (once per digest) and return its path; raises on failure."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]).encode()
+        "\0".join([*(src.read_text() for src in SOURCES), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / digest / "libsaekit_topk.so"
     if target.is_file():
@@ -69,7 +68,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
         os.replace(tmp, target)
@@ -95,24 +94,41 @@ def library() -> ctypes.CDLL | None:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")
             lib = ctypes.CDLL(str(_build(cc)))
-            lib.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_int]
+            lib.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.topk_rows.restype = ctypes.c_int
             _lib = lib
         except Exception as err:  # any failure means the torch path, never a failed run
-            log.warning("native top-k unavailable (%s); using the torch top-k (set %s=0 to silence)", err, ENV_SWITCH)
+            log.warning("native kernels unavailable (%s); using torch's (set %s=0 to silence)", err, ENV_SWITCH)
         _tried = True
         return _lib
 
 
 def usable(scores: Tensor) -> bool:
-    """Whether the native top-k can take these scores: a 2-D float32 CPU tensor, with the library available."""
+    """Whether the native kernels can take this operand: a 2-D float32 CPU tensor, with the library available."""
     return (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2
             and 0 < scores.shape[1] < 2**31 and library() is not None)
 
 
 def topk_rows(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
     """Indices (N, k) of the k largest scores (or |scores|) per row, ascending within each row (see `usable`)."""
+    return _topk(scores, k, by_magnitude, None, want_values=False)[1]
+
+
+def topk_rows_biased(scores: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor]:
+    """Values and indices (N, k) of the k largest (scores + bias) per row, indices ascending (see `usable`).
+
+    The bias (d,) is added while the rows are read, so the encoder matmul before it can skip its bias pass.
+    """
+    if bias.shape != (scores.shape[-1],) or bias.dtype != scores.dtype or bias.device != scores.device:
+        raise ValueError(f"bias must be a {scores.dtype} vector of shape ({scores.shape[-1]},) on {scores.device}, "
+                         f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    values, indices = _topk(scores, k, by_magnitude, bias.detach().contiguous(), want_values=True)
+    return values, indices
+
+
+def _topk(scores: Tensor, k: int, by_magnitude: bool, bias: Tensor | None,
+          want_values: bool) -> tuple[Tensor | None, Tensor]:
     lib = library()
     if lib is None:
         raise RuntimeError("the native top-k is not available; check `native.usable` first")
@@ -120,7 +136,11 @@ def topk_rows(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
     if not 0 < k <= d:
         raise ValueError(f"k must be in [1, {d}] for rows of {d} scores, got {k}")
     scores = scores.contiguous()
-    out = torch.empty((n, k), dtype=torch.int64)
-    if n and lib.topk_rows(scores.data_ptr(), n, d, k, int(by_magnitude), out.data_ptr(), torch.get_num_threads()):
+    indices = torch.empty((n, k), dtype=torch.int64)
+    values = torch.empty((n, k), dtype=scores.dtype) if want_values else None
+    if n and lib.topk_rows(scores.data_ptr(), None if bias is None else bias.data_ptr(), n, d, k, int(by_magnitude),
+                           indices.data_ptr(), None if values is None else values.data_ptr(),
+                           torch.get_num_threads()):
         raise MemoryError(f"native top-k could not allocate its buffers for rows of {d} scores")
-    return out
+    return values, indices
+

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
-from sae_kit.sae.kernels import gather_pre_acts, scratch, sparse_decode, sparse_pattern, topk_indices
+from sae_kit.sae.kernels import gather_pre_acts, scratch, sparse_decode, sparse_pattern, topk_biased, topk_indices
 
 CHUNK_ELEMENTS = 1 << 23
 """Pre-activations computed per encoder chunk (32 MB in fp32; 1024 rows of a 8192-wide SAE): the top-k reads each
@@ -83,22 +83,35 @@ class TopKSAE(SparseCoder):
     def select_from_pre(self, pre: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
         """Active latents (and AuxK dead latents) of a block of rows, from its pre-activations (N, d_sae)."""
         idx, keep = self.active_latents(pre, train)  # (N, K)
-        aux_values = aux_idx = None
-        if dead is not None:
-            dead_pre = pre.index_select(1, dead)  # (N, n_dead)
-            pos = self.select(dead_pre, self._k_aux(dead.numel()))  # (N, k_aux), ascending
-            aux_values, aux_idx = dead_pre.gather(1, pos), dead[pos]  # dead is ascending, so aux_idx is too
+        aux_values, aux_idx = self._aux_selection(pre.index_select(1, dead) if dead is not None else None, dead)
         return Selection(pre.gather(1, idx), idx, keep, aux_values, aux_idx)
 
+    def _aux_selection(self, dead_pre: Tensor | None, dead: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The AuxK slots: the k_aux best of the dead latents' pre-activations dead_pre (N, n_dead), or Nones."""
+        if dead_pre is None or dead is None:
+            return None, None
+        pos = self.select(dead_pre, self._k_aux(dead.numel()))  # (N, k_aux), ascending
+        return dead_pre.gather(1, pos), dead[pos]  # dead is ascending, so the indices are too
+
     def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
-        """Selection for inputs (N, d_in), computing pre-activations a chunk of rows at a time (no autograd)."""
+        """Selection for inputs (N, d_in), computing pre-activations a chunk of rows at a time (no autograd).
+
+        The per-row top k (architectures with another selection, such as BatchTopK, override this). The chunk's
+        matmul skips b_enc: the top-k adds it while reading the chunk, which saves a full pass over it.
+        """
         xc = self.encoder_input(x)  # (N, d_in)
+        b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
         parts = []
         for i in range(0, xc.shape[0], step):
             rows = xc[i:i + step]  # (C, d_in)
             pre = scratch((rows.shape[0], self.cfg.d_sae), self.W_enc.dtype, self.W_enc.device)  # (C, d_sae)
-            parts.append(self.select_from_pre(torch.addmm(self.b_enc, rows, self.W_enc, out=pre), dead, train))
+            torch.mm(rows, self.W_enc, out=pre)  # no b_enc yet
+            # AuxK reads the dead columns first: topk_biased may reuse pre.
+            dead_pre = pre.index_select(1, dead) + b_enc[dead] if dead is not None else None
+            aux_values, aux_idx = self._aux_selection(dead_pre, dead)
+            values, idx = topk_biased(pre, b_enc, self.cfg.k, self.by_magnitude)
+            parts.append(Selection(values, idx, None, aux_values, aux_idx))
         if len(parts) == 1:
             return parts[0]
         return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))

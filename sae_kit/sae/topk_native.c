@@ -1,11 +1,12 @@
 /* Exact row-wise top-k indices for CPU float32, built on first use by sae_kit/sae/native.py.
 
    Per row (n rows of d values, 0 < k <= d):
-   1. view the row as (d/k, k) and take the k column maxima; the smallest of them is a lower bound of the row's
-      k-th largest key, since each column holds a value that reaches it;
-   2. collect the keys >= that bound (about 4k on Gaussian rows; AVX-512 compress-store where available);
+   1. view the row as (d/c, c) and take the c column maxima (c = 4k on long rows, else k); the k-th largest of them
+      is a lower bound of the row's k-th largest key, since k columns each hold an element that reaches it;
+   2. collect the keys >= that bound (a little over k on Gaussian rows; AVX-512 compress-store where available);
    3. quickselect the k largest among them and sort their indices ascending.
-   Keys are the values, or |values| for AbsTopK; equal keys go to the lower index; a NaN ranks above
+   Keys are the values (plus an optional per-column bias, so the encoder matmul needs no bias pass), or their
+   magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above
    everything, as in torch.topk.
    Rows are split across OpenMP threads: torch's CPU wheels load libgomp.so.1 first, so this library shares torch's
    thread pool. Plain threads would compete with the pool's workers, which spin for a while after each matmul,
@@ -42,8 +43,8 @@ static void select_k(float *kv, int32_t *ix, int64_t n, int64_t k) {
     }
 }
 
-static int cmp_i64(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return (x > y) - (x < y);
 }
 
@@ -52,36 +53,75 @@ static inline float key_of(float v, int by_mag) {
     return by_mag ? fabsf(v) : v;
 }
 
-static void row_topk(const float *row, int64_t d, int64_t k, int by_mag, float *colmax, float *kv, int32_t *ix,
-                     int64_t *out) {
+/* Sort a few indices ascending: insertion sort beats qsort's indirect calls at the widths SAEs use. */
+static void sort_indices(int32_t *ix, int64_t k) {
+    if (k > 64) { qsort(ix, (size_t)k, sizeof(int32_t), cmp_i32); return; }
+    for (int64_t i = 1; i < k; i++) {
+        int32_t v = ix[i];
+        int64_t j = i - 1;
+        for (; j >= 0 && ix[j] > v; j--) ix[j + 1] = ix[j];
+        ix[j + 1] = v;
+    }
+}
+
+/* The k-th largest of the c column maxima (c >= k): a lower bound of the row's k-th largest key, since k columns
+   each hold a distinct element that reaches it. c = k gives their minimum at no cost; c = 4k costs a small
+   selection but gives a bound close to the k-th largest, so far fewer elements pass it. */
+static float kth_largest(float *v, int64_t c, int64_t k) {
+    if (c == k) {
+        float m = v[0];
+        for (int64_t i = 1; i < c; i++) m = v[i] < m ? v[i] : m;
+        return m;
+    }
+    int64_t lo = 0, hi = c - 1, want = k - 1;
+    while (lo < hi) {
+        float pk = v[(lo + hi) >> 1];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pk) i++;
+            while (pk > v[j]) j--;
+            if (i <= j) { float t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
+    }
+    return v[want];
+}
+
+/* One row: the k best keys of row (+ bias) into out_idx (ascending) and, if out_val, their values (+ bias). */
+static void row_topk(const float *row, const float *bias, int64_t d, int64_t k, int64_t c, int by_mag,
+                     float *colmax, float *kv, int32_t *ix, int64_t *out_idx, float *out_val) {
     int nan = 0;
-    for (int64_t c = 0; c < k; c++) colmax[c] = -INFINITY;
+    for (int64_t j = 0; j < c; j++) colmax[j] = -INFINITY;
     int64_t s = 0;
-    for (; s + k <= d; s += k) {
+    /* Column j holds the elements j, j + c, j + 2c, ...; c independent running maxima vectorise well. */
+    for (; s + c <= d; s += c) {
         const float *p = row + s;
-        for (int64_t c = 0; c < k; c++) {
-            float a = by_mag ? fabsf(p[c]) : p[c];
-            colmax[c] = a > colmax[c] ? a : colmax[c];
-            nan |= p[c] != p[c];
+        const float *b = bias ? bias + s : NULL;
+        for (int64_t j = 0; j < c; j++) {
+            float v = b ? p[j] + b[j] : p[j];
+            float a = by_mag ? fabsf(v) : v;
+            colmax[j] = a > colmax[j] ? a : colmax[j];
+            nan |= v != v;
         }
     }
     for (int64_t j = s; j < d; j++) {
-        float a = by_mag ? fabsf(row[j]) : row[j];
+        float v = bias ? row[j] + bias[j] : row[j];
+        float a = by_mag ? fabsf(v) : v;
         colmax[j - s] = a > colmax[j - s] ? a : colmax[j - s];
-        nan |= row[j] != row[j];
+        nan |= v != v;
     }
-    float bound = colmax[0];
-    for (int64_t c = 1; c < k; c++) bound = colmax[c] < bound ? colmax[c] : bound;
     int64_t m = 0, j = 0;
     if (nan) {
-        for (; j < d; j++) { kv[m] = key_of(row[j], by_mag); ix[m] = (int32_t)j; m++; }
+        for (; j < d; j++) { kv[m] = key_of(bias ? row[j] + bias[j] : row[j], by_mag); ix[m] = (int32_t)j; m++; }
     } else {
+        const float bound = kth_largest(colmax, c, k);
 #ifdef __AVX512F__
         const __m512 vbound = _mm512_set1_ps(bound);
         const __m512i step = _mm512_set1_epi32(16);
         __m512i vj = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         for (; j + 16 <= d; j += 16) {
             __m512 v = _mm512_loadu_ps(row + j);
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
             if (by_mag) v = _mm512_abs_ps(v);
             __mmask16 hit = _mm512_cmp_ps_mask(v, vbound, _CMP_GE_OQ);
             if (hit) {
@@ -93,29 +133,42 @@ static void row_topk(const float *row, int64_t d, int64_t k, int by_mag, float *
         }
 #endif
         for (; j < d; j++) {
-            float a = by_mag ? fabsf(row[j]) : row[j];
+            float v = bias ? row[j] + bias[j] : row[j];
+            float a = by_mag ? fabsf(v) : v;
             if (a >= bound) { kv[m] = a; ix[m] = (int32_t)j; m++; }
         }
     }
     select_k(kv, ix, m, k);
-    for (int64_t t = 0; t < k; t++) out[t] = ix[t];
-    qsort(out, (size_t)k, sizeof(int64_t), cmp_i64);
+    sort_indices(ix, k);
+    for (int64_t t = 0; t < k; t++) {
+        out_idx[t] = ix[t];
+        if (out_val) out_val[t] = bias ? row[ix[t]] + bias[ix[t]] : row[ix[t]];
+    }
 }
 
-/* Indices (ascending) of the k largest values (or |values|) of each row of s (n, d) into out (n, k).
-   Returns 0 on success, 1 if memory ran out (out is then incomplete). d < 2^31. */
-int topk_rows(const float *s, int64_t n, int64_t d, int64_t k, int by_mag, int64_t *out, int nthreads) {
+/* Columns for the bound: 4k when rows are long enough for it to pay (>= 32 elements per column), else k. */
+static int64_t bound_columns(int64_t d, int64_t k) {
+    return d >= 128 * k ? 4 * k : k;
+}
+
+/* Indices (ascending) of the k largest values (or |values|) of each row of s (n, d) + bias (d; NULL: none) into
+   out_idx (n, k), and the values (+ bias) there into out_val (n, k; NULL: skipped).
+   Returns 0 on success, 1 if memory ran out (the outputs are then incomplete). d < 2^31. */
+int topk_rows(const float *s, const float *bias, int64_t n, int64_t d, int64_t k, int by_mag, int64_t *out_idx,
+              float *out_val, int nthreads) {
     int failed = 0;
+    const int64_t c = bound_columns(d, k);
     #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64) reduction(|:failed)
     {
-        float *colmax = malloc(sizeof(float) * k);
+        float *colmax = malloc(sizeof(float) * c);
         float *kv = malloc(sizeof(float) * d);
         int32_t *ix = malloc(sizeof(int32_t) * d);
         int ok = colmax && kv && ix;
         failed |= !ok;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
-            if (ok) row_topk(s + r * d, d, k, by_mag, colmax, kv, ix, out + r * k);
+            if (ok) row_topk(s + r * d, bias, d, k, c, by_mag, colmax, kv, ix, out_idx + r * k,
+                             out_val ? out_val + r * k : NULL);
         }
         free(colmax); free(kv); free(ix);
     }

@@ -239,8 +239,9 @@ def test_fold_scaling_keeps_latents_and_reconstructs_raw_activations(arch, trans
         sae.fold_scaling_(s_in, s_out)
         z = sae.encode(x_raw)
         y = sae.decode(z, x_raw)
-    torch.testing.assert_close(z, z_train, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, y_train / s_out, rtol=1e-5, atol=1e-5)
+    # fp32 rounding of the rescaled products only (values reach ~50): a wrong fold is off by O(1).
+    torch.testing.assert_close(z, z_train, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, y_train / s_out, rtol=1e-4, atol=1e-4)
 
 
 # -- feature recovery on synthetic data ----------------------------------------------------------------------

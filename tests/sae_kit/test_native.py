@@ -68,13 +68,13 @@ def test_disabled_by_environment(fresh_native, monkeypatch, caplog):
 def test_failed_build_falls_back_with_one_warning(fresh_native, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "cc")
-    monkeypatch.setattr(native, "SOURCE", tmp_path / "broken.c")
+    monkeypatch.setattr(native, "SOURCES", (tmp_path / "broken.c",))
     (tmp_path / "broken.c").write_text("this is not C\n")
     with caplog.at_level(logging.WARNING):
         assert native.library() is None
         assert native.library() is None
     if native._compiler() is not None:
-        assert [r.message for r in caplog.records if "native top-k unavailable" in r.message]
-    assert len([r for r in caplog.records if "native top-k" in r.message]) == 1
+        assert [r.message for r in caplog.records if "native kernels unavailable" in r.message]
+    assert len([r for r in caplog.records if "native kernels" in r.message]) == 1
     assert not list(tmp_path.rglob("*.so"))  # no half-built library left behind
     assert kernels.topk_indices(torch.tensor([[0.0, 2.0, 1.0]]), 1).tolist() == [[1]]
