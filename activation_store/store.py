@@ -199,6 +199,16 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
+def _comparable(content: dict[str, Any]) -> dict[str, Any]:
+    """Stored content fields as compared on resume: unshuffled, the shuffle buffer is moot, and caches written before
+    shuffling existed hold neither field."""
+    dataset = content.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("shuffle_seed") is None:
+        dataset = {k: v for k, v in dataset.items() if k not in ("shuffle_seed", "shuffle_buffer")}
+        content = {**content, "dataset": dataset}
+    return content
+
+
 def _maybe_die(point: str, shard: int) -> None:
     # Lets the resume tests kill the process at exact points; a no-op unless the env var is set.
     if os.environ.get(KILL_ENV) == f"{point}:{shard}":
@@ -327,7 +337,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     if existing is not None:
         if existing.get("format") != FORMAT:
             raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest")
-        diff = _differences(existing["config"], cfg.content_dict())
+        diff = _differences(_comparable(existing["config"]), _comparable(cfg.content_dict()))
         if diff:
             raise ValueError(
                 f"output folder {cfg.out!r} holds a different run; differing fields: {'; '.join(diff)}. "

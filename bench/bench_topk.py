@@ -1,11 +1,15 @@
 """TopK SAE training-step throughput: ours (sparse kernels, dense reference) vs sparsify, SAELens and the roofline.
 
 One step = forward + backward + Adam step on the same (batch, d_in) fp32 tensor, no AuxK (nothing is dead yet);
-ours uses the optimiser `sae-kit train` builds (fused Adam), the peers torch's default Adam. Contenders run
-interleaved, round after round, so a noisy shared machine slows them alike; each round starts with one untimed
-step per contender; tokens/s is reported from the median step (and the best step). The roofline is the measured FLOP/s of the dense encoder matmul
-(batch × d_in)@(d_in × d_sae) into a reused output, divided by 2·d_in·d_sae FLOPs per token: the cost of the one
-dense product any TopK SAE must run.
+ours uses the optimiser `sae-kit train` builds (fused Adam), the peers torch's default Adam. On a CPU with bf16
+matrix units ours takes the encoder product in bf16 and recomputes in fp32 the few latents per row that could
+reach the top k (the selection and the values are the fp32 ones); "ours (fp32 encoder)" switches that off.
+Contenders run interleaved, round after round, so a noisy shared machine slows them alike; each round starts with
+one untimed step per contender; tokens/s is reported from the median step (and the best step).
+
+The roofline is the measured FLOP/s of the dense fp32 encoder matmul (batch × d_in)@(d_in × d_sae) into a reused
+output, divided by 2·d_in·d_sae FLOPs per token: the cost of the one dense product an fp32 TopK SAE runs. The
+same product in bf16 is printed too: the floor of our bf16 encoder.
 
 Peers are imported lazily: `pip install eai-sparsify==1.3.3 sae-lens==6.54.12` (sae-lens pins transformer-lens<4,
 so install them into a separate venv made with --system-site-packages if the project needs transformer-lens 4).
@@ -14,6 +18,7 @@ Usage: python bench/bench_topk.py [--rounds 4] [--threads 2] [--batch 4096] [--d
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -67,11 +72,30 @@ def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
     return train_step(lambda: sae.training_forward_pass(inp).loss, torch.optim.Adam(sae.parameters(), lr=LR))
 
 
-def matmul(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
+def fp32_encoder(step: Callable[[], None]) -> Callable[[], None]:
+    """The same step with the bf16 preselection switched off (the encoder product in fp32)."""
+    from sae_kit.sae.kernels import BF16_SWITCH
+
+    def run() -> None:
+        before = os.environ.get(BF16_SWITCH)
+        os.environ[BF16_SWITCH] = "0"
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ[BF16_SWITCH]
+            else:
+                os.environ[BF16_SWITCH] = before
+
+    return run
+
+
+def matmul(x: torch.Tensor, d_sae: int, dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """The roofline's dense encoder product, into a reused output."""
-    w = torch.randn(x.shape[1], d_sae) / x.shape[1] ** 0.5
-    out = torch.empty(x.shape[0], d_sae)
-    return lambda: torch.mm(x, w, out=out)
+    w = (torch.randn(x.shape[1], d_sae) / x.shape[1] ** 0.5).to(dtype)
+    xd = x.to(dtype)
+    out = torch.empty(x.shape[0], d_sae, dtype=dtype)
+    return lambda: torch.mm(xd, w, out=out)
 
 
 def main() -> None:
@@ -90,13 +114,18 @@ def main() -> None:
     x = torch.randn(args.batch, args.d_in)  # (B, d_in)
     print(f"TopK step: batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    from sae_kit.sae import native
+    from sae_kit.sae import kernels, native
 
     print(f"our top-k: {'native C (sae_kit/sae/topk_native.c)' if native.library() else 'torch (no native build)'}")
+    bf16 = kernels.bf16_preselect_usable(x, torch.empty(args.d_in, args.d_sae), False)
+    print("our encoder: " + ("bf16 product on the CPU's bf16 units, exact fp32 top-k and values by rescoring "
+                             "(sae_kit/sae/rescore_native.c)" if bf16 else "fp32 product (no bf16 matrix units)"))
 
     builders: dict[str, Callable[[], Callable[[], None]]] = {
         "roofline matmul": lambda: matmul(x, args.d_sae),
+        "bf16 matmul": lambda: matmul(x, args.d_sae, torch.bfloat16),
         "ours (sparse kernels)": lambda: ours(x, args.d_sae, args.k, sparse=True),
+        "ours (fp32 encoder)": lambda: fp32_encoder(ours(x, args.d_sae, args.k, sparse=True)),
         "ours (dense path)": lambda: ours(x, args.d_sae, args.k, sparse=False),
         "sparsify 1.3.3": lambda: sparsify(x, args.d_sae, args.k),
         "sae-lens 6.54.12": lambda: saelens(x, args.d_sae, args.k),
@@ -122,20 +151,26 @@ def main() -> None:
 
     print(f"{'contender':24s} {'tokens/s (median)':>18s} {'(best)':>9s} {'ms/step':>8s}")
     for name in steps:
-        shown = name if name != "roofline matmul" else "roofline"
+        shown = {"roofline matmul": "roofline (fp32 matmul)", "bf16 matmul": "bf16 matmul"}.get(name, name)
         med = statistics.median(times[name])
         print(f"{shown:24s} {tok_s(name):18,.0f} {tok_s(name, min):9,.0f} {1e3 * med:8.1f}")
     if "roofline matmul" in steps:
         flops = 2 * args.batch * args.d_in * args.d_sae / statistics.median(times["roofline matmul"])
         print(f"matmul: {flops / 1e9:.1f} GFLOP/s → roofline {tok_s('roofline matmul'):,.0f} tokens/s "
               f"(= FLOP/s / (2·d_in·d_sae))")
-    mine = "ours (sparse kernels)"
-    for other, label in (("sparsify 1.3.3", "ours/sparsify"), ("sae-lens 6.54.12", "ours/saelens"),
-                         ("roofline matmul", "ours/roofline"), ("ours (dense path)", "ours sparse/dense")):
+    comparisons = (("ours (sparse kernels)", "sparsify 1.3.3", "ours/sparsify"),
+                   ("ours (sparse kernels)", "sae-lens 6.54.12", "ours/saelens"),
+                   ("ours (sparse kernels)", "roofline matmul", "ours/roofline"),
+                   ("ours (sparse kernels)", "bf16 matmul", "ours/bf16 matmul"),
+                   ("ours (fp32 encoder)", "roofline matmul", "ours fp32 enc/roofline"),
+                   ("ours (fp32 encoder)", "sparsify 1.3.3", "ours fp32 enc/sparsify"),
+                   ("ours (sparse kernels)", "ours (dense path)", "ours sparse/dense"))
+    for mine, other, label in comparisons:
         if other in steps:
-            print(f"{label:18s} {tok_s(mine) / tok_s(other):6.2f}×  (best steps: {tok_s(mine, min) / tok_s(other, min):.2f}×)")
+            print(f"{label:24s} {tok_s(mine) / tok_s(other):6.2f}×  "
+                  f"(best steps: {tok_s(mine, min) / tok_s(other, min):.2f}×)")
         else:
-            print(f"{label:18s} n/a ({other} not installed)")
+            print(f"{label:24s} n/a ({other} not installed)")
 
 
 if __name__ == "__main__":

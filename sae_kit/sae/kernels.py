@@ -14,12 +14,17 @@ Aᵀ and Gᵀ share one latent-major CSR layout, built once per batch by `sparse
 matrices are `embedding_bag`s over it. No (N, d_sae) gradient is ever materialised, and no dense
 (N, d_sae)×(d_sae, d) product runs in the decoder.
 
+On CPUs with bf16 matrix units (AMX), `bf16_topk` replaces the fp32 encoder product by a bf16 one (several times
+faster) and recomputes in fp32 only the latents that a proven error bound cannot rule out (rescore_native.c): the
+selection and the values are the fp32 ones, the summation order of the dot products aside.
+
 The plain reference (dense latents z, ŷ = z W_dec + b_dec, autograd everywhere) lives in `TopKSAE` behind
 `use_sparse_kernels = False`; tests/sae_kit/test_kernels.py holds the two equal.
 """
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from typing import Any, NamedTuple
@@ -100,6 +105,45 @@ def topk_biased(pre: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -
     pre += bias
     idx = topk_indices(pre, k, by_magnitude)
     return pre.gather(1, idx), idx
+
+
+BF16_SWITCH = "SAE_KIT_BF16_PRESELECT"
+"""Set to 0 to compute the encoder in fp32 even where bf16 matrix units would preselect the top k."""
+
+
+def bf16_preselect_usable(xc: Tensor, W_enc: Tensor, by_magnitude: bool) -> bool:
+    """Whether `bf16_topk` applies: fp32 CPU operands, ranking by value, native kernels and bf16 matrix units."""
+    return (not by_magnitude and os.environ.get(BF16_SWITCH, "1") != "0" and xc.dtype == torch.float32
+            and native.usable(xc) and native.usable(W_enc) and native.bf16_matmul_units())
+
+
+def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int) -> tuple[Tensor, Tensor] | None:
+    """Exact fp32 top-k of xc·W_enc + b_enc (values, ascending indices; (N, k)) through a bf16 product.
+
+    The product of bf16-rounded operands runs on the CPU's bf16 matrix units; a bound on its distance from the
+    fp32 value (rescore_native.c) rules out all but a few latents per row, which are recomputed in fp32. The
+    selection is the fp32 one (up to ties) and the values are fp32 dot products. None if a row is not finite.
+    """
+    n, d_in = xc.shape
+    W = W_enc.detach().T.contiguous()  # (d_sae, d_in): a view when W_enc is stored latent-major
+    xc = xc.detach().contiguous()
+    safety = 1.01  # covers the fp32 rounding of the norms themselves
+    w_bf, lat_norm, _, lat_res_norm = native.to_bf16_with_norms(W)  # W̃, ‖W_j‖, ‖W̃_j‖, ‖W_j − W̃_j‖
+    x_bf, row_norm, row_a, row_res_norm = native.to_bf16_with_norms(xc)  # x̃, ‖x‖, ‖x̃‖, ‖x − x̃‖
+    gamma = 2.1 * d_in * 2.0**-24  # fp32 accumulation, in the bf16 product and in our own dot products
+    lat_norm, lat_res_norm, row_a = lat_norm * safety, lat_res_norm * safety, row_a * safety
+    row_b = (row_res_norm + gamma * row_norm) * safety
+    parts = []
+    for i in range(0, n, chunk_rows):
+        rows = x_bf[i:i + chunk_rows]
+        approx = scratch((rows.shape[0], W.shape[0]), torch.bfloat16, xc.device)
+        torch.mm(rows, w_bf.T, out=approx)
+        got = native.topk_rescored(approx, b_enc, lat_res_norm, lat_norm, row_a[i:i + chunk_rows],
+                                   row_b[i:i + chunk_rows], xc[i:i + chunk_rows], W, k)
+        if got is None:
+            return None
+        parts.append(got)
+    return torch.cat([v for v, _ in parts]), torch.cat([ix for _, ix in parts])
 
 
 class SparsePattern(NamedTuple):

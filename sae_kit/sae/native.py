@@ -1,14 +1,19 @@
 """The optional native kernels: compiled with the system C compiler on first use, then cached.
 
-`topk_native.c` holds the top-k selection, the costliest part of a TopK training step after the encoder matmul
-(inside a step 9 ms where the two-stage torch version takes 30: 4096 × 8192 scores, k 32, 2 threads);
-`kernels.py` falls back to the torch version. The library is built with `-march=native` into `$XDG_CACHE_HOME/sae-kit/native/<digest>/`, the digest covering the source,
-compiler, flags and CPU, so a shared home directory never hands one machine another's binary. No compiler, a
-failed build or `SAE_KIT_NATIVE=0` means the torch path, with one warning (none when disabled).
+- `topk_native.c`: the top-k selection, the costliest part of a TopK training step after the encoder matmul
+  (inside a step 9 ms where the two-stage torch version takes 30: 4096 × 8192 scores, k 32, 2 threads).
+- `rescore_native.c`: the exact fp32 top-k from a bf16 encoder product, for CPUs with bf16 matrix units
+  (`kernels.bf16_topk`).
+
+`kernels.py` falls back to torch for each. The library is built with `-march=native` into
+`$XDG_CACHE_HOME/sae-kit/native/<digest>/`, the digest covering the sources, compiler, flags and CPU, so a shared
+home directory never hands one machine another's binary. No compiler, a failed build or `SAE_KIT_NATIVE=0` means
+the torch path, with one warning (none when disabled).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +29,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("topk_native.c"),)
+SOURCES = (Path(__file__).with_name("topk_native.c"), Path(__file__).with_name("rescore_native.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "SAE_KIT_NATIVE"
 """Set to 0 to never build or use the native kernels."""
@@ -57,9 +62,8 @@ def cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """Compile the library (once per digest) and return its path; raises on failure."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(
-        "\0".join([*(src.read_text() for src in SOURCES), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]).encode()
-    ).hexdigest()[:16]
+    parts = [*(src.read_text() for src in SOURCES), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / digest / "libsaekit_topk.so"
     if target.is_file():
         return target
@@ -68,7 +72,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
         os.replace(tmp, target)
@@ -97,6 +102,12 @@ def library() -> ctypes.CDLL | None:
             lib.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.topk_rows.restype = ctypes.c_int
+            lib.topk_rescored.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [
+                ctypes.c_int]
+            lib.topk_rescored.restype = ctypes.c_int
+            lib.to_bf16_with_norms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [
+                ctypes.c_void_p] * 4 + [ctypes.c_int]
+            lib.to_bf16_with_norms.restype = None
             _lib = lib
         except Exception as err:  # any failure means the torch path, never a failed run
             log.warning("native kernels unavailable (%s); using torch's (set %s=0 to silence)", err, ENV_SWITCH)
@@ -144,3 +155,49 @@ def _topk(scores: Tensor, k: int, by_magnitude: bool, bias: Tensor | None,
         raise MemoryError(f"native top-k could not allocate its buffers for rows of {d} scores")
     return values, indices
 
+
+
+@functools.cache
+def bf16_matmul_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), per /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: Tensor, row_a: Tensor,
+                  row_b: Tensor, x: Tensor, W: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Exact fp32 values and ascending indices (N, k) of the k largest x·W_j + b_j per row, from the bf16 product
+    `approx` (N, d) and the error bound's terms (see rescore_native.c); None if a row is not finite."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available; check `native.usable` first")
+    n, d = approx.shape
+    if approx.dtype != torch.bfloat16 or W.shape != (d, x.shape[1]) or not 0 < k <= d:
+        raise ValueError(f"bad operands: approx {approx.dtype} {tuple(approx.shape)}, x {tuple(x.shape)}, "
+                         f"W {tuple(W.shape)}, k {k}")
+    ops = [t.detach().contiguous() for t in (approx, bias, lat_res_norm, lat_norm, row_a, row_b, x, W)]
+    indices = torch.empty((n, k), dtype=torch.int64)
+    values = torch.empty((n, k), dtype=torch.float32)
+    status = lib.topk_rescored(*(t.data_ptr() for t in ops), n, d, x.shape[1], k, indices.data_ptr(),
+                               values.data_ptr(), torch.get_num_threads()) if n else 0
+    if status & 1:
+        raise MemoryError(f"native rescoring could not allocate its buffers for rows of {d} latents")
+    return None if status else (values, indices)
+
+
+def to_bf16_with_norms(src: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows (R, K) rounded to bf16 (to nearest even), and the row norms (R,) of src, of the rounded rows and of the
+    rounding residual src − bf16(src), in one pass."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available; check `native.usable` first")
+    src = src.detach().contiguous()
+    rows, width = src.shape
+    dst = torch.empty((rows, width), dtype=torch.bfloat16)
+    norm, bf_norm, res_norm = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    lib.to_bf16_with_norms(src.data_ptr(), rows, width, dst.data_ptr(), norm.data_ptr(), bf_norm.data_ptr(),
+                           res_norm.data_ptr(), torch.get_num_threads())
+    return dst, norm, bf_norm, res_norm

@@ -15,7 +15,8 @@ and dead latents come from the trainer as `dead_mask`. AuxK is normalised by the
 al.'s NMSE of e; sparsify divides by the variance of y instead) and scaled down like sparsify when fewer than
 k_aux latents are dead. `sparsity_loss` is 0.
 
-By default training runs the fast path of `kernels.py` (row-chunked encoder, sparse decoder, sparse backward);
+By default training runs the fast path of `kernels.py` (row-chunked encoder, or the exact bf16-product selection
+on CPUs with bf16 matrix units; sparse decoder, sparse backward);
 `use_sparse_kernels = False` switches to the plain dense reference with autograd everywhere.
 """
 from __future__ import annotations
@@ -27,7 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
-from sae_kit.sae.kernels import gather_pre_acts, scratch, sparse_decode, sparse_pattern, topk_biased, topk_indices
+from sae_kit.sae.kernels import (
+    bf16_preselect_usable,
+    bf16_topk,
+    gather_pre_acts,
+    scratch,
+    sparse_decode,
+    sparse_pattern,
+    topk_biased,
+    topk_indices,
+)
 
 CHUNK_ELEMENTS = 1 << 23
 """Pre-activations computed per encoder chunk (32 MB in fp32; 1024 rows of a 8192-wide SAE): the top-k reads each
@@ -102,6 +112,11 @@ class TopKSAE(SparseCoder):
         xc = self.encoder_input(x)  # (N, d_in)
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
+        if bf16_preselect_usable(xc, self.W_enc, self.by_magnitude):
+            got = bf16_topk(xc, self.W_enc, b_enc, self.cfg.k, step)
+            if got is not None:  # None: a non-finite row; the fp32 path below handles it
+                dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None
+                return Selection(*got, None, *self._aux_selection(dead_pre, dead))
         parts = []
         for i in range(0, xc.shape[0], step):
             rows = xc[i:i + step]  # (C, d_in)

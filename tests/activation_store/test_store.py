@@ -343,3 +343,22 @@ def test_streaming_matches_store(ref_store, tiny_model):
     tail = list(stream.batches([H0, H1], batch_size=25, start_batch=9))
     assert all(torch.equal(a[h], b[h]) for a, b in zip(full[9:], tail) for h in (H0, H1))
     assert len(tail) == len(full) - 9
+
+
+def test_caches_from_before_shuffling_still_match(ref_store, tmp_path):
+    """A manifest without the shuffle fields (written before they existed) is the same unshuffled run."""
+    import dataclasses
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(ref_store.out, out)
+    storage = store_mod.Storage(str(out))
+    manifest = storage.read_json(store_mod.MANIFEST)
+    for field in ("shuffle_seed", "shuffle_buffer"):
+        manifest["config"]["dataset"].pop(field)
+    storage.write_json_atomic(store_mod.MANIFEST, manifest)
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(out)})
+    assert cache_activations(cfg, progress=False) == str(out)  # complete, same run: nothing to do
+    shuffled = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, shuffle_seed=3))
+    with pytest.raises(ValueError, match="dataset.shuffle_seed: stored None, requested 3"):
+        cache_activations(shuffled, progress=False)
