@@ -117,7 +117,7 @@ def main() -> None:
     from sae_kit.sae import kernels, native
 
     print(f"our top-k: {'native C (sae_kit/sae/topk_native.c)' if native.library() else 'torch (no native build)'}")
-    bf16 = kernels.bf16_preselect_usable(x, torch.empty(args.d_in, args.d_sae), False)
+    bf16 = kernels.bf16_preselect_usable(x, torch.empty(args.d_in, args.d_sae))
     print("our encoder: " + ("bf16 product on the CPU's bf16 units, exact fp32 top-k and values by rescoring "
                              "(sae_kit/sae/rescore_native.c)" if bf16 else "fp32 product (no bf16 matrix units)"))
 

@@ -111,14 +111,16 @@ BF16_SWITCH = "SAE_KIT_BF16_PRESELECT"
 """Set to 0 to compute the encoder in fp32 even where bf16 matrix units would preselect the top k."""
 
 
-def bf16_preselect_usable(xc: Tensor, W_enc: Tensor, by_magnitude: bool) -> bool:
-    """Whether `bf16_topk` applies: fp32 CPU operands, ranking by value, native kernels and bf16 matrix units."""
-    return (not by_magnitude and os.environ.get(BF16_SWITCH, "1") != "0" and xc.dtype == torch.float32
+def bf16_preselect_usable(xc: Tensor, W_enc: Tensor) -> bool:
+    """Whether `bf16_topk` should run: fp32 CPU operands, the native kernels, bf16 matrix units, not switched off."""
+    return (os.environ.get(BF16_SWITCH, "1") != "0" and xc.dtype == torch.float32 and W_enc.dtype == torch.float32
             and native.usable(xc) and native.usable(W_enc) and native.bf16_matmul_units())
 
 
-def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int) -> tuple[Tensor, Tensor] | None:
-    """Exact fp32 top-k of xc·W_enc + b_enc (values, ascending indices; (N, k)) through a bf16 product.
+def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int,
+              by_magnitude: bool = False) -> tuple[Tensor, Tensor] | None:
+    """Exact fp32 top-k of xc·W_enc + b_enc (or of its magnitudes) (values, ascending indices; (N, k)) through a
+    bf16 product.
 
     The product of bf16-rounded operands runs on the CPU's bf16 matrix units; a bound on its distance from the
     fp32 value (rescore_native.c) rules out all but a few latents per row, which are recomputed in fp32. The
@@ -139,7 +141,7 @@ def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int)
         approx = scratch((rows.shape[0], W.shape[0]), torch.bfloat16, xc.device)
         torch.mm(rows, w_bf.T, out=approx)
         got = native.topk_rescored(approx, b_enc, lat_res_norm, lat_norm, row_a[i:i + chunk_rows],
-                                   row_b[i:i + chunk_rows], xc[i:i + chunk_rows], W, k)
+                                   row_b[i:i + chunk_rows], xc[i:i + chunk_rows], W, k, by_magnitude)
         if got is None:
             return None
         parts.append(got)

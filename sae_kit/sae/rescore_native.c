@@ -15,6 +15,8 @@
       the j with hi_j ≥ L: a latent with hi_j < L has c_j < L and cannot be among the k largest c_j;
    3. compute c_j in fp32 for those (W is latent-major, so each is one contiguous row) and select the k largest,
       ties to the lower index. At least k are kept (all with lo_j ≥ L).
+   Ranking by magnitude (AbsTopK) runs the same steps on lo_j = max(|p_j + b_j| − e_j, 0), hi_j = |p_j + b_j| + e_j,
+   which bound |c_j| since ||c_j| − |p_j + b_j|| ≤ |c_j − (p_j + b_j)|.
    So the selection is the fp32 one up to the summation order of the dot products. A row holding a NaN or an
    infinity makes the call return 2, and the caller uses the fp32 path instead. */
 #include <math.h>
@@ -45,17 +47,17 @@ static inline float error_bound(float A, float B, float R, float N, float p, flo
 
 static inline int ranks_before(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
 
-/* Partial sort so that (v, ix)[0..k) hold the k first in rank (quickselect). */
-static void select_first(float *v, int32_t *ix, int64_t n, int64_t k) {
+/* Partial sort so that (v, ix)[0..k) hold the k first in rank, by value or (mag) by magnitude (quickselect). */
+static void select_first(float *v, int32_t *ix, int64_t n, int64_t k, int mag) {
     int64_t lo = 0, hi = n - 1, want = k - 1;
     while (lo < hi) {
         int64_t mid = (lo + hi) >> 1;
-        float pv = v[mid];
+        float pv = mag ? fabsf(v[mid]) : v[mid];
         int32_t pi = ix[mid];
         int64_t i = lo, j = hi;
         while (i <= j) {
-            while (ranks_before(v[i], ix[i], pv, pi)) i++;
-            while (ranks_before(pv, pi, v[j], ix[j])) j--;
+            while (ranks_before(mag ? fabsf(v[i]) : v[i], ix[i], pv, pi)) i++;
+            while (ranks_before(pv, pi, mag ? fabsf(v[j]) : v[j], ix[j])) j--;
             if (i <= j) {
                 float t = v[i]; v[i] = v[j]; v[j] = t;
                 int32_t u = ix[i]; ix[i] = ix[j]; ix[j] = u;
@@ -119,7 +121,7 @@ static inline float dot(const float *x, const float *w, int64_t K) {
 
 /* Returns 0, or 2 for a non-finite row (outputs of that row left unset). `up` is scratch of d floats. */
 static int row_rescored(const uint16_t *p, const float *bias, const float *R, const float *N, float A, float B,
-                        const float *x, const float *W, int64_t d, int64_t K, int64_t k, int64_t c,
+                        const float *x, const float *W, int64_t d, int64_t K, int64_t k, int64_t c, int mag,
                         float *colmax, float *up, float *lo, float *hi, int32_t *ix, int64_t *out_idx,
                         float *out_val) {
     float finite = 0.0f;  /* stays 0 unless some bound is NaN or infinite */
@@ -130,16 +132,21 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
     if (c % 16 == 0) {
         const __m512 vA = _mm512_set1_ps(A), vB = _mm512_set1_ps(B), vrel = _mm512_set1_ps(REL_P);
         const __m512 vrel_b = _mm512_set1_ps(REL_B), vslack = _mm512_set1_ps(ABS_SLACK);
+        const __m512 zero = _mm512_setzero_ps();
         __m512 vfin = _mm512_setzero_ps();
         for (; s + c <= d; s += c) {
             for (int64_t j = 0; j < c; j += 16) {
                 __m256i h = _mm256_loadu_si256((const __m256i *)(p + s + j));
                 __m512 pj = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
                 __m512 b = _mm512_loadu_ps(bias + s + j);
-                __m512 e = _mm512_fmadd_ps(vrel, _mm512_abs_ps(pj), _mm512_fmadd_ps(vrel_b, _mm512_abs_ps(b), vslack));
-                e = _mm512_fmadd_ps(vA, _mm512_loadu_ps(R + s + j), _mm512_fmadd_ps(vB, _mm512_loadu_ps(N + s + j), e));
+                __m512 e = _mm512_fmadd_ps(vrel_b, _mm512_abs_ps(b), vslack);
+                e = _mm512_fmadd_ps(vrel, _mm512_abs_ps(pj), e);
+                e = _mm512_fmadd_ps(vB, _mm512_loadu_ps(N + s + j), e);
+                e = _mm512_fmadd_ps(vA, _mm512_loadu_ps(R + s + j), e);
                 __m512 key = _mm512_add_ps(pj, b);
+                if (mag) key = _mm512_abs_ps(key);
                 __m512 l = _mm512_sub_ps(key, e);
+                if (mag) l = _mm512_max_ps(l, zero);  /* |c| >= max(|key| - e, 0) */
                 _mm512_storeu_ps(up + s + j, _mm512_add_ps(key, e));
                 _mm512_storeu_ps(colmax + j, _mm512_max_ps(l, _mm512_loadu_ps(colmax + j)));
                 vfin = _mm512_add_ps(vfin, _mm512_sub_ps(l, l));
@@ -153,8 +160,8 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
         for (int64_t j = 0; j < w; j++) {
             float pj = bf16_to_float(p[s + j]);
             float e = error_bound(A, B, R[s + j], N[s + j], pj, bias[s + j]);
-            float key = pj + bias[s + j];
-            float l = key - e;
+            float key = mag ? fabsf(pj + bias[s + j]) : pj + bias[s + j];
+            float l = mag ? fmaxf(key - e, 0.0f) : key - e;
             up[s + j] = key + e;
             colmax[j] = l > colmax[j] ? l : colmax[j];
             finite += l - l;
@@ -184,7 +191,8 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
     for (int64_t t = 0; t < m; t++) {
         const int32_t i = ix[t];
         float pj = bf16_to_float(p[i]);
-        lo[t] = pj + bias[i] - error_bound(A, B, R[i], N[i], pj, bias[i]);
+        float key = mag ? fabsf(pj + bias[i]) : pj + bias[i], l = key - error_bound(A, B, R[i], N[i], pj, bias[i]);
+        lo[t] = mag ? fmaxf(l, 0.0f) : l;
     }
     /* L: the k-th largest lower bound (every one >= L0 was collected), selected on a copy in lo's spare half. */
     float *tmp = lo + m;
@@ -199,18 +207,19 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
         if (t + PREFETCH_AHEAD < q) prefetch_row(W + (int64_t)ix[t + PREFETCH_AHEAD] * K, K);
         hi[t] = dot(x, W + (int64_t)ix[t] * K, K) + bias[ix[t]];
     }
-    select_first(hi, ix, q, k);
+    select_first(hi, ix, q, k, mag);
     sort_pairs_by_index(ix, hi, k);
     for (int64_t t = 0; t < k; t++) { out_idx[t] = ix[t]; out_val[t] = hi[t]; }
     return 0;
 }
 
 /* p (n, d) bf16 products x̃·W̃; bias, R, N (d,); A, B (n,); x (n, K) and W (d, K) fp32, both row-major.
-   Writes the k best latents of each row (ascending) into out_idx (n, k) and their fp32 values into out_val.
+   Writes the k best latents of each row (ascending) into out_idx (n, k) and their fp32 values into out_val; mag
+   ranks by magnitude (AbsTopK), the values keeping their sign.
    Returns 0, 1 if memory ran out, 2 if a row was not finite (see the top of the file). */
 int topk_rescored(const uint16_t *p, const float *bias, const float *R, const float *N, const float *A,
                   const float *B, const float *x, const float *W, int64_t n, int64_t d, int64_t K, int64_t k,
-                  int64_t *out_idx, float *out_val, int nthreads) {
+                  int mag, int64_t *out_idx, float *out_val, int nthreads) {
     int status = 0;
     const int64_t c = d >= 128 * k ? 4 * k : k;
     #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64) reduction(|:status)
@@ -224,7 +233,7 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
         status |= ok ? 0 : 1;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
-            if (ok) status |= row_rescored(p + r * d, bias, R, N, A[r], B[r], x + r * K, W, d, K, k, c, colmax, up,
+            if (ok) status |= row_rescored(p + r * d, bias, R, N, A[r], B[r], x + r * K, W, d, K, k, c, mag, colmax, up,
                                            lo, hi, ix, out_idx + r * k, out_val + r * k);
         }
         free(colmax); free(up); free(lo); free(hi); free(ix);

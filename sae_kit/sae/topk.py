@@ -112,8 +112,8 @@ class TopKSAE(SparseCoder):
         xc = self.encoder_input(x)  # (N, d_in)
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
-        if bf16_preselect_usable(xc, self.W_enc, self.by_magnitude):
-            got = bf16_topk(xc, self.W_enc, b_enc, self.cfg.k, step)
+        if bf16_preselect_usable(xc, self.W_enc):
+            got = bf16_topk(xc, self.W_enc, b_enc, self.cfg.k, step, self.by_magnitude)
             if got is not None:  # None: a non-finite row; the fp32 path below handles it
                 dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None
                 return Selection(*got, None, *self._aux_selection(dead_pre, dead))

@@ -33,27 +33,29 @@ def operands(n: int, d: int, d_in: int, seed: int, scale: float = 1.0, near_ties
     return x, w.T, b
 
 
-def reference(x, W_enc, b, k):
+def reference(x, W_enc, b, k, by_magnitude=False):
     pre = x.double() @ W_enc.double() + b.double()
-    return pre, pre.topk(k, dim=1).indices.sort(dim=1).values
+    return pre, (pre.abs() if by_magnitude else pre).topk(k, dim=1).indices.sort(dim=1).values
 
 
 @pytest.mark.parametrize("n,d,d_in,k", [(257, 8192, 512, 32), (64, 1000, 48, 7), (70, 40, 16, 33), (9, 300, 20, 1)])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
-def test_selection_is_the_exact_top_k(lib, n, d, d_in, k, scale):
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_selection_is_the_exact_top_k(lib, n, d, d_in, k, scale, by_magnitude):
     x, W_enc, b = operands(n, d, d_in, seed=n + d + k, scale=scale)
-    values, indices = kernels.bf16_topk(x, W_enc, b, k, chunk_rows=100)
-    pre, want = reference(x, W_enc, b, k)
+    values, indices = kernels.bf16_topk(x, W_enc, b, k, chunk_rows=100, by_magnitude=by_magnitude)
+    pre, want = reference(x, W_enc, b, k, by_magnitude)
     assert torch.equal(indices, want)
     assert values.dtype == torch.float32
     torch.testing.assert_close(values.double(), pre.gather(1, want), rtol=1e-5, atol=1e-6 * scale)
 
 
-def test_near_ties_that_bf16_cannot_see_are_resolved_in_fp32(lib):
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_near_ties_that_bf16_cannot_see_are_resolved_in_fp32(lib, by_magnitude):
     x, W_enc, b = operands(300, 2048, 64, seed=1, near_ties=True)
     b[1::2] = b[0::2]
-    _, indices = kernels.bf16_topk(x, W_enc, b, 16, chunk_rows=128)
-    pre, want = reference(x, W_enc, b, 16)
+    _, indices = kernels.bf16_topk(x, W_enc, b, 16, chunk_rows=128, by_magnitude=by_magnitude)
+    pre, want = reference(x, W_enc, b, 16, by_magnitude)
     assert torch.equal(indices, want)
     # The pairs really are inseparable in bf16: the product alone would have to guess.
     approx = x.bfloat16() @ W_enc.bfloat16()
@@ -108,12 +110,11 @@ def test_training_forward_matches_the_fp32_encoder(lib, bf16_units, monkeypatch,
     x = torch.randn(300, 64)
     dead = torch.zeros(1024, dtype=torch.bool)
     dead[::7] = True
-    assert kernels.bf16_preselect_usable(x, sae.W_enc, sae.by_magnitude) == (arch == "topk")
     calls = []
     real = kernels.bf16_topk
     monkeypatch.setattr("sae_kit.sae.topk.bf16_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fast = sae(x, dead_mask=dead)
-    assert bool(calls) == (arch == "topk")  # AbsTopK ranks by magnitude: fp32 path only
+    assert calls
     monkeypatch.setenv(kernels.BF16_SWITCH, "0")
     plain = sae(x, dead_mask=dead)
     assert torch.equal(fast.latent_indices, plain.latent_indices)
@@ -124,7 +125,7 @@ def test_training_forward_matches_the_fp32_encoder(lib, bf16_units, monkeypatch,
 
 def test_switch_off_and_other_dtypes_keep_fp32(lib, bf16_units, monkeypatch):
     x, W_enc = torch.randn(4, 8), torch.randn(8, 16)
-    assert kernels.bf16_preselect_usable(x, W_enc, False)
-    assert not kernels.bf16_preselect_usable(x.double(), W_enc.double(), False)
+    assert kernels.bf16_preselect_usable(x, W_enc)
+    assert not kernels.bf16_preselect_usable(x.double(), W_enc.double())
     monkeypatch.setenv(kernels.BF16_SWITCH, "0")
-    assert not kernels.bf16_preselect_usable(x, W_enc, False)
+    assert not kernels.bf16_preselect_usable(x, W_enc)
