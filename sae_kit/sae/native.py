@@ -171,8 +171,8 @@ def bf16_matmul_units() -> bool:
     return "amx_bf16" in flags
 
 
-def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: Tensor, row_a: Tensor,
-                  row_b: Tensor, x: Tensor, W: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor] | None:
+def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: Tensor, row_a: Tensor, row_b: Tensor,
+                  x: Tensor, W: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor] | None:
     """Exact fp32 values and ascending indices (N, k) of the k largest x·W_j + b_j (or |·|) per row, from the bf16
     product `approx` (N, d) and the error bound's terms (see rescore_native.c); None if a row is not finite."""
     lib = library()
@@ -185,8 +185,8 @@ def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: 
     ops = [t.detach().contiguous() for t in (approx, bias, lat_res_norm, lat_norm, row_a, row_b, x, W)]
     indices = torch.empty((n, k), dtype=torch.int64)
     values = torch.empty((n, k), dtype=torch.float32)
-    status = lib.topk_rescored(*(t.data_ptr() for t in ops), n, d, x.shape[1], k, int(by_magnitude), indices.data_ptr(),
-                               values.data_ptr(), torch.get_num_threads()) if n else 0
+    status = lib.topk_rescored(*(t.data_ptr() for t in ops), n, d, x.shape[1], k, int(by_magnitude),
+                               indices.data_ptr(), values.data_ptr(), torch.get_num_threads()) if n else 0
     if status & 1:
         raise MemoryError(f"native rescoring could not allocate its buffers for rows of {d} latents")
     return None if status else (values, indices)

@@ -13,8 +13,9 @@
       hold a distinct element reaching L0, so L0 ≤ L, the k-th largest lo_j, and L ≤ the k-th largest c_j;
    2. collect the j with hi_j = p_j + b_j + e_j ≥ L0 (every j with lo_j ≥ L is among them), find L there and keep
       the j with hi_j ≥ L: a latent with hi_j < L has c_j < L and cannot be among the k largest c_j;
-   3. compute c_j in fp32 for those (W is latent-major, so each is one contiguous row) and select the k largest,
-      ties to the lower index. At least k are kept (all with lo_j ≥ L).
+   3. compute c_j in fp32 for those (W is latent-major, so each is one contiguous row; the pairs of all rows are
+      grouped by latent first, so each row of W is read once per call) and select the k largest, ties to the lower
+      index. At least k are kept (all with lo_j ≥ L).
    Ranking by magnitude (AbsTopK) runs the same steps on lo_j = max(|p_j + b_j| − e_j, 0), hi_j = |p_j + b_j| + e_j,
    which bound |c_j| since ||c_j| − |p_j + b_j|| ≤ |c_j − (p_j + b_j)|.
    So the selection is the fp32 one up to the summation order of the dot products. A row holding a NaN or an
@@ -119,11 +120,11 @@ static inline float dot(const float *x, const float *w, int64_t K) {
     return total;
 }
 
-/* Returns 0, or 2 for a non-finite row (outputs of that row left unset). `up` is scratch of d floats. */
-static int row_rescored(const uint16_t *p, const float *bias, const float *R, const float *N, float A, float B,
-                        const float *x, const float *W, int64_t d, int64_t K, int64_t k, int64_t c, int mag,
-                        float *colmax, float *up, float *lo, float *hi, int32_t *ix, int64_t *out_idx,
-                        float *out_val) {
+/* Steps 1–2 for one row: the latents that can still reach the top k into ix[0..q), returning q, or -1 if a bound
+   is not finite. colmax (c floats), up (d), lo (2d) and hi (d) are scratch. */
+static int64_t row_candidates(const uint16_t *p, const float *bias, const float *R, const float *N, float A,
+                              float B, int64_t d, int64_t k, int64_t c, int mag, float *colmax, float *up, float *lo,
+                              float *hi, int32_t *ix) {
     float finite = 0.0f;  /* stays 0 unless some bound is NaN or infinite */
     for (int64_t j = 0; j < c; j++) colmax[j] = -INFINITY;
     /* Pass 1: upper bounds into up[], column maxima of the lower bounds. */
@@ -167,7 +168,7 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
             finite += l - l;
         }
     }
-    if (finite != 0.0f || colmax[0] != colmax[0]) return 2;
+    if (finite != 0.0f || colmax[0] != colmax[0]) return -1;
     const float L0 = kth_largest_of(colmax, c, k);
     /* Pass 2: the latents whose upper bound reaches L0. */
     int64_t m = 0, j = 0;
@@ -198,19 +199,18 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
     float *tmp = lo + m;
     memcpy(tmp, lo, sizeof(float) * m);
     const float L = kth_largest_of(tmp, m, k);
-    /* Pass 3: fp32 values of the latents that can still reach the top k. */
     int64_t q = 0;
     for (int64_t t = 0; t < m; t++) {
         if (hi[t] >= L) ix[q++] = ix[t];
     }
-    for (int64_t t = 0; t < q; t++) {
-        if (t + PREFETCH_AHEAD < q) prefetch_row(W + (int64_t)ix[t + PREFETCH_AHEAD] * K, K);
-        hi[t] = dot(x, W + (int64_t)ix[t] * K, K) + bias[ix[t]];
-    }
-    select_first(hi, ix, q, k, mag);
-    sort_pairs_by_index(ix, hi, k);
-    for (int64_t t = 0; t < k; t++) { out_idx[t] = ix[t]; out_val[t] = hi[t]; }
-    return 0;
+    return q;
+}
+
+/* Step 3's end for one row: the k best of the q candidates (ix, fp32 values v) into the outputs, ascending. */
+static void finish_row(float *v, int32_t *ix, int64_t q, int64_t k, int mag, int64_t *out_idx, float *out_val) {
+    select_first(v, ix, q, k, mag);
+    sort_pairs_by_index(ix, v, k);
+    for (int64_t t = 0; t < k; t++) { out_idx[t] = ix[t]; out_val[t] = v[t]; }
 }
 
 /* p (n, d) bf16 products x̃·W̃; bias, R, N (d,); A, B (n,); x (n, K) and W (d, K) fp32, both row-major.
@@ -220,24 +220,73 @@ static int row_rescored(const uint16_t *p, const float *bias, const float *R, co
 int topk_rescored(const uint16_t *p, const float *bias, const float *R, const float *N, const float *A,
                   const float *B, const float *x, const float *W, int64_t n, int64_t d, int64_t K, int64_t k,
                   int mag, int64_t *out_idx, float *out_val, int nthreads) {
-    int status = 0;
     const int64_t c = d >= 128 * k ? 4 * k : k;
-    #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64) reduction(|:status)
+    /* Candidates parked per row; a row with more (many near-ties) is finished on its own, reading W row by row. */
+    const int64_t cap = d < 8 * k + 64 ? d : 8 * k + 64;
+    int32_t *cand = malloc(sizeof(int32_t) * n * cap);
+    float *val = malloc(sizeof(float) * n * cap);
+    int64_t *count = malloc(sizeof(int64_t) * n);
+    int64_t *lat_ptr = calloc((size_t)d + 1, sizeof(int64_t));
+    int64_t *cursor = malloc(sizeof(int64_t) * d);
+    int64_t *slot = malloc(sizeof(int64_t) * n * cap);
+    int status = cand && val && count && lat_ptr && cursor && slot ? 0 : 1;
+    #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64 && !status) reduction(|:status)
     {
         float *colmax = malloc(sizeof(float) * c);
         float *up = malloc(sizeof(float) * d);
         float *lo = malloc(sizeof(float) * 2 * d);
         float *hi = malloc(sizeof(float) * d);
         int32_t *ix = malloc(sizeof(int32_t) * d);
-        int ok = colmax && up && lo && hi && ix;
-        status |= ok ? 0 : 1;
+        int ok = !status && colmax && up && lo && hi && ix;
+        status |= ok || status ? 0 : 1;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
-            if (ok) status |= row_rescored(p + r * d, bias, R, N, A[r], B[r], x + r * K, W, d, K, k, c, mag, colmax, up,
-                                           lo, hi, ix, out_idx + r * k, out_val + r * k);
+            count[r] = 0;
+            if (!ok) continue;
+            int64_t q = row_candidates(p + r * d, bias, R, N, A[r], B[r], d, k, c, mag, colmax, up, lo, hi, ix);
+            if (q < 0) {
+                status |= 2;
+            } else if (q > cap) {
+                for (int64_t t = 0; t < q; t++) {
+                    if (t + PREFETCH_AHEAD < q) prefetch_row(W + (int64_t)ix[t + PREFETCH_AHEAD] * K, K);
+                    hi[t] = dot(x + r * K, W + (int64_t)ix[t] * K, K) + bias[ix[t]];
+                }
+                finish_row(hi, ix, q, k, mag, out_idx + r * k, out_val + r * k);
+                count[r] = -1;
+            } else {
+                memcpy(cand + r * cap, ix, sizeof(int32_t) * q);
+                count[r] = q;
+            }
+        }
+        /* Group the parked (row, candidate) pairs by latent (a counting sort), so that each row of W is read once
+           and the rows of x, a few MB per call, are the ones revisited: far less memory traffic than gathering
+           W's rows per token. */
+        #pragma omp single
+        {
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t t = 0; t < count[r]; t++) lat_ptr[cand[r * cap + t] + 1]++;
+            for (int64_t l = 0; l < d; l++) { lat_ptr[l + 1] += lat_ptr[l]; cursor[l] = lat_ptr[l]; }
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t t = 0; t < count[r]; t++) slot[cursor[cand[r * cap + t]]++] = r * cap + t;
+        }
+        #pragma omp for schedule(dynamic, 64)
+        for (int64_t l = 0; l < d; l++) {
+            const float *w = W + l * K;
+            for (int64_t e = lat_ptr[l]; e < lat_ptr[l + 1]; e++) {
+                const int64_t f = slot[e];
+                val[f] = dot(x + (f / cap) * K, w, K) + bias[l];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            if (count[r] <= 0) continue;
+            memcpy(ix, cand + r * cap, sizeof(int32_t) * count[r]);
+            memcpy(hi, val + r * cap, sizeof(float) * count[r]);
+            finish_row(hi, ix, count[r], k, mag, out_idx + r * k, out_val + r * k);
         }
         free(colmax); free(up); free(lo); free(hi); free(ix);
     }
+    free(cand); free(val); free(count); free(lat_ptr); free(cursor); free(slot);
     return status;
 }
 

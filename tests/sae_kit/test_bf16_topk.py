@@ -129,3 +129,17 @@ def test_switch_off_and_other_dtypes_keep_fp32(lib, bf16_units, monkeypatch):
     assert not kernels.bf16_preselect_usable(x.double(), W_enc.double())
     monkeypatch.setenv(kernels.BF16_SWITCH, "0")
     assert not kernels.bf16_preselect_usable(x, W_enc)
+
+
+def test_rows_with_more_candidates_than_parked_are_exact_too(lib):
+    """Latents bf16 cannot separate at all: every one stays a candidate, past the per-row parking space."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 32, generator=g)
+    # (d, d_in): rows 1e-5 apart in scale, too close for bf16, far apart for fp32 (in a shuffled order)
+    W = base.repeat(600, 1) * (1 + 1e-5 * torch.randperm(600, generator=g)[:, None])
+    x = torch.randn(70, 32, generator=g)
+    b = torch.zeros(600)
+    values, indices = kernels.bf16_topk(x, W.T, b, 8, chunk_rows=64)
+    pre, want = reference(x, W.T, b, 8)
+    assert torch.equal(indices, want)
+    torch.testing.assert_close(values.double(), pre.gather(1, want), rtol=1e-5, atol=1e-6)
