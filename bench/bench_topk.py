@@ -47,7 +47,7 @@ def train_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> 
 def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool) -> Callable[[], None]:
     """sae-kit's TopKSAE, fast path or dense reference."""
     from sae_kit.sae import SAEConfig, SparseCoder
-    from sae_kit.train.loop import make_optimizer
+    from sae_kit.train.optim import make_optimizer
 
     sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=d_sae, k=k))
     sae.use_sparse_kernels = sparse

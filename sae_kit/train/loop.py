@@ -30,6 +30,7 @@ from sae_kit.train.config import TOPK_FAMILY, SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.geometric_median import geometric_median
+from sae_kit.train.optim import make_optimizer
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
 
@@ -93,14 +94,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     return device
-
-
-def make_optimizer(sae: SparseCoder, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
-    """Adam over the SAE's parameters; the fused kernel where torch has one (one pass over memory per step)."""
-    try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # e.g. a device or dtype without a fused kernel
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
 
 
 def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, owner: bool) -> Trainee:
