@@ -103,10 +103,41 @@ class BatchTopKSAE(TopKSAE):
         return theta
 
     def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
-        """All rows at once: the batch-wide selection needs them, and θ gives rows different widths."""
-        pre = scratch((x.shape[0], self.cfg.d_sae), self.W_enc.dtype, self.W_enc.device)  # (N, d_sae)
-        torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc, out=pre)
-        return self.select_from_pre(pre, dead, train)
+        """Training: the batch-wide cut over each row's exact top candidates. Inference: θ over all pre-activations,
+        since θ gives rows different widths."""
+        if not train:
+            pre = scratch((x.shape[0], self.cfg.d_sae), self.W_enc.dtype, self.W_enc.device)  # (N, d_sae)
+            torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc, out=pre)
+            return self.select_from_pre(pre, dead, train)
+        xc = self.encoder_input(x)
+        d = self.cfg.d_sae
+        width = min(d, 4 * self.cfg.k)
+        while True:
+            sel = self.row_topk(xc, dead, width)  # each row's `width` best, ascending indices
+            slots, keep, row_full = self._batch_cut(sel.values)
+            # A row that keeps all of its candidates might hold more above the cut: widen and redo.
+            if width == d or not row_full:
+                break
+            width = min(d, 2 * width)
+        return Selection(sel.values.gather(1, slots), sel.indices.gather(1, slots), keep, sel.aux_values,
+                         sel.aux_indices)
+
+    def _batch_cut(self, values: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Which of the per-row candidates (N, c) are among the B·k largest positive values of the batch.
+
+        Returns the slots to keep per row (N, K), K the largest row count, in the candidates' ascending latent
+        order (padded with the next best, unkept), their keep mask, and whether some row kept all c candidates.
+        """
+        n = values.shape[0]
+        budget = n * self.cfg.k
+        flat = values.reshape(-1)
+        cut = flat.kthvalue(flat.numel() - budget + 1).values if budget < flat.numel() else flat.min()
+        keep = (values >= cut) & (values > 0)  # (N, c)
+        used = max(1, int(keep.sum(1).max()))
+        # The kept slots are the row's best values; pad with the next best (as the dense reference does), then put
+        # them back in ascending latent order.
+        slots = values.argsort(dim=1, descending=True, stable=True)[:, :used].sort(dim=1).values
+        return slots, keep.gather(1, slots).to(values.dtype), bool(keep.all(1).any())
 
     def forward(self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
                 sparsity_coefficient: float | None = None, **_: Any) -> ForwardOutput:

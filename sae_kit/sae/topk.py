@@ -104,16 +104,20 @@ class TopKSAE(SparseCoder):
         return dead_pre.gather(1, pos), dead[pos]  # dead is ascending, so the indices are too
 
     def select_active(self, x: Tensor, dead: Tensor | None, train: bool = False) -> Selection:
-        """Selection for inputs (N, d_in), computing pre-activations a chunk of rows at a time (no autograd).
+        """Selection for inputs (N, d_in): the per-row top k (no autograd; BatchTopK overrides this)."""
+        return self.row_topk(self.encoder_input(x), dead, self.cfg.k)
 
-        The per-row top k (architectures with another selection, such as BatchTopK, override this). The chunk's
-        matmul skips b_enc: the top-k adds it while reading the chunk, which saves a full pass over it.
+    def row_topk(self, xc: Tensor, dead: Tensor | None, width: int) -> Selection:
+        """The `width` best latents of each row of encoder inputs xc (N, d_in) with their pre-activations (values,
+        ascending indices), and the AuxK slots; no autograd, a chunk of rows at a time.
+
+        With AMX, through the exact bf16 preselection (`kernels.bf16_topk`). Otherwise the chunk's matmul skips
+        b_enc and the top-k adds it while reading the chunk, which saves a full pass over it.
         """
-        xc = self.encoder_input(x)  # (N, d_in)
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
         if bf16_preselect_usable(xc, self.W_enc):
-            got = bf16_topk(xc, self.W_enc, b_enc, self.cfg.k, step, self.by_magnitude)
+            got = bf16_topk(xc, self.W_enc, b_enc, width, step, self.by_magnitude)
             if got is not None:  # None: a non-finite row; the fp32 path below handles it
                 dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None
                 return Selection(*got, None, *self._aux_selection(dead_pre, dead))
@@ -125,7 +129,7 @@ class TopKSAE(SparseCoder):
             # AuxK reads the dead columns first: topk_biased may reuse pre.
             dead_pre = pre.index_select(1, dead) + b_enc[dead] if dead is not None else None
             aux_values, aux_idx = self._aux_selection(dead_pre, dead)
-            values, idx = topk_biased(pre, b_enc, self.cfg.k, self.by_magnitude)
+            values, idx = topk_biased(pre, b_enc, width, self.by_magnitude)
             parts.append(Selection(values, idx, None, aux_values, aux_idx))
         if len(parts) == 1:
             return parts[0]
