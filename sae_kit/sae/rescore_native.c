@@ -85,7 +85,21 @@ static float kth_largest_of(float *v, int64_t n, int64_t k) {
     return v[want];
 }
 
-static void sort_pairs_by_index(int32_t *ix, float *v, int64_t k) {
+typedef struct { int32_t ix; float v; } pair_t;
+
+static int cmp_pair(const void *a, const void *b) {
+    int32_t x = ((const pair_t *)a)->ix, y = ((const pair_t *)b)->ix;
+    return (x > y) - (x < y);
+}
+
+/* Sort (ix, v) by ix ascending: insertion sort for the usual few, qsort for wide selections (BatchTopK's 4k). */
+static void sort_pairs_by_index(int32_t *ix, float *v, int64_t k, pair_t *tmp) {
+    if (k > 64) {
+        for (int64_t i = 0; i < k; i++) { tmp[i].ix = ix[i]; tmp[i].v = v[i]; }
+        qsort(tmp, (size_t)k, sizeof(pair_t), cmp_pair);
+        for (int64_t i = 0; i < k; i++) { ix[i] = tmp[i].ix; v[i] = tmp[i].v; }
+        return;
+    }
     for (int64_t i = 1; i < k; i++) {
         int32_t a = ix[i];
         float b = v[i];
@@ -207,9 +221,10 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
 }
 
 /* Step 3's end for one row: the k best of the q candidates (ix, fp32 values v) into the outputs, ascending. */
-static void finish_row(float *v, int32_t *ix, int64_t q, int64_t k, int mag, int64_t *out_idx, float *out_val) {
+static void finish_row(float *v, int32_t *ix, int64_t q, int64_t k, int mag, pair_t *tmp, int64_t *out_idx,
+                       float *out_val) {
     select_first(v, ix, q, k, mag);
-    sort_pairs_by_index(ix, v, k);
+    sort_pairs_by_index(ix, v, k, tmp);
     for (int64_t t = 0; t < k; t++) { out_idx[t] = ix[t]; out_val[t] = v[t]; }
 }
 
@@ -237,7 +252,8 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
         float *lo = malloc(sizeof(float) * 2 * d);
         float *hi = malloc(sizeof(float) * d);
         int32_t *ix = malloc(sizeof(int32_t) * d);
-        int ok = !status && colmax && up && lo && hi && ix;
+        pair_t *pairs = malloc(sizeof(pair_t) * k);
+        int ok = !status && colmax && up && lo && hi && ix && pairs;
         status |= ok || status ? 0 : 1;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
@@ -251,7 +267,7 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
                     if (t + PREFETCH_AHEAD < q) prefetch_row(W + (int64_t)ix[t + PREFETCH_AHEAD] * K, K);
                     hi[t] = dot(x + r * K, W + (int64_t)ix[t] * K, K) + bias[ix[t]];
                 }
-                finish_row(hi, ix, q, k, mag, out_idx + r * k, out_val + r * k);
+                finish_row(hi, ix, q, k, mag, pairs, out_idx + r * k, out_val + r * k);
                 count[r] = -1;
             } else {
                 memcpy(cand + r * cap, ix, sizeof(int32_t) * q);
@@ -282,9 +298,9 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
             if (count[r] <= 0) continue;
             memcpy(ix, cand + r * cap, sizeof(int32_t) * count[r]);
             memcpy(hi, val + r * cap, sizeof(float) * count[r]);
-            finish_row(hi, ix, count[r], k, mag, out_idx + r * k, out_val + r * k);
+            finish_row(hi, ix, count[r], k, mag, pairs, out_idx + r * k, out_val + r * k);
         }
-        free(colmax); free(up); free(lo); free(hi); free(ix);
+        free(colmax); free(up); free(lo); free(hi); free(ix); free(pairs);
     }
     free(cand); free(val); free(count); free(lat_ptr); free(cursor); free(slot);
     return status;

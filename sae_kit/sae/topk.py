@@ -45,6 +45,10 @@ chunk while it is still warm in cache (≈5% faster per step than one 4096-row c
 still tall enough for the encoder matmul to run at full speed, and memory stays bounded for wide SAEs."""
 
 
+BF16_MAX_WIDTH_FRACTION = 1 / 32
+"""The bf16 preselection runs when at most this fraction of the latents is selected per row."""
+
+
 class Selection(NamedTuple):
     """Which latents are active, chosen without autograd; values are the pre-activations there."""
 
@@ -116,7 +120,9 @@ class TopKSAE(SparseCoder):
         """
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
-        if bf16_preselect_usable(xc, self.W_enc):
+        # The bf16 bound leaves ~1.7·width candidates per row to recompute; past ~1/32 of the latents (BatchTopK's
+        # widened candidate lists on narrow SAEs) the fp32 product is faster.
+        if BF16_MAX_WIDTH_FRACTION * self.cfg.d_sae >= width and bf16_preselect_usable(xc, self.W_enc):
             got = bf16_topk(xc, self.W_enc, b_enc, width, step, self.by_magnitude)
             if got is not None:  # None: a non-finite row; the fp32 path below handles it
                 dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None

@@ -60,6 +60,25 @@ def test_sparse_and_dense_paths_agree(arch, kind):
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batchtopk_widens_for_rows_holding_more_than_their_candidates(dtype):
+    """A few loud rows take far more than 4k of the batch's B·k slots: the candidate lists must widen to stay exact."""
+    sae = _coder("batchtopk", dtype=dtype)
+    x = torch.randn(64, 16, dtype=getattr(torch, dtype))
+    x[:3] *= 30.0  # these rows dominate the batch-wide cut
+    calls = []
+    real = sae.row_topk
+    sae.row_topk = lambda *a: calls.append(a[2]) or real(*a)
+    fast, g_fast = _run(sae, True, x, None, None)
+    ref, g_ref = _run(sae, False, x, None, None)
+    assert calls[0] == 24 and max(calls) > 24  # started at 4k candidates per row and had to widen
+    assert int((ref.latent_acts > 0).sum(1).max()) > 24
+    assert torch.equal(fast.latent_indices, ref.latent_indices)
+    torch.testing.assert_close(fast.latent_acts, ref.latent_acts, rtol=1e-5, atol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_paths_agree_in_float32_without_auxk():
     sae = _coder("topk", dtype="float32")
     x = torch.randn(128, 16)
