@@ -85,30 +85,6 @@ static float kth_largest_of(float *v, int64_t n, int64_t k) {
     return v[want];
 }
 
-typedef struct { int32_t ix; float v; } pair_t;
-
-static int cmp_pair(const void *a, const void *b) {
-    int32_t x = ((const pair_t *)a)->ix, y = ((const pair_t *)b)->ix;
-    return (x > y) - (x < y);
-}
-
-/* Sort (ix, v) by ix ascending: insertion sort for the usual few, qsort for wide selections (BatchTopK's 4k). */
-static void sort_pairs_by_index(int32_t *ix, float *v, int64_t k, pair_t *tmp) {
-    if (k > 64) {
-        for (int64_t i = 0; i < k; i++) { tmp[i].ix = ix[i]; tmp[i].v = v[i]; }
-        qsort(tmp, (size_t)k, sizeof(pair_t), cmp_pair);
-        for (int64_t i = 0; i < k; i++) { ix[i] = tmp[i].ix; v[i] = tmp[i].v; }
-        return;
-    }
-    for (int64_t i = 1; i < k; i++) {
-        int32_t a = ix[i];
-        float b = v[i];
-        int64_t j = i - 1;
-        for (; j >= 0 && ix[j] > a; j--) { ix[j + 1] = ix[j]; v[j + 1] = v[j]; }
-        ix[j + 1] = a; v[j + 1] = b;
-    }
-}
-
 /* The latent rows are picked at random from a matrix larger than the cache: ask for the next ones early. */
 #define PREFETCH_AHEAD 2
 
@@ -220,12 +196,24 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
     return q;
 }
 
-/* Step 3's end for one row: the k best of the q candidates (ix, fp32 values v) into the outputs, ascending. */
-static void finish_row(float *v, int32_t *ix, int64_t q, int64_t k, int mag, pair_t *tmp, int64_t *out_idx,
-                       float *out_val) {
-    select_first(v, ix, q, k, mag);
-    sort_pairs_by_index(ix, v, k, tmp);
-    for (int64_t t = 0; t < k; t++) { out_idx[t] = ix[t]; out_val[t] = v[t]; }
+/* Step 3's end for one row: the k best of the q candidates (ix ascending, fp32 values v) into the outputs, in the
+   same ascending order. Selects on copies (vc, icp), finds the last of the k best in rank, and keeps the
+   candidates ranking at or before it: no sort. */
+static void finish_row(const float *v, const int32_t *ix, int64_t q, int64_t k, int mag, float *vc, int32_t *icp,
+                       int64_t *out_idx, float *out_val) {
+    memcpy(vc, v, sizeof(float) * q);
+    memcpy(icp, ix, sizeof(int32_t) * q);
+    select_first(vc, icp, q, k, mag);
+    float tk = mag ? fabsf(vc[0]) : vc[0];
+    int32_t ti = icp[0];
+    for (int64_t t = 1; t < k; t++) {
+        float a = mag ? fabsf(vc[t]) : vc[t];
+        if (ranks_before(tk, ti, a, icp[t])) { tk = a; ti = icp[t]; }
+    }
+    for (int64_t i = 0, t = 0; t < k; i++) {
+        float a = mag ? fabsf(v[i]) : v[i];
+        if (ix[i] == ti || ranks_before(a, ix[i], tk, ti)) { out_idx[t] = ix[i]; out_val[t] = v[i]; t++; }
+    }
 }
 
 /* p (n, d) bf16 products x̃·W̃; bias, R, N (d,); A, B (n,); x (n, K) and W (d, K) fp32, both row-major.
@@ -252,8 +240,8 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
         float *lo = malloc(sizeof(float) * 2 * d);
         float *hi = malloc(sizeof(float) * d);
         int32_t *ix = malloc(sizeof(int32_t) * d);
-        pair_t *pairs = malloc(sizeof(pair_t) * k);
-        int ok = !status && colmax && up && lo && hi && ix && pairs;
+        int32_t *icp = malloc(sizeof(int32_t) * d);
+        int ok = !status && colmax && up && lo && hi && ix && icp;
         status |= ok || status ? 0 : 1;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
@@ -267,7 +255,7 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
                     if (t + PREFETCH_AHEAD < q) prefetch_row(W + (int64_t)ix[t + PREFETCH_AHEAD] * K, K);
                     hi[t] = dot(x + r * K, W + (int64_t)ix[t] * K, K) + bias[ix[t]];
                 }
-                finish_row(hi, ix, q, k, mag, pairs, out_idx + r * k, out_val + r * k);
+                finish_row(hi, ix, q, k, mag, lo, icp, out_idx + r * k, out_val + r * k);
                 count[r] = -1;
             } else {
                 memcpy(cand + r * cap, ix, sizeof(int32_t) * q);
@@ -296,11 +284,9 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             if (count[r] <= 0) continue;
-            memcpy(ix, cand + r * cap, sizeof(int32_t) * count[r]);
-            memcpy(hi, val + r * cap, sizeof(float) * count[r]);
-            finish_row(hi, ix, count[r], k, mag, pairs, out_idx + r * k, out_val + r * k);
+            finish_row(val + r * cap, cand + r * cap, count[r], k, mag, lo, icp, out_idx + r * k, out_val + r * k);
         }
-        free(colmax); free(up); free(lo); free(hi); free(ix); free(pairs);
+        free(colmax); free(up); free(lo); free(hi); free(ix); free(icp);
     }
     free(cand); free(val); free(count); free(lat_ptr); free(cursor); free(slot);
     return status;

@@ -4,7 +4,7 @@
    1. view the row as (d/c, c) and take the c column maxima (c = 4k on long rows, else k); the k-th largest of them
       is a lower bound of the row's k-th largest key, since k columns each hold an element that reaches it;
    2. collect the keys >= that bound (a little over k on Gaussian rows; AVX-512 compress-store where available);
-   3. quickselect the k largest among them and sort their indices ascending.
+   3. quickselect the k largest among them (on a copy) and keep them in the candidates' ascending index order.
    Keys are the values (plus an optional per-column bias, so the encoder matmul needs no bias pass), or their
    magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above
    everything, as in torch.topk.
@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -43,25 +44,9 @@ static void select_k(float *kv, int32_t *ix, int64_t n, int64_t k) {
     }
 }
 
-static int cmp_i32(const void *a, const void *b) {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
 static inline float key_of(float v, int by_mag) {
     if (v != v) return INFINITY;
     return by_mag ? fabsf(v) : v;
-}
-
-/* Sort a few indices ascending: insertion sort beats qsort's indirect calls at the widths SAEs use. */
-static void sort_indices(int32_t *ix, int64_t k) {
-    if (k > 64) { qsort(ix, (size_t)k, sizeof(int32_t), cmp_i32); return; }
-    for (int64_t i = 1; i < k; i++) {
-        int32_t v = ix[i];
-        int64_t j = i - 1;
-        for (; j >= 0 && ix[j] > v; j--) ix[j + 1] = ix[j];
-        ix[j + 1] = v;
-    }
 }
 
 /* The k-th largest of the c column maxima (c >= k): a lower bound of the row's k-th largest key, since k columns
@@ -138,11 +123,24 @@ static void row_topk(const float *row, const float *bias, int64_t d, int64_t k, 
             if (a >= bound) { kv[m] = a; ix[m] = (int32_t)j; m++; }
         }
     }
-    select_k(kv, ix, m, k);
-    sort_indices(ix, k);
-    for (int64_t t = 0; t < k; t++) {
-        out_idx[t] = ix[t];
-        if (out_val) out_val[t] = bias ? row[ix[t]] + bias[ix[t]] : row[ix[t]];
+    /* The candidates are in ascending index order. Select on a copy, find the last of the k best in rank, then
+       keep, in one pass over the candidates, those ranking at or before it: the k best, ascending, no sort. */
+    float *kc = kv + d;
+    int32_t *ic = ix + d;
+    memcpy(kc, kv, sizeof(float) * m);
+    memcpy(ic, ix, sizeof(int32_t) * m);
+    select_k(kc, ic, m, k);
+    float tk = kc[0];
+    int32_t ti = ic[0];
+    for (int64_t t = 1; t < k; t++) {
+        if (before(tk, ti, kc[t], ic[t])) { tk = kc[t]; ti = ic[t]; }
+    }
+    for (int64_t i = 0, t = 0; t < k; i++) {
+        if (ix[i] == ti || before(kv[i], ix[i], tk, ti)) {
+            out_idx[t] = ix[i];
+            if (out_val) out_val[t] = bias ? row[ix[i]] + bias[ix[i]] : row[ix[i]];
+            t++;
+        }
     }
 }
 
@@ -161,8 +159,8 @@ int topk_rows(const float *s, const float *bias, int64_t n, int64_t d, int64_t k
     #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64) reduction(|:failed)
     {
         float *colmax = malloc(sizeof(float) * c);
-        float *kv = malloc(sizeof(float) * d);
-        int32_t *ix = malloc(sizeof(int32_t) * d);
+        float *kv = malloc(sizeof(float) * 2 * d);  /* candidates, then a copy to select on */
+        int32_t *ix = malloc(sizeof(int32_t) * 2 * d);
         int ok = colmax && kv && ix;
         failed |= !ok;
         #pragma omp for schedule(static)
