@@ -30,6 +30,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("topk_native.c"), Path(__file__).with_name("rescore_native.c"))
+HEADERS = (Path(__file__).with_name("select_native.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "SAE_KIT_NATIVE"
 """Set to 0 to never build or use the native kernels."""
@@ -62,7 +63,7 @@ def cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """Compile the library (once per digest) and return its path; raises on failure."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    parts = [*(src.read_text() for src in SOURCES), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]
+    parts = [*(src.read_text() for src in (*SOURCES, *HEADERS)), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / digest / "libsaekit_topk.so"
     if target.is_file():

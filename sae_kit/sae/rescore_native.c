@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "select_native.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -44,45 +46,6 @@ static inline float bf16_to_float(uint16_t h) {
 
 static inline float error_bound(float A, float B, float R, float N, float p, float b) {
     return A * R + B * N + REL_P * fabsf(p) + REL_B * fabsf(b) + ABS_SLACK;
-}
-
-static inline int ranks_before(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
-
-/* Partial sort so that (v, ix)[0..k) hold the k first in rank, by value or (mag) by magnitude (quickselect). */
-static void select_first(float *v, int32_t *ix, int64_t n, int64_t k, int mag) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        float pv = mag ? fabsf(v[mid]) : v[mid];
-        int32_t pi = ix[mid];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (ranks_before(mag ? fabsf(v[i]) : v[i], ix[i], pv, pi)) i++;
-            while (ranks_before(pv, pi, mag ? fabsf(v[j]) : v[j], ix[j])) j--;
-            if (i <= j) {
-                float t = v[i]; v[i] = v[j]; v[j] = t;
-                int32_t u = ix[i]; ix[i] = ix[j]; ix[j] = u;
-                i++; j--;
-            }
-        }
-        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
-    }
-}
-
-/* The k-th largest of v[0..n) (reorders v). */
-static float kth_largest_of(float *v, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pv = v[(lo + hi) >> 1];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pv) i++;
-            while (pv > v[j]) j--;
-            if (i <= j) { float t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
-        }
-        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
-    }
-    return v[want];
 }
 
 /* The latent rows are picked at random from a matrix larger than the cache: ask for the next ones early. */
@@ -159,7 +122,7 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
         }
     }
     if (finite != 0.0f || colmax[0] != colmax[0]) return -1;
-    const float L0 = kth_largest_of(colmax, c, k);
+    const float L0 = kth_largest(colmax, c, k);
     /* Pass 2: the latents whose upper bound reaches L0. */
     int64_t m = 0, j = 0;
 #ifdef __AVX512F__
@@ -188,7 +151,7 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
     /* L: the k-th largest lower bound (every one >= L0 was collected), selected on a copy in lo's spare half. */
     float *tmp = lo + m;
     memcpy(tmp, lo, sizeof(float) * m);
-    const float L = kth_largest_of(tmp, m, k);
+    const float L = kth_largest(tmp, m, k);
     int64_t q = 0;
     for (int64_t t = 0; t < m; t++) {
         if (hi[t] >= L) ix[q++] = ix[t];
@@ -204,12 +167,9 @@ static void finish_row(const float *v, const int32_t *ix, int64_t q, int64_t k, 
     memcpy(vc, v, sizeof(float) * q);
     memcpy(icp, ix, sizeof(int32_t) * q);
     select_first(vc, icp, q, k, mag);
-    float tk = mag ? fabsf(vc[0]) : vc[0];
-    int32_t ti = icp[0];
-    for (int64_t t = 1; t < k; t++) {
-        float a = mag ? fabsf(vc[t]) : vc[t];
-        if (ranks_before(tk, ti, a, icp[t])) { tk = a; ti = icp[t]; }
-    }
+    float tk;
+    int32_t ti;
+    last_in_rank(vc, icp, k, mag, &tk, &ti);
     for (int64_t i = 0, t = 0; t < k; i++) {
         float a = mag ? fabsf(v[i]) : v[i];
         if (ix[i] == ti || ranks_before(a, ix[i], tk, ti)) { out_idx[t] = ix[i]; out_val[t] = v[i]; t++; }

@@ -15,61 +15,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "select_native.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-/* Whether (key a, index ia) ranks before (b, ib): larger key first, ties to the lower index. */
-static inline int before(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
-
-/* Reorder kv/ix so that kv[0..k) hold the k first in rank (Hoare quickselect; indices are distinct, so the order
-   is total and the selection deterministic). */
-static void select_k(float *kv, int32_t *ix, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        float pk = kv[mid];
-        int32_t pi = ix[mid];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (before(kv[i], ix[i], pk, pi)) i++;
-            while (before(pk, pi, kv[j], ix[j])) j--;
-            if (i <= j) {
-                float tf = kv[i]; kv[i] = kv[j]; kv[j] = tf;
-                int32_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti;
-                i++; j--;
-            }
-        }
-        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
-    }
-}
-
 static inline float key_of(float v, int by_mag) {
     if (v != v) return INFINITY;
     return by_mag ? fabsf(v) : v;
-}
-
-/* The k-th largest of the c column maxima (c >= k): a lower bound of the row's k-th largest key, since k columns
-   each hold a distinct element that reaches it. c = k gives their minimum at no cost; c = 4k costs a small
-   selection but gives a bound close to the k-th largest, so far fewer elements pass it. */
-static float kth_largest(float *v, int64_t c, int64_t k) {
-    if (c == k) {
-        float m = v[0];
-        for (int64_t i = 1; i < c; i++) m = v[i] < m ? v[i] : m;
-        return m;
-    }
-    int64_t lo = 0, hi = c - 1, want = k - 1;
-    while (lo < hi) {
-        float pk = v[(lo + hi) >> 1];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pk) i++;
-            while (pk > v[j]) j--;
-            if (i <= j) { float t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
-        }
-        if (want <= j) hi = j; else if (want >= i) lo = i; else break;
-    }
-    return v[want];
 }
 
 /* One row: the k best keys of row (+ bias) into out_idx (ascending) and, if out_val, their values (+ bias). */
@@ -129,14 +83,12 @@ static void row_topk(const float *row, const float *bias, int64_t d, int64_t k, 
     int32_t *ic = ix + d;
     memcpy(kc, kv, sizeof(float) * m);
     memcpy(ic, ix, sizeof(int32_t) * m);
-    select_k(kc, ic, m, k);
-    float tk = kc[0];
-    int32_t ti = ic[0];
-    for (int64_t t = 1; t < k; t++) {
-        if (before(tk, ti, kc[t], ic[t])) { tk = kc[t]; ti = ic[t]; }
-    }
+    select_first(kc, ic, m, k, 0);
+    float tk;
+    int32_t ti;
+    last_in_rank(kc, ic, k, 0, &tk, &ti);
     for (int64_t i = 0, t = 0; t < k; i++) {
-        if (ix[i] == ti || before(kv[i], ix[i], tk, ti)) {
+        if (ix[i] == ti || ranks_before(kv[i], ix[i], tk, ti)) {
             out_idx[t] = ix[i];
             if (out_val) out_val[t] = bias ? row[ix[i]] + bias[ix[i]] : row[ix[i]];
             t++;
@@ -144,7 +96,10 @@ static void row_topk(const float *row, const float *bias, int64_t d, int64_t k, 
     }
 }
 
-/* Columns for the bound: 4k when rows are long enough for it to pay (>= 32 elements per column), else k. */
+/* Columns for the bound: 4k when rows are long enough for it to pay (>= 32 elements per column), else k. The k-th
+   largest of the c column maxima is a lower bound of the row's k-th largest key, since k columns each hold a
+   distinct element that reaches it; c = k gives their minimum at no cost, c = 4k a bound close to the k-th
+   largest for a small selection, so far fewer elements pass it. */
 static int64_t bound_columns(int64_t d, int64_t k) {
     return d >= 128 * k ? 4 * k : k;
 }
