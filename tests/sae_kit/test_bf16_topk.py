@@ -7,13 +7,6 @@ import torch
 from sae_kit.sae import SAEConfig, SparseCoder, kernels, native
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if native.library() is None:
-        pytest.skip("no C compiler here: the native kernels are not built (the fp32 path is tested elsewhere)")
-    return native.library()
-
-
 @pytest.fixture
 def bf16_units(monkeypatch):
     """Take the bf16 path whatever this CPU reports (it is exact anywhere, only slower without bf16 units)."""

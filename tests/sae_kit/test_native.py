@@ -9,13 +9,6 @@ import torch
 from sae_kit.sae import kernels, native
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if native.library() is None:
-        pytest.skip("no C compiler here: the native top-k is not built (the torch path is tested elsewhere)")
-    return native.library()
-
-
 @pytest.fixture
 def fresh_native(monkeypatch):
     """Forget the loaded library for one test (restored afterwards)."""
