@@ -95,3 +95,13 @@ def tiny_hf_model(tiny_gpt2_path: Path):
     from activation_store.model import load_model
 
     return load_model(str(tiny_gpt2_path), backend="hf", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """sae_kit's native kernels; a test using it is skipped where they cannot be built (no C compiler)."""
+    from sae_kit.sae import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels are not built (the torch paths are tested elsewhere)")
+    return native.library()
