@@ -78,7 +78,7 @@ static inline float dot(const float *x, const float *w, int64_t K) {
 static int64_t row_candidates(const uint16_t *p, const float *bias, const float *R, const float *N, float A,
                               float B, int64_t d, int64_t k, int64_t c, int mag, float *colmax, float *up, float *lo,
                               float *hi, int32_t *ix) {
-    float finite = 0.0f;  /* stays 0 unless some bound is NaN or infinite */
+    float finite = 0.0f;  /* stays 0 unless some upper bound is NaN or infinite (max() would drop a NaN) */
     for (int64_t j = 0; j < c; j++) colmax[j] = -INFINITY;
     /* Pass 1: upper bounds into up[], column maxima of the lower bounds. */
     int64_t s = 0;
@@ -101,9 +101,10 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
                 if (mag) key = _mm512_abs_ps(key);
                 __m512 l = _mm512_sub_ps(key, e);
                 if (mag) l = _mm512_max_ps(l, zero);  /* |c| >= max(|key| - e, 0) */
-                _mm512_storeu_ps(up + s + j, _mm512_add_ps(key, e));
+                __m512 u = _mm512_add_ps(key, e);
+                _mm512_storeu_ps(up + s + j, u);
                 _mm512_storeu_ps(colmax + j, _mm512_max_ps(l, _mm512_loadu_ps(colmax + j)));
-                vfin = _mm512_add_ps(vfin, _mm512_sub_ps(l, l));
+                vfin = _mm512_add_ps(vfin, _mm512_sub_ps(u, u));  /* NaN or inf: u - u is NaN */
             }
         }
         finite += _mm512_reduce_add_ps(vfin);
@@ -118,7 +119,7 @@ static int64_t row_candidates(const uint16_t *p, const float *bias, const float 
             float l = mag ? fmaxf(key - e, 0.0f) : key - e;
             up[s + j] = key + e;
             colmax[j] = l > colmax[j] ? l : colmax[j];
-            finite += l - l;
+            finite += up[s + j] - up[s + j];
         }
     }
     if (finite != 0.0f || colmax[0] != colmax[0]) return -1;

@@ -82,10 +82,21 @@ def test_bf16_rounding_and_norms_match_torch(lib):
     torch.testing.assert_close(res_norm, (src - src.bfloat16().float()).norm(dim=1), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("by_magnitude", [False, True])
+@pytest.mark.parametrize("d", [512, 1024])  # bound from k column maxima (scalar pass) or 4k (vector pass)
+def test_non_finite_inputs_return_none(lib, bad, by_magnitude, d):
+    x, W_enc, b = operands(80, d, 32, seed=3)
+    x[5, 3] = bad
+    assert kernels.bf16_topk(x, W_enc, b, 8, chunk_rows=64, by_magnitude=by_magnitude) is None
+    x[5, 3] = 0.0
+    W_enc[7, 100] = bad  # a bad weight spoils every row's latent 100
+    assert kernels.bf16_topk(x, W_enc, b, 8, chunk_rows=64, by_magnitude=by_magnitude) is None
+
+
 def test_non_finite_rows_hand_back_to_the_fp32_path(lib, bf16_units):
     x, W_enc, b = operands(80, 512, 32, seed=3)
     x[5, 3] = float("inf")
-    assert kernels.bf16_topk(x, W_enc, b, 8, chunk_rows=64) is None
     sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=512, k=8))
     with torch.no_grad():
         sel = sae.select_active(x, None)  # falls back: the fp32 path ranks the non-finite row's values itself
