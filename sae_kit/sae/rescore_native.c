@@ -193,8 +193,12 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
     int64_t *lat_ptr = calloc((size_t)d + 1, sizeof(int64_t));
     int64_t *cursor = malloc(sizeof(int64_t) * d);
     int64_t *slot = malloc(sizeof(int64_t) * n * cap);
-    int status = cand && val && count && lat_ptr && cursor && slot ? 0 : 1;
-    #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64 && !status) reduction(|:status)
+    int status = 0;
+    if (!(cand && val && count && lat_ptr && cursor && slot)) {
+        free(cand); free(val); free(count); free(lat_ptr); free(cursor); free(slot);
+        return 1;
+    }
+    #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) if (n >= 64) reduction(|:status)
     {
         float *colmax = malloc(sizeof(float) * c);
         float *up = malloc(sizeof(float) * d);
@@ -202,8 +206,8 @@ int topk_rescored(const uint16_t *p, const float *bias, const float *R, const fl
         float *hi = malloc(sizeof(float) * d);
         int32_t *ix = malloc(sizeof(int32_t) * d);
         int32_t *icp = malloc(sizeof(int32_t) * d);
-        int ok = !status && colmax && up && lo && hi && ix && icp;
-        status |= ok || status ? 0 : 1;
+        int ok = colmax && up && lo && hi && ix && icp;
+        status |= ok ? 0 : 1;  /* this thread's rows stay unset; every thread still meets the barriers below */
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             count[r] = 0;
