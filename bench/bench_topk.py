@@ -115,9 +115,11 @@ def main() -> None:
     print(f"TopK step: batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     from sae_kit.sae import kernels, native
+    from sae_kit.sae.topk import BF16_MAX_WIDTH_FRACTION
 
     print(f"our top-k: {'native C (sae_kit/sae/topk_native.c)' if native.library() else 'torch (no native build)'}")
-    bf16 = kernels.bf16_preselect_usable(x, torch.empty(args.d_in, args.d_sae))
+    bf16 = (kernels.bf16_preselect_usable(x, torch.empty(args.d_in, args.d_sae))
+            and args.k <= BF16_MAX_WIDTH_FRACTION * args.d_sae)
     print("our encoder: " + ("bf16 product on the CPU's bf16 units, exact fp32 top-k and values by rescoring "
                              "(sae_kit/sae/rescore_native.c)" if bf16 else "fp32 product (no bf16 matrix units)"))
 

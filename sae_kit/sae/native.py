@@ -63,7 +63,8 @@ def cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """Compile the library (once per digest) and return its path; raises on failure."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    parts = [*(src.read_text() for src in (*SOURCES, *HEADERS)), cc, version, " ".join(FLAGS), _cpu_signature(), platform.platform()]
+    parts = [*(src.read_text() for src in (*SOURCES, *HEADERS)), cc, version, " ".join(FLAGS), _cpu_signature(),
+             platform.platform()]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / digest / "libsaekit_topk.so"
     if target.is_file():

@@ -48,6 +48,18 @@ def test_topk_indices_uses_native_when_it_can(lib, monkeypatch):
 def test_bad_k_is_a_clear_error(lib):
     with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
         native.topk_rows(torch.randn(2, 8), 9)
+    with pytest.raises(ValueError, match=r"bias must be a torch.float32 vector of shape \(8,\).*got .* \(7,\)"):
+        native.topk_rows_biased(torch.randn(2, 8), torch.zeros(7), 2)
+
+
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_biased_top_k_adds_the_bias_while_reading(lib, by_magnitude):
+    scores, bias = torch.randn(300, 4096), torch.randn(4096)
+    values, indices = native.topk_rows_biased(scores, bias, 32, by_magnitude)
+    pre = scores + bias
+    want = (pre.abs() if by_magnitude else pre).topk(32, dim=1).indices.sort(dim=1).values
+    assert torch.equal(indices, want)
+    assert torch.equal(values, pre.gather(1, want))
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch, caplog):
