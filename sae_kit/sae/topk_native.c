@@ -6,8 +6,7 @@
    2. collect the keys >= that bound (a little over k on Gaussian rows; AVX-512 compress-store where available);
    3. quickselect the k largest among them (on a copy) and keep them in the candidates' ascending index order.
    Keys are the values (plus an optional per-column bias, so the encoder matmul needs no bias pass), or their
-   magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above
-   everything, as in torch.topk.
+   magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above everything, as in torch.topk.
    Rows are split across OpenMP threads: torch's CPU wheels load libgomp.so.1 first, so this library shares torch's
    thread pool. Plain threads would compete with the pool's workers, which spin for a while after each matmul,
    and lose the speed-up inside a training step. */
