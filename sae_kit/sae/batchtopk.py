@@ -18,6 +18,7 @@ count of the batch; padded slots hold 0.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,26 +54,12 @@ class BatchTopKSAE(TopKSAE):
         return idx, active.gather(1, idx).to(pre.dtype)
 
     def _batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """The B·k largest positive pre-activations of the batch, as per-row padded (indices, keep mask).
-
-        Only each row's top c candidates are ranked; if some row keeps all c of them it might hold more, so c
-        doubles and the selection repeats. Exact (up to ties) on return.
-        """
-        n, d = pre.shape
-        budget = n * self.cfg.k
-        width = min(d, 4 * self.cfg.k)
-        while True:
-            vals, idx = pre.topk(width, dim=1)  # (N, c) descending per row
-            flat = vals.reshape(-1)
-            cut = flat.kthvalue(flat.numel() - budget + 1).values if budget < flat.numel() else flat.min()
-            keep = (vals >= cut) & (vals > 0)  # (N, c), a prefix of each row
-            if width == d or not bool(keep[:, -1].any()):
-                break
-            width = min(d, 2 * width)
-        used = max(1, int(keep.sum(1).max()))
-        idx, keep = idx[:, :used], keep[:, :used]
+        """The B·k largest positive pre-activations of the batch, as per-row padded (indices, keep mask), ranked
+        from `pre.topk` (the dense reference of `select_active`)."""
+        sel, slots, keep = self._widened_cut(lambda width: Selection(*pre.topk(width, dim=1), None, None, None))
+        idx = sel.indices.gather(1, slots)  # (N, K) in the candidates' order (by value)
         order = idx.argsort(dim=1)  # ascending latents per row, as the sparse kernels want
-        return idx.gather(1, order), keep.gather(1, order).to(pre.dtype)
+        return idx.gather(1, order), keep.gather(1, order)
 
     calibrates_after_training: ClassVar[bool] = True
 
@@ -93,9 +80,7 @@ class BatchTopKSAE(TopKSAE):
         while True:
             tops = torch.cat([self.pre_acts(x[i:i + chunk_rows]).topk(width, dim=1).values
                               for i in range(0, n, chunk_rows)])  # (N, c) descending per row
-            flat = tops.reshape(-1)
-            budget = n * self.cfg.k
-            cut = flat.kthvalue(flat.numel() - budget + 1).values if budget < flat.numel() else flat.min()
+            cut = _largest(tops, n * self.cfg.k)
             # A row whose c-th value clears the cut may hold more above it: widen and recount.
             if width == self.cfg.d_sae or not bool((tops[:, -1] >= cut).any()):
                 break
@@ -112,21 +97,28 @@ class BatchTopKSAE(TopKSAE):
             torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc, out=pre)
             return self.select_from_pre(pre, dead, train)
         xc = self.encoder_input(x)
+        sel, slots, keep = self._widened_cut(lambda width: self.row_topk(xc, dead, width))
+        return Selection(sel.values.gather(1, slots), sel.indices.gather(1, slots), keep, sel.aux_values,
+                         sel.aux_indices)
+
+    def _widened_cut(self, candidates: Callable[[int], Selection]) -> tuple[Selection, Tensor, Tensor]:
+        """The batch cut over each row's `width` best candidates (`candidates(width)`), widening them while some
+        row keeps all of its own (it might hold more above the cut); returns the candidates, slots and keep mask.
+
+        Starts from the width the last batches needed: widening redoes the whole selection. The result does not
+        depend on the width, only the time does.
+        """
         d, narrowest = self.cfg.d_sae, min(self.cfg.d_sae, 4 * self.cfg.k)
-        # Start from the width the last batches needed: widening redoes the whole selection. The result does not
-        # depend on the width, only the time does.
         width = max(narrowest, min(d, self._candidate_width))
         while True:
-            sel = self.row_topk(xc, dead, width)  # each row's `width` best, ascending indices
+            sel = candidates(width)
             slots, keep, row_full = self._batch_cut(sel.values)
-            # A row that keeps all of its candidates might hold more above the cut: widen and redo.
             if width == d or not row_full:
                 break
             width = min(d, 2 * width)
         used = slots.shape[1]
         self._candidate_width = width // 2 if 4 * used < width and width // 2 >= narrowest else width
-        return Selection(sel.values.gather(1, slots), sel.indices.gather(1, slots), keep, sel.aux_values,
-                         sel.aux_indices)
+        return sel, slots, keep
 
     def _batch_cut(self, values: Tensor) -> tuple[Tensor, Tensor, bool]:
         """Which of the per-row candidates (N, c) are among the B·k largest positive values of the batch.
@@ -135,20 +127,12 @@ class BatchTopKSAE(TopKSAE):
         order (padded with the next best, unkept), their keep mask, and whether some row kept all c candidates.
         """
         n, c = values.shape
-        budget = n * self.cfg.k
-        flat = values.reshape(-1)
-        on_cpu = values.device.type == "cpu"  # numpy's introselect: ~10× torch's kthvalue and row argsort here
-        if budget >= flat.numel():
-            cut = flat.min()
-        elif on_cpu:
-            cut = torch.as_tensor(np.partition(flat.numpy(), flat.numel() - budget)[flat.numel() - budget])
-        else:
-            cut = flat.kthvalue(flat.numel() - budget + 1).values
+        cut = _largest(values, n * self.cfg.k)
         keep = (values >= cut) & (values > 0)  # (N, c)
         used = max(1, int(keep.sum(1).max()))
         # The kept slots are the row's best values; pad with the next best (as the dense reference does), then put
         # them back in ascending latent order.
-        if on_cpu:
+        if values.device.type == "cpu":  # numpy's argpartition: ~10× torch's row argsort here
             best = np.argpartition(-values.numpy(), used - 1, axis=1)[:, :used] if used < c else np.arange(c)[None]
             slots = torch.from_numpy(np.sort(best, axis=1)).expand(n, used)
         else:
@@ -168,3 +152,16 @@ class BatchTopKSAE(TopKSAE):
                     self.threshold.copy_(smallest if first else torch.lerp(smallest, self.threshold,
                                                                            self.threshold_decay))
         return out
+
+
+def _largest(values: Tensor, rank: int) -> Tensor:
+    """The rank-th largest of all values (their minimum if there are no more than rank), as a 0-d tensor.
+
+    On CPU numpy's introselect, ~10× torch's kthvalue on a batch of candidates.
+    """
+    flat = values.detach().reshape(-1)
+    if rank >= flat.numel():
+        return flat.min()
+    if flat.device.type == "cpu":
+        return torch.as_tensor(np.partition(flat.numpy(), flat.numel() - rank)[flat.numel() - rank])
+    return flat.kthvalue(flat.numel() - rank + 1).values

@@ -1,6 +1,7 @@
 """The activation store: round trip against direct capture, resume after crashes, verification, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -347,9 +348,6 @@ def test_streaming_matches_store(ref_store, tiny_model):
 
 def test_caches_from_before_shuffling_still_match(ref_store, tmp_path):
     """A manifest without the shuffle fields (written before they existed) is the same unshuffled run."""
-    import dataclasses
-    import shutil
-
     out = tmp_path / "old"
     shutil.copytree(ref_store.out, out)
     storage = store_mod.Storage(str(out))
