@@ -64,6 +64,8 @@ class LoadedModel:
     """A causal LM with named hook points; subclasses implement one backend."""
 
     backend: str = ""
+    generate_with_cache: bool = True
+    """Whether `generate` decodes with the KV cache by default (off where a backend's cache is known to be wrong)."""
 
     def __init__(self, name: str, tokenizer: Any, device: torch.device):
         self.name = name
@@ -202,9 +204,9 @@ class LoadedModel:
             yield self
 
     def generate(self, tokens: Tensor, max_new_tokens: int = 20, **kwargs: Any) -> Tensor:
-        """Continue (batch, pos) token ids with the `transformers` generate loop (KV cache on by default)."""
+        """Continue (batch, pos) token ids with the `transformers` generate loop (KV cache where the backend allows)."""
         kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("use_cache", True)
+        kwargs.setdefault("use_cache", self.generate_with_cache)
         pad = self.tokenizer.pad_token_id
         kwargs.setdefault("pad_token_id", pad if pad is not None else self.bos_token_id)
         attention_mask = kwargs.pop("attention_mask", torch.ones_like(tokens))
@@ -242,6 +244,9 @@ class TransformerLensModel(LoadedModel):
     """TransformerLens hook names (`blocks.3.hook_resid_post`, `blocks.3.attn.hook_z`) via TransformerBridge."""
 
     backend = "transformer_lens"
+    # TransformerLens 4.3's bridge under transformers 5.24 returns wrong logits from cached decoding steps (0.1–0.3
+    # off the full forward on a tiny GPT-2; exact with 5.23): recomputing the prefix each step stays exact.
+    generate_with_cache = False
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
         from transformer_lens.model_bridge import TransformerBridge

@@ -154,3 +154,16 @@ def test_auto_backend_falls_back_to_hf_for_unknown_architectures(tiny_gpt2_path,
 
 def test_stop_forward_is_an_exception():
     assert issubclass(StopForward, Exception)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])
+def test_generate_logits_equal_the_full_forward(fixture, request):
+    """Each generated step's logits are those of a forward over the whole sequence so far (steering KL relies on it)."""
+    model = request.getfixturevalue(fixture)
+    tokens = model.to_tokens("class A")
+    n = tokens.shape[1]
+    torch.manual_seed(0)
+    gen = model.generate(tokens, max_new_tokens=5, return_dict_in_generate=True, output_logits=True, do_sample=True)
+    stepped = torch.stack(gen.logits, dim=1)  # (1, T, V)
+    full = model(gen.sequences)[:, n - 1:-1]  # (1, T, V)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
