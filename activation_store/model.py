@@ -65,7 +65,7 @@ class LoadedModel:
 
     backend: str = ""
     generate_with_cache: bool = True
-    """Whether `generate` decodes with the KV cache by default (off where a backend's cache is known to be wrong)."""
+    """Whether `generate` may decode with the KV cache (never where a backend's cache is known to be wrong)."""
 
     def __init__(self, name: str, tokenizer: Any, device: torch.device):
         self.name = name
@@ -204,9 +204,9 @@ class LoadedModel:
             yield self
 
     def generate(self, tokens: Tensor, max_new_tokens: int = 20, **kwargs: Any) -> Tensor:
-        """Continue (batch, pos) token ids with the `transformers` generate loop (KV cache where the backend allows)."""
+        """Continue (batch, pos) token ids with the `transformers` generate loop (KV cache unless the backend's is wrong)."""
         kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("use_cache", self.generate_with_cache)
+        kwargs["use_cache"] = kwargs.get("use_cache", True) and self.generate_with_cache
         pad = self.tokenizer.pad_token_id
         kwargs.setdefault("pad_token_id", pad if pad is not None else self.bos_token_id)
         attention_mask = kwargs.pop("attention_mask", torch.ones_like(tokens))

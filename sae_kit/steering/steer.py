@@ -150,8 +150,8 @@ def latent_scales(
 class _PositionTracker:
     """Absolute positions of the tokens in the current forward call, across prefill and KV-cached decode steps.
 
-    A pre-forward hook on the top-level model(s) records how many tokens the KV cache already holds (the offset)
-    and the prompt length. A forward whose input extends the previous one by one token (an uncached generation
+    A pre-forward hook on the top-level model(s) records how many tokens the KV cache already holds (the offset,
+    from the cache or the call's position ids) and the prompt length. A forward whose input extends the previous one by one token (an uncached generation
     step) keeps the prompt length, so "last" means the same tokens with and without the cache.
     """
 
@@ -166,6 +166,11 @@ class _PositionTracker:
         ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        position_ids = kwargs.get("position_ids")
+        if past_len == 0 and ids is not None and isinstance(position_ids, Tensor) and position_ids.numel():
+            # transformers ≥ 5.24 no longer hands the cache to the top-level forward's hooks, but the decode
+            # step's absolute positions come along: the first is the cache's length.
+            past_len = int(position_ids.reshape(-1)[0])
         if past_len > 0:  # a cached decode step continues the current sequence
             self.offset = past_len
             if self.ids is not None and ids is not None and ids.shape[0] == self.ids.shape[0]:
