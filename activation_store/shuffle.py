@@ -21,11 +21,16 @@ ShardLoader = Callable[[int], dict[str, Tensor]]
 
 
 class _Prefetcher:
-    """Loads the shards of a known visiting order in a background thread, `depth` ahead of use."""
+    """Loads the shards of a known visiting order on `workers` background threads, up to `depth` ahead of use.
 
-    def __init__(self, load: ShardLoader, order: Sequence[int], depth: int):
+    Reading, checksumming and deserialising a shard release the GIL for most of their time, so several workers
+    keep up with a fast consumer where one thread falls behind.
+    """
+
+    def __init__(self, load: ShardLoader, order: Sequence[int], depth: int, workers: int = 1):
         self.load, self.order, self.depth = load, order, depth
-        self.pool = ThreadPoolExecutor(max_workers=1) if depth > 0 else None
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sae-kit-shards") \
+            if depth > 0 else None
         self.pending: dict[int, Future] = {}
 
     def get(self, pos: int) -> dict[str, Tensor]:
@@ -38,7 +43,7 @@ class _Prefetcher:
         return fut.result() if fut is not None else self.load(self.order[pos])
 
     def close(self) -> None:
-        """Stop the thread and drop queued loads."""
+        """Stop the threads and drop queued loads."""
         for fut in self.pending.values():
             fut.cancel()
         self.pending.clear()
@@ -57,10 +62,10 @@ def shard_order(n_shards: int, epochs: int, shuffle: bool, seed: int) -> list[in
 def mixed_batches(
     shard_rows: Sequence[int], load: ShardLoader, batch_size: int, shuffle: bool = True, seed: int = 0,
     epochs: int = 1, start_batch: int = 0, buffer_rows: int = 262_144, dtype: torch.dtype = torch.float32,
-    prefetch: int = 2,
+    prefetch: int = 2, workers: int = 1,
 ) -> Iterator[dict[str, Tensor]]:
     """Batches {hook point: (batch_size, d)} over all shards; deterministic given seed; the last partial batch of
-    the final epoch is dropped."""
+    the final epoch is dropped. `prefetch` shards are loaded ahead on `workers` threads (0: load in line)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if epochs <= 0:
@@ -73,10 +78,11 @@ def mixed_batches(
     order = shard_order(n_shards, epochs, shuffle, seed)
     epoch_end = {(e + 1) * n_shards - 1 for e in range(epochs)}
     perm_gen = torch.Generator().manual_seed(seed + 1_000_003)  # buffer permutations, separate from shard order
-    prefetcher = _Prefetcher(load, order, prefetch)
+    prefetcher = _Prefetcher(load, order, prefetch, workers)
 
     ids = torch.empty(0, dtype=torch.long)  # (N,) global row ids in buffer order
     data: dict[str, Tensor] | None = None  # hook → (N, d), mirrors ids once live
+    arrived: list[dict[str, Tensor]] = []  # shards read since the last flush, appended to data at the next one
     emitted = 0
 
     def materialize(row_ids: Tensor) -> dict[str, Tensor]:
@@ -96,16 +102,18 @@ def mixed_batches(
         for pos, s in enumerate(order):
             ids = torch.cat([ids, torch.arange(offsets[s], offsets[s + 1])])
             if data is not None:
-                shard = prefetcher.get(pos)
-                data = {h: torch.cat([data[h], shard[h]]) for h in data}
+                arrived.append(prefetcher.get(pos))
             flush = pos in epoch_end
             if shuffle and not flush and len(ids) < buffer_rows:
                 continue
+            if arrived:  # one concatenation per flush, not one per shard (each copies the whole buffer)
+                data = {h: torch.cat([data[h], *(a[h] for a in arrived)]) for h in data}
+                arrived = []
             if shuffle:
                 perm = torch.randperm(len(ids), generator=perm_gen)
                 ids = ids[perm]
                 if data is not None:
-                    data = {h: a[perm] for h, a in data.items()}
+                    data = {h: a.index_select(0, perm) for h, a in data.items()}
             n_emit = len(ids) // batch_size if (flush or not shuffle) else (len(ids) // 2) // batch_size
             for b in range(n_emit):
                 if emitted >= start_batch:

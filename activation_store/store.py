@@ -499,12 +499,13 @@ class ActivationStore:
     def batches(
         self, hook_points: Sequence[str], batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
         start_batch: int = 0, dtype: torch.dtype = torch.float32, buffer_rows: int | None = None,
-        prefetch: int = 2,
+        prefetch: int = 4, workers: int | None = None,
     ) -> Iterator[dict[str, Tensor]]:
         """Row-aligned batches {hook_point: (batch_size, d)}; deterministic given seed, and start_batch skips
         ahead so a resumed trainer sees exactly the batches an uninterrupted run would have seen next.
 
-        Memory is bounded by `buffer_rows` (default: four of the largest shards) plus `prefetch` shards.
+        Memory is bounded by `buffer_rows` (default: four of the largest shards) plus `prefetch` shards, read ahead
+        on `workers` threads (default: one per core, at most 4). Neither changes which batches come out.
         """
         if isinstance(hook_points, str):
             hook_points = [hook_points]
@@ -514,9 +515,11 @@ class ActivationStore:
             buffer_rows = 4 * max(rows)
         if buffer_rows <= 0:
             raise ValueError(f"buffer_rows must be positive, got {buffer_rows}")
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
         return mixed_batches(rows, lambda i: self.load_shard(i, hooks), batch_size, shuffle=shuffle, seed=seed,
                              epochs=epochs, start_batch=start_batch, buffer_rows=buffer_rows, dtype=dtype,
-                             prefetch=prefetch)
+                             prefetch=prefetch, workers=workers)
 
     def row_tokens(self) -> TokenRows:
         """Token id, document index and position of every stored row, in store row order."""

@@ -15,6 +15,7 @@ Each architecture is one file subclassing `SparseCoder`, registered by setting i
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -225,9 +226,12 @@ class SparseCoder(nn.Module):
 
     # -- maintenance called by the trainer ---------------------------------------------------------------
     @torch.no_grad()
-    def set_decoder_norm_to_unit_norm_(self) -> None:
-        """Renormalise every decoder row to unit L2 norm."""
-        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+    def set_decoder_norm_to_unit_norm_(self, skip: Tensor | None = None) -> None:
+        """Renormalise every decoder row to unit L2 norm (unless `skip`, a 0-d bool on the device, is set)."""
+        norm = self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # (d_sae, 1)
+        if skip is not None:
+            norm = torch.where(skip, torch.ones_like(norm), norm)  # dividing by 1 leaves the rows bit-identical
+        self.W_dec.data /= norm
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions_(self) -> None:
@@ -247,6 +251,13 @@ class SparseCoder(nn.Module):
     """True when the loss has a λ-weighted sparsity term (the trainer warms λ up and logs it)."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (β1, β2) for this architecture."""
+
+    def training_precision(self, dtype: torch.dtype | None) -> AbstractContextManager:
+        """Context for a training forward whose encoder product runs on `dtype` operands (None: the parameters'
+        dtype). Dense coders autocast; the TopK family casts its own encoder product (autocast cannot reach it)."""
+        if dtype is None or dtype == self.W_enc.dtype:
+            return nullcontext()
+        return torch.autocast(self.W_enc.device.type, dtype=dtype)
 
     def init_from_data_(self, x: Tensor) -> None:
         """Architecture-specific start from a sample (N, d_in) of scaled training inputs, after b_dec is set."""

@@ -140,9 +140,10 @@ class BatchTopKSAE(TopKSAE):
         return slots, keep.gather(1, slots).to(values.dtype), bool(keep.all(1).any())
 
     def forward(self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
-                sparsity_coefficient: float | None = None, **_: Any) -> ForwardOutput:
+                sparsity_coefficient: float | None = None, dead_latents: Tensor | None = None,
+                **_: Any) -> ForwardOutput:
         """TopK forward with batch selection; in train mode also updates θ (see the module docstring)."""
-        out = super().forward(x, target=target, dead_mask=dead_mask)
+        out = super().forward(x, target=target, dead_mask=dead_mask, dead_latents=dead_latents)
         if self.training:
             with torch.no_grad():
                 kept = out.latent_acts[out.latent_acts > 0]

@@ -175,7 +175,8 @@ def sparse_pattern(indices: Tensor, d_sae: int) -> SparsePattern:
         order = torch.from_numpy(np.argsort(flat.numpy().astype(ktype) * n + rows))
     else:
         order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=d_sae)  # (d_sae,)
+    # Not bincount: it sizes its output from the data (a host sync on CUDA); a scatter into d_sae slots does not.
+    counts = torch.zeros(d_sae, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     latent_ptr = torch.zeros(d_sae + 1, dtype=itype, device=flat.device)
     latent_ptr[1:] = counts.cumsum(0)
     row_ptr = torch.arange(0, n * k + 1, k, dtype=itype, device=flat.device)  # (N + 1,)

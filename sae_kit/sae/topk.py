@@ -21,6 +21,8 @@ on CPUs with bf16 matrix units; sparse decoder, sparse backward);
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -40,9 +42,12 @@ from sae_kit.sae.kernels import (
 )
 
 CHUNK_ELEMENTS = 1 << 23
-"""Pre-activations computed per encoder chunk (32 MB in fp32; 1024 rows of a 8192-wide SAE): the top-k reads each
-chunk while it is still warm in cache (≈5% faster per step than one 4096-row chunk on a 2-core CPU), the chunk is
-still tall enough for the encoder matmul to run at full speed, and memory stays bounded for wide SAEs."""
+"""Pre-activations computed per encoder chunk on CPU (32 MB in fp32; 1024 rows of a 8192-wide SAE): the top-k reads
+each chunk while it is still warm in cache (≈5% faster per step than one 4096-row chunk on a 2-core CPU), the chunk
+is still tall enough for the encoder matmul to run at full speed, and memory stays bounded for wide SAEs."""
+CUDA_CHUNK_ELEMENTS = 1 << 28
+"""The same on CUDA (512 MB in bf16; 2048 rows of a 131072-wide SAE): GPU matmuls need tall operands to fill the
+device, and memory stays far below a dense (N, d_sae) forward with its autograd copies."""
 
 
 BF16_MAX_WIDTH_FRACTION = 1 / 32
@@ -71,6 +76,17 @@ class TopKSAE(SparseCoder):
         super().__init__(cfg, device=device, dtype=dtype)
         self.use_sparse_kernels = True
         """Train through kernels.py; False runs the dense reference (same numbers, ~5× slower)."""
+        self.encoder_dtype: torch.dtype | None = None
+        """Operand dtype of the training encoder product (set by `training_precision`); None: the parameters'."""
+
+    @contextmanager
+    def training_precision(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Select from pre-activations computed on `dtype` operands (bf16: the tensor cores) for this forward."""
+        previous, self.encoder_dtype = self.encoder_dtype, (None if dtype == self.W_enc.dtype else dtype)
+        try:
+            yield
+        finally:
+            self.encoder_dtype = previous
 
     @classmethod
     def validate_config(cls, cfg: SAEConfig) -> None:
@@ -118,6 +134,8 @@ class TopKSAE(SparseCoder):
         With AMX, through the exact bf16 preselection (`kernels.bf16_topk`). Otherwise the chunk's matmul skips
         b_enc and the top-k adds it while reading the chunk, which saves a full pass over it.
         """
+        if self.encoder_dtype is not None or xc.is_cuda:
+            return self._row_topk_device(xc, dead, width)
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
         # The bf16 bound leaves ~1.7·width candidates per row to recompute; past ~1/32 of the latents (BatchTopK's
@@ -137,6 +155,29 @@ class TopKSAE(SparseCoder):
             aux_values, aux_idx = self._aux_selection(dead_pre, dead)
             values, idx = topk_biased(pre, b_enc, width, self.by_magnitude)
             parts.append(Selection(values, idx, None, aux_values, aux_idx))
+        if len(parts) == 1:
+            return parts[0]
+        return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
+
+    def _row_topk_device(self, xc: Tensor, dead: Tensor | None, width: int) -> Selection:
+        """`row_topk` from plain torch ops: on CUDA, and wherever the encoder runs in a lower precision.
+
+        With `encoder_dtype` bf16 the product runs on bf16 operands with fp32 accumulation (tensor cores) and the
+        rows' top `width` are read off the bf16 pre-activations, as sparsify does under autocast: the values are
+        bf16-rounded (relative error ≤ 2⁻⁸) and near-ties may swap. Gradients are computed in fp32 all the same.
+        """
+        dtype = self.encoder_dtype or self.W_enc.dtype
+        W = self.W_enc.detach().to(dtype)  # (d_in, d_sae): one cast per forward, shared by the chunks
+        b_enc = self.b_enc.detach().to(dtype)
+        step = max(1, (CUDA_CHUNK_ELEMENTS if xc.is_cuda else CHUNK_ELEMENTS) // self.cfg.d_sae)
+        parts = []
+        for i in range(0, xc.shape[0], step):
+            pre = torch.addmm(b_enc, xc[i:i + step].to(dtype), W)  # (C, d_sae)
+            dead_pre = pre.index_select(1, dead).to(self.W_enc.dtype) if dead is not None else None
+            key = pre.abs() if self.by_magnitude else pre
+            idx = key.topk(width, dim=1, sorted=False).indices.sort(dim=1).values  # (C, width) ascending
+            parts.append(Selection(pre.gather(1, idx).to(self.W_enc.dtype), idx, None,
+                                   *self._aux_selection(dead_pre, dead)))
         if len(parts) == 1:
             return parts[0]
         return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
@@ -175,11 +216,13 @@ class TopKSAE(SparseCoder):
     # -- training ---------------------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
-        sparsity_coefficient: float | None = None, **_: Any,
+        sparsity_coefficient: float | None = None, dead_latents: Tensor | None = None, **_: Any,
     ) -> ForwardOutput:
-        """Encode, decode, FVU + AuxK (see the module docstring); sparsity_coefficient is unused."""
+        """Encode, decode, FVU + AuxK (see the module docstring); sparsity_coefficient is unused. The dead latents
+        come as a mask, or as their ascending indices (`dead_latents`, which the trainer keeps: listing a mask's
+        entries waits for the device)."""
         y = x if target is None else target
-        dead = self._dead_latents(dead_mask)
+        dead = dead_latents if dead_latents is not None and dead_latents.numel() else self._dead_latents(dead_mask)
         if self.use_sparse_kernels:
             acts, idx, y_hat, e_hat = self._forward_sparse(x, dead)
         else:

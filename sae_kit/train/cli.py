@@ -65,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     run.add_argument("--log-every", type=int, help=f"steps between metrics.jsonl lines (default: {d.log_every})")
     run.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    run.add_argument("--dtype", choices=DTYPES, help="bfloat16: autocast the forward pass on CUDA (default: float32)")
+    run.add_argument("--dtype", choices=DTYPES, help="encoder precision: bfloat16 (bf16 product, tensor cores on CUDA, selection from bf16 "
+                     "pre-activations), float32, or auto = bfloat16 on CUDA, float32 elsewhere (default: auto); "
+                     "weights and Adam state stay float32")
     run.add_argument("--distribute-modules", action="store_true", default=None,
                      help="with several ranks, give each rank whole SAEs instead of slicing every batch")
     run.add_argument("--wandb", action="store_true", default=None, help="also log to Weights & Biases")

@@ -16,7 +16,7 @@ ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu")
 TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
 """Architectures with a k, a unit-norm decoder and AuxK."""
 LR_DECAYS = ("linear", "cosine", "none")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient")
 
 
@@ -174,8 +174,10 @@ class TrainConfig:
     """Steps between metrics.jsonl lines."""
     device: str | None = None
     """Torch device; None picks CUDA when present."""
-    dtype: str = "float32"
-    """Compute dtype: bfloat16 autocasts the forward pass on CUDA (parameters stay float32); CPU always uses float32."""
+    dtype: str = "auto"
+    """Encoder precision: "bfloat16" runs the encoder product on bf16 operands (tensor cores on CUDA) and selects
+    latents from its pre-activations; "float32" runs it in fp32; "auto" is bfloat16 on CUDA, float32 elsewhere.
+    Parameters, gradients and Adam state stay float32 in every case."""
     distribute_modules: bool = False
     """With several ranks, give each rank whole SAEs (on the full batch) instead of slicing every batch."""
     wandb: bool = False

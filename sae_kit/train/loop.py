@@ -1,11 +1,22 @@
 """The training loop: one pass over the activations trains every SAE of the config, sharing each batch read.
 
-Per step and per SAE: scale the rows (x·s_in, y·s_out so E‖x‖² = d_in), forward on this rank's slice (in
-`micro_batches` slices), backward, average gradients over ranks, remove the decoder-parallel component (TopK
-family), clip, Adam step, renormalise the decoder, update the dead-latent counters. LR and λ are pure functions
-of the step. Everything the loop reads lives in the checkpoints (weights, optimiser, step, dead counters, RNG,
-config), so `resume=True` continues the same run to float tolerance. At the end the scales are folded into the
-weights (the saved SAE takes raw activations) and each SAE's folder is renamed into place, marker last.
+It reads in five phases, each a function below:
+
+1. `_plan` / `_build_trainees`: what to train, fresh or restored from the latest checkpoint.
+2. `BatchFeed`: batches made ahead in a background thread, on the training device (feed.py).
+3. `_step`: per SAE, scale the rows (x·s_in, y·s_out so E‖x‖² = d_in), forward on this rank's slice (in
+   `micro_batches` slices), backward, average gradients over ranks, remove the decoder-parallel component (TopK
+   family), clip; then Adam, decoder renormalisation and the dead-latent counters.
+4. `_sync_point`: on logging, checkpoint and dead-latent refresh steps only, read the step's numbers back to the
+   host: metrics.jsonl, the progress bar, checkpoints, and the non-finite check.
+5. `_publish`: fold the scales into the weights (the saved SAE takes raw activations), calibrate, record each
+   latent's max activation, and rename each SAE's folder into place, marker last.
+
+The step never waits on the host. A non-finite loss or gradient is noted on the device, and from then on every
+update is skipped on the device (Adam's `found_inf`, masked renormalisation, buffers and counters), so the
+parameters stay at the last good state. The next sync point sees it, checkpoints that state under the step that
+went wrong and raises. LR and λ are pure functions of the step. Everything the loop reads lives in the checkpoints
+(weights, optimiser, step, dead counters, RNG, config), so `resume=True` continues the same run to float tolerance.
 """
 from __future__ import annotations
 
@@ -14,14 +25,13 @@ import logging
 import math
 import os
 import shutil
-import signal
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_kit.sae import SAEConfig, SparseCoder
@@ -29,8 +39,9 @@ from sae_kit.train import checkpoint as ckpt
 from sae_kit.train.config import TOPK_FAMILY, SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
+from sae_kit.train.feed import BatchFeed
 from sae_kit.train.geometric_median import geometric_median
-from sae_kit.train.optim import make_optimizer
+from sae_kit.train.optim import make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
 
@@ -41,8 +52,6 @@ RESUME_NEUTRAL = {"checkpoint_every", "device", "log_every", "wandb", "wandb_pro
 MARKER = "COMPLETE"
 """Written last into a finished SAE folder (before the rename that publishes it)."""
 PARTIAL_SUFFIX = ".partial"
-KILL_ENV = "SAE_KIT_TRAIN_TEST_KILL"
-"""Test hook: "<step>" SIGKILLs the run right after the checkpoint of that step (a no-op unless set)."""
 MEDIAN_SAMPLE = 4096
 """Rows of the first batch used for the geometric-median b_dec initialisation."""
 FINAL_WINDOW = 50
@@ -51,7 +60,10 @@ CALIBRATION_ROWS = 16_384
 """Rows on which a BatchTopK SAE's inference threshold is set after training."""
 MAX_ACTS_ROWS = 65_536
 """Rows encoded after training to record each latent's max |activation| (the unit of steering strengths)."""
+DEAD_REFRESH_STEPS = 10
+"""AuxK reads the dead latents as of the last multiple of this many steps (a fixed cadence, so resume is exact)."""
 METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
+WINDOW_KEYS = (*METRIC_KEYS, "dead_frac")
 
 
 @dataclass
@@ -67,7 +79,8 @@ class Trainee:
     s_out: float  # target scale (= s_in for an SAE)
     owner: bool  # this rank writes its files
     log_file: TextIO | None = None
-    recent: dict[str, deque] = field(default_factory=dict)  # metric → last FINAL_WINDOW values
+    recent: list[tuple[int, Tensor]] = field(default_factory=list)  # (step, (len(WINDOW_KEYS),) values), on device
+    fault: Tensor | None = None  # (4,) first non-finite event: step, micro-batch, loss, gradient norm (-1: none)
 
     @property
     def hook(self) -> str:
@@ -77,11 +90,47 @@ class Trainee:
     def target(self) -> str | None:
         return self.sae.cfg.target_hook_point
 
+    def recent_dict(self) -> dict[str, list[float]]:
+        """The final-metrics window as {metric: values, oldest first} (a host sync)."""
+        if not self.recent:
+            return {k: [] for k in WINDOW_KEYS}
+        rows = torch.stack([v for _, v in self.recent]).tolist()
+        return {k: [r[i] for r in rows] for i, k in enumerate(WINDOW_KEYS)}
+
     def state(self) -> dict[str, Any]:
         """This SAE's part of a checkpoint."""
         return {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "dead": self.dead.state_dict(),
                 "sae_config": self.sae.cfg.to_dict(), "scales": (self.s_in, self.s_out),
-                "recent": {k: list(v) for k, v in self.recent.items()}}
+                "recent": self.recent_dict()}
+
+
+@dataclass
+class Plan:
+    """What the pass does, fixed before the first step."""
+
+    out: Path
+    specs: list[SAESpec]
+    mine: list[int]  # indices of the specs this rank trains
+    n_steps: int
+    epochs: int
+    warmup: int
+    hooks: list[str]  # hook points read per batch
+    comm: SingleProcess  # every rank of the job
+    dp: SingleProcess  # the ranks sharing each batch (a stand-in unless data parallel)
+    device: torch.device
+    precision: torch.dtype | None  # low-precision encoder regime, or None for float32 throughout
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.dp.world_size > 1
+
+    @property
+    def finals(self) -> list[Path]:
+        return [self.out / s.name for s in self.specs]
+
+    @property
+    def partials(self) -> list[Path]:
+        return [self.out / (s.name + PARTIAL_SUFFIX) for s in self.specs]
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], neutral: set[str] = RESUME_NEUTRAL) -> list[str]:
@@ -94,6 +143,55 @@ def _device(cfg: TrainConfig) -> torch.device:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     return device
+
+
+def encoder_precision(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The encoder regime `TrainConfig.dtype` asks for on `device`: bfloat16, or None for float32 throughout."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
+# -- 1. what to train ---------------------------------------------------------------------------------------------
+
+def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, device: torch.device) -> Plan | None:
+    """Check the output folder and the sizes; None when a resumed pass has nothing left to do."""
+    out = Path(cfg.out)
+    specs = cfg.specs(default_hook(source))
+    finals = [out / s.name for s in specs]
+    done = [p for p in finals if (p / MARKER).exists()]
+    if resume and len(done) == len(finals):
+        log.info("every SAE of this pass is already complete in %s", out)
+        if comm.is_main:
+            ckpt.remove_checkpoints(out)
+        return None
+    if done or any(p.exists() for p in finals):
+        existing = done or [p for p in finals if p.exists()]
+        raise FileExistsError(f"{existing[0]} already exists (a trained SAE); choose another --out/--name or delete it")
+    last = ckpt.latest_checkpoint(out)
+    if last is not None and not resume:
+        raise FileExistsError(f"{out} holds checkpoints of an unfinished run ({last.name}); pass --resume to "
+                              f"continue it, or delete {ckpt.checkpoint_root(out)}")
+    if resume and last is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+
+    data_parallel = comm.world_size > 1 and not cfg.distribute_modules
+    if data_parallel and cfg.batch_size % (comm.world_size * cfg.micro_batches):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {comm.world_size} × "
+                         f"micro_batches {cfg.micro_batches}")
+    mine = [i for i in range(len(specs)) if data_parallel or i % comm.world_size == comm.rank]
+    if not mine:
+        raise ValueError(f"--distribute-modules with {comm.world_size} ranks but only {len(specs)} SAE(s); "
+                         "use fewer ranks or plain data parallelism")
+    n_steps = max(1, cfg.n_tokens // cfg.batch_size)
+    rows = source_rows(source)
+    if rows is not None and rows < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {rows} rows the activations hold")
+    epochs = math.ceil(n_steps / (rows // cfg.batch_size)) if rows else 1
+    hooks = list(dict.fromkeys(h for i in mine for h in (specs[i].hook_point, specs[i].target_hook_point) if h))
+    precision = encoder_precision(cfg.dtype, device)
+    return Plan(out, specs, mine, n_steps, epochs, warmup_steps_for(n_steps, cfg.warmup_steps), hooks, comm,
+                comm if data_parallel else SingleProcess(), device, precision)
 
 
 def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, owner: bool) -> Trainee:
@@ -126,8 +224,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
     peak_lr = spec.lr or default_lr(d_sae)
     opt = make_optimizer(sae, peak_lr, sae.adam_betas)
     dead = DeadLatentTracker(d_sae, cfg.dead_tokens_threshold, device)
-    recent = {k: deque(maxlen=FINAL_WINDOW) for k in (*METRIC_KEYS, "dead_frac")}
-    return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner, recent=recent)
+    return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner)
 
 
 def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
@@ -137,6 +234,7 @@ def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
     if diffs:
         raise ValueError(f"cannot resume from {path}: the config differs ({'; '.join(diffs)}); resume with the "
                          f"original settings or train into another --out")
+    step = int(state["step"])
     for t in trainees:
         part = ckpt.load_part(path, f"sae-{t.spec.name}.pt")
         sae_diffs = _differences(part["sae_config"], t.sae.cfg.to_dict(), neutral={"model_name", "metadata"})
@@ -147,17 +245,200 @@ def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
         t.opt.load_state_dict(part["optimizer"])
         t.dead.load_state_dict(part["dead"])
         t.s_in, t.s_out = part["scales"]
-        for k, values in part["recent"].items():
-            t.recent[k].extend(values)
+        values = list(zip(*(part["recent"].get(k, []) for k in WINDOW_KEYS)))
+        device = t.dead.since_fired.device
+        t.recent = [(step - len(values) + 1 + i, torch.tensor(v, device=device)) for i, v in enumerate(values)]
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
+    return step
 
 
-def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trainee], comm: SingleProcess,
-                     data_parallel: bool) -> Path:
+def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Trainee], int]:
+    """The SAEs this rank trains, restored from the latest checkpoint when there is one; and the step to start at."""
+    owner = plan.comm.is_main or not plan.data_parallel
+    trainees = [_build(cfg, plan.specs[i], source, plan.device, owner) for i in plan.mine]
+    for t in trainees:
+        t.fault = torch.full((4,), -1.0, dtype=torch.float64, device=plan.device)
+    last = ckpt.latest_checkpoint(plan.out)
+    step = 0
+    if last is not None:
+        step = _restore(trainees, cfg, last)
+        log.info("resuming from %s (step %d)", last, step)
+    if plan.comm.is_main:
+        ckpt.remove_temporaries(plan.out)
+    plan.comm.barrier()
+    for t, i in zip(trainees, plan.mine):
+        if t.owner:
+            plan.partials[i].mkdir(parents=True, exist_ok=True)
+            metrics = plan.partials[i] / "metrics.jsonl"
+            if step == 0:
+                metrics.unlink(missing_ok=True)
+            _truncate_metrics(metrics, step)
+            t.log_file = open(metrics, "a")
+    return trainees, step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint: the resumed run logs them again."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+@torch.no_grad()
+def _init_from_first_batch(trainees: list[Trainee], batch: dict[str, Tensor], device: torch.device) -> None:
+    """b_dec from the whole first global batch (identical on every rank), then any architecture-specific start."""
+    for t in trainees:
+        if t.target:
+            t.sae.b_dec.copy_(batch[t.target].to(device).mean(0) * t.s_out)  # transcoders: mean of y
+        else:
+            t.sae.b_dec.copy_(geometric_median(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in))
+        t.sae.init_from_data_(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in)
+
+
+# -- 3. the step --------------------------------------------------------------------------------------------------
+
+class _Halt:
+    """The first step at which any rank saw a non-finite value, kept on the device (-1: none yet)."""
+
+    def __init__(self, device: torch.device):
+        self.at = torch.full((), -1, dtype=torch.long, device=device)
+
+    @property
+    def on(self) -> Tensor:
+        """0-d bool: updates are skipped from now on."""
+        return self.at >= 0
+
+    def note(self, bad_now: Tensor, step: int) -> None:
+        """Halt at `step` if bad_now (a 0-d bool, the same on every rank) and not halted already."""
+        self.at.copy_(torch.where(self.on | ~bad_now, self.at, step))
+
+
+def _note_fault(t: Trainee, bad: Tensor, halt: _Halt, step: int, micro: int, loss: Tensor | None = None,
+                norm: Tensor | None = None) -> None:
+    """Record (step, micro-batch, loss, gradient norm) as t's first fault, if `bad` and no fault came before.
+
+    Built on the device from fills and device values: a tensor made from a Python number would be a host-to-device
+    copy, which synchronises.
+    """
+    fresh = bad & ~halt.on & (t.fault[0] < 0)
+    fill = t.fault[0]
+    event = torch.stack([torch.full_like(fill, step), torch.full_like(fill, micro),
+                         torch.full_like(fill, -1.0) if loss is None else loss.to(fill.dtype),
+                         torch.full_like(fill, -1.0) if norm is None else norm.to(fill.dtype)])
+    t.fault.copy_(torch.where(fresh, event, t.fault))
+
+
+def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: TrainConfig, plan: Plan,
+          halt: _Halt) -> None:
+    """One optimiser step of every SAE on one global batch, with no host sync; once `halt` is on (a non-finite value
+    now or at an earlier step) the updates are skipped on the device."""
+    lam_frac = sparsity_at(step, plan.n_steps, 1.0, cfg.sparsity_warmup)
+    per_rank = cfg.batch_size // plan.dp.world_size
+    micro = per_rank // cfg.micro_batches
+    rank = plan.dp.rank
+    saved: list[dict[str, Tensor]] = []
+    sums: list[Tensor] = []
+    fired: list[Tensor] = []
+    bad_now = torch.zeros((), dtype=torch.bool, device=plan.device)
+    # Forward + backward of every SAE; no parameter changes yet.
+    for t in trainees:
+        lr = lr_at(step, plan.n_steps, t.peak_lr, plan.warmup, cfg.decay_start, cfg.lr_decay, cfg.lr_final_fraction)
+        for group in t.opt.param_groups:
+            group["lr"] = lr
+        saved.append({n: b.clone() for n, b in t.sae.named_buffers()})  # e.g. BatchTopK's running threshold
+        x_all = batch[t.hook][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_in  # (B/W, d_in)
+        y_all = batch[t.target][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_out if t.target else None
+        t.opt.zero_grad(set_to_none=False)
+        total = torch.zeros(len(METRIC_KEYS), device=plan.device)
+        hit = torch.zeros(t.sae.d_sae, dtype=torch.bool, device=plan.device)
+        for m in range(cfg.micro_batches):
+            x = x_all[m * micro:(m + 1) * micro]  # (micro, d_in)
+            y = y_all[m * micro:(m + 1) * micro] if y_all is not None else None
+            with t.sae.training_precision(plan.precision):
+                o = t.sae(x, target=y, dead_latents=t.dead.dead_latents,
+                          sparsity_coefficient=t.spec.sparsity_coefficient * lam_frac)
+            bad = ~torch.isfinite(o.loss.detach())
+            _note_fault(t, bad, halt, step, m, loss=o.loss.detach())
+            bad_now |= bad
+            (o.loss / cfg.micro_batches).backward()
+            total += torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float()
+            hit |= fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
+        sums.append(total / cfg.micro_batches)
+        fired.append(hit)
+    # Average over ranks, fix the decoder gradient, clip; a non-finite gradient also halts.
+    for t, s, hit in zip(trainees, sums, fired):
+        params = [p for p in t.sae.parameters() if p.grad is not None]
+        plan.dp.all_reduce_mean_([p.grad for p in params] + [s] + [b for b in t.sae.buffers() if b.is_floating_point()])
+        hit_int = hit.to(torch.uint8)
+        plan.dp.all_reduce_max_(hit_int)
+        hit.copy_(hit_int.bool())
+        if t.sae.unit_norm_decoder:
+            t.sae.remove_gradient_parallel_to_decoder_directions_()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        bad = ~torch.isfinite(norm)
+        _note_fault(t, bad, halt, step, -1, norm=norm)
+        bad_now |= bad
+    flag = bad_now.to(torch.uint8)
+    plan.comm.all_reduce_max_(flag)  # every rank halts at the same step
+    halt.note(flag.bool(), step)
+    halted = halt.on
+    # Update, skipped on the device when halted: the parameters keep the last good state.
+    for t, s, hit, buffers in zip(trainees, sums, fired, saved):
+        masked_step(t.opt, halted)
+        if t.sae.unit_norm_decoder:
+            t.sae.set_decoder_norm_to_unit_norm_(skip=halted)
+        for name, b in t.sae.named_buffers():
+            b.copy_(torch.where(halted, buffers[name], b))
+        t.dead.update(fired=hit, n_tokens=cfg.batch_size, skip=halted)
+        dead_frac = t.dead.dead_mask.float().mean().reshape(1)  # (1,)
+        t.recent.append((step + 1, torch.cat([s, dead_frac])))
+
+
+# -- 4. sync points: logs, checkpoints, dead-latent refresh, the non-finite check -----------------------------------
+
+def _is_sync_point(step: int, cfg: TrainConfig, plan: Plan, last_ckpt_tokens: int) -> bool:
+    """Whether the loop reads the device back after `step` steps."""
+    return (step % cfg.log_every == 0 or step == plan.n_steps or _checkpoint_due(step, cfg, plan, last_ckpt_tokens)
+            or (step % DEAD_REFRESH_STEPS == 0 and step * cfg.batch_size >= cfg.dead_tokens_threshold))
+
+
+def _checkpoint_due(step: int, cfg: TrainConfig, plan: Plan, last_ckpt_tokens: int) -> bool:
+    return bool(cfg.checkpoint_every) and step * cfg.batch_size - last_ckpt_tokens >= cfg.checkpoint_every \
+        and step < plan.n_steps
+
+
+def _raise_if_halted(trainees: list[Trainee], halt: _Halt, cfg: TrainConfig, plan: Plan) -> None:
+    """If a non-finite value halted the updates: checkpoint the last good state under the step that went wrong, and
+    raise FloatingPointError on every rank alike."""
+    first = int(halt.at.item())
+    if first < 0:
+        return
+    per_rank = cfg.batch_size // plan.dp.world_size
+    micro = per_rank // cfg.micro_batches
+    what = []
+    for t in trainees:
+        s, m, loss, norm = t.fault.tolist()
+        if s != first:
+            continue
+        if m >= 0:
+            row = first * cfg.batch_size + plan.dp.rank * per_rank + int(m) * micro
+            what.append(f"SAE {t.spec.name}: loss {loss} at step {first} (batch index {first}, rows "
+                        f"{row}..{row + micro - 1} of the data stream)")
+        else:
+            what.append(f"SAE {t.spec.name}: gradient norm {norm} at step {first} (batch index {first})")
+    for t in trainees:
+        t.recent = [(s, v) for s, v in t.recent if s <= first][-FINAL_WINDOW:]  # s counts the steps done
+    path = _save_checkpoint(plan.out, first, cfg, trainees, plan)
+    reason = "; ".join(what) if what else f"another rank hit a non-finite value at step {first}"
+    raise FloatingPointError(f"non-finite training values: {reason}. The last good state (before step {first}) "
+                             f"is saved in {path}; check the activations or lower --lr")
+
+
+def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trainee], plan: Plan) -> Path:
     """Every rank writes the SAEs it owns into the temporary folder; rank 0 writes the shared state and commits."""
+    comm = plan.comm
     for t in trainees:
         if t.log_file is not None:
             t.log_file.flush()
@@ -166,7 +447,7 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trai
     comm.barrier()
     tmp = ckpt.pending_checkpoint(out, step)
     for t in trainees:
-        if t.owner and (comm.is_main or not data_parallel):
+        if t.owner and (comm.is_main or not plan.data_parallel):
             ckpt.write_part(tmp, f"sae-{t.spec.name}.pt", t.state())
     if comm.is_main:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -181,12 +462,66 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trai
     return final
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint: the resumed run logs them again."""
-    if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+def after_checkpoint(step: int, path: Path) -> None:
+    """Called after every periodic checkpoint is committed (a seam: the kill tests stop the process here)."""
 
+
+class _Logger:
+    """metrics.jsonl lines, W&B and the progress bar, written at sync points from host values."""
+
+    def __init__(self, cfg: TrainConfig, plan: Plan, step: int, progress: bool):
+        self.cfg, self.n_steps = cfg, plan.n_steps
+        self.wandb = _open_wandb(cfg) if plan.comm.is_main else None
+        self.bar = tqdm(total=plan.n_steps, initial=step, unit="step", desc=f"train {cfg.name or cfg.architecture}",
+                        disable=not (progress and plan.comm.is_main), dynamic_ncols=True)
+
+    def write(self, trainees: list[Trainee], step: int) -> None:
+        """One line per SAE for `step` (the values of its last step)."""
+        lam_frac = sparsity_at(step - 1, self.n_steps, 1.0, self.cfg.sparsity_warmup)
+        shown = []
+        for t in trainees:
+            values = dict(zip(WINDOW_KEYS, t.recent[-1][1].tolist()))
+            lr = t.opt.param_groups[0]["lr"]
+            record = {"step": step, "tokens": step * self.cfg.batch_size, **values, "lr": lr}
+            if t.sae.uses_sparsity_coefficient:
+                record["sparsity_coefficient"] = t.spec.sparsity_coefficient * lam_frac
+            if t.log_file is not None:
+                t.log_file.write(json.dumps(record) + "\n")
+                t.log_file.flush()  # readable live (tail -f)
+            if self.wandb is not None:
+                self.wandb.log({f"{t.spec.name}/{k}": v for k, v in record.items()}, step=step)
+            shown.append(values)
+        show = shown[:3]
+        self.bar.set_postfix(fvu="/".join(f"{v['fvu']:.3f}" for v in show), l0="/".join(f"{v['l0']:.1f}" for v in show),
+                             dead="/".join(f"{100 * v['dead_frac']:.1f}%" for v in show))
+
+    def close(self, trainees: list[Trainee]) -> None:
+        self.bar.close()
+        for t in trainees:
+            if t.log_file is not None:
+                t.log_file.close()
+                t.log_file = None
+
+
+def _sync_point(trainees: list[Trainee], step: int, halt: _Halt, cfg: TrainConfig, plan: Plan, logger: _Logger,
+                last_ckpt_tokens: int) -> int:
+    """Host-side work after `step` steps: halt check, logs, dead-latent refresh, checkpoint; returns the tokens at the
+    last checkpoint."""
+    _raise_if_halted(trainees, halt, cfg, plan)
+    for t in trainees:
+        t.recent = t.recent[-FINAL_WINDOW:]
+        if step % DEAD_REFRESH_STEPS == 0:
+            t.dead.refresh_()
+    if step % cfg.log_every == 0 or step == plan.n_steps:
+        logger.write(trainees, step)
+    if _checkpoint_due(step, cfg, plan, last_ckpt_tokens):
+        path = _save_checkpoint(plan.out, step, cfg, trainees, plan)
+        after_checkpoint(step, path)
+        return step * cfg.batch_size
+    return last_ckpt_tokens
+
+
+# -- 5. publishing ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: int = MAX_ACTS_ROWS, seed: int = 0,
@@ -207,6 +542,46 @@ def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: in
     return [b.cpu() for b in best]
 
 
+def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, source: Any) -> list[Path]:
+    """Fold the scales into the weights and publish each folder: weights, cfg.json, marker, then rename."""
+    owned = [(t, i) for t, i in zip(trainees, plan.mine) if t.owner]
+    for t, _ in owned:
+        t.sae.fold_scaling_(t.s_in, t.s_out)
+    calibrated: dict[int, dict[str, Any]] = {}
+    needing = [(t, i) for t, i in owned if t.sae.calibrates_after_training]
+    if needing:  # one shared sample for every SAE that calibrates, like the max-activation pass below
+        n_rows = min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS)
+        sample = next(iter(source.batches(list(dict.fromkeys(t.hook for t, _ in needing)), n_rows, shuffle=True,
+                                          seed=cfg.seed + 2, epochs=1)))
+        for t, i in needing:
+            calibrated[i] = t.sae.calibrate_(sample[t.hook].to(plan.device, t.sae.W_enc.dtype))
+    all_max_acts = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1) if owned else []
+    for (t, i), max_acts in zip(owned, all_max_acts):
+        window = t.recent_dict()
+        final_metrics = {k: sum(v) / len(v) for k, v in window.items() if v}
+        t.sae.cfg = t.sae.cfg.replace(metadata={
+            "model": t.sae.cfg.model_name, "hook_point": t.hook, "target_hook_point": t.target,
+            "dataset": dataset_record(cfg, source), "tokens_seen": step * cfg.batch_size, "steps": step,
+            "input_scale_folded": t.s_in, "output_scale_folded": t.s_out,
+            "normalization": "inputs scaled by input_scale_folded (E‖x‖² = d_in) in training; folded into the weights",
+            "encoder_precision": str(plan.precision or torch.float32).removeprefix("torch."),
+            "final_metrics": final_metrics, "final_metrics_window_steps": len(window["fvu"]),
+            "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
+            "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],
+            "latent_max_acts_rows": min(MAX_ACTS_ROWS, source_rows(source) or MAX_ACTS_ROWS),
+            **calibrated.get(i, {}),
+        })
+        t.sae.save(plan.partials[i])
+        (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")
+        os.replace(plan.partials[i], plan.finals[i])
+    plan.comm.barrier()
+    if plan.comm.is_main:
+        ckpt.remove_checkpoints(plan.out)
+        for p in plan.partials:  # left by a SAE of an earlier, differently configured attempt
+            shutil.rmtree(p, ignore_errors=True)
+    return [plan.finals[i] for i in plan.mine] if not plan.data_parallel else plan.finals
+
+
 def _open_wandb(cfg: TrainConfig) -> Any:
     if not cfg.wandb:
         return None
@@ -217,6 +592,8 @@ def _open_wandb(cfg: TrainConfig) -> Any:
         return None
     return wandb.init(project=cfg.wandb_project, name=cfg.name, config=cfg.to_dict(), resume="allow")
 
+
+# -- the pass -------------------------------------------------------------------------------------------------------
 
 def train_all(cfg: TrainConfig, source: Any = None, resume: bool = False, progress: bool = True) -> list[Path]:
     """Train every SAE the config describes in one pass over the data; return their saved folders."""
@@ -232,223 +609,37 @@ def train(cfg: TrainConfig, source: Any = None, resume: bool = False, progress: 
 
 def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: torch.device,
            comm: SingleProcess) -> list[Path]:
-    out = Path(cfg.out)
     source = source if source is not None else open_source(cfg)
-    specs = cfg.specs(default_hook(source))
-    finals = [out / s.name for s in specs]
-    partials = [out / (s.name + PARTIAL_SUFFIX) for s in specs]
-    done = [p for p in finals if (p / MARKER).exists()]
-    if resume and len(done) == len(finals):
-        log.info("every SAE of this pass is already complete in %s", out)
-        if comm.is_main:
-            ckpt.remove_checkpoints(out)
-        return finals
-    if done or any(p.exists() for p in finals):
-        existing = done or [p for p in finals if p.exists()]
-        raise FileExistsError(f"{existing[0]} already exists (a trained SAE); choose another --out/--name or delete it")
-    last = ckpt.latest_checkpoint(out)
-    if last is not None and not resume:
-        raise FileExistsError(f"{out} holds checkpoints of an unfinished run ({last.name}); pass --resume to "
-                              f"continue it, or delete {ckpt.checkpoint_root(out)}")
-    if resume and last is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
-
-    data_parallel = comm.world_size > 1 and not cfg.distribute_modules
-    dp = comm if data_parallel else SingleProcess()  # collectives over slices of the same batch
-    if data_parallel and cfg.batch_size % (comm.world_size * cfg.micro_batches):
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {comm.world_size} × "
-                         f"micro_batches {cfg.micro_batches}")
-    mine = [i for i in range(len(specs)) if data_parallel or i % comm.world_size == comm.rank]
-    if not mine:
-        raise ValueError(f"--distribute-modules with {comm.world_size} ranks but only {len(specs)} SAE(s); "
-                         "use fewer ranks or plain data parallelism")
-    n_steps = max(1, cfg.n_tokens // cfg.batch_size)
-    rows = source_rows(source)
-    if rows is not None and rows < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {rows} rows the activations hold")
-    epochs = math.ceil(n_steps / (rows // cfg.batch_size)) if rows else 1
-    trainees = [_build(cfg, specs[i], source, device, owner=comm.is_main or not data_parallel) for i in mine]
-
-    step = 0
-    if last is not None:
-        step = _restore(trainees, cfg, last)
-        log.info("resuming from %s (step %d)", last, step)
-    if comm.is_main:
-        ckpt.remove_temporaries(out)
-    comm.barrier()
-    warmup = warmup_steps_for(n_steps, cfg.warmup_steps)
-    hooks = list(dict.fromkeys(h for t in trainees for h in (t.hook, t.target) if h))
-    world, rank = dp.world_size, dp.rank
-    per_rank = cfg.batch_size // world
-    micro = per_rank // cfg.micro_batches
-    use_bf16 = cfg.dtype == "bfloat16" and device.type == "cuda"
-    if cfg.dtype == "bfloat16" and not use_bf16:
-        log.info("dtype bfloat16 applies to CUDA only; training in float32 on %s", device)
-    wandb_run = _open_wandb(cfg) if comm.is_main else None
-    for t, i in zip(trainees, mine):
-        if t.owner:
-            partials[i].mkdir(parents=True, exist_ok=True)
-            metrics = partials[i] / "metrics.jsonl"
-            if step == 0:
-                metrics.unlink(missing_ok=True)
-            _truncate_metrics(metrics, step)
-            t.log_file = open(metrics, "a")
-
-    batches = source.batches(hooks, cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=step)
-    bar = tqdm(total=n_steps, initial=step, unit="step", desc=f"train {cfg.name or cfg.architecture}",
-               disable=not (progress and comm.is_main), dynamic_ncols=True)
-
-    def stop(bad: list[str], step: int, stats: list[dict[str, Any]]) -> None:
-        """If any rank saw a non-finite value: checkpoint the last good state and raise, on every rank alike."""
-        flag = torch.tensor([1.0 if bad else 0.0], device=device)
-        comm.all_reduce_max_(flag)
-        if flag.item() == 0:
-            return
-        for t, s in zip(trainees, stats):  # undo buffer updates made by this step's forward passes
-            t.sae.load_state_dict({**t.sae.state_dict(), **s["buffers"]})
-        path = _save_checkpoint(out, step, cfg, trainees, comm, data_parallel)
-        what = "; ".join(bad) if bad else f"another rank hit a non-finite value at step {step}"
-        raise FloatingPointError(f"non-finite training values: {what}. The last good state (before step {step}) "
-                                 f"is saved in {path}; check the activations or lower --lr")
-
+    plan = _plan(cfg, source, resume, comm, device)
+    if plan is None:
+        return [Path(cfg.out) / s.name for s in cfg.specs(default_hook(source))]
+    trainees, step = _build_trainees(cfg, plan, source)
+    if cfg.dtype == "bfloat16" and device.type != "cuda":
+        log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
+    halt = _Halt(device)
+    logger = _Logger(cfg, plan, step, progress)
+    feed = BatchFeed(source.batches(plan.hooks, cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
+                                    start_batch=step), device)
     last_ckpt_tokens = step * cfg.batch_size
     try:
-        for batch in batches:
-            if step >= n_steps:
+        for batch in feed:
+            if step >= plan.n_steps:
                 break
-            if step == 0:  # b_dec init from the whole first global batch: identical on every rank
-                with torch.no_grad():
-                    for t in trainees:
-                        if t.target:
-                            t.sae.b_dec.copy_(batch[t.target].to(device).mean(0) * t.s_out)  # transcoders: mean of y
-                        else:
-                            t.sae.b_dec.copy_(geometric_median(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in))
-                        t.sae.init_from_data_(batch[t.hook][:MEDIAN_SAMPLE].to(device) * t.s_in)
-            lam_frac = sparsity_at(step, n_steps, 1.0, cfg.sparsity_warmup)
-            bad: list[str] = []
-            stats: list[dict[str, Any]] = []
-            # Phase 1: forward + backward of every SAE, no parameter changes yet (a NaN leaves the last good state).
-            for t in trainees:
-                lr = lr_at(step, n_steps, t.peak_lr, warmup, cfg.decay_start, cfg.lr_decay, cfg.lr_final_fraction)
-                for group in t.opt.param_groups:
-                    group["lr"] = lr
-                buffers = {n: b.clone() for n, b in t.sae.named_buffers()}  # e.g. BatchTopK's running threshold
-                x_all = batch[t.hook][rank * per_rank:(rank + 1) * per_rank].to(device) * t.s_in  # (B/W, d_in)
-                y_all = batch[t.target][rank * per_rank:(rank + 1) * per_rank].to(device) * t.s_out if t.target else None
-                t.opt.zero_grad(set_to_none=False)
-                sums = torch.zeros(len(METRIC_KEYS), device=device)
-                fired = torch.zeros(t.sae.d_sae, dtype=torch.bool, device=device)
-                dead_mask = t.dead.dead_mask
-                for m in range(cfg.micro_batches):
-                    x = x_all[m * micro:(m + 1) * micro]  # (micro, d_in)
-                    y = y_all[m * micro:(m + 1) * micro] if y_all is not None else None
-                    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-                    with amp:
-                        o = t.sae(x, target=y, dead_mask=dead_mask,
-                                  sparsity_coefficient=t.spec.sparsity_coefficient * lam_frac)
-                    if not torch.isfinite(o.loss):
-                        first_row = step * cfg.batch_size + rank * per_rank + m * micro
-                        bad.append(f"SAE {t.spec.name}: loss {o.loss.item()} at step {step} (batch index {step}, "
-                                   f"rows {first_row}..{first_row + micro - 1} of the data stream)")
-                        break
-                    (o.loss / cfg.micro_batches).backward()
-                    sums += torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float()
-                    fired |= fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
-                if bad:
-                    t.sae.load_state_dict({**t.sae.state_dict(), **buffers})
-                    break
-                stats.append({"lr": lr, "sums": sums / cfg.micro_batches, "fired": fired, "buffers": buffers})
-            stop(bad, step, stats)
-            # Phase 2: average over ranks, fix the decoder gradient, clip; a non-finite gradient also stops the run.
-            for t, s in zip(trainees, stats):
-                params = [p for p in t.sae.parameters() if p.grad is not None]
-                dp.all_reduce_mean_([p.grad for p in params] + [s["sums"]] +
-                                    [b for b in t.sae.buffers() if b.is_floating_point()])
-                fired_int = s["fired"].to(torch.uint8)
-                dp.all_reduce_max_(fired_int)
-                s["fired"] = fired_int.bool()
-                if t.sae.unit_norm_decoder:
-                    t.sae.remove_gradient_parallel_to_decoder_directions_()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if not torch.isfinite(norm):
-                    bad.append(f"SAE {t.spec.name}: gradient norm {norm.item()} at step {step} (batch index {step})")
-            stop(bad, step, stats)
-            # Phase 3: update.
-            for t, s in zip(trainees, stats):
-                t.opt.step()
-                if t.sae.unit_norm_decoder:
-                    t.sae.set_decoder_norm_to_unit_norm_()
-                t.dead.update(s["fired"], cfg.batch_size)
-                values = dict(zip(METRIC_KEYS, s["sums"].tolist()))
-                values["dead_frac"] = t.dead.dead_fraction
-                for k, v in values.items():
-                    t.recent[k].append(v)
-                s["values"] = values
+            if step == 0:
+                _init_from_first_batch(trainees, batch, device)
+            _step(trainees, batch, step, cfg, plan, halt)
             step += 1
-            if step % cfg.log_every == 0 or step == n_steps:
-                for t, s in zip(trainees, stats):
-                    record = {"step": step, "tokens": step * cfg.batch_size, **s["values"], "lr": s["lr"]}
-                    if t.sae.uses_sparsity_coefficient:
-                        record["sparsity_coefficient"] = t.spec.sparsity_coefficient * lam_frac
-                    if t.log_file is not None:
-                        t.log_file.write(json.dumps(record) + "\n")
-                        t.log_file.flush()  # readable live (tail -f)
-                    if wandb_run is not None:
-                        wandb_run.log({f"{t.spec.name}/{k}": v for k, v in record.items()}, step=step)
-                show = stats[:3]
-                bar.set_postfix(fvu="/".join(f"{s['values']['fvu']:.3f}" for s in show),
-                                l0="/".join(f"{s['values']['l0']:.1f}" for s in show),
-                                dead="/".join(f"{100 * s['values']['dead_frac']:.1f}%" for s in show))
-            bar.update()
-            if cfg.checkpoint_every and step * cfg.batch_size - last_ckpt_tokens >= cfg.checkpoint_every and step < n_steps:
-                _save_checkpoint(out, step, cfg, trainees, comm, data_parallel)
-                last_ckpt_tokens = step * cfg.batch_size
-                if os.environ.get(KILL_ENV) == str(step):  # test hook: die like a killed job, right after a checkpoint
-                    os.kill(os.getpid(), signal.SIGKILL)
+            logger.bar.update()
+            if _is_sync_point(step, cfg, plan, last_ckpt_tokens):
+                last_ckpt_tokens = _sync_point(trainees, step, halt, cfg, plan, logger, last_ckpt_tokens)
+        _raise_if_halted(trainees, halt, cfg, plan)
     finally:
-        bar.close()
-        for t in trainees:
-            if t.log_file is not None:
-                t.log_file.close()
-                t.log_file = None
-    if step < n_steps:
+        feed.close()
+        logger.close(trainees)
+    if step < plan.n_steps:
         log.warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
-                    step, n_steps, step * cfg.batch_size)
-
-    # Fold the scales into the weights and publish each folder: weights, cfg.json, marker, then rename.
-    owned = [(t, i) for t, i in zip(trainees, mine) if t.owner]
-    for t, _ in owned:
-        t.sae.fold_scaling_(t.s_in, t.s_out)
-    calibrated: dict[int, dict[str, Any]] = {}
-    needing = [(t, i) for t, i in owned if t.sae.calibrates_after_training]
-    if needing:  # one shared sample for every SAE that calibrates, like the max-activation pass below
-        n_rows = min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS)
-        sample = next(iter(source.batches(list(dict.fromkeys(t.hook for t, _ in needing)), n_rows, shuffle=True,
-                                          seed=cfg.seed + 2, epochs=1)))
-        for t, i in needing:
-            calibrated[i] = t.sae.calibrate_(sample[t.hook].to(device, t.sae.W_enc.dtype))
-    all_max_acts = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1) if owned else []
-    for (t, i), max_acts in zip(owned, all_max_acts):
-        final_metrics = {k: sum(v) / len(v) for k, v in t.recent.items() if v}
-        t.sae.cfg = t.sae.cfg.replace(metadata={
-            "model": t.sae.cfg.model_name, "hook_point": t.hook, "target_hook_point": t.target,
-            "dataset": dataset_record(cfg, source), "tokens_seen": step * cfg.batch_size, "steps": step,
-            "input_scale_folded": t.s_in, "output_scale_folded": t.s_out,
-            "normalization": "inputs scaled by input_scale_folded (E‖x‖² = d_in) in training; folded into the weights",
-            "final_metrics": final_metrics, "final_metrics_window_steps": len(t.recent["fvu"]),
-            "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
-            "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],
-            "latent_max_acts_rows": min(MAX_ACTS_ROWS, source_rows(source) or MAX_ACTS_ROWS),
-            **calibrated.get(i, {}),
-        })
-        t.sae.save(partials[i])
-        (partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")
-        os.replace(partials[i], finals[i])
-    comm.barrier()
-    if comm.is_main:
-        ckpt.remove_checkpoints(out)
-        if wandb_run is not None:
-            wandb_run.finish()
-        for p in partials:  # left by a SAE of an earlier, differently configured attempt
-            shutil.rmtree(p, ignore_errors=True)
-    return [finals[i] for i in mine] if not data_parallel else finals
+                    step, plan.n_steps, step * cfg.batch_size)
+    paths = _publish(trainees, step, cfg, plan, source)
+    if logger.wandb is not None:
+        logger.wandb.finish()
+    return paths

@@ -59,12 +59,15 @@ class TensorSource:
         per_epoch = self.n_rows // batch_size
         if per_epoch == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.n_rows} rows available")
+        order, order_epoch = None, -1
         for index in range(start_batch, per_epoch * epochs):
             epoch, within = divmod(index, per_epoch)
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(self.n_rows, generator=gen) if shuffle else torch.arange(self.n_rows)
-            rows = order[within * batch_size : (within + 1) * batch_size]
-            yield {h: t[rows].to(dtype) for h, t in data.items()}
+            if epoch != order_epoch:  # one permutation per epoch: O(batch) work per batch, not O(rows)
+                gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                order = torch.randperm(self.n_rows, generator=gen) if shuffle else torch.arange(self.n_rows)
+                order_epoch = epoch
+            rows = order[within * batch_size : (within + 1) * batch_size]  # (batch_size,)
+            yield {h: t.index_select(0, rows.to(t.device)).to(dtype) for h, t in data.items()}
 
 
 def open_source(cfg: TrainConfig) -> Any:

@@ -1,0 +1,113 @@
+"""Batches prepared ahead of the training step, in a background thread, already on the training device.
+
+The source's own iterator (shard reads, checksums, the shuffle buffer, a model forward in streaming mode) runs in
+one background thread, a bounded queue ahead of the step, so its items arrive in the source's order, untouched:
+the feed changes when a batch is made, never which. On CUDA that thread also pins each batch and copies it to the
+device on a side stream of its own, waiting on that stream (never on the step's), so a batch is ready on the
+device before the step asks for it and the step never waits for a host-to-device copy.
+
+An error or a KeyboardInterrupt raised by the source surfaces in the training thread at the same position in the
+stream, after the batches made before it, exactly as a synchronous read would raise it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Batch = dict[str, Tensor]
+
+DEPTH = 3
+"""Batches made ahead of the one the step is using."""
+_POLL_S = 0.1
+
+
+class BatchFeed:
+    """Iterate `batches` through a background thread `depth` items ahead; tensors arrive on `device`."""
+
+    def __init__(self, batches: Iterable[Batch], device: torch.device | str = "cpu", depth: int = DEPTH):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        self.device = torch.device(device)
+        self._source = iter(batches)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, name="sae-kit-batch-feed", daemon=True)
+        self._thread.start()
+
+    # -- background thread -----------------------------------------------------------------------------------
+    def _produce(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                for batch in self._source:
+                    if cuda:
+                        batch = {h: (a.pin_memory() if a.device.type == "cpu" else a).to(self.device, non_blocking=True)
+                                 for h, a in batch.items()}
+                        stream.synchronize()  # blocks this thread only; the batch is whole before it is queued
+                    elif self.device.type != "cpu":
+                        batch = {h: a.to(self.device) for h, a in batch.items()}
+                    if not self._put(("batch", batch)):
+                        return
+            self._put(("end", None))
+        except BaseException as err:  # noqa: BLE001  (KeyboardInterrupt from a source is data for the consumer)
+            self._put(("error", err))
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()  # a generator source is closed in the thread that ran it
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        """Queue an item unless the feed was closed; False once closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- training thread ---------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "batch":
+            if self.device.type == "cuda":
+                current = torch.cuda.current_stream(self.device)
+                for a in value.values():
+                    a.record_stream(current)  # made on the side stream, freed after the step's kernels ran
+            return value
+        self._done = True
+        self.close()
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the background thread and drop what it made ahead; safe to call twice."""
+        self._done = True
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> BatchFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

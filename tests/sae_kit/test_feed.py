@@ -1,0 +1,238 @@
+"""The batch feed: the same batches as a synchronous read, errors in place, kills that lose nothing, no host syncs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from activation_store.shuffle import mixed_batches
+from sae_kit.sae import SparseCoder
+from sae_kit.train import TensorSource, TrainConfig, train
+from sae_kit.train.checkpoint import latest_checkpoint
+from sae_kit.train.feed import BatchFeed
+
+HOOK = "h"
+
+
+def _shards(n_shards: int = 7, rows: int = 300, d: int = 8) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{HOOK: torch.randn(rows + 17 * i, d, generator=gen), "y": torch.randn(rows + 17 * i, 3, generator=gen)}
+            for i in range(n_shards)]
+
+
+def _read(shards, prefetch: int, workers: int, **kw):
+    return mixed_batches([len(s[HOOK]) for s in shards], lambda i: shards[i], prefetch=prefetch, workers=workers, **kw)
+
+
+def _assert_same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for h in x:
+            assert x[h].dtype == y[h].dtype and torch.equal(x[h], y[h])
+
+
+@pytest.mark.parametrize("start_batch", [0, 5, 13])  # 13: inside the second epoch
+def test_feed_yields_the_synchronous_readers_batches(start_batch):
+    """Order, rows and dtype are those of an in-line read, across the epoch boundary and when starting mid-stream."""
+    shards = _shards()
+    kw = dict(batch_size=128, epochs=2, seed=3, buffer_rows=900, start_batch=start_batch, dtype=torch.bfloat16)
+    synchronous = list(_read(shards, prefetch=0, workers=1, **kw))
+    with BatchFeed(_read(shards, prefetch=4, workers=3, **kw), "cpu", depth=2) as feed:
+        fed = list(feed)
+    _assert_same(fed, synchronous)
+    per_epoch = sum(len(s[HOOK]) for s in shards) // 128
+    assert len(synchronous) >= 2 * per_epoch - 1 - start_batch  # the second epoch is really there
+
+
+def test_tensor_source_batches_unchanged_by_the_per_epoch_permutation():
+    """One permutation per epoch gives the batches the per-batch permutation gave (the resume contract)."""
+    x = torch.randn(1000, 4)
+    src = TensorSource({HOOK: x})
+    got = list(src.batches([HOOK], 96, seed=2, epochs=3, start_batch=4))
+    per_epoch = 1000 // 96
+    expected = []
+    for index in range(4, per_epoch * 3):
+        epoch, within = divmod(index, per_epoch)
+        order = torch.randperm(1000, generator=torch.Generator().manual_seed(2 * 100_003 + epoch))
+        expected.append({HOOK: x[order[within * 96:(within + 1) * 96]]})
+    _assert_same(got, expected)
+
+
+def test_source_errors_surface_in_place():
+    """A KeyboardInterrupt raised after 5 batches reaches the consumer after exactly those 5 batches."""
+    def source():
+        for i in range(100):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield {HOOK: torch.full((2, 2), float(i))}
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for batch in BatchFeed(source(), "cpu", depth=3):
+            seen.append(int(batch[HOOK][0, 0]))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_closing_early_stops_the_thread_and_closes_the_source():
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(10_000):
+                yield {HOOK: torch.zeros(1)}
+        finally:
+            closed.set()
+
+    feed = BatchFeed(source(), "cpu", depth=2)
+    next(feed)
+    feed.close()
+    assert closed.wait(5) and not feed._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(feed)
+
+
+# -- kills: nothing is lost ---------------------------------------------------------------------------------------
+
+DRIVER = r"""
+import os, signal, sys
+point, args = sys.argv[1], sys.argv[2:]
+import sae_kit.train.loop as loop
+from activation_store.store import ActivationStore
+
+if point == "after_checkpoint":  # the seam right after a periodic checkpoint is committed
+    loop.after_checkpoint = lambda step, path: os.kill(os.getpid(), signal.SIGKILL) if step == 6 else None
+else:  # "prefetch:N": the N-th shard read, made on a background thread ahead of the step
+    n, calls, original = int(point.split(":")[1]), [0], ActivationStore.load_shard
+    def load_shard(self, index, hooks):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, index, hooks)
+    ActivationStore.load_shard = load_shard
+from sae_kit.cli import main
+sys.exit(main(args))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_gpt2_path):
+    from sae_kit.cli import main
+
+    acts = tmp_path_factory.mktemp("feed") / "acts"
+    assert main(["cache", "--model", str(tiny_gpt2_path), "--hook", "blocks.1.hook_resid_post", "--tokens", "4096",
+                 "--context-size", "32", "--shard-tokens", "512", "--out", str(acts)]) == 0
+    return acts
+
+
+@pytest.mark.parametrize("point", ["prefetch:11", "after_checkpoint"])
+def test_sigkill_during_prefetch_or_after_a_checkpoint_loses_nothing(small_store, tmp_path, point):
+    """SIGKILL while the feed reads ahead (or right after a checkpoint), then --resume: the same weights and loss
+    curve as an uninterrupted run."""
+    from sae_kit.cli import main
+    from tests.sae_kit.test_train import lines
+
+    args = ["--activations", str(small_store), "--tokens", "6144", "--batch-size", "256", "--k", "4",
+            "--expansion", "2", "--checkpoint-every", "768", "--log-every", "2", "--no-progress"]
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    killed = subprocess.run([sys.executable, "-c", DRIVER, point, "train", *args, "--out", str(tmp_path / "cut")],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "cut") is not None and not (tmp_path / "cut" / "topk").exists()
+    assert main(["train", *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = SparseCoder.load(tmp_path / "full" / "topk"), SparseCoder.load(tmp_path / "cut" / "topk")
+    for name, p in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], p, rtol=1e-5, atol=1e-6)
+    la, lb = lines(tmp_path / "full" / "topk"), lines(tmp_path / "cut" / "topk")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+
+
+# -- no host sync outside sync points -----------------------------------------------------------------------------
+
+SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"),
+           (torch.Tensor, "__int__"), (torch.Tensor, "nonzero"), (torch, "nonzero"), (torch, "bincount"),
+           (torch, "unique"), (torch.Tensor, "unique"), (torch, "masked_select")]
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "jumprelu", "relu"])
+def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, arch):
+    """Outside sync points the step calls none of the operations that make the host wait for a GPU (read a value,
+    size a tensor by its data). On CPU this is checked by intercepting them; the CUDA test below checks the device."""
+    import sae_kit.train.loop as loop
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
+    state = {"sync": False, "calls": []}
+    real_sync, real_raise = loop._sync_point, loop._raise_if_halted
+
+    def in_sync(fn):
+        def run(*a, **k):
+            state["sync"] = True
+            try:
+                return fn(*a, **k)
+            finally:
+                state["sync"] = False
+        return run
+
+    monkeypatch.setattr(loop, "_sync_point", in_sync(real_sync))
+    monkeypatch.setattr(loop, "_raise_if_halted", in_sync(real_raise))
+    real_step = loop._step
+
+    def step(*a, **k):
+        state["stepping"] = True
+        try:
+            return real_step(*a, **k)
+        finally:
+            state["stepping"] = False
+
+    monkeypatch.setattr(loop, "_step", step)
+    for owner, name in SYNCING:
+        original = getattr(owner, name)
+
+        def guarded(*a, _original=original, _name=name, **k):
+            if state.get("stepping") and not state["sync"]:
+                state["calls"].append(_name)
+            return _original(*a, **k)
+        monkeypatch.setattr(owner, name, guarded)
+    for name in ("__getitem__", "__setitem__"):  # indexing by a bool mask sizes the result by the data
+        original = getattr(torch.Tensor, name)
+
+        def indexed(self, index, *rest, _original=original, _name=name):
+            parts = index if isinstance(index, tuple) else (index,)
+            if state.get("stepping") and not state["sync"] and any(
+                    isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.ndim > 0 for p in parts):
+                state["calls"].append(f"{_name}[bool mask]")
+            return _original(self, index, *rest)
+        monkeypatch.setattr(torch.Tensor, name, indexed)
+    extra = {"sparsity_coefficient": 1e-3} if arch in ("jumprelu", "relu") else {}
+    cfg = TrainConfig(hook_points=HOOK, architecture=arch, k=4, d_sae=64, n_tokens=256 * 25, batch_size=256, lr=1e-3,
+                      out=str(tmp_path), log_every=10, dead_tokens_threshold=256 * 3, dtype="bfloat16", **extra)
+    train(cfg, TensorSource({HOOK: x}), progress=False)
+    assert state["calls"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_steps_between_sync_points_do_not_synchronize(tmp_path, monkeypatch):
+    """On CUDA, torch's sync debug mode raises on any synchronizing call inside a step between sync points."""
+    import sae_kit.train.loop as loop
+
+    real_step = loop._step
+
+    def step(*a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(loop, "_step", step)
+    x = torch.randn(8192, 64)
+    cfg = TrainConfig(hook_points=HOOK, architecture="topk", k=8, d_sae=512, n_tokens=1024 * 20, batch_size=1024,
+                      out=str(tmp_path), log_every=10, dead_tokens_threshold=1024 * 3, device="cuda")
+    train(cfg, TensorSource({HOOK: x}), progress=False)
