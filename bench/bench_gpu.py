@@ -1,0 +1,312 @@
+"""Training speed where users train: the TopK step against sparsify, SAELens and the matmul rooflines; the whole
+training loop against its own bare step; caching against the bare forward. Ratios from one run, on any machine.
+
+1. Step: forward + backward + Adam on one (batch, d_in) fp32 tensor, fp32 master weights and Adam state. "ours"
+   is the step `sae-kit train` runs in the regime `--dtype auto` picks (bf16 encoder on CUDA, as sparsify's
+   autocast; fp32 on CPU); "ours fp32" forces the fp32 encoder; "ours loop step" is the trainer's whole step
+   (`loop._step`: also gradient clipping, the decoder-norm fix-ups, dead-latent counters, metrics). Peers when
+   installed. ms/step (median), tokens/s, peak memory (CUDA), next to the bf16 and fp32 matmul rooflines (the dense
+   encoder product alone). Shapes: the three of the GPU issue on CUDA; small ones on CPU.
+2. Pipeline: tokens/s of `train()` on in-memory tensors and of `sae-kit train --activations` (an on-disk store),
+   each as the marginal rate of two runs of different length (start-up and publishing cancel out), against the
+   loop's bare step on batches already on the device.
+3. Caching: `sae-kit cache` tokens/s against the bare forward of the same model (bench/bench_cache.py).
+
+Usage: python bench/bench_gpu.py [--quick] [--rounds 5] [--threads 2] [--skip-peers] [--skip-cache]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.bench_topk import train_step  # noqa: E402
+
+LR = 1e-4
+GPU_SHAPES = ((768, 24576, 32), (2304, 65536, 64), (4096, 131072, 64))
+CPU_SHAPES = ((256, 1024, 8), (512, 8192, 32))
+QUICK_SHAPES = ((64, 256, 4),)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step: Callable[[], object], device: torch.device, rounds: int, warmup: int = 2) -> list[float]:
+    """Seconds per call, `rounds` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# -- 1. the step ------------------------------------------------------------------------------------------------
+
+def ours(x: torch.Tensor, d_sae: int, k: int, precision: torch.dtype | None) -> Callable[[], None]:
+    """sae-kit's TopK step in a precision regime (None: fp32 encoder)."""
+    from sae_kit.sae import SAEConfig, SparseCoder
+    from sae_kit.train.optim import make_optimizer
+
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=d_sae, k=k), device=x.device)
+
+    def loss() -> torch.Tensor:
+        with sae.training_precision(precision):
+            return sae(x).loss
+
+    return train_step(loss, make_optimizer(sae, LR))
+
+
+def ours_loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path) -> Callable[[], None]:
+    """The trainer's own step (`loop._step`) on one resident batch."""
+    step, _ = loop_step(x, d_sae, k, dtype, tmp)
+    return step
+
+
+def loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path, **cfg_kw: object):
+    """(step closure, config) of the training loop's step over a TensorSource of x, with everything `train` builds."""
+    from sae_kit.train import TensorSource, TrainConfig
+    from sae_kit.train import loop
+
+    cfg = TrainConfig(hook_points="h", k=k, d_sae=d_sae, batch_size=x.shape[0], n_tokens=x.shape[0] * 10**6,
+                      lr=LR, out=str(tmp), dtype=dtype, device=str(x.device), **cfg_kw)
+    source = TensorSource({"h": x})
+    plan = loop._plan(cfg, source, False, loop.SingleProcess(), x.device)
+    trainees, _ = loop._build_trainees(cfg, plan, source)
+    for t in trainees:
+        if t.log_file is not None:
+            t.log_file.close()
+            t.log_file = None
+    halt = loop._Halt(x.device)
+    batch = {"h": x}
+    counter = [0]
+
+    def step() -> None:
+        loop._step(trainees, batch, counter[0], cfg, plan, halt)
+        counter[0] += 1
+        for t in trainees:
+            del t.recent[:-loop.FINAL_WINDOW]
+
+    return step, cfg
+
+
+def sparsify(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
+    """EleutherAI sparsify's SparseCoder (its forward autocasts to bf16 on CUDA)."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k), device=x.device)
+    return train_step(lambda: sae(x).fvu, torch.optim.Adam(sae.parameters(), lr=LR))
+
+
+def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
+    """SAELens' TopKTrainingSAE with its default config."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, dtype="float32",
+                                                device=str(x.device)))
+    inp = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    return train_step(lambda: sae.training_forward_pass(inp).loss, torch.optim.Adam(sae.parameters(), lr=LR))
+
+
+def matmul(x: torch.Tensor, d_sae: int, dtype: torch.dtype) -> Callable[[], None]:
+    """The dense encoder product alone, into a reused output."""
+    w = (torch.randn(x.shape[1], d_sae, device=x.device) / x.shape[1] ** 0.5).to(dtype)
+    xd = x.to(dtype)
+    out = torch.empty(x.shape[0], d_sae, dtype=dtype, device=x.device)
+    return lambda: torch.mm(xd, w, out=out)
+
+
+def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bool) -> None:
+    cuda = device.type == "cuda"
+    print(f"\n== 1. TopK step: batch {batch}, forward + backward + Adam, fp32 master weights, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for d_in, d_sae, k in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(batch, d_in, device=device)
+        precision = torch.bfloat16 if cuda else None
+        regime = "bf16 encoder" if cuda else "fp32 encoder (CPU: exact bf16 preselection where AMX)"
+        with tempfile.TemporaryDirectory() as tmp:
+            builders: dict[str, Callable[[], Callable[[], object]]] = {
+                f"ours ({regime})": lambda: ours(x, d_sae, k, precision),
+                "ours fp32": lambda: ours(x, d_sae, k, None),
+                "ours loop step": lambda: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop"),
+                "bf16 matmul": lambda: matmul(x, d_sae, torch.bfloat16),
+                "fp32 matmul": lambda: matmul(x, d_sae, torch.float32),
+            }
+            if not cuda:
+                del builders["ours fp32"]  # the CPU default already is the fp32 regime
+            if peers:
+                builders["sparsify"] = lambda: sparsify(x, d_sae, k)
+                builders["SAELens"] = lambda: saelens(x, d_sae, k)
+            print(f"\n{d_in} × {d_sae}, k {k}")
+            print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")
+            rates: dict[str, float] = {}
+            for name, build in builders.items():
+                try:
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step = build()
+                    t = statistics.median(_time(step, device, rounds))
+                except ImportError as err:
+                    print(f"  {name:58s} not installed ({err.name})")
+                    continue
+                except torch.OutOfMemoryError:
+                    print(f"  {name:58s} out of memory")
+                    continue
+                peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:8.1f}" if cuda else f"{'n/a':>8s}"
+                rates[name] = batch / t
+                print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {peak}")
+                del step
+            mine = next(iter(rates))
+            for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
+                if other in rates:
+                    print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")
+
+
+# -- 2. the pipeline ----------------------------------------------------------------------------------------------
+
+def _marginal_rate(run: Callable[[int], None], short: int, long: int) -> float:
+    """Tokens/s of the steady state: (long − short) / (time(long) − time(short)); start-up and publishing cancel."""
+    t0 = time.perf_counter()
+    run(short)
+    t1 = time.perf_counter()
+    run(long)
+    t2 = time.perf_counter()
+    return (long - short) / max(1e-9, (t2 - t1) - (t1 - t0))
+
+
+def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: int, rows: int, steps: int,
+                   store_model: str | None, store_hook: str, store_tokens: int, rounds: int) -> None:
+    from sae_kit.train import TensorSource, TrainConfig, train_all
+
+    print(f"\n== 2. Pipeline: TopK {d_in} × {d_sae}, k {k}, batch {batch}, {device}")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        torch.manual_seed(0)
+        x = torch.randn(rows, d_in) @ torch.randn(d_in, d_in) / d_in**0.5  # (rows, d_in), on the host like a store
+        step, _ = loop_step(x[:batch].to(device), d_sae, k, "auto", tmp / "bare")
+        bare = batch / statistics.median(_time(step, device, rounds))
+        print(f"  {'bare loop step (batches already on the device)':58s} {bare:12,.0f} tokens/s")
+        runs = [0]
+
+        def run_tensors(n_steps: int) -> None:
+            runs[0] += 1
+            cfg = TrainConfig(hook_points="h", k=k, d_sae=d_sae, batch_size=batch, n_tokens=n_steps * batch, lr=LR,
+                              out=str(tmp / f"t{runs[0]}"), device=str(device), log_every=50)
+            train_all(cfg, TensorSource({"h": x}), progress=False)
+
+        tensors = _marginal_rate(run_tensors, max(2, steps // 4), steps)
+        print(f"  {'train() on a TensorSource':58s} {tensors:12,.0f} tokens/s  {tensors / bare:5.2f} of the bare step")
+        if store_model is None:
+            return
+        from activation_store.store import ActivationStore, CacheConfig, cache_activations
+        from activation_store.tokens import DatasetConfig
+
+        store = tmp / "store"
+        t0 = time.perf_counter()
+        cache_activations(CacheConfig(model=store_model, hook_points=(store_hook,), n_tokens=store_tokens,
+                                      out=str(store), dataset=DatasetConfig(context_size=256), device=str(device)),
+                          progress=False)
+        print(f"  (cached {store_tokens:,} tokens of {store_model} {store_hook} in {time.perf_counter() - t0:.0f} s)")
+        d_store = ActivationStore.open(str(store)).d_in(store_hook)
+        step, _ = loop_step(torch.randn(batch, d_store, device=device), d_sae, k, "auto", tmp / "bare2")
+        bare_store = batch / statistics.median(_time(step, device, rounds))
+
+        def run_store(n_steps: int) -> None:
+            runs[0] += 1
+            cfg = TrainConfig(activations=str(store), k=k, d_sae=d_sae, batch_size=batch, n_tokens=n_steps * batch,
+                              lr=LR, out=str(tmp / f"s{runs[0]}"), device=str(device), log_every=50)
+            train_all(cfg, progress=False)
+
+        from_store = _marginal_rate(run_store, max(2, steps // 4), steps)
+        print(f"  {'bare loop step at the store width d_in ' + str(d_store):58s} {bare_store:12,.0f} tokens/s")
+        print(f"  {'sae-kit train --activations (on-disk store)':58s} {from_store:12,.0f} tokens/s  "
+              f"{from_store / bare_store:5.2f} of the bare step")
+
+
+def gpt2_small_like(folder: Path) -> str:
+    """A randomly initialised model of GPT-2 small's shape (12 layers, d 768), with the reference tokenizer."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from activation_store.model import reference_model_path
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=1024)).save_pretrained(folder)
+    for f in reference_model_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return str(folder)
+
+
+# -- 3. caching ---------------------------------------------------------------------------------------------------
+
+def bench_cache(model: str, tokens: int, device: torch.device) -> None:
+    print(f"\n== 3. Caching: {model}, {device}")
+    try:
+        from bench.bench_cache import measure_cache
+    except ImportError as err:
+        print(f"  n/a ({err})")
+        return
+    got = measure_cache(model=model, n_tokens=tokens, device=str(device))
+    print(f"  sae-kit cache {got['cache_tok_s']:,.0f} tokens/s, bare forward {got['forward_tok_s']:,.0f} tokens/s: "
+          f"{got['ratio']:.2f} of the forward")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the test suite's smoke check)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per contender")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--skip-peers", action="store_true", help="do not try sparsify / SAELens")
+    ap.add_argument("--skip-cache", action="store_true", help="skip the caching measurement")
+    ap.add_argument("--skip-store", action="store_true", help="skip `train --activations` (no store is cached)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        shapes, batch, rounds = QUICK_SHAPES, 256, 2
+        pipe = dict(d_in=64, d_sae=256, k=4, batch=256, rows=8192, steps=12, store_tokens=4096)
+    elif device.type == "cuda":
+        shapes, batch, rounds = GPU_SHAPES, args.batch, args.rounds
+        pipe = dict(d_in=768, d_sae=24576, k=32, batch=args.batch, rows=1_200_000, steps=200, store_tokens=1_000_000)
+    else:
+        shapes, batch, rounds = CPU_SHAPES, args.batch, args.rounds
+        pipe = dict(d_in=256, d_sae=1024, k=8, batch=args.batch, rows=400_000, steps=120, store_tokens=400_000)
+    bench_steps(shapes, batch, device, rounds, peers=not args.skip_peers)
+    with tempfile.TemporaryDirectory() as tmp:
+        # On a GPU, a GPT-2-small-sized model as in the issue; on CPU the reference model (a store in minutes).
+        model = gpt2_small_like(Path(tmp) / "gpt2s") if device.type == "cuda" and not args.quick else "reference"
+        hook = "transformer.h.8" if model != "reference" else "blocks.2.hook_resid_post"
+        bench_pipeline(device, pipe["d_in"], pipe["d_sae"], pipe["k"], pipe["batch"], pipe["rows"], pipe["steps"],
+                       None if args.skip_store else model, hook, pipe["store_tokens"], rounds)
+        if not args.skip_cache:
+            bench_cache(model, 4096 if args.quick else 1_000_000, device)
+
+
+if __name__ == "__main__":
+    main()
