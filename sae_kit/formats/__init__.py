@@ -49,7 +49,7 @@ def read_path(path: str | Path, device: str | torch.device = "cpu", format: str 
     does not record (model_name, hook_point, target_hook_point, norm_scaling_factor, hook_head_index)."""
     from sae_kit.io import build_coder
 
-    path = Path(path)
+    path, options = Path(path), check_options(options)
     if format is not None:
         by_name = {m.NAME: m for m in READERS}
         if format not in by_name:
@@ -62,7 +62,7 @@ def read_path(path: str | Path, device: str | torch.device = "cpu", format: str 
     if dtype is not None and not hasattr(torch, str(dtype).removeprefix("torch.")):
         raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16, float64")
     cfg, state, source = reader.read(path, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-                                     trust_remote_pickle=trust_remote_pickle, options=check_options(options))
+                                     trust_remote_pickle=trust_remote_pickle, options=options)
     coder = build_coder(cfg, state, source, device=device)
     coder.source_path = path  # where it came from (push_to_hub looks for metrics.json beside it)
     return coder

@@ -124,9 +124,8 @@ def sae_kit_cfg(cfg: Any, metadata: dict[str, Any]) -> dict[str, Any]:
 
 def make_config(source: Path, **fields: Any) -> Any:
     """SAEConfig(**fields); a field it rejects becomes a FormatError naming the file it was read from."""
-    from sae_kit.sae.base import SAEConfig, SparseCoder
-
     import sae_kit.sae  # noqa: F401  (registers every architecture)
+    from sae_kit.sae.base import SAEConfig, SparseCoder
 
     arch = fields.get("architecture")
     if arch not in SparseCoder.REGISTRY:
