@@ -9,7 +9,7 @@ y ∈ R^{d_out} (y = x for an SAE; the MLP output for a transcoder):
 n is the input normalisation of SAEs imported from other toolkits (`normalize_activations`, identity for SAEs
 trained here); n⁻¹ undoes it with the statistics of the same input row (SAEs only: a transcoder's output is left as
 it comes, as SAELens does). Every public encode / decode / encode_sparse / decode_sparse goes through
-`encoder_input` and `_finish_decode`, which apply it.
+`encoder_input` and `_add_bias_and_skip`, which apply it.
 
 Parameters keep the field's conventional names and shapes so other toolkits' files map onto them:
 `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_out], `b_enc` [d_sae], `b_dec` [d_out], `W_skip` [d_in, d_out],
@@ -254,8 +254,9 @@ class SparseCoder(nn.Module):
                              f"{self.cfg.normalize_activations!r}); decode needs the input x to undo it")
         return x
 
-    def _finish_decode(self, out: Tensor, x: Tensor | None) -> Tensor:
-        """Decoder output (N, d_out) from z·W_dec: add b_dec, undo the input normalisation (SAEs), add the skip path."""
+    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
+        """Decoder output (N, d_out) from z·W_dec: add b_dec, undo the input normalisation (SAEs; needs x when it is
+        per row), add the skip path x W_skip (skip transcoders, which need x)."""
         out = out + self.b_dec
         mode = self.cfg.normalize_activations
         if mode != "none" and not self.cfg.transcoder:
@@ -285,7 +286,7 @@ class SparseCoder(nn.Module):
 
     def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
         """Reconstruction (N, d_out) from dense latents; x is needed by skip transcoders and per-row normalisations."""
-        return self._finish_decode(z @ self.W_dec, x)
+        return self._add_bias_and_skip(z @ self.W_dec, x)
 
     def encode_sparse(self, x: Tensor) -> EncoderOutput:
         """Active latents of inputs (N, d_in): values (N, K) and ascending indices (N, K), K the largest count of
@@ -299,7 +300,7 @@ class SparseCoder(nn.Module):
     def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
         """ŷ (N, d_out) from sparse latents (values, indices (N, K)) without building the dense (N, d_sae) code."""
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return self._finish_decode(out, x)
+        return self._add_bias_and_skip(out, x)
 
     def forward(self, x: Tensor, target: Tensor | None = None, **loss_kwargs: Any) -> ForwardOutput:
         """Encode, decode and compute the training loss; target defaults to x (an SAE)."""

@@ -201,7 +201,7 @@ class TopKSAE(SparseCoder):
         acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
         if sel.keep is not None:
             acts = acts * sel.keep
-        y_hat = self._finish_decode(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
+        y_hat = self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
         e_hat = None
         if sel.aux_indices is not None:
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
