@@ -88,7 +88,11 @@ def load(spec: str | Path, device: str | torch.device = "cpu", subfolder: str | 
         parts = text.split("/")
         repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])
         sub = "/".join(p.strip("/") for p in (rest, subfolder or "") if p.strip("/")) or None
-        return read_path(hub.download(repo_id, sub, revision), device=device, **options)
+        try:
+            folder = hub.download(repo_id, sub, revision)
+        except FileNotFoundError as err:  # a mistyped local path looks like a hub id too: say both
+            raise FileNotFoundError(f"no local path {text!r}, and as a hub id: {err}") from None
+        return read_path(folder, device=device, **options)
     raise FileNotFoundError(f"no SAE at {text!r}: not a local path, not 'release:sae_id' of a known release "
                             f"(see sae_kit/pretrained_saes.yaml), and not a hub id 'org/repo'")
 

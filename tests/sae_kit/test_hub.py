@@ -48,7 +48,8 @@ def test_load_hub_repo_and_subfolder(hub_cache) -> None:
         assert (sae.cfg.hook_point, sae.cfg.model_name) == ("blocks.2.hook_resid_post", "someone/model")
     with pytest.raises(FileNotFoundError, match=r"has no folder 'layers.9' \(top level holds \['config.json', 'layers.2'\]\)"):
         SAE.load("someone/sparsify-run", subfolder="layers.9")
-    with pytest.raises(FileNotFoundError, match="'someone/absent' .* is not in the local cache"):
+    with pytest.raises(FileNotFoundError, match="no local path 'someone/absent', and as a hub id: hub repo "
+                                                "'someone/absent' .* is not in the local cache"):
         SAE.load("someone/absent")
 
 
