@@ -102,3 +102,15 @@ def test_steer_on_a_saelens_folder(foreign: dict[str, Path], capsys) -> None:
     assert main(["steer", "--sae", str(foreign["saelens"]), "--backend", "transformer_lens", "--feature", "3",
                  "--mode", "clamp", "--strength", "4", "--max-new-tokens", "3"]) == 0
     assert "--- steered (clamp 4.0 on [3]) ---" in capsys.readouterr().out
+
+
+def test_sae_on_one_attention_head_is_refused_clearly() -> None:
+    from evals.evaluate import check_compatible as eval_check
+    from sae_kit.sae import SAEConfig, SparseCoder
+    from sae_kit.steering import check_compatible as steer_check
+
+    sae = SparseCoder.from_config(SAEConfig(architecture="relu", d_in=8, d_sae=16, hook_point="blocks.0.attn.hook_z",
+                                            hook_head_index=2))
+    for check in (eval_check, steer_check):
+        with pytest.raises(ValueError, match=r"reads one attention head \(hook_head_index=2\)"):
+            check(None, sae)
