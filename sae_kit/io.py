@@ -45,6 +45,9 @@ def build_coder(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str | Pa
     """
     try:
         coder = SparseCoder.from_config(cfg, device="meta")  # shapes only: no (d_sae, d_in) random init
+        # A non-persistent buffer is not in any state dict, so only a real construction can give its value.
+        if set(dict(coder.named_buffers())) - set(coder.state_dict()):
+            coder = SparseCoder.from_config(cfg, device="cpu")
     except (RuntimeError, NotImplementedError):  # an architecture whose __init__ needs real tensors
         coder = SparseCoder.from_config(cfg, device="cpu")
     own = coder.inference_state_dict()

@@ -109,3 +109,23 @@ def test_config_checks_and_old_files(tmp_path: Path) -> None:
     x = torch.randn(5, 12, dtype=torch.float64)
     assert torch.equal(back.encode(x), sae.encode(x))
     assert back.W_enc.stride() == sae.W_enc.stride()  # built without random init, same latent-major layout
+
+
+def test_a_coder_with_a_non_persistent_buffer_is_built_for_real(tmp_path: Path) -> None:
+    """The loader builds coders on the meta device (no random init) unless some buffer lives in no state dict."""
+    from sae_kit.sae.relu import ReLUSAE
+
+    class WithTable(ReLUSAE):
+        architecture = "relu_with_table"
+
+        def __init__(self, cfg, device="cpu", dtype=None):
+            super().__init__(cfg, device=device, dtype=dtype)
+            self.register_buffer("table", torch.arange(cfg.d_sae, device=device, dtype=torch.float64), persistent=False)
+
+    try:
+        sae = make("relu_with_table")
+        sae.save(tmp_path / "t")
+        back = SAE.load(tmp_path / "t")
+        assert torch.equal(back.table, torch.arange(40, dtype=torch.float64))
+    finally:
+        SparseCoder.REGISTRY.pop("relu_with_table")
