@@ -12,7 +12,8 @@ from autointerp.scorers import SCORERS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `sae-kit interp`."""
-    parser.add_argument("--sae", required=True, help="folder of the saved SAE (cfg.json + weights)")
+    parser.add_argument("--sae", required=True, help="the SAE: a folder of any supported format, a hub id "
+                                                     "'org/repo[/folder]' or 'release:sae_id'")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default=None, help="model name or path (default: the SAE's cfg.model_name)")
     parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"])

@@ -223,10 +223,7 @@ def run_interp(
     if sae is None:
         from sae_kit.sae.base import SparseCoder
 
-        if not Path(cfg.sae_path).is_dir():
-            raise FileNotFoundError(f"no SAE folder at {cfg.sae_path!r} (expected cfg.json + weights inside)")
-
-        sae = SparseCoder.load(cfg.sae_path, device=cfg.device)
+        sae = SparseCoder.load(cfg.sae_path, device=cfg.device)  # any supported format, hub id or release:sae_id
     sae.eval()
     spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
     model_name = cfg.model or sae.cfg.model_name or "reference"

@@ -180,15 +180,16 @@ def _windows(
 
 def encode_selected(sae: Any, x: Tensor, latents: Tensor, column_of: Tensor | None = None) -> Tensor:
     """Activations (N, L) of the selected latents for inputs (N, d_in), without an (N, d_sae) copy kept."""
-    if hasattr(sae, "encode_sparse") and column_of is not None:
+    x = x.to(sae.W_enc.dtype)  # imported SAEs may be bf16
+    if column_of is not None:
         out = sae.encode_sparse(x)
         cols = column_of[out.top_indices]  # (N, k): column in the selection, -1 when not selected
         keep = cols >= 0
         dense = torch.zeros(x.shape[0], latents.numel(), dtype=out.top_acts.dtype)
         rows = torch.arange(x.shape[0])[:, None].expand_as(cols)
         dense[rows[keep], cols[keep]] = out.top_acts[keep]
-        return dense
-    return sae.encode(x)[:, latents]
+        return dense.float()
+    return sae.encode(x)[:, latents].float()
 
 
 def _iter_batches(model: Any, dataset: Any, cfg: RecordConfig, n_tokens: int):

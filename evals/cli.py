@@ -9,8 +9,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `sae-kit eval`."""
-    parser.add_argument("--sae", nargs="+", required=True, metavar="DIR",
-                        help="saved SAE / transcoder folders (cfg.json + weights); several on one hook point "
+    parser.add_argument("--sae", nargs="+", required=True, metavar="SAE",
+                        help="SAE / transcoder folders of any supported format (sae-kit, SAELens, sparsify, Gemma "
+                             "Scope, ...), hub ids 'org/repo[/folder]' or 'release:sae_id'; several on one hook point "
                              "give a sweep view")
     parser.add_argument("--model", default=None,
                         help="model name or path (default: the one recorded in each SAE's cfg.json)")

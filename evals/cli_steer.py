@@ -18,7 +18,8 @@ from sae_kit.steering.interventions import MODES, POSITIONS_HELP
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `sae-kit steer`."""
     p = parser.add_argument
-    p("--sae", required=True, help="folder of a saved SAE or transcoder")
+    p("--sae", required=True, help="SAE or transcoder: a folder of any supported format, a hub id 'org/repo[/folder]' "
+                                   "or 'release:sae_id'")
     p("--model", help="model name or path (default: the one recorded in the SAE, else 'reference')")
     p("--backend", default="auto", choices=("auto", "transformer_lens", "hf"))
     p("--prompt", default="def __init__(self", help="text to continue")

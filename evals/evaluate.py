@@ -59,7 +59,7 @@ class EvalConfig:
     """What `sae-kit eval` evaluates and where it writes."""
 
     sae_paths: tuple[str, ...]
-    """Folders of saved SAEs / transcoders (cfg.json + weights)."""
+    """SAEs / transcoders: folders of any supported format, hub ids or "release:sae_id"."""
     out: str
     """Output folder for metrics.json and report.html."""
     n_tokens: int = 65_536
@@ -114,26 +114,20 @@ class SAEEvalResult:
 
 # -- loading and validation -----------------------------------------------------------------------------------
 def load_sae(path: str | Path, device: str = "cpu") -> Any:
-    """Load a saved sparse coder, with a clear error when the folder is not one."""
-    from sae_kit.sae.base import CFG_FILENAME, SparseCoder
+    """Load a sparse coder: a folder of any supported format, a hub id or "release:sae_id" (`SparseCoder.load`);
+    FileNotFoundError listing what was looked for when it is none of them."""
+    from sae_kit.sae.base import SparseCoder
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SAE folder {str(folder)!r} does not exist")
-    if not (folder / CFG_FILENAME).exists():
-        raise FileNotFoundError(
-            f"{str(folder)!r} is not a saved SAE: no {CFG_FILENAME} in it (expected cfg.json + sae_weights.safetensors, "
-            "as written by SparseCoder.save)"
-        )
-    sae = SparseCoder.load(folder, device=device)
-    sae.eval()
-    return sae
+    return SparseCoder.load(path, device=device).eval()
 
 
 def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
     """Raise ValueError when the SAE's hook points are not in the model or their widths differ from the SAE's."""
     cfg = sae.cfg
     label = where or cfg.hook_point
+    if cfg.hook_head_index is not None:
+        raise ValueError(f"SAE {label!r} reads one attention head (hook_head_index={cfg.hook_head_index}) of "
+                         f"{cfg.hook_point!r}; evals run SAEs on whole hook points only")
     if not cfg.hook_point:
         raise ValueError(f"SAE {label!r} records no hook_point in its cfg.json")
     width = model.width(cfg.hook_point)  # ValueError naming the closest hook points if unknown

@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evals.cli", "evaluate saved SAEs and write metrics.json and report.html"),
     "interp": ("autointerp.cli", "explain latents with an LLM and score the explanations"),
     "steer": ("evals.cli_steer", "steer generation with SAE features and measure the effect"),
+    "convert": ("sae_kit.formats.cli_convert", "convert an SAE between formats (sae-kit, SAELens, sparsify)"),
+    "push": ("sae_kit.formats.cli_push", "upload an SAE to the Hugging Face hub with a model card"),
 }
 
 

@@ -1,12 +1,15 @@
-"""Save and load sparse coders: `cfg.json` + `sae_weights.safetensors` in one folder.
+"""Save and load sparse coders: `cfg.json` + `sae_weights.safetensors` in one folder (the sae-kit format).
 
 The weights file holds `coder.inference_state_dict()`: parameters and the buffers inference needs (BatchTopK's
 `threshold`), under conventional names (JumpReLU stores θ as `threshold`, not its training-time log θ).
+`build_coder` is the one place a coder is rebuilt from a config and such a state dict; the readers of other
+toolkits' formats (`sae_kit.formats`) end there too.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,21 +36,42 @@ def load_config(path: str | Path) -> SAEConfig:
     return SAEConfig.from_dict(json.loads(cfg_path.read_text()))
 
 
-def load_sparse_coder(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-    """Rebuild the architecture named in cfg.json, load its weights strictly (names and shapes), in eval mode."""
+def build_coder(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str | Path,
+                device: str | torch.device = "cpu") -> SparseCoder:
+    """The coder `cfg` describes with the tensors `state` (its `inference_state_dict` names), in eval mode.
+
+    Names and shapes are checked first; a mismatch raises ValueError naming `source` (the file they came from), every
+    missing and unexpected name and both shapes of each mismatch. The coder is built without random initialisation.
+    """
+    try:
+        coder = SparseCoder.from_config(cfg, device="meta")  # shapes only: no (d_sae, d_in) random init
+        # A non-persistent buffer is not in any state dict, so only a real construction can give its value.
+        if set(dict(coder.named_buffers())) - set(coder.state_dict()):
+            coder = SparseCoder.from_config(cfg, device="cpu")
+    except (RuntimeError, NotImplementedError):  # an architecture whose __init__ needs real tensors
+        coder = SparseCoder.from_config(cfg, device="cpu")
+    own = coder.inference_state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise ValueError(f"weights in {source} do not fit the config ({cfg.architecture}, d_in={cfg.d_in}, "
+                         f"d_sae={cfg.d_sae}, d_out={cfg.d_target}): missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatches {bad_shapes}")
+    if any(p.is_meta for p in coder.parameters()) or any(b.is_meta for b in coder.buffers()):
+        coder = coder.to_empty(device=device)  # keeps each tensor's layout (W_enc is stored latent-major)
+    else:
+        coder = coder.to(device)
+    coder.load_inference_state_dict({k: v.to(device) for k, v in state.items()})
+    return coder.eval()  # inference: BatchTopK's forward then uses θ, not the batch
+
+
+def load_sparse_coder(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> SparseCoder:
+    """Rebuild the architecture named in cfg.json (fields in `overrides` replaced), load its weights strictly."""
     cfg = load_config(path)
+    if overrides:
+        cfg = cfg.replace(**overrides)
     weights = Path(path) / WEIGHTS_FILENAME
     if not weights.exists():
         raise FileNotFoundError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
-    coder = SparseCoder.from_config(cfg, device=device)
-    state = load_file(str(weights), device=str(device))
-    own = coder.inference_state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad_shapes = [f"{k}: saved {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shapes:
-        raise ValueError(f"weights in {weights} do not fit {CFG_FILENAME} ({cfg.architecture}, d_in={cfg.d_in}, "
-                         f"d_sae={cfg.d_sae}): missing {missing}, unexpected {unexpected}, "
-                         f"shape mismatches {bad_shapes}")
-    coder.load_inference_state_dict(state)
-    return coder.eval()  # inference: BatchTopK's forward then uses θ, not the batch
+    return build_coder(cfg, load_file(str(weights)), weights, device=device)

@@ -3,8 +3,13 @@
 A sparse coder maps an input x ∈ R^{d_in} to latents z ∈ R^{d_sae} and reconstructs a target
 y ∈ R^{d_out} (y = x for an SAE; the MLP output for a transcoder):
 
-    z  = act(W_encᵀ(x − b_dec·[SAE]) + b_enc)
-    ŷ  = W_decᵀ z + b_dec (+ W_skipᵀ x for a skip transcoder)
+    z  = act(W_encᵀ(n(x) − b_dec·[SAE]) + b_enc)
+    ŷ  = n⁻¹(W_decᵀ z + b_dec) (+ W_skipᵀ x for a skip transcoder)
+
+n is the input normalisation of SAEs imported from other toolkits (`normalize_activations`, identity for SAEs
+trained here); n⁻¹ undoes it with the statistics of the same input row (SAEs only: a transcoder's output is left as
+it comes, as SAELens does). Every public encode / decode / encode_sparse / decode_sparse goes through
+`encoder_input` and `_add_bias_and_skip`, which apply it.
 
 Parameters keep the field's conventional names and shapes so other toolkits' files map onto them:
 `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_out], `b_enc` [d_sae], `b_dec` [d_out], `W_skip` [d_in, d_out],
@@ -21,10 +26,16 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+"""Input normalisations (SAELens's names): identity; x·norm_scaling_factor; x·√d_in/‖x‖; per-row layer norm
+(x − mean)/(std + 1e-5), the OpenAI release's. The last two are undone on the output with the same row's statistics,
+the first with the same factor."""
+LAYER_NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,17 @@ class SAEConfig:
     """JumpReLU: if set, penalise (L0/target_l0 − 1)² instead of plain λ·L0."""
     input_scale: float = 1.0
     """Scale the saved weights already absorb: 1.0 after folding; kept for provenance."""
+    apply_b_dec_to_input: bool = True
+    """SAEs: subtract b_dec from the (normalised) input before encoding. False for encoders that read x as it is
+    (Gemma Scope, Llama Scope, dictionary_learning's JumpReLU). Transcoders never subtract it."""
+    normalize_activations: str = "none"
+    """Input normalisation applied by encode and undone by decode: one of NORMALIZATIONS. Set for SAEs imported from
+    toolkits that normalise at run time; SAEs trained here fold their scaling into the weights ("none")."""
+    norm_scaling_factor: float | None = None
+    """The factor of "expected_average_only_in" (x is multiplied by it before encoding); None: not known, so the
+    normalisation is recorded but not applied (as SAELens's `load_from_disk` does)."""
+    hook_head_index: int | None = None
+    """Attention head the input is read from, when the hook point has a head axis (SAELens `hook_head_index`)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form training provenance (tokens seen, normalisation, dataset, metrics)."""
 
@@ -78,6 +100,12 @@ class SAEConfig:
 
         if self.architecture not in SparseCoder.REGISTRY:
             raise ValueError(f"unknown architecture {self.architecture!r}; valid: {sorted(SparseCoder.REGISTRY)}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalize_activations {self.normalize_activations!r}; valid: {list(NORMALIZATIONS)}")
+        if self.norm_scaling_factor is not None and not self.norm_scaling_factor > 0:
+            raise ValueError(f"norm_scaling_factor must be > 0 (or None), got {self.norm_scaling_factor}")
+        if self.hook_head_index is not None and self.hook_head_index < 0:
+            raise ValueError(f"hook_head_index must be ≥ 0 (or None), got {self.hook_head_index}")
         SparseCoder.REGISTRY[self.architecture].validate_config(self)
 
     @property
@@ -187,9 +215,67 @@ class SparseCoder(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def centres_input(self) -> bool:
+        """True when the encoder reads x − b_dec (SAEs with apply_b_dec_to_input; never transcoders)."""
+        return not self.cfg.transcoder and self.cfg.apply_b_dec_to_input
+
+    def normalize_input(self, x: Tensor) -> Tensor:
+        """x (N, d_in) after the config's input normalisation (identity for "none")."""
+        mode = self.cfg.normalize_activations
+        if mode == "expected_average_only_in":
+            return x if self.cfg.norm_scaling_factor is None else x * self.cfg.norm_scaling_factor
+        if mode == "constant_norm_rescale":
+            return x * (self.cfg.d_in ** 0.5 / x.norm(dim=-1, keepdim=True))
+        if mode == "layer_norm":
+            xc = x - x.mean(dim=-1, keepdim=True)
+            return xc / (xc.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
+        return x
+
     def encoder_input(self, x: Tensor) -> Tensor:
-        """Centre SAE inputs by b_dec (Gao et al. b_pre); transcoders see x as it is."""
-        return x if self.cfg.transcoder else x - self.b_dec
+        """Normalise, then centre SAE inputs by b_dec (Gao et al. b_pre); transcoders see x as it is."""
+        x = self.normalize_input(x)
+        return x - self.b_dec if self.centres_input else x
+
+    def decoder_gain(self, x: Tensor | None = None) -> Tensor | float:
+        """Factor (N, 1) or scalar by which the normalisation's inverse scales a change of z·W_dec in the output."""
+        mode = self.cfg.normalize_activations
+        if self.cfg.transcoder or mode == "none":
+            return 1.0
+        if mode == "expected_average_only_in":
+            return 1.0 if self.cfg.norm_scaling_factor is None else 1.0 / self.cfg.norm_scaling_factor
+        x = self._input_for_output(x)
+        if mode == "constant_norm_rescale":
+            return x.norm(dim=-1, keepdim=True) / self.cfg.d_in ** 0.5
+        return (x - x.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+
+    def _input_for_output(self, x: Tensor | None) -> Tensor:
+        if x is None:
+            raise ValueError(f"this SAE normalises each input row (normalize_activations="
+                             f"{self.cfg.normalize_activations!r}); decode needs the input x to undo it")
+        return x
+
+    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
+        """Decoder output (N, d_out) from z·W_dec: add b_dec, undo the input normalisation (SAEs; needs x when it is
+        per row), add the skip path x W_skip (skip transcoders, which need x)."""
+        out = out + self.b_dec
+        mode = self.cfg.normalize_activations
+        if mode != "none" and not self.cfg.transcoder:
+            if mode == "expected_average_only_in":
+                if self.cfg.norm_scaling_factor is not None:
+                    out = out / self.cfg.norm_scaling_factor
+            elif mode == "constant_norm_rescale":
+                xi = self._input_for_output(x)
+                out = out / (self.cfg.d_in ** 0.5 / xi.norm(dim=-1, keepdim=True))
+            else:  # layer_norm
+                xi = self._input_for_output(x)
+                mu = xi.mean(dim=-1, keepdim=True)
+                out = out * (xi - mu).std(dim=-1, keepdim=True) + mu
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a skip transcoder's decode needs the input x for its skip path")
+            out = out + x @ self.W_skip
+        return out
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations (N, d_sae)."""
@@ -200,13 +286,22 @@ class SparseCoder(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
-        """Reconstruction (N, d_out) from dense latents; x is needed only by skip transcoders."""
-        out = z @ self.W_dec + self.b_dec
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("a skip transcoder's decode needs the input x for its skip path")
-            out = out + x @ self.W_skip
-        return out
+        """Reconstruction (N, d_out) from dense latents; x is needed by skip transcoders and per-row normalisations."""
+        return self._add_bias_and_skip(z @ self.W_dec, x)
+
+    def encode_sparse(self, x: Tensor) -> EncoderOutput:
+        """Active latents of inputs (N, d_in): values (N, K) and ascending indices (N, K), K the largest count of
+        nonzero latents in a row (padded slots hold 0), plus pre-activations (N, d_sae). Generic form for
+        dense-latent architectures; the TopK family overrides it."""
+        z = self.encode(x)  # (N, d_sae)
+        width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
+        idx = z.abs().topk(min(width, z.shape[-1]), dim=-1).indices.sort(dim=-1).values  # (N, K) ascending
+        return EncoderOutput(z.gather(-1, idx), idx, self.pre_acts(x))
+
+    def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """ŷ (N, d_out) from sparse latents (values, indices (N, K)) without building the dense (N, d_sae) code."""
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return self._add_bias_and_skip(out, x)
 
     def forward(self, x: Tensor, target: Tensor | None = None, **loss_kwargs: Any) -> ForwardOutput:
         """Encode, decode and compute the training loss; target defaults to x (an SAE)."""
@@ -292,18 +387,35 @@ class SparseCoder(nn.Module):
         """Inverse of `inference_state_dict`: load the saved tensors strictly."""
         self.load_state_dict(state, strict=True)
 
-    def save(self, path: str | Path) -> None:
-        """Write `cfg.json` and `sae_weights.safetensors` into the folder `path` (atomically, file by file)."""
-        from sae_kit.io import save_sparse_coder
+    def save(self, path: str | Path, format: str = "sae-kit") -> None:
+        """Write the coder into the folder `path`: "sae-kit" (cfg.json + sae_weights.safetensors, atomically, file by
+        file), "saelens" or "sparsify" (their own layouts; see `sae_kit.formats`)."""
+        from sae_kit.formats import save
 
-        save_sparse_coder(self, path)
+        save(self, path, format=format)
 
     @staticmethod
-    def load(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-        """Rebuild the right architecture from a folder holding cfg.json + sae_weights.safetensors."""
-        from sae_kit.io import load_sparse_coder
+    def load(path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None,
+             **options: Any) -> SparseCoder:
+        """Load a sparse coder from a local folder of any supported format, a hub repo id ("org/repo", with
+        `subfolder`), or "release:sae_id" from the shipped registry; options go to the format reader (`dtype`,
+        `trust_remote_pickle`, `revision`, ...)."""
+        from sae_kit.formats import load
 
-        return load_sparse_coder(path, device=device)
+        return load(path, device=device, subfolder=subfolder, **options)
+
+    @staticmethod
+    def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu", **options: Any) -> SparseCoder:
+        """Load `sae_id` of a released set listed in sae_kit/pretrained_saes.yaml (hub repo, layout and format)."""
+        from sae_kit.registry import from_pretrained
+
+        return from_pretrained(release, sae_id, device=device, **options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Upload the coder (and a generated model card) to a Hugging Face hub repo; returns the commit URL."""
+        from sae_kit.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
 
 
 def fvu(target: Tensor, recon: Tensor) -> Tensor:

@@ -146,10 +146,10 @@ class JumpReLUSAE(SparseCoder):
         return state
 
     def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a saved state holding `threshold` (θ > 0)."""
+        """Load a saved state holding `threshold` (θ ≥ 0; θ = 0 is a plain ReLU, as imported files may hold)."""
         state = dict(state)
         theta = state.pop("threshold")
-        if not bool((theta > 0).all()):
-            raise ValueError("JumpReLU thresholds must be positive; the saved `threshold` holds values ≤ 0")
+        if not bool((theta >= 0).all()):
+            raise ValueError("JumpReLU thresholds must be ≥ 0; the saved `threshold` holds negative values")
         state["log_threshold"] = theta.log()
         super().load_inference_state_dict(state)

@@ -200,18 +200,6 @@ class TopKSAE(SparseCoder):
         enc = self.encode_sparse(x)
         return torch.zeros_like(enc.pre_acts).scatter_(-1, enc.top_indices, enc.top_acts)
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """ŷ (N, d_out) from sparse latents without building the dense (N, d_sae) code."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return self._add_bias_and_skip(out, x)
-
-    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
-        out = out + self.b_dec
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("a skip transcoder's decode needs the input x for its skip path")
-            out = out + x @ self.W_skip
-        return out
 
     # -- training ---------------------------------------------------------------------------------------------
     def forward(
@@ -223,7 +211,8 @@ class TopKSAE(SparseCoder):
         entries waits for the device)."""
         y = x if target is None else target
         dead = dead_latents if dead_latents is not None and dead_latents.numel() else self._dead_latents(dead_mask)
-        if self.use_sparse_kernels:
+        # The fast path reads raw x; a coder that normalises its inputs (an imported one) takes the dense reference.
+        if self.use_sparse_kernels and self.cfg.normalize_activations == "none":
             acts, idx, y_hat, e_hat = self._forward_sparse(x, dead)
         else:
             acts, idx, y_hat, e_hat = self._forward_dense(x, dead)
@@ -250,7 +239,7 @@ class TopKSAE(SparseCoder):
         """Fast path: dense encoder matmul only; gather, decode and backward touch the active slots alone."""
         with torch.no_grad():
             sel = self.select_active(x, dead, train=self.training)
-        b_dec = None if self.cfg.transcoder else self.b_dec
+        b_dec = self.b_dec if self.centres_input else None
         p = sparse_pattern(sel.indices, self.cfg.d_sae)
         acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
         if sel.keep is not None:

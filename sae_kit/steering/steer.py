@@ -61,6 +61,9 @@ Steering = SAESteering | DirectionIntervention
 
 def check_compatible(model: LoadedModel, sae: SparseCoder) -> None:
     """Raise ValueError when the SAE's hook points are missing from the model or have another width."""
+    if sae.cfg.hook_head_index is not None:
+        raise ValueError(f"the SAE reads one attention head (hook_head_index={sae.cfg.hook_head_index}) of "
+                         f"{sae.cfg.hook_point!r}; steering and evals run SAEs on whole hook points only")
     hooks = [("hook_point", sae.cfg.hook_point, sae.cfg.d_in)]
     if sae.cfg.transcoder:
         hooks.append(("target_hook_point", sae.cfg.target_hook_point, sae.cfg.d_target))
@@ -236,14 +239,17 @@ def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int
             else:
                 x = act
             with torch.no_grad():
-                z = sae.encode(x.reshape(B * P, -1).to(w_dec.dtype)).view(B, P, -1)  # (B, P, d_sae)
+                xs = x.reshape(B * P, -1).to(w_dec.dtype)  # (B·P, d_in)
+                z = sae.encode(xs).view(B, P, -1)  # (B, P, d_sae)
+                gain = sae.decoder_gain(xs)  # an imported SAE's output normalisation scales Δz·W_dec
+                gain = gain.view(B, P, 1) if isinstance(gain, Tensor) else gain
             dz = torch.zeros_like(z)  # (B, P, d_sae): new − old value of each edited latent
             for iv in clamps:
                 where = position_mask(iv.positions, pos, prompt_len).to(z.device)
                 dz[:, where, iv.feature] = iv.value - z[:, where, iv.feature]
             # The decoder is linear in z, so x̂_clamped − x̂ = Δz·W_dec: the error term and the other latents are
             # untouched exactly, not just up to the rounding of a second decode.
-            out = out + (dz @ w_dec).to(act.dtype)
+            out = out + ((dz @ w_dec) * gain).to(act.dtype)
         for iv in adds:
             where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]  # (1, P, 1)
             row = w_dec[iv.feature]

@@ -20,6 +20,7 @@ went wrong and raises. LR and λ are pure functions of the step. Everything the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -133,9 +134,20 @@ class Plan:
         return [self.out / (s.name + PARTIAL_SUFFIX) for s in self.specs]
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], neutral: set[str] = RESUME_NEUTRAL) -> list[str]:
-    return [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}"
-            for k in sorted(set(old) | set(new)) if k not in neutral and old.get(k) != new.get(k)]
+def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any],
+                 neutral: set[str] = RESUME_NEUTRAL) -> list[str]:
+    """Fields that differ between a checkpoint's config and today's; a field (or sweep axis) the checkpoint predates
+    counts as its default, so a newer sae-kit resumes an older run."""
+    filled = dict(defaults)
+    for k, v in old.items():
+        filled[k] = {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return [f"{k}: checkpoint {filled.get(k)!r} vs now {new.get(k)!r}"
+            for k in sorted(set(filled) | set(new)) if k not in neutral and filled.get(k) != new.get(k)]
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """Defaults of a config dataclass's fields that have one."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -230,14 +242,15 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
 def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
     """Load a checkpoint into the trainees; ValueError naming every differing field (checkpoint untouched)."""
     state = ckpt.load_part(path, ckpt.STATE)
-    diffs = _differences(state["train_config"], cfg.to_dict())
+    diffs = _differences(state["train_config"], cfg.to_dict(), TrainConfig().to_dict())
     if diffs:
         raise ValueError(f"cannot resume from {path}: the config differs ({'; '.join(diffs)}); resume with the "
                          f"original settings or train into another --out")
     step = int(state["step"])
     for t in trainees:
         part = ckpt.load_part(path, f"sae-{t.spec.name}.pt")
-        sae_diffs = _differences(part["sae_config"], t.sae.cfg.to_dict(), neutral={"model_name", "metadata"})
+        sae_diffs = _differences(part["sae_config"], t.sae.cfg.to_dict(), _field_defaults(SAEConfig),
+                                 neutral={"model_name", "metadata"})
         if sae_diffs:
             raise ValueError(f"cannot resume SAE {t.spec.name} from {path}: its shape or settings differ from what "
                              f"the activations give now ({'; '.join(sae_diffs)})")

@@ -82,7 +82,7 @@ def test_bad_inputs(tiny_gpt2_path: Path, tmp_path: Path, capsys: pytest.Capture
     empty = tmp_path / "not_an_sae"
     empty.mkdir()
     err = run_err(["--sae", str(empty), "--out", str(tmp_path / "o1")], capsys)
-    assert "no cfg.json" in err and str(empty) in err
+    assert "matches no supported SAE format" in err and str(empty) in err and "cfg.json" in err
     bad_hook = save_topk(tmp_path / "bad_hook", tiny_gpt2_path, hook="blocks.0.hook_resid_pots")
     err = run_err(["--sae", str(bad_hook), "--out", str(tmp_path / "o2")], capsys)
     assert "unknown hook point 'blocks.0.hook_resid_pots'" in err and "blocks.0.hook_resid_post" in err

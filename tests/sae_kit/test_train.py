@@ -423,3 +423,20 @@ def test_trainer_calibrates_batchtopk_threshold_and_starts_jumprelu_at_target(tm
     jr = train(cfg(tmp_path / "j", architecture="jumprelu", target_l0=3.0, sparsity_coefficient=1.0,
                    n_tokens=256 * 2, log_every=1), TensorSource({HOOK: x}), progress=False)
     assert lines(jr)[0]["l0"] < 3 * 4  # a θ₀ = 0.001 start fires on about half of the 128 latents
+
+
+def test_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path):
+    """Fields (and sweep axes) a checkpoint predates count as their defaults; a changed value is still refused."""
+    x, _ = synthetic(n=2048)
+    c = cfg(tmp_path, n_tokens=2048 * 2, checkpoint_every=256 * 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, Dying({HOOK: x}, die_at=6), progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    state, part = load_part(ckpt, "state.pt"), load_part(ckpt, "sae-topk.pt")
+    del state["train_config"]["dtype"], state["train_config"]["sweep"]["lr"]
+    del part["sae_config"]["target_l0"]
+    torch.save(state, ckpt / "state.pt")
+    torch.save(part, ckpt / "sae-topk.pt")
+    with pytest.raises(ValueError, match="dtype: checkpoint 'auto' vs now 'bfloat16'"):
+        train(c.replace(dtype="bfloat16"), TensorSource({HOOK: x}), resume=True, progress=False)
+    assert train(c, TensorSource({HOOK: x}), resume=True, progress=False) == tmp_path / "topk"

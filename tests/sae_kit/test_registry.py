@@ -1,0 +1,45 @@
+"""The shipped release registry is consistent: known formats, resolvable hook points, canonical ids pointing at SAEs
+that the full release lists."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sae_kit.formats import FORMATS
+from sae_kit.registry import releases, resolve, sae_paths
+
+
+def test_every_release_is_complete_and_resolves() -> None:
+    known = releases()
+    for family in ("gemma-scope-2b-pt-res", "gemma-scope-2b-pt-mlp", "gemma-scope-2b-pt-att", "gemma-scope-9b-pt-res",
+                   "gemma-scope-9b-pt-mlp", "gemma-scope-9b-pt-att", "gpt2-small-res-jb", "llama_scope_lxr_8x",
+                   "llama_scope_lxm_32x", "eleuther-llama-3-8b-32x"):
+        assert family in known, family
+    for name, entry in known.items():
+        assert entry["format"] in FORMATS, name
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", entry["repo_id"]), name
+        paths = sae_paths(name)
+        assert paths and len(set(paths)) == len(paths)
+        first = next(iter(paths))
+        _, path, fields = resolve(name, first)
+        assert path == paths[first]
+        if entry.get("hook_point"):
+            assert re.fullmatch(r"blocks\.\d+\.[\w.]+", fields["hook_point"]), (name, fields)
+            assert str(int(re.search(entry["layer_pattern"], path).group(1))) in fields["hook_point"]
+
+
+def test_canonical_ids_point_into_the_full_release() -> None:
+    for name in releases():
+        if name.endswith("-canonical"):
+            full = set(sae_paths(name.removesuffix("-canonical")).values())
+            missing = [p for p in sae_paths(name).values() if p not in full]
+            assert not missing, (name, missing[:3])
+
+
+def test_resolve_names_the_hook_point_per_layer() -> None:
+    _, path, fields = resolve("gemma-scope-9b-pt-att-canonical", "layer_20/width_16k/canonical")
+    assert path.startswith("layer_20/width_16k/average_l0_")
+    assert fields == {"model_name": "google/gemma-2-9b", "hook_point": "blocks.20.attn.hook_z"}
+    with pytest.raises(ValueError, match="close"):
+        resolve("gemma-scope-9b-pt-att-canonical", "layer_20/width_16k/canonicall")
