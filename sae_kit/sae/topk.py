@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
 from sae_kit.sae.kernels import (
+    SparsePattern,
     bf16_preselect_usable,
     bf16_topk,
     gather_pre_acts,
@@ -164,14 +165,6 @@ class TopKSAE(SparseCoder):
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return self._add_bias_and_skip(out, x)
 
-    def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
-        out = out + self.b_dec
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("a skip transcoder's decode needs the input x for its skip path")
-            out = out + x @ self.W_skip
-        return out
-
     # -- training ---------------------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
@@ -181,17 +174,23 @@ class TopKSAE(SparseCoder):
         y = x if target is None else target
         dead = self._dead_latents(dead_mask)
         if self.use_sparse_kernels:
-            acts, idx, y_hat, e_hat = self._forward_sparse(x, dead)
+            acts, idx, y_hat, e_hat, p = self._forward_sparse(x, dead)
         else:
-            acts, idx, y_hat, e_hat = self._forward_dense(x, dead)
+            acts, idx, y_hat, e_hat, p = self._forward_dense(x, dead)
         recon_fvu = fvu(y, y_hat)
         auxk = recon_fvu.new_zeros(())
         if e_hat is not None:
             scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
             auxk = scale * fvu((y - y_hat).detach(), e_hat)
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
-        loss = recon_fvu + self.cfg.auxk_coefficient * auxk
+        loss = self.reconstruction_loss(x, y, acts, idx, p, recon_fvu) + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
+
+    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, p: SparsePattern | None,
+                            recon_fvu: Tensor) -> Tensor:
+        """The reconstruction term of the loss: the FVU of ŷ (Matryoshka adds its nested prefixes); p is the
+        batch's sparse pattern (None on the dense reference path)."""
+        return recon_fvu
 
     def _dead_latents(self, dead_mask: Tensor | None) -> Tensor | None:
         """Ascending indices of the dead latents, or None when there are none (or no mask)."""
@@ -207,6 +206,10 @@ class TopKSAE(SparseCoder):
         """Fast path: dense encoder matmul only; gather, decode and backward touch the active slots alone."""
         with torch.no_grad():
             sel = self.select_active(x, dead, train=self.training)
+        return self._decode_sparse_selection(x, sel)
+
+    def _decode_sparse_selection(self, x: Tensor, sel: Selection):
+        """Activations, ŷ and the AuxK prediction of a selection, through the sparse kernels."""
         b_dec = None if self.cfg.transcoder else self.b_dec
         p = sparse_pattern(sel.indices, self.cfg.d_sae)
         acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
@@ -218,12 +221,15 @@ class TopKSAE(SparseCoder):
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
             aux = self.activation(gather_pre_acts(sel.aux_values, x, self.W_enc, self.b_enc, b_dec, pa))
             e_hat = sparse_decode(aux, self.W_dec, pa)  # (N, d_out), no bias: it predicts a residual
-        return acts, sel.indices, y_hat, e_hat
+        return acts, sel.indices, y_hat, e_hat, p
 
     def _forward_dense(self, x: Tensor, dead: Tensor | None):
         """Reference path: dense pre-activations and dense latents, autograd everywhere."""
         pre = self.pre_acts(x)  # (N, d_sae)
-        sel = self.select_from_pre(pre.detach(), dead, train=self.training)
+        return self._decode_dense_selection(x, pre, self.select_from_pre(pre.detach(), dead, train=self.training))
+
+    def _decode_dense_selection(self, x: Tensor, pre: Tensor, sel: Selection):
+        """Activations, ŷ and the AuxK prediction of a selection from differentiable pre-activations (N, d_sae)."""
         acts = self.activation(pre.gather(1, sel.indices))  # (N, K)
         if sel.keep is not None:
             acts = acts * sel.keep
@@ -233,4 +239,4 @@ class TopKSAE(SparseCoder):
         if sel.aux_indices is not None:
             z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
             e_hat = z_aux @ self.W_dec  # (N, d_out)
-        return acts, sel.indices, y_hat, e_hat
+        return acts, sel.indices, y_hat, e_hat, None
