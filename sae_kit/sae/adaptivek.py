@@ -184,12 +184,11 @@ class AdaptiveKSAE(TopKSAE):
                 midpoint = self.k_midpoint
             budget = self.row_budget(score, midpoint)  # (N,)
             width = self.k_max if self.training else int(budget.max())
-        pre = None
+        pre = None if self.use_sparse_kernels else self.pre_acts(x)  # (N, d_sae) on the dense reference path
         with torch.no_grad():
-            if self.use_sparse_kernels:
+            if pre is None:
                 cand = self.row_topk(self.encoder_input(x), dead, width)
             else:
-                pre = self.pre_acts(x)
                 idx = topk_indices(pre.detach(), width)
                 dead_pre = pre.detach().index_select(1, dead) if dead is not None else None
                 cand = Selection(pre.detach().gather(1, idx), idx, None, *self._aux_selection(dead_pre, dead))

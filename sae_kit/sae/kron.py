@@ -115,9 +115,9 @@ class KronSAE(TopKSAE):
         sel = self.select_factored(pq.detach(), dead)
         p = sparse_pattern(sel.indices, self.cfg.d_sae)
         acts = self.mand_at(pq, sel.indices)  # (N, k)
-        y_hat = self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
+        y_hat, parts = self._sparse_reconstruction(acts, p, x)  # (N, d_out)
         e_hat = None
         if sel.aux_indices is not None:
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
             e_hat = sparse_decode(self.mand_at(pq, sel.aux_indices), self.W_dec, pa)  # (N, d_out), no bias
-        return acts, sel.indices, y_hat, e_hat, p
+        return acts, sel.indices, y_hat, e_hat, parts

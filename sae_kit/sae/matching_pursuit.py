@@ -110,22 +110,23 @@ class MatchingPursuitSAE(TopKSAE):
             c = torch.cat([c, c.new_zeros(c.shape[0], pad)], dim=1)
         return idx, c, r
 
-    def _latents(self, idx: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparse latents (values, ascending indices; (N, k)) from the pursuit's picks: an atom picked twice has its
-        coefficients summed into its first slot (the others hold 0); values are divided by the atom norms."""
-        idx, order = idx.sort(dim=1)
-        c = c.gather(1, order)
-        first = torch.ones_like(idx, dtype=torch.bool)
-        first[:, 1:] = idx[:, 1:] != idx[:, :-1]
-        group = first.long().cumsum(dim=1) - 1  # (N, k) slot of each pick's first occurrence
-        summed = torch.zeros_like(c).scatter_add(1, group, c)  # (N, k) totals at the first slots
-        values = summed.gather(1, group) * first.to(c.dtype)
-        return values / self.W_dec.norm(dim=1)[idx].clamp_min(torch.finfo(c.dtype).tiny), idx
+    def _latents(self, idx: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The code of the pursuit's picks idx, c (N, k): dense z (N, d_sae), with an atom picked twice summed and
+        values divided by the atom norms, and its sparse form (values, ascending distinct indices; (N, k)), where a
+        row with fewer than k distinct atoms is padded with zeros at unused latents."""
+        norms = self.W_dec.norm(dim=1).clamp_min(torch.finfo(c.dtype).tiny)
+        z = torch.zeros(c.shape[0], self.cfg.d_sae, dtype=c.dtype, device=c.device).scatter_add(1, idx, c / norms[idx])
+        top = z.detach().topk(self.cfg.k, dim=1).indices.sort(dim=1).values  # values are ≥ 0: the picks come first
+        return z.gather(1, top), top, z
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents (N, d_sae) from the pursuit."""
+        return self._latents(*self.pursue(x)[:2])[2]
 
     def encode_sparse(self, x: Tensor) -> EncoderOutput:
         """Latents from the pursuit: values and ascending indices (N, k), and the first step's correlations."""
         idx, c, _ = self.pursue(x)
-        values, idx = self._latents(idx, c)
+        values, idx, _ = self._latents(idx, c)
         return EncoderOutput(values, idx, self.pre_acts(x))
 
     def forward(
@@ -151,7 +152,7 @@ class MatchingPursuitSAE(TopKSAE):
             scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
             auxk = scale * fvu(e, e_hat)
         with torch.no_grad():
-            values, idx = self._latents(idx.detach(), c.detach())
+            values, idx, _ = self._latents(idx.detach(), c.detach())
         l0 = (values != 0).sum(-1, dtype=torch.float32).mean()
         loss = recon_fvu + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, values, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)

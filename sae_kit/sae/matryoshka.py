@@ -22,8 +22,8 @@ Default widths (None): the authors' group fractions 1/32, 1/16, 1/8, 1/4 and the
 d/32, 3d/32, 7d/32, 15d/32 and d (groups of zero latents dropped for tiny dictionaries).
 
 Inference is BatchTopK's: one threshold θ, calibrated exactly on a sample at the end of training. The fast path is
-BatchTopK's selection and one sparse pattern; each inner prefix is a sparse decode of the same slots with the
-latents ≥ w_m masked out.
+BatchTopK's selection and one sparse pattern; the groups' partial decodes come from one sparse pass over the same
+slots, and the prefixes are their running sums (`kernels.sparse_decode_prefixes`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.sae.base import SAEConfig, fvu
+from sae_kit.sae.base import SAEConfig
 from sae_kit.sae.batchtopk import BatchTopKSAE
-from sae_kit.sae.kernels import SparsePattern, sparse_decode
+from sae_kit.sae.kernels import SparsePattern, sparse_decode_prefixes
 
 GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 """Fractions of d_sae in the first groups when no widths are given; the last group takes the rest."""
@@ -79,15 +79,25 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         if widths[-1] != cfg.d_sae:
             raise ValueError(f"{hint}; got {list(widths)}, which ends at {widths[-1]}")
 
-    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, p: SparsePattern | None,
+    def _sparse_reconstruction(self, acts: Tensor, p: SparsePattern, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ŷ and the inner prefixes' decodes (N, M−1, d_out), all from one sparse pass: each group's partial decode,
+        then running sums."""
+        bounds = torch.tensor(self.widths, device=acts.device)
+        prefixes = sparse_decode_prefixes(acts, self.W_dec, p, bounds)  # (N, M, d_out), no bias
+        return self._add_bias_and_skip(prefixes[:, -1], x), prefixes[:, :-1]
+
+    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, parts: Tensor | None,
                             recon_fvu: Tensor) -> Tensor:
         """Mean over the nested prefixes of FVU(y, ŷ_m); the full dictionary's is recon_fvu."""
-        terms = [recon_fvu]
-        for width in self.widths[:-1]:
-            inner = acts * (idx < width).to(acts.dtype)  # (N, K): the prefix's own slots
-            if p is not None:
-                y_inner = sparse_decode(inner, self.W_dec, p)
-            else:  # the dense reference: autograd through embedding_bag
-                y_inner = F.embedding_bag(idx, self.W_dec, per_sample_weights=inner.to(self.W_dec.dtype), mode="sum")
-            terms.append(fvu(y, self._add_bias_and_skip(y_inner, x)))  # (N, d_out) → scalar
-        return torch.stack(terms).mean()
+        if len(self.widths) == 1:
+            return recon_fvu
+        inner = parts
+        if inner is None:  # the dense reference: one masked embedding_bag per prefix, plain autograd
+            inner = torch.stack([F.embedding_bag(idx, self.W_dec, mode="sum",
+                                                 per_sample_weights=(acts * (idx < w)).to(self.W_dec.dtype))
+                                 for w in self.widths[:-1]], dim=1)  # (N, M−1, d_out)
+        error = (y - self._add_bias_and_skip(torch.zeros_like(y), x))[:, None] - inner  # (N, M−1, d_out) y − ŷ_m
+        centred = (y - y.mean(dim=0)).reshape(-1)
+        total = torch.dot(centred, centred).clamp_min(torch.finfo(y.dtype).tiny)  # FVU's denominator
+        inner_fvu = error.pow(2).sum() / total  # Σ over the inner prefixes
+        return (inner_fvu + recon_fvu) / len(self.widths)

@@ -174,23 +174,27 @@ class TopKSAE(SparseCoder):
         y = x if target is None else target
         dead = self._dead_latents(dead_mask)
         if self.use_sparse_kernels:
-            acts, idx, y_hat, e_hat, p = self._forward_sparse(x, dead)
+            acts, idx, y_hat, e_hat, parts = self._forward_sparse(x, dead)
         else:
-            acts, idx, y_hat, e_hat, p = self._forward_dense(x, dead)
+            acts, idx, y_hat, e_hat, parts = self._forward_dense(x, dead)
         recon_fvu = fvu(y, y_hat)
         auxk = recon_fvu.new_zeros(())
         if e_hat is not None:
             scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
             auxk = scale * fvu((y - y_hat).detach(), e_hat)
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
-        loss = self.reconstruction_loss(x, y, acts, idx, p, recon_fvu) + self.cfg.auxk_coefficient * auxk
+        loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu) + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
 
-    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, p: SparsePattern | None,
+    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, parts: Tensor | None,
                             recon_fvu: Tensor) -> Tensor:
-        """The reconstruction term of the loss: the FVU of ŷ (Matryoshka adds its nested prefixes); p is the
-        batch's sparse pattern (None on the dense reference path)."""
+        """The reconstruction term of the loss: the FVU of ŷ. `parts` is what `_sparse_reconstruction` returned
+        beside ŷ (None on the dense path); Matryoshka adds its nested prefixes from it."""
         return recon_fvu
+
+    def _sparse_reconstruction(self, acts: Tensor, p: SparsePattern, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ŷ (N, d_out) from the active slots through the sparse decoder, and nothing else for the loss."""
+        return self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x), None
 
     def _dead_latents(self, dead_mask: Tensor | None) -> Tensor | None:
         """Ascending indices of the dead latents, or None when there are none (or no mask)."""
@@ -215,13 +219,13 @@ class TopKSAE(SparseCoder):
         acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
         if sel.keep is not None:
             acts = acts * sel.keep
-        y_hat = self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
+        y_hat, parts = self._sparse_reconstruction(acts, p, x)  # (N, d_out)
         e_hat = None
         if sel.aux_indices is not None:
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
             aux = self.activation(gather_pre_acts(sel.aux_values, x, self.W_enc, self.b_enc, b_dec, pa))
             e_hat = sparse_decode(aux, self.W_dec, pa)  # (N, d_out), no bias: it predicts a residual
-        return acts, sel.indices, y_hat, e_hat, p
+        return acts, sel.indices, y_hat, e_hat, parts
 
     def _forward_dense(self, x: Tensor, dead: Tensor | None):
         """Reference path: dense pre-activations and dense latents, autograd everywhere."""
