@@ -198,10 +198,7 @@ class AdaptiveKSAE(TopKSAE):
         else:
             acts, idx, y_hat, e_hat, _ = self._decode_dense_selection(x, pre, sel)
         recon_fvu = fvu(y, y_hat)
-        auxk = recon_fvu.new_zeros(())
-        if e_hat is not None:
-            scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
-            auxk = scale * fvu((y - y_hat).detach(), e_hat)
+        auxk = self._auxk_loss(y, y_hat, e_hat, dead)
         l1 = acts.sum(1).mean() / x.norm(dim=1).mean().clamp_min(torch.finfo(x.dtype).tiny)
         probe = F.mse_loss(score, self._target(cand.values)) if self.training else recon_fvu.new_zeros(())
         sparsity = self.cfg.adaptivek_l1_coefficient * l1 + self.cfg.adaptivek_probe_coefficient * probe

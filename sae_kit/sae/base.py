@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 CFG_FILENAME = "cfg.json"
@@ -222,6 +223,11 @@ class SparseCoder(nn.Module):
     def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
         """Reconstruction (N, d_out) from dense latents; x is needed only by skip transcoders."""
         return self._add_bias_and_skip(z @ self.W_dec, x)
+
+    def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
+        """ŷ (N, d_out) from sparse latents (values, indices; (N, K)) without building the dense (N, d_sae) code."""
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return self._add_bias_and_skip(out, x)
 
     def _add_bias_and_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
         """out + b_dec (+ x W_skip for a skip transcoder, which needs x)."""

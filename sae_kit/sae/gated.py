@@ -78,11 +78,6 @@ class GatedSAE(SparseCoder):
         idx = z.detach().topk(width, dim=1).indices.sort(dim=1).values  # (N, K) ascending
         return EncoderOutput(z.gather(1, idx), idx, pi_gate)
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """ŷ (N, d_out) from sparse latents without building the dense code."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return self._add_bias_and_skip(out, x)
-
     def forward(
         self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
         sparsity_coefficient: float | None = None, **_: Any,

@@ -269,7 +269,7 @@ class _DecodePrefixes(torch.autograd.Function):
                 groups: int) -> Tensor:
         ctx.save_for_backward(acts, W_dec, run_ptr, run_of_slot)
         ctx.p = p
-        runs = F.embedding_bag(p.indices.reshape(-1), W_dec, run_ptr, mode="sum", include_last_offset=True,
+        runs = F.embedding_bag(p.cols, W_dec, run_ptr, mode="sum", include_last_offset=True,  # same index dtypes
                                per_sample_weights=acts.reshape(-1).to(W_dec.dtype))  # (N·G, d_out)
         return runs.view(-1, groups, W_dec.shape[1]).cumsum_(dim=1)  # (N, G, d_out)
 

@@ -160,11 +160,6 @@ class TopKSAE(SparseCoder):
         enc = self.encode_sparse(x)
         return torch.zeros_like(enc.pre_acts).scatter_(-1, enc.top_indices, enc.top_acts)
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """ŷ (N, d_out) from sparse latents without building the dense (N, d_sae) code."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return self._add_bias_and_skip(out, x)
-
     # -- training ---------------------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
@@ -178,13 +173,18 @@ class TopKSAE(SparseCoder):
         else:
             acts, idx, y_hat, e_hat, parts = self._forward_dense(x, dead)
         recon_fvu = fvu(y, y_hat)
-        auxk = recon_fvu.new_zeros(())
-        if e_hat is not None:
-            scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
-            auxk = scale * fvu((y - y_hat).detach(), e_hat)
+        auxk = self._auxk_loss(y, y_hat, e_hat, dead)
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
         loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu) + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
+
+    def _auxk_loss(self, y: Tensor, y_hat: Tensor, e_hat: Tensor | None, dead: Tensor | None) -> Tensor:
+        """AuxK (module docstring): the dead latents' prediction e_hat of the residual, scaled down when fewer than
+        k_aux latents are dead; 0 without one."""
+        if e_hat is None or dead is None:
+            return y_hat.new_zeros(())
+        scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
+        return scale * fvu((y - y_hat).detach(), e_hat)
 
     def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, parts: Tensor | None,
                             recon_fvu: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from sae_kit.sae.matryoshka import matryoshka_widths
 from sae_kit.train import TensorSource, TrainConfig, train_all
 from sae_kit.train.checkpoint import latest_checkpoint
 from sae_kit.train.optim import make_optimizer
+from test_train import Dying  # tests/sae_kit is on the path (pytest's rootdir-relative imports)
 
 NEW = ("matryoshka_batchtopk", "gated", "matching_pursuit", "kron", "adaptivek")
 KNOBS = {"gated": dict(sparsity_coefficient=0.5)}
@@ -39,6 +40,22 @@ def perturb_(sae: SparseCoder) -> SparseCoder:
 
 def grads(sae: SparseCoder) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+def fast_and_reference(fast: SparseCoder, x: torch.Tensor, **kw):
+    """Outputs of the fast path and of the dense reference (a copy with use_sparse_kernels off) on the same input;
+    asserts equal losses and equal gradients for the same set of parameters."""
+    ref = SparseCoder.from_config(fast.cfg)
+    ref.load_state_dict(fast.state_dict())
+    ref.use_sparse_kernels = False
+    out, out_ref = fast(x, **kw), ref(x, **kw)
+    torch.testing.assert_close(out.loss, out_ref.loss)
+    out.loss.backward()
+    out_ref.loss.backward()
+    assert grads(ref).keys() == grads(fast).keys() >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, g in grads(ref).items():
+        torch.testing.assert_close(grads(fast)[name], g, rtol=1e-4, atol=1e-6)
+    return out, out_ref
 
 
 # -- clear errors -------------------------------------------------------------------------------------------
@@ -86,15 +103,11 @@ def test_matryoshka_loss_is_the_mean_prefix_fvu_and_the_fast_path_matches_the_re
     torch.manual_seed(0)
     kw = dict(d_out=12, transcoder=True, skip_connection=True) if kind != "sae" else {}
     fast = perturb_(make("matryoshka_batchtopk", matryoshka_widths=(4, 12, 40, 64), **kw))
-    ref = make("matryoshka_batchtopk", matryoshka_widths=(4, 12, 40, 64), **kw)
-    ref.load_state_dict(fast.state_dict())
-    ref.use_sparse_kernels = False
     x = torch.randn(48, 16)
     y = torch.randn(48, 12) if kind != "sae" else None
     dead = torch.zeros(64, dtype=torch.bool)
     dead[30:] = True
-    out = fast(x, target=y, dead_mask=dead)
-    out_ref = ref(x, target=y, dead_mask=dead)
+    out, _ = fast_and_reference(fast, x, target=y, dead_mask=dead)
     with torch.no_grad():
         z = torch.zeros(48, 64).scatter(1, out.latent_indices, out.latent_acts)  # (N, d_sae)
         target = x if y is None else y
@@ -104,12 +117,6 @@ def test_matryoshka_loss_is_the_mean_prefix_fvu_and_the_fast_path_matches_the_re
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.fvu, levels[-1])
     assert abs(float((out.loss - out.fvu - fast.cfg.auxk_coefficient * out.auxk_loss).detach())) > 0.01  # prefixes
-    torch.testing.assert_close(out.loss, out_ref.loss)
-    out.loss.backward()
-    out_ref.loss.backward()
-    assert grads(ref).keys() == grads(fast).keys() >= {"W_enc", "b_enc", "W_dec", "b_dec"}
-    for name, g in grads(ref).items():
-        torch.testing.assert_close(grads(fast)[name], g, rtol=1e-4, atol=1e-6)
 
 
 def test_matryoshka_inference_uses_the_calibrated_threshold():
@@ -236,21 +243,10 @@ def test_kron_latents_are_mand_of_head_wise_outer_products():
 
 def test_kron_fast_path_matches_the_dense_reference():
     torch.manual_seed(0)
-    fast = perturb_(make("kron", k_aux=6))
-    ref = make("kron", k_aux=6)
-    ref.load_state_dict(fast.state_dict())
-    ref.use_sparse_kernels = False
-    x = torch.randn(40, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    out, out_ref = fast(x, dead_mask=dead), ref(x, dead_mask=dead)
+    out, _ = fast_and_reference(perturb_(make("kron", k_aux=6)), torch.randn(40, 16), dead_mask=dead)
     assert out.auxk_loss > 0
-    torch.testing.assert_close(out.loss, out_ref.loss)
-    out.loss.backward()
-    out_ref.loss.backward()
-    assert grads(ref).keys() == grads(fast).keys() >= {"W_enc", "b_enc", "W_dec", "b_dec"}
-    for name, g in grads(ref).items():
-        torch.testing.assert_close(grads(fast)[name], g, rtol=1e-4, atol=1e-6)
 
 
 # -- AdaptiveK ---------------------------------------------------------------------------------------------------
@@ -297,19 +293,8 @@ def test_adaptivek_fit_probe_is_ridge_regression():
 def test_adaptivek_fast_path_matches_the_dense_reference_and_trains_the_probe():
     torch.manual_seed(0)
     fast = perturb_(make("adaptivek"))
-    ref = make("adaptivek")
-    ref.load_state_dict(fast.state_dict())
-    ref.use_sparse_kernels = False
-    x = torch.randn(64, 16)
-    dead = torch.arange(64) % 4 == 0
-    out, out_ref = fast(x, dead_mask=dead), ref(x, dead_mask=dead)
-    torch.testing.assert_close(out.loss, out_ref.loss)
+    out, _ = fast_and_reference(fast, torch.randn(64, 16), dead_mask=torch.arange(64) % 4 == 0)
     assert out.sparsity_loss > 0 and out.auxk_loss > 0
-    out.loss.backward()
-    out_ref.loss.backward()
-    assert grads(ref).keys() == grads(fast).keys() >= {"W_enc", "b_enc", "W_dec", "b_dec", "probe_weight"}
-    for name, g in grads(ref).items():
-        torch.testing.assert_close(grads(fast)[name], g, rtol=1e-4, atol=1e-6)
     assert fast.probe_weight.grad.abs().sum() > 0
 
 
@@ -391,20 +376,6 @@ def test_recovers_planted_features(arch):
     assert out.fvu < 0.3 and 1 <= float(out.l0) <= 6, (arch, float(out.fvu), float(out.l0))
 
 
-class Dying(TensorSource):
-    """A source whose stream dies with KeyboardInterrupt after `die_at` batches (a killed run)."""
-
-    def __init__(self, tensors, die_at):
-        super().__init__(tensors)
-        self.die_at = die_at
-
-    def batches(self, *a, **k):
-        for i, b in enumerate(super().batches(*a, **k)):
-            if i == self.die_at:
-                raise KeyboardInterrupt
-            yield b
-
-
 @pytest.mark.parametrize("arch", NEW)
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, arch):
     x = SyntheticActivations(SyntheticConfig(d=16, mean_active=3)).sample(2048, torch.Generator().manual_seed(0))
@@ -422,3 +393,44 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, arch):
     for name, t in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], t, rtol=1e-5, atol=1e-6)
     assert len(a.cfg.metadata["latent_max_acts"]) == 64
+
+
+@pytest.mark.slow  # a torchrun launch of two gloo ranks: ≈ 1 min
+def test_data_parallel_training_runs_every_new_architecture(tmp_path):
+    """Two data-parallel ranks train each new architecture to the end; rank 0 publishes a loadable, finite SAE."""
+    import json
+    import math
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json, sys
+        import torch
+        torch.set_num_threads(1)
+        from sae_kit.train import TensorSource, TrainConfig, train_all
+        x = torch.load(sys.argv[1])
+        for c in json.loads(sys.argv[2]):
+            train_all(TrainConfig.from_dict(c), TensorSource({"h": x}), progress=False)
+    """)
+    (tmp_path / "run.py").write_text(script)
+    x = SyntheticActivations(SyntheticConfig(d=16, mean_active=3)).sample(2048, torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    cfgs = [TrainConfig(hook_points="h", architecture=arch, k=3, d_sae=64, n_tokens=2048 * 2, batch_size=256,
+                        lr=3e-3, out=str(tmp_path / arch), dead_tokens_threshold=512,
+                        sparsity_coefficient=0.5 if arch == "gated" else 0.0).to_dict() for arch in NEW]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(tmp_path / "run.py"), str(tmp_path / "x.pt"), json.dumps(cfgs)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for arch in NEW:
+        sae = SparseCoder.load(tmp_path / arch / arch)
+        assert sae.cfg.architecture == arch and sae.cfg.metadata["tokens_seen"] == 2048 * 2
+        assert all(bool(torch.isfinite(t).all()) for t in sae.state_dict().values())
+        assert math.isfinite(sae.cfg.metadata["final_metrics"]["fvu"])
