@@ -5,7 +5,7 @@ against TopK's 2·d_in·d_sae, then elementwise products P·Q over the d_sae lat
 for each d_sae, on the same fp32 batch:
 - "encoder": the fast path's selection without autograd: TopK's `select_active` (the encoder product and the
   top-k, chunked; on CPUs with bf16 matrix units the exact bf16-preselected product) against KronSAE's pre-latent
-  product + `select_factored` (products and top-k, chunked);
+  product + `select_factored` (head maxima, then the products of the k best heads and their top-k);
 - "step": forward + backward + Adam, as `sae-kit train` runs it.
 Contenders run interleaved, round after round, one untimed call per contender per round; medians are reported. The
 machine is shared: read the ratios, which are measured in the same run.

@@ -31,11 +31,11 @@ ARCHS = ("topk", "batchtopk", "abstopk", "jumprelu", "relu", "matryoshka_batchto
          "kron", "adaptivek")
 SPARSITY = {
     "jumprelu": {"target_l0": None, "sparsity_coefficient": 1.0, "jumprelu_bandwidth": 0.05},
-    "relu": {"sparsity_coefficient": 0.3},
-    "gated": {"sparsity_coefficient": 0.3},
+    "relu": {"sweep": {"sparsity_coefficient": [0.03, 0.1]}},
+    "gated": {"sweep": {"sparsity_coefficient": [0.03, 0.1]}},
 }
-"""Architectures without a k: JumpReLU in its target-L0 form (target k; ε as in bench/sae_quality.py), ReLU-L1 and
-Gated with a λ that lands near L0 = k on the default data (their L0 is not set directly)."""
+"""Architectures without a k: JumpReLU in its target-L0 form (target k; ε as in bench/sae_quality.py); ReLU-L1 and
+Gated, whose L0 is not set directly, with two λ in one pass (both rows are printed)."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,18 +84,20 @@ def main() -> None:
         cfg = TrainConfig(hook_points="x", architecture=arch, k=k, d_sae=d_sae, n_tokens=args.tokens,
                           out=str(out / arch), seed=args.seed, **extra)
         start = time.perf_counter()
-        path = train_all(cfg, TensorSource({"x": x_train}), progress=False)[0]
+        paths = train_all(cfg, TensorSource({"x": x_train}), progress=False)
         seconds = time.perf_counter() - start
-        sae = SparseCoder.load(path)
-        with torch.no_grad():
-            z = torch.cat([sae.encode(x_eval[i:i + 4096]) for i in range(0, len(x_eval), 4096)])
-            recon = sae.decode(z)
-        fvu = float((x_eval - recon).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum())
-        row = {"architecture": arch, "mcc": recovery_mcc(syn.features, sae.W_dec), "fvu": fvu,
-               "l0": float((z != 0).sum(1).float().mean()), "dead_pct": 100 * float(((z != 0).sum(0) == 0).float().mean()),
-               "train_seconds": seconds}
-        rows.append(row)
-        print(f"{arch}: MCC {row['mcc']:.3f}, FVU {fvu:.3f}, L0 {row['l0']:.1f}, {seconds:.0f} s", flush=True)
+        for path in paths:
+            sae = SparseCoder.load(path)
+            with torch.no_grad():
+                z = torch.cat([sae.encode(x_eval[i:i + 4096]) for i in range(0, len(x_eval), 4096)])
+                recon = sae.decode(z)
+            fvu = float((x_eval - recon).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum())
+            name = arch + (f" (λ={sae.cfg.sparsity_coefficient:g})" if len(paths) > 1 else "")
+            row = {"architecture": name, "mcc": recovery_mcc(syn.features, sae.W_dec), "fvu": fvu,
+                   "l0": float((z != 0).sum(1).float().mean()),
+                   "dead_pct": 100 * float(((z != 0).sum(0) == 0).float().mean()), "train_seconds": seconds}
+            rows.append(row)
+            print(f"{name}: MCC {row['mcc']:.3f}, FVU {fvu:.3f}, L0 {row['l0']:.1f}, {seconds:.0f} s", flush=True)
     lines = ["| architecture | MCC | FVU | L0 | dead % | train s |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['architecture']} | {r['mcc']:.3f} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_pct']:.1f} | "

@@ -159,7 +159,7 @@ class AdaptiveKSAE(TopKSAE):
             budget = self.row_budget(score).float()
         return {"adaptivek": {"ema_midpoint": ema, "midpoint": float(self.k_midpoint), "k_min": self.k_min,
                               "k_max": self.k_max, "calibration_rows": len(x), "mean_k": float(budget.mean()),
-                              "k_quartiles": budget.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()}}
+                              "k_quartiles": budget.quantile(torch.tensor([0.25, 0.5, 0.75], device=budget.device)).tolist()}}
 
     @torch.no_grad()
     def fold_scaling_(self, input_scale: float, output_scale: float | None = None) -> None:

@@ -13,9 +13,12 @@ vectors of pre-latents, joined by mAND, a smooth AND:
 
 A latent fires only when both of its pre-latents do, and grows like their geometric mean, so it stays degree 1 in
 x like a linear latent. The encoder costs 2·d_in·h·(m+n) FLOPs per token instead of TopK's 2·d_in·d_sae, a
-fraction (m+n)/(m·n) of it (1/2 at the default m = n = 4); forming the products is elementwise work, and the top-k
-ranks the products P·Q (the square root is taken on the k kept ones). The decoder is a plain d_sae × d_out matrix,
-so the sparse decoder, evals, steering and autointerp treat KronSAE like TopK. Loss and AuxK are TopK's:
+fraction (m+n)/(m·n) of it (1/2 at the default m = n = 4). The top-k ranks the products P·Q (the square root is
+taken on the k kept ones) without forming all d_sae of them: only the k heads with the largest max(P)·max(Q) can
+hold the k best (`select_factored`). Training runs the product without autograd
+and sends gradients back through the 2k pre-latents the kept latents read, with TopK's sparse encoder backward, so
+no dense gradient is formed. The decoder is a plain d_sae × d_out matrix, so the sparse decoder, evals, steering and
+autointerp treat KronSAE like TopK. Loss and AuxK are TopK's:
 FVU + auxk_coefficient · AuxK, with dead latents ranked by their mAND values.
 
 Note `W_enc` here is the pre-latent projection (d_in, h·(m+n)), not a per-latent encoder: a latent has no single
@@ -33,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from sae_kit.sae.base import SAEConfig
-from sae_kit.sae.kernels import scratch, sparse_decode, sparse_pattern, topk_indices
-from sae_kit.sae.topk import CHUNK_ELEMENTS, Selection, TopKSAE
+from sae_kit.sae.kernels import gather_pre_acts, sparse_decode, sparse_pattern
+from sae_kit.sae.topk import Selection, TopKSAE
 
 
 def mand(p: Tensor, q: Tensor) -> Tensor:
@@ -52,8 +55,9 @@ class KronSAE(TopKSAE):
         super().__init__(cfg, device=device, dtype=dtype)
         self.heads = cfg.d_sae // (cfg.kron_m * cfg.kron_n)
         width = self.heads * (cfg.kron_m + cfg.kron_n)
-        w = torch.randn(cfg.d_in, width, device=device, dtype=self.W_dec.dtype)
-        self.W_enc = nn.Parameter(w / w.norm(dim=0, keepdim=True))  # (d_in, h·(m+n)): [P heads | Q heads]
+        w = torch.randn(width, cfg.d_in, device=device, dtype=self.W_dec.dtype)
+        # (d_in, h·(m+n)): [P heads | Q heads], random unit columns, stored latent-major as TopK's W_enc is
+        self.W_enc = nn.Parameter((w / w.norm(dim=1, keepdim=True)).T)
         self.b_enc = nn.Parameter(torch.zeros(width, device=device, dtype=self.W_dec.dtype))
 
     @classmethod
@@ -82,42 +86,64 @@ class KronSAE(TopKSAE):
         p, q = self._split(self.factors(x))
         return mand(p, q).reshape(len(x), self.cfg.d_sae)
 
-    def mand_at(self, pq: Tensor, indices: Tensor) -> Tensor:
-        """mAND of the latents `indices` (N, K) from the pre-latents pq (N, h·(m+n)), differentiable."""
-        h, m, n = self.heads, self.cfg.kron_m, self.cfg.kron_n
-        head, rest = indices // (m * n), indices % (m * n)
-        p = pq.gather(1, head * m + rest // n)
-        q = pq.gather(1, h * m + head * n + rest % n)
-        return mand(p, q)
-
     @torch.no_grad()
     def select_factored(self, pq: Tensor, dead: Tensor | None) -> Selection:
-        """The k latents with the largest P·Q per row (ascending indices), and AuxK's dead ones, a chunk of rows at
-        a time (the (N, d_sae) products never exist whole). Values are the products, not their roots."""
-        step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
-        parts = []
-        for i in range(0, pq.shape[0], step):
-            p, q = self._split(pq[i:i + step].clamp_min(0))
-            prod = scratch((p.shape[0], self.cfg.d_sae), pq.dtype, pq.device)  # (C, d_sae)
-            torch.mul(p, q, out=prod.view(p.shape[0], self.heads, self.cfg.kron_m, self.cfg.kron_n))
-            aux_values, aux_idx = self._aux_selection(prod.index_select(1, dead) if dead is not None else None, dead)
-            idx = topk_indices(prod, self.cfg.k)
-            parts.append(Selection(prod.gather(1, idx), idx, None, aux_values, aux_idx))
-        if len(parts) == 1:
-            return parts[0]
-        return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
+        """The k latents with the largest P·Q per row (ascending indices), and AuxK's dead ones; values are the
+        products, not their roots. Never forms the (N, d_sae) products.
+
+        Two stages, exact up to ties: a head's largest product is max(P)·max(Q), and the k best latents lie in the
+        k heads with the largest of these (a head outside them holding one would make k + 1 latents at least as
+        large), so only those heads' k·m·n products are formed and ranked.
+        """
+        h, m, n, k = self.heads, self.cfg.kron_m, self.cfg.kron_n, self.cfg.k
+        pq = pq.clamp_min(0)
+        p, q = pq[:, :h * m].view(-1, h, m), pq[:, h * m:].view(-1, h, n)  # (N, h, m), (N, h, n)
+        heads = (p.amax(dim=2) * q.amax(dim=2)).topk(min(k, h), dim=1).indices  # (N, k') best heads
+        cand = (p.gather(1, heads[..., None].expand(-1, -1, m))[..., None]
+                * q.gather(1, heads[..., None].expand(-1, -1, n))[..., None, :])  # (N, k', m, n)
+        pos = cand.flatten(1).topk(k, dim=1).indices  # (N, k) in the candidates
+        idx = (heads.gather(1, pos // (m * n)) * (m * n) + pos % (m * n)).sort(dim=1).values  # (N, k) ascending
+        values = self._products(pq, idx)
+        aux_values = aux_idx = None
+        if dead is not None:
+            aux_values, aux_idx = self._aux_selection(self._products(pq, dead.expand(len(pq), -1)), dead)
+        return Selection(values, idx, None, aux_values, aux_idx)
+
+    def _columns(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The columns of [P | Q] that latents `indices` read: (P column, Q column), each shaped like indices."""
+        h, m, n = self.heads, self.cfg.kron_m, self.cfg.kron_n
+        head, rest = indices // (m * n), indices % (m * n)
+        return head * m + rest // n, h * m + head * n + rest % n
+
+    def _products(self, pq: Tensor, indices: Tensor) -> Tensor:
+        """P·Q of the latents `indices` (N, K) from non-negative pre-latents pq."""
+        p_col, q_col = self._columns(indices)
+        return pq.gather(1, p_col) * pq.gather(1, q_col)
 
     # -- training ------------------------------------------------------------------------------------------------
+    def _mand_sparse(self, pq: Tensor, indices: Tensor, x: Tensor) -> Tensor:
+        """mAND of the latents `indices` (N, K), with TopK's sparse encoder backward: the 2K pre-latents they read
+        are gathered through `kernels.gather_pre_acts`, so W_enc's gradient touches those columns alone."""
+        cols = torch.cat(self._columns(indices), dim=1)  # (N, 2K) pre-latent columns
+        cols, order = cols.sort(dim=1)  # the pattern wants ascending columns; a column may repeat
+        b_dec = None if self.cfg.transcoder else self.b_dec
+        values = gather_pre_acts(pq.gather(1, cols), x, self.W_enc, self.b_enc, b_dec,
+                                 sparse_pattern(cols, pq.shape[1]))
+        values = torch.empty_like(values).scatter(1, order, values)  # back to [P of each latent | Q of each latent]
+        k = indices.shape[1]
+        return mand(values[:, :k], values[:, k:])
+
     def _forward_sparse(self, x: Tensor, dead: Tensor | None) -> tuple[Any, ...]:
-        """Fast path: the small pre-latent matmul with autograd, selection on its detached products, and TopK's
-        sparse decoder; gradients reach W_enc through the gathered pre-latents only."""
-        pq = self.factors(x)  # (N, h·(m+n))
-        sel = self.select_factored(pq.detach(), dead)
+        """Fast path: the small pre-latent product without autograd, selection on its products, and TopK's sparse
+        encoder backward and decoder; no (N, d_sae) or (N, h·(m+n)) gradient is ever formed."""
+        with torch.no_grad():
+            pq = self.factors(x)  # (N, h·(m+n))
+            sel = self.select_factored(pq, dead)
         p = sparse_pattern(sel.indices, self.cfg.d_sae)
-        acts = self.mand_at(pq, sel.indices)  # (N, k)
+        acts = self._mand_sparse(pq, sel.indices, x)  # (N, k)
         y_hat, parts = self._sparse_reconstruction(acts, p, x)  # (N, d_out)
         e_hat = None
         if sel.aux_indices is not None:
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
-            e_hat = sparse_decode(self.mand_at(pq, sel.aux_indices), self.W_dec, pa)  # (N, d_out), no bias
+            e_hat = sparse_decode(self._mand_sparse(pq, sel.aux_indices, x), self.W_dec, pa)  # (N, d_out), no bias
         return acts, sel.indices, y_hat, e_hat, parts

@@ -241,6 +241,22 @@ def test_kron_latents_are_mand_of_head_wise_outer_products():
                                torch.tensor([4.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("k,m,n", [(4, 4, 4), (7, 2, 8), (20, 4, 4)])  # 20 > the 4 heads of 4 × 4: every head
+def test_kron_selection_through_head_maxima_is_the_exact_top_k(k, m, n):
+    torch.manual_seed(k)
+    sae = make("kron", k=k, kron_m=m, kron_n=n)
+    pq = torch.randn(300, sae.W_enc.shape[1])
+    sel = sae.select_factored(pq, None)
+    p, q = sae._split(pq.clamp_min(0))
+    dense = (p * q).reshape(300, 64)  # (N, d_sae) every product
+    top = dense.topk(k, dim=1)
+    assert bool((sel.indices.diff(dim=1) > 0).all())  # ascending, distinct
+    torch.testing.assert_close(sel.values.sort(dim=1).values, top.values.sort(dim=1).values)
+    torch.testing.assert_close(sel.values, dense.gather(1, sel.indices))
+    for row in range(300):  # the same latents, up to ties among zero products
+        assert set(sel.indices[row][sel.values[row] > 0].tolist()) == set(top.indices[row][top.values[row] > 0].tolist())
+
+
 def test_kron_fast_path_matches_the_dense_reference():
     torch.manual_seed(0)
     dead = torch.zeros(64, dtype=torch.bool)
