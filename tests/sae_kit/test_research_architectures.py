@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import Dying  # tests/sae_kit is on the path (pytest's rootdir-relative imports)
 
 from activation_store.synthetic import SyntheticActivations, SyntheticConfig, recovery_mcc
 from sae_kit.sae import SAEConfig, SparseCoder, fvu
@@ -13,7 +14,6 @@ from sae_kit.sae.matryoshka import matryoshka_widths
 from sae_kit.train import TensorSource, TrainConfig, train_all
 from sae_kit.train.checkpoint import latest_checkpoint
 from sae_kit.train.optim import make_optimizer
-from test_train import Dying  # tests/sae_kit is on the path (pytest's rootdir-relative imports)
 
 NEW = ("matryoshka_batchtopk", "gated", "matching_pursuit", "kron", "adaptivek")
 KNOBS = {"gated": dict(sparsity_coefficient=0.5)}
@@ -280,7 +280,7 @@ def test_adaptivek_spends_the_budget_unevenly_and_infers_per_token():
         assert float(out.l0) == pytest.approx(8, abs=0.5)  # the batch still spends the budget ...
         assert int(counts.max()) - int(counts.min()) > 8  # ... but not evenly
         budget = sae.row_budget(sae.complexity(x), sae.solve_midpoint(sae.complexity(x)))
-        assert bool((counts <= budget).all()) and bool((budget[counts.argmax()] >= budget[counts.argmin()]))
+        assert bool((counts <= budget).all()) and bool(budget[counts.argmax()] >= budget[counts.argmin()])
         sae.eval()
         record = sae.calibrate_(x)
         assert record["adaptivek"]["mean_k"] == pytest.approx(8, abs=0.5)
@@ -450,3 +450,25 @@ def test_data_parallel_training_runs_every_new_architecture(tmp_path):
         assert sae.cfg.architecture == arch and sae.cfg.metadata["tokens_seen"] == 2048 * 2
         assert all(bool(torch.isfinite(t).all()) for t in sae.state_dict().values())
         assert math.isfinite(sae.cfg.metadata["final_metrics"]["fvu"])
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_clamping_every_latent_to_its_own_value_leaves_the_model_unchanged(tiny_model, arch):
+    """Steering reads z with `encode` and writes Δz·W_dec: exact for every new architecture's linear decoder."""
+    from sae_kit.steering import Intervention, steer
+
+    hook = "blocks.0.hook_resid_post"
+    torch.manual_seed(0)
+    kw = {"sparsity_coefficient": 0.1} if arch == "gated" else {"k": 4}
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=32, d_sae=64, hook_point=hook, **kw)).eval()
+    tokens = torch.randint(1, len(tiny_model.tokenizer), (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = tiny_model(tokens)
+        z = sae.encode(tiny_model.capture(tokens, [hook])[hook][0, :1])  # (1, d_sae) at position 0
+    assert (z != 0).any()
+    clamps = [Intervention(f, "clamp", float(z[0, f]), "0:1") for f in range(64)]
+    with torch.no_grad(), steer(tiny_model, sae, clamps):
+        torch.testing.assert_close(tiny_model(tokens), clean, atol=1e-5, rtol=1e-5)
+    live = int(z[0].argmax())
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(live, "clamp", float(z[0, live]) + 5.0, "0:1")]):
+        assert (tiny_model(tokens) - clean).abs().max() > 1e-3  # a real edit does change the model
