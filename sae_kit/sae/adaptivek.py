@@ -156,10 +156,11 @@ class AdaptiveKSAE(TopKSAE):
         with torch.no_grad():
             score = self.complexity(x)
             self.k_midpoint.copy_(self.solve_midpoint(score))
-            budget = self.row_budget(score).float()
+            budget = self.row_budget(score).float()  # (N,)
+            quartiles = budget.quantile(torch.tensor([0.25, 0.5, 0.75], device=budget.device)).tolist()
         return {"adaptivek": {"ema_midpoint": ema, "midpoint": float(self.k_midpoint), "k_min": self.k_min,
                               "k_max": self.k_max, "calibration_rows": len(x), "mean_k": float(budget.mean()),
-                              "k_quartiles": budget.quantile(torch.tensor([0.25, 0.5, 0.75], device=budget.device)).tolist()}}
+                              "k_quartiles": quartiles}}
 
     @torch.no_grad()
     def fold_scaling_(self, input_scale: float, output_scale: float | None = None) -> None:
