@@ -13,7 +13,11 @@ same product in bf16 is printed too: the floor of our bf16 encoder.
 
 Peers are imported lazily: `pip install eai-sparsify==1.3.3 sae-lens==6.54.12` (sae-lens pins transformer-lens<4,
 so install them into a separate venv made with --system-site-packages if the project needs transformer-lens 4).
+`--archs batchtopk,matryoshka_batchtopk,kron` adds our other TopK-family architectures as contenders (same step, in
+train mode) and prints each one's step time against BatchTopK's and TopK's; `--only-archs` skips the peers, the
+rooflines and the TopK variants.
 Usage: python bench/bench_topk.py [--rounds 4] [--threads 2] [--batch 4096] [--d-in 512] [--d-sae 8192] [--k 32]
+                                  [--archs A,B] [--only-archs]
 """
 from __future__ import annotations
 
@@ -44,12 +48,12 @@ def train_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> 
     return step
 
 
-def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool) -> Callable[[], None]:
-    """sae-kit's TopKSAE, fast path or dense reference."""
+def ours(x: torch.Tensor, d_sae: int, k: int, sparse: bool, arch: str = "topk") -> Callable[[], None]:
+    """sae-kit's TopKSAE (or another TopK-family architecture), fast path or dense reference."""
     from sae_kit.sae import SAEConfig, SparseCoder
     from sae_kit.train.optim import make_optimizer
 
-    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=d_sae, k=k))
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=x.shape[1], d_sae=d_sae, k=k))
     sae.use_sparse_kernels = sparse
     return train_step(lambda: sae(x).loss, make_optimizer(sae, LR))  # what `sae-kit train` uses (fused Adam)
 
@@ -107,7 +111,10 @@ def main() -> None:
     ap.add_argument("--d-in", type=int, default=512)
     ap.add_argument("--d-sae", type=int, default=8192)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--archs", default="", help="comma-separated further architectures of ours to time")
+    ap.add_argument("--only-archs", action="store_true", help="time TopK and --archs only")
     args = ap.parse_args()
+    archs = [a for a in args.archs.split(",") if a]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -132,6 +139,10 @@ def main() -> None:
         "sparsify 1.3.3": lambda: sparsify(x, args.d_sae, args.k),
         "sae-lens 6.54.12": lambda: saelens(x, args.d_sae, args.k),
     }
+    if args.only_archs:
+        builders = {"ours (sparse kernels)": builders["ours (sparse kernels)"]}
+    for arch in archs:
+        builders[f"ours {arch}"] = lambda arch=arch: ours(x, args.d_sae, args.k, sparse=True, arch=arch)
     steps: dict[str, Callable[[], None]] = {}
     for name, build in builders.items():
         try:
@@ -167,7 +178,16 @@ def main() -> None:
                    ("ours (fp32 encoder)", "roofline matmul", "ours fp32 enc/roofline"),
                    ("ours (fp32 encoder)", "sparsify 1.3.3", "ours fp32 enc/sparsify"),
                    ("ours (sparse kernels)", "ours (dense path)", "ours sparse/dense"))
+    for arch in archs:
+        for base in ("batchtopk", "topk"):
+            other = "ours (sparse kernels)" if base == "topk" else f"ours {base}"
+            if other in steps and f"ours {arch}" in steps and other != f"ours {arch}":
+                ratio = statistics.median(times[f"ours {arch}"]) / statistics.median(times[other])
+                best = min(times[f"ours {arch}"]) / min(times[other])
+                print(f"{arch} step / {base} step: {ratio:.2f}×  (best steps: {best:.2f}×)")
     for mine, other, label in comparisons:
+        if args.only_archs:
+            break
         if other in steps:
             print(f"{label:24s} {tok_s(mine) / tok_s(other):6.2f}×  "
                   f"(best steps: {tok_s(mine, min) / tok_s(other, min):.2f}×)")

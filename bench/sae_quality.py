@@ -1,15 +1,18 @@
 """Quality table: every architecture on the reference model's middle residual stream, at matched L0.
 
 Caches `--cache-tokens` of the reference model's training split at `--hook` (resumable), trains TopK, BatchTopK,
-AbsTopK (k = `--k`), JumpReLU (target-L0 form, target k) and ReLU-L1 (λ swept) with 16× width on `--tokens`
-rows each (further epochs over the cache when tokens > cache), then evaluates every SAE with `sae-kit eval` on
+AbsTopK, Matryoshka BatchTopK, Matching Pursuit, KronSAE, AdaptiveK (k = `--k`), JumpReLU (target-L0 form,
+target k), ReLU-L1 and Gated (λ swept) with 16× width on `--tokens` rows each (further epochs over the cache when tokens > cache), then evaluates every SAE with `sae-kit eval` on
 held-out text and prints a markdown table: L0, FVU, explained variance, dead % (never fired on the held-out
 tokens; quality.json also keeps the trainer's own count, which needs more tokens than its 10M-token window to
 mean anything), CE loss recovered, training tokens and seconds.
 For the swept architectures the run closest to L0 = k is the table row; the others are listed below it.
 Finished SAEs are skipped on a rerun, so an interrupted run resumes.
 
-    python bench/sae_quality.py [--out runs/quality] [--tokens 5000000] [--cache-tokens 2000000]
+    python bench/sae_quality.py [--out runs/quality] [--tokens 5000000] [--cache-tokens 2000000] [--archs A,B]
+                                [--device cuda --backend hf --hook transformer.h.2]
+
+Without transformer-lens (`--backend hf`) the same residual stream is the output of the module `transformer.h.2`.
 """
 from __future__ import annotations
 
@@ -30,9 +33,11 @@ from evals.evaluate import EvalConfig, run_eval
 from sae_kit.train import TrainConfig, train_all
 from sae_kit.train.loop import MARKER
 
-ARCHS = ("topk", "batchtopk", "abstopk", "jumprelu", "relu")
-SWEEPS = {"relu": (0.01, 0.03)}
-"""λ values tried in one pass for ReLU-L1 (its L0 is not set directly); the row closest to L0 = k is reported."""
+ARCHS = ("topk", "batchtopk", "abstopk", "jumprelu", "relu", "matryoshka_batchtopk", "gated", "matching_pursuit",
+         "kron", "adaptivek")
+SWEEPS = {"relu": (0.01, 0.03), "gated": (0.003, 0.01, 0.03)}
+"""λ values tried in one pass for ReLU-L1 and Gated (their L0 is not set directly); the row closest to L0 = k is
+reported."""
 JUMPRELU = {"sparsity_coefficient": 1.0, "jumprelu_bandwidth": 0.05}
 """JumpReLU in its target-L0 form (θ initialised at the target's quantile); ε wider than Gemma Scope's 0.001, which
 assumes billions of tokens: at ε = 0.001 almost no pre-activation falls in the window in a few million."""
@@ -54,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--eval-tokens", type=int, default=131_072)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="torch device for caching, training and evals (default: cuda if "
+                   "present for caching and training, cpu for evals)")
+    p.add_argument("--backend", default="auto", help="model backend: auto, transformer_lens or hf")
     return p.parse_args()
 
 
@@ -62,7 +70,7 @@ def train_arch(args: argparse.Namespace, acts: str, arch: str) -> tuple[list[Pat
     out = Path(args.out) / "saes"
     cfg = TrainConfig(activations=acts, hook_points=args.hook, architecture=arch, k=args.k,
                       expansion=args.expansion, n_tokens=args.tokens, batch_size=args.batch_size, out=str(out), lr=args.lr,
-                      name=arch, checkpoint_every=1_000_000, log_every=20,
+                      name=arch, checkpoint_every=1_000_000, log_every=20, device=args.device,
                       **({"target_l0": float(args.k), **JUMPRELU} if arch == "jumprelu" else {}),
                       sweep={"sparsity_coefficient": list(SWEEPS[arch])} if arch in SWEEPS else {})
     names = [s.name for s in cfg.specs(args.hook)]
@@ -84,7 +92,7 @@ def main() -> None:
     acts = str(out / "acts")
     t0 = time.perf_counter()
     cache_activations(CacheConfig(model=args.model, hook_points=(args.hook,), n_tokens=args.cache_tokens,
-                                  out=acts))
+                                  out=acts, backend=args.backend, device=args.device))
     cache_seconds = time.perf_counter() - t0
     trained: dict[str, tuple[list[Path], float]] = {}
     for arch in args.archs.split(","):
@@ -92,7 +100,7 @@ def main() -> None:
         print(f"{arch}: trained in {trained[arch][1]:.0f} s", flush=True)
     paths = [str(p) for ps, _ in trained.values() for p in ps]
     run_eval(EvalConfig(sae_paths=tuple(paths), out=str(out / "eval"), n_tokens=args.eval_tokens,
-                        model=args.model))
+                        model=args.model, backend=args.backend, **({"device": args.device} if args.device else {})))
     records = {Path(r["sae_path"]).name: r for r in json.loads((out / "eval" / "metrics.json").read_text())}
 
     rows, others = [], []
@@ -122,7 +130,7 @@ def main() -> None:
                      f"{r['tokens']:,} | {r['train_seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    summary = {"model": args.model, "hook_point": args.hook, "k": args.k, "expansion": args.expansion, "lr": args.lr,
+    summary = {"model": args.model, "hook_point": args.hook, "device": args.device or "default", "k": args.k, "expansion": args.expansion, "lr": args.lr,
                "tokens": args.tokens, "batch_size": args.batch_size,
                "cache_tokens": args.cache_tokens, "cache_seconds": cache_seconds, "eval_tokens": args.eval_tokens,
                "table_rows": rows, "other_runs": others, "markdown": table}

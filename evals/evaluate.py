@@ -267,11 +267,12 @@ def evaluate_sae(
 
 
 def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
-    """max_decoder_cosine_mean and enc_dec_cosine_mean (NaN when encoder and decoder spaces differ)."""
+    """max_decoder_cosine_mean and enc_dec_cosine_mean (NaN when encoder and decoder spaces differ, or when a latent
+    has no encoder column of its own, as in KronSAE)."""
     out = {"max_decoder_cosine_mean": math.nan, "enc_dec_cosine_mean": math.nan}
     if sae.cfg.d_sae >= 2:
         out["max_decoder_cosine_mean"] = float(M.max_decoder_cosine(sae.W_dec, chunk_size).mean())
-    if sae.cfg.d_in == sae.cfg.d_target:
+    if sae.cfg.d_in == sae.cfg.d_target and tuple(sae.W_enc.shape) == (sae.cfg.d_in, sae.cfg.d_sae):
         out["enc_dec_cosine_mean"] = float(M.encoder_decoder_cosine(sae.W_enc, sae.W_dec).mean())
     return out
 

@@ -43,7 +43,8 @@ class SAEConfig:
     """Everything needed to rebuild a sparse coder; serialised as `cfg.json`."""
 
     architecture: str
-    """Registry name: "topk", "batchtopk", "jumprelu", "abstopk" or "relu"."""
+    """Registry name: "topk", "batchtopk", "jumprelu", "abstopk", "relu", "matryoshka_batchtopk", "gated",
+    "matching_pursuit", "kron" or "adaptivek"."""
     d_in: int
     """Width of the input activations."""
     d_sae: int
@@ -77,6 +78,24 @@ class SAEConfig:
     """Final λ of the L0 (JumpReLU) or decoder-norm-weighted L1 (ReLU) penalty."""
     target_l0: float | None = None
     """JumpReLU: if set, penalise (L0/target_l0 − 1)² instead of plain λ·L0."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Matryoshka: sizes of the nested dictionaries (each a prefix of the latents), strictly increasing, the last
+    equal to d_sae (SAELens' `matryoshka_widths`); None: prefixes from the group fractions 1/32, 1/16, 1/8, 1/4 and
+    the rest (Bussmann et al.'s defaults)."""
+    mp_residual_threshold: float = 0.01
+    """Matching pursuit: a row stops early once ‖residual‖ ≤ this fraction of ‖x − b_dec‖ (0: always k steps)."""
+    kron_m: int = 4
+    """KronSAE: pre-latents per head on the first factor (m); d_sae = heads · m · n."""
+    kron_n: int = 4
+    """KronSAE: pre-latents per head on the second factor (n)."""
+    adaptivek_min_k: int | None = None
+    """AdaptiveK: fewest active latents of a token; None means k // 4 (the paper's 20 for a budget of 80)."""
+    adaptivek_max_k: int | None = None
+    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae − 1."""
+    adaptivek_probe_coefficient: float = 0.05
+    """AdaptiveK: weight of the complexity probe's regression loss (the paper's probe_weight)."""
+    adaptivek_l1_coefficient: float = 0.005
+    """AdaptiveK: weight of the L1 term mean‖z‖₁ / mean‖x‖₂ (the paper's l1_weight)."""
     input_scale: float = 1.0
     """Scale the saved weights already absorb: 1.0 after folding; kept for provenance."""
     apply_b_dec_to_input: bool = True
@@ -96,6 +115,8 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.matryoshka_widths is not None:  # cfg.json holds a list
+            object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
         import sae_kit.sae  # noqa: F401  (registers every architecture)
 
         if self.architecture not in SparseCoder.REGISTRY:

@@ -260,6 +260,59 @@ class _DecodeAtPattern(torch.autograd.Function):
         return grad_acts, grad_w, None
 
 
+class _DecodePrefixes(torch.autograd.Function):
+    """Running sums over each row's runs of Σ_{slots s of run} a_s · W_dec[i_s], for runs that cut every row's slots
+    into G consecutive pieces (no bias); the backward turns the prefixes' gradient into the runs' (a reverse running
+    sum, in place) and is then the sparse one of `_DecodeAtPattern`, with runs in place of rows."""
+
+    @staticmethod
+    def forward(ctx: Any, acts: Tensor, W_dec: Tensor, p: SparsePattern, run_ptr: Tensor, run_of_slot: Tensor,
+                groups: int) -> Tensor:
+        ctx.save_for_backward(acts, W_dec, run_ptr, run_of_slot)
+        ctx.p = p
+        runs = F.embedding_bag(p.cols, W_dec, run_ptr, mode="sum", include_last_offset=True,  # same index dtypes
+                               per_sample_weights=acts.reshape(-1).to(W_dec.dtype))  # (N·G, d_out)
+        return runs.view(-1, groups, W_dec.shape[1]).cumsum_(dim=1)  # (N, G, d_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        acts, W_dec, run_ptr, run_of_slot = ctx.saved_tensors
+        p: SparsePattern = ctx.p
+        grad = grad_out.to(W_dec.dtype).clone()  # (N, G, d_out) → the runs' gradient: Σ over the prefixes holding them
+        for g in range(grad.shape[1] - 2, -1, -1):
+            grad[:, g] += grad[:, g + 1]
+        grad = grad.view(-1, grad.shape[2])  # (N·G, d_out)
+        grad_acts = grad_w = None
+        if ctx.needs_input_grad[0]:
+            mask = _csr(run_ptr, p.cols, torch.zeros(acts.numel(), dtype=W_dec.dtype, device=acts.device),
+                        (grad.shape[0], p.d_sae))
+            grad_acts = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()
+            grad_acts = grad_acts.view(acts.shape).to(acts.dtype)
+        if ctx.needs_input_grad[1]:
+            weights = acts.to(W_dec.dtype).reshape(-1)[p.by_latent]
+            grad_w = F.embedding_bag(run_of_slot[p.by_latent], grad, p.latent_ptr, per_sample_weights=weights,
+                                     mode="sum", include_last_offset=True)  # (d_sae, d_out)
+        return grad_acts, grad_w, None, None, None, None
+
+
+def sparse_decode_prefixes(acts: Tensor, W_dec: Tensor, p: SparsePattern, bounds: Tensor) -> Tensor:
+    """Decodes (N, G, d_out) of nested prefixes of the dictionary: prefix g sums the slots whose latent is below
+    bounds[g] (bounds (G,) increasing, the last ≥ d_sae), through the sparse kernels (no bias).
+
+    Indices are ascending within each row, so the slots of [bounds[g−1], bounds[g]) are a consecutive run of the
+    row's slots: one embedding_bag over the runs, a running sum, and one sparse backward serve every prefix.
+    """
+    n, k = p.indices.shape
+    g = bounds.numel()
+    itype = p.row_ptr.dtype
+    ends = torch.searchsorted(p.indices, bounds.to(p.indices.dtype).expand(n, g).contiguous())  # (N, G) slots < bound
+    run_ptr = torch.zeros(n * g + 1, dtype=itype, device=acts.device)
+    run_ptr[1:] = (ends + torch.arange(0, n * k, k, device=acts.device)[:, None]).reshape(-1).to(itype)
+    run = torch.searchsorted(bounds.to(p.indices.dtype), p.indices, right=True)  # (N, K) run of each slot
+    run_of_slot = (run + torch.arange(0, n * g, g, device=acts.device)[:, None]).reshape(-1).to(itype)
+    return _DecodePrefixes.apply(acts, W_dec, p, run_ptr, run_of_slot, g)
+
+
 def gather_pre_acts(values: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
                     p: SparsePattern) -> Tensor:
     """Make pre-activations at the pattern differentiable w.r.t. x, W_enc, b_enc and b_dec (None: no centring).

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
 from sae_kit.sae.kernels import (
+    SparsePattern,
     bf16_preselect_usable,
     bf16_topk,
     gather_pre_acts,
@@ -210,23 +211,41 @@ class TopKSAE(SparseCoder):
         come as a mask, or as their ascending indices (`dead_latents`, which the trainer keeps: listing a mask's
         entries waits for the device)."""
         y = x if target is None else target
-        dead = dead_latents if dead_latents is not None and dead_latents.numel() else self._dead_latents(dead_mask)
+        dead = self._dead_latents(dead_mask, dead_latents)
         # The fast path reads raw x; a coder that normalises its inputs (an imported one) takes the dense reference.
         if self.use_sparse_kernels and self.cfg.normalize_activations == "none":
-            acts, idx, y_hat, e_hat = self._forward_sparse(x, dead)
+            acts, idx, y_hat, e_hat, parts = self._forward_sparse(x, dead)
         else:
-            acts, idx, y_hat, e_hat = self._forward_dense(x, dead)
+            acts, idx, y_hat, e_hat, parts = self._forward_dense(x, dead)
         recon_fvu = fvu(y, y_hat)
-        auxk = recon_fvu.new_zeros(())
-        if e_hat is not None:
-            scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
-            auxk = scale * fvu((y - y_hat).detach(), e_hat)
+        auxk = self._auxk_loss(y, y_hat, e_hat, dead)
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
-        loss = recon_fvu + self.cfg.auxk_coefficient * auxk
+        loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu) + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
 
-    def _dead_latents(self, dead_mask: Tensor | None) -> Tensor | None:
-        """Ascending indices of the dead latents, or None when there are none (or no mask)."""
+    def _auxk_loss(self, y: Tensor, y_hat: Tensor, e_hat: Tensor | None, dead: Tensor | None) -> Tensor:
+        """AuxK (module docstring): the dead latents' prediction e_hat of the residual, scaled down when fewer than
+        k_aux latents are dead; 0 without one."""
+        if e_hat is None or dead is None:
+            return y_hat.new_zeros(())
+        scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
+        return scale * fvu((y - y_hat).detach(), e_hat)
+
+    def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, parts: Tensor | None,
+                            recon_fvu: Tensor) -> Tensor:
+        """The reconstruction term of the loss: the FVU of ŷ. `parts` is what `_sparse_reconstruction` returned
+        beside ŷ (None on the dense path); Matryoshka adds its nested prefixes from it."""
+        return recon_fvu
+
+    def _sparse_reconstruction(self, acts: Tensor, p: SparsePattern, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ŷ (N, d_out) from the active slots through the sparse decoder, and nothing else for the loss."""
+        return self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x), None
+
+    def _dead_latents(self, dead_mask: Tensor | None, dead_latents: Tensor | None = None) -> Tensor | None:
+        """Ascending indices of the dead latents, or None when there are none: `dead_latents` as given (the trainer
+        keeps them; listing a mask's entries waits for the device), else those of `dead_mask`."""
+        if dead_latents is not None:
+            return dead_latents if dead_latents.numel() else None
         if dead_mask is None:
             return None
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
@@ -239,23 +258,30 @@ class TopKSAE(SparseCoder):
         """Fast path: dense encoder matmul only; gather, decode and backward touch the active slots alone."""
         with torch.no_grad():
             sel = self.select_active(x, dead, train=self.training)
+        return self._decode_sparse_selection(x, sel)
+
+    def _decode_sparse_selection(self, x: Tensor, sel: Selection):
+        """Activations, ŷ and the AuxK prediction of a selection, through the sparse kernels."""
         b_dec = self.b_dec if self.centres_input else None
         p = sparse_pattern(sel.indices, self.cfg.d_sae)
         acts = self.activation(gather_pre_acts(sel.values, x, self.W_enc, self.b_enc, b_dec, p))  # (N, K)
         if sel.keep is not None:
             acts = acts * sel.keep
-        y_hat = self._add_bias_and_skip(sparse_decode(acts, self.W_dec, p), x)  # (N, d_out)
+        y_hat, parts = self._sparse_reconstruction(acts, p, x)  # (N, d_out)
         e_hat = None
         if sel.aux_indices is not None:
             pa = sparse_pattern(sel.aux_indices, self.cfg.d_sae)
             aux = self.activation(gather_pre_acts(sel.aux_values, x, self.W_enc, self.b_enc, b_dec, pa))
             e_hat = sparse_decode(aux, self.W_dec, pa)  # (N, d_out), no bias: it predicts a residual
-        return acts, sel.indices, y_hat, e_hat
+        return acts, sel.indices, y_hat, e_hat, parts
 
     def _forward_dense(self, x: Tensor, dead: Tensor | None):
         """Reference path: dense pre-activations and dense latents, autograd everywhere."""
         pre = self.pre_acts(x)  # (N, d_sae)
-        sel = self.select_from_pre(pre.detach(), dead, train=self.training)
+        return self._decode_dense_selection(x, pre, self.select_from_pre(pre.detach(), dead, train=self.training))
+
+    def _decode_dense_selection(self, x: Tensor, pre: Tensor, sel: Selection):
+        """Activations, ŷ and the AuxK prediction of a selection from differentiable pre-activations (N, d_sae)."""
         acts = self.activation(pre.gather(1, sel.indices))  # (N, K)
         if sel.keep is not None:
             acts = acts * sel.keep
@@ -265,4 +291,4 @@ class TopKSAE(SparseCoder):
         if sel.aux_indices is not None:
             z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
             e_hat = z_aux @ self.W_dec  # (N, d_out)
-        return acts, sel.indices, y_hat, e_hat
+        return acts, sel.indices, y_hat, e_hat, None

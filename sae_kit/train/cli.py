@@ -43,9 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sae.add_argument("--target-hook", action="append", metavar="H2",
                      help="transcoder target hook point paired with each --hook (e.g. blocks.2.hook_mlp_out)")
     sae.add_argument("--skip", action="store_true", default=None, help="skip transcoder: add a linear skip path")
-    sae.add_argument("--sparsity-coefficient", help="final λ for jumprelu / relu")
+    sae.add_argument("--sparsity-coefficient", help="final λ for jumprelu / relu / gated")
     sae.add_argument("--target-l0", type=float, help="jumprelu: penalise (L0/target − 1)² instead of λ·L0")
     sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_in // 2)")
+    sae.add_argument("--matryoshka-widths", metavar="W1,W2,...",
+                     help="matryoshka_batchtopk: nested dictionary sizes, increasing, the last = d_sae "
+                          "(default: d/32, 3d/32, 7d/32, 15d/32, d)")
+    sae.add_argument("--mp-residual-threshold", type=float,
+                     help=f"matching_pursuit: stop a row at this fraction of ‖x − b_dec‖ (default: {d.mp_residual_threshold})")
+    sae.add_argument("--kron-m", type=int, help=f"kron: pre-latents per head, first factor (default: {d.kron_m})")
+    sae.add_argument("--kron-n", type=int, help=f"kron: pre-latents per head, second factor (default: {d.kron_n})")
+    sae.add_argument("--adaptivek-min-k", type=int, help="adaptivek: fewest latents per token (default: k // 4)")
+    sae.add_argument("--adaptivek-max-k", type=int, help="adaptivek: most latents per token (default: 4·k)")
     sae.add_argument("--dead-tokens-threshold", type=int,
                      help=f"tokens without firing before a latent counts as dead (default: {d.dead_tokens_threshold:,})")
     opt = parser.add_argument_group("optimisation")

@@ -12,9 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu")
-TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu", "matryoshka_batchtopk", "gated",
+                 "matching_pursuit", "kron", "adaptivek")
+TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka_batchtopk", "matching_pursuit", "kron", "adaptivek")
 """Architectures with a k, a unit-norm decoder and AuxK."""
+ARCH_OPTIONS = ("matryoshka_widths", "mp_residual_threshold", "kron_m", "kron_n", "adaptivek_min_k", "adaptivek_max_k",
+                "adaptivek_probe_coefficient", "adaptivek_l1_coefficient")
+"""Architecture knobs passed through to SAEConfig unchanged (each architecture ignores the others' knobs)."""
 LR_DECAYS = ("linear", "cosine", "none")
 DTYPES = ("auto", "float32", "bfloat16")
 SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient")
@@ -112,7 +116,8 @@ class TrainConfig:
     """Tokens per context in streaming mode."""
     # -- the SAEs -----------------------------------------------------------------------------------------
     architecture: str = "topk"
-    """Sparse coder architecture: topk, batchtopk, jumprelu, abstopk or relu."""
+    """Sparse coder architecture: topk, batchtopk, jumprelu, abstopk, relu, matryoshka_batchtopk, gated,
+    matching_pursuit, kron or adaptivek."""
     k: int = 32
     """Active latents per token (TopK family)."""
     expansion: int = 16
@@ -133,6 +138,23 @@ class TrainConfig:
     """JumpReLU initial θ."""
     target_l0: float | None = None
     """JumpReLU: penalise (L0/target_l0 − 1)² instead of λ·L0."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Matryoshka: nested dictionary sizes (prefixes of the latents), strictly increasing, the last = d_sae; None:
+    the default group fractions 1/32, 1/16, 1/8, 1/4 and the rest. A comma-separated string is accepted."""
+    mp_residual_threshold: float = 0.01
+    """Matching pursuit: stop a row once ‖residual‖ ≤ this fraction of ‖x − b_dec‖ (0: always k steps)."""
+    kron_m: int = 4
+    """KronSAE: pre-latents per head on the first factor; d_sae must be a multiple of kron_m · kron_n."""
+    kron_n: int = 4
+    """KronSAE: pre-latents per head on the second factor."""
+    adaptivek_min_k: int | None = None
+    """AdaptiveK: fewest active latents per token; None means k // 4."""
+    adaptivek_max_k: int | None = None
+    """AdaptiveK: most active latents per token; None means 4·k (capped at d_sae)."""
+    adaptivek_probe_coefficient: float = 0.05
+    """AdaptiveK: weight of the complexity probe's regression loss."""
+    adaptivek_l1_coefficient: float = 0.005
+    """AdaptiveK: weight of the L1 term mean‖z‖₁ / mean‖x‖₂."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Values swept in the same pass (cartesian product), sharing every batch read."""
     # -- optimisation ---------------------------------------------------------------------------------------
@@ -156,7 +178,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip (0 disables)."""
     sparsity_coefficient: float = 0.0
-    """Final λ for JumpReLU / ReLU."""
+    """Final λ for JumpReLU / ReLU / Gated (Gated needs λ > 0)."""
     sparsity_warmup: float = 0.05
     """Fraction of training over which λ warms up linearly from 0."""
     dead_tokens_threshold: int = 10_000_000
@@ -194,6 +216,7 @@ class TrainConfig:
             raise ValueError(f"sweep must be a SweepConfig or a mapping, got {type(self.sweep).__name__}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(ARCHITECTURES)}")
+        self._check_architecture_options()
         for name in ("n_tokens", "batch_size", "expansion", "context_size", "log_every", "micro_batches",
                      "dead_tokens_threshold"):
             value = getattr(self, name)
@@ -241,6 +264,42 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
 
+    def _check_architecture_options(self) -> None:
+        """Normalise and check the per-architecture knobs that need no activation width (the rest are checked by
+        SAEConfig when each SAE is built, before the first step)."""
+        if self.matryoshka_widths is not None:
+            try:
+                widths = tuple(int(w) for w in _as_tuple(self.matryoshka_widths))
+            except (TypeError, ValueError):
+                raise ValueError(f"matryoshka_widths must be a list of integers, got {self.matryoshka_widths!r}") from None
+            object.__setattr__(self, "matryoshka_widths", widths)
+            if not widths or widths[0] <= 0 or any(b <= a for a, b in zip(widths, widths[1:])):
+                raise ValueError(f"matryoshka_widths are the nested dictionary sizes, strictly increasing and "
+                                 f"positive (the last = d_sae), got {list(widths)}")
+            if self.d_sae is not None and not (self.sweep.d_sae or self.sweep.expansion) and widths[-1] != self.d_sae:
+                raise ValueError(f"matryoshka_widths must end at d_sae={self.d_sae} (the whole dictionary), got "
+                                 f"{list(widths)}")
+        if self.architecture == "gated":
+            lams = self.sweep.sparsity_coefficient or (self.sparsity_coefficient,)
+            if any(lam <= 0 for lam in lams):
+                raise ValueError(f"gated needs a sparsity coefficient λ > 0 (the L1 on the gate's activations), got "
+                                 f"{list(lams)}; e.g. --sparsity-coefficient 0.01")
+        if not 0.0 <= self.mp_residual_threshold < 1.0:
+            raise ValueError(f"mp_residual_threshold must lie in [0, 1), got {self.mp_residual_threshold}")
+        for name in ("kron_m", "kron_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        lo, hi = self.adaptivek_min_k, self.adaptivek_max_k
+        if (lo is not None and lo <= 0) or (hi is not None and hi <= 0) or (lo is not None and hi is not None and lo > hi):
+            raise ValueError(f"adaptivek needs 1 ≤ adaptivek_min_k ≤ adaptivek_max_k, got {lo} and {hi}")
+        if self.adaptivek_probe_coefficient < 0 or self.adaptivek_l1_coefficient < 0:
+            raise ValueError("adaptivek_probe_coefficient and adaptivek_l1_coefficient must be >= 0")
+
+    def sae_options(self) -> dict[str, Any]:
+        """The architecture knobs SAEConfig takes as they are (ARCH_OPTIONS)."""
+        return {name: getattr(self, name) for name in ARCH_OPTIONS}
+
     def specs(self, default_hook: str | None = None) -> list[SAESpec]:
         """Every SAE of the pass, in a fixed order; names are unique subfolders of `out`."""
         hooks = self.hook_points or (default_hook,)
@@ -280,6 +339,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["hook_points"], d["target_hook_points"] = list(self.hook_points), list(self.target_hook_points)
         d["sweep"] = {k: list(v) for k, v in d["sweep"].items()}
+        if self.matryoshka_widths is not None:
+            d["matryoshka_widths"] = list(self.matryoshka_widths)
         return d
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -229,7 +229,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
         skip_connection=cfg.skip_connection, hook_point=hook, target_hook_point=spec.target_hook_point,
         model_name=model_name(source, cfg), k_aux=cfg.k_aux, auxk_coefficient=cfg.auxk_coefficient,
         jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        sparsity_coefficient=spec.sparsity_coefficient, target_l0=cfg.target_l0,
+        sparsity_coefficient=spec.sparsity_coefficient, target_l0=cfg.target_l0, **cfg.sae_options(),
     )
     torch.manual_seed(cfg.seed)
     sae = SparseCoder.from_config(sae_cfg, device=device)

@@ -55,8 +55,8 @@ def test_jumprelu_rejects_bad_knobs(field, value, match):
 
 
 def test_generic_config_errors():
-    with pytest.raises(ValueError, match="unknown architecture 'gated'"):
-        SAEConfig(architecture="gated", d_in=16, d_sae=64)
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        SAEConfig(architecture="nope", d_in=16, d_sae=64)
     with pytest.raises(ValueError, match="d_out.*transcoder"):
         SAEConfig(architecture="relu", d_in=16, d_sae=64, d_out=8)
     with pytest.raises(ValueError, match="k_aux"):
@@ -373,6 +373,10 @@ def test_training_policies_per_architecture():
     from sae_kit.sae.base import SparseCoder
 
     reg = SparseCoder.REGISTRY
-    assert {a for a, c in reg.items() if c.unit_norm_decoder} == {"topk", "batchtopk", "abstopk"}
-    assert {a for a, c in reg.items() if c.uses_sparsity_coefficient} == {"jumprelu", "relu"}
-    assert reg["jumprelu"].adam_betas == (0.0, 0.999) and reg["topk"].adam_betas == (0.9, 0.999)
+    assert {a for a, c in reg.items() if c.unit_norm_decoder} == {
+        "topk", "batchtopk", "abstopk", "matryoshka_batchtopk", "gated", "matching_pursuit", "kron", "adaptivek"}
+    assert {a for a, c in reg.items() if c.uses_sparsity_coefficient} == {"jumprelu", "relu", "gated"}
+    assert {a for a, c in reg.items() if c.calibrates_after_training} == {"batchtopk", "matryoshka_batchtopk",
+                                                                          "adaptivek"}
+    assert reg["jumprelu"].adam_betas == reg["gated"].adam_betas == (0.0, 0.999)
+    assert reg["topk"].adam_betas == (0.9, 0.999)

@@ -275,7 +275,7 @@ def test_transcoder_learns_a_sparse_map(tmp_path):
 
 @pytest.mark.parametrize("bad,match", [
     (dict(k=0), "k must be positive, got 0"), (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
-    (dict(architecture="gated"), "'gated'.*valid"), (dict(n_tokens=-5), "n_tokens.*-5"),
+    (dict(architecture="nope"), "'nope'.*valid"), (dict(n_tokens=-5), "n_tokens.*-5"),
     (dict(transcoder=True), "target_hook_points"), (dict(k=128), "k=128, d_sae=128"),
     (dict(lr_decay="step"), "lr_decay.*'step'"), (dict(sweep={"k": [4, 0]}), r"sweep.k.*\[4, 0\]"),
     (dict(sweep={"width": [1]}), "unknown sweep keys"), (dict(batch_size=100, micro_batches=3), "divisible"),
