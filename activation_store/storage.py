@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,13 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_name(target: str) -> re.Pattern[str]:
+    """Regex of the names `atomic_write` gives its temporaries for files whose names match the regex `target`."""
+    # mkstemp's random part: 8 characters of [a-z0-9_]
+    return re.compile(rf"\.(?:{target}){re.escape(TMP_MARK)}[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
 
 
 def sha256(data: bytes) -> str:
@@ -83,14 +91,18 @@ class Storage:
 
         atomic_write(target, write)
 
-    def remove_temporaries(self) -> None:
-        """Delete temporary files a killed writer left behind (they are never part of the store)."""
-        if not self.local or not os.path.isdir(self.root):
-            return
-        for dirpath, _, files in os.walk(self.root):
-            for name in files:
-                if TMP_MARK in name:
-                    os.remove(os.path.join(dirpath, name))
+    def remove_temporaries(self, rel: str, target: str) -> list[str]:
+        """Delete the temporaries `atomic_write` left in one sub-folder (not below it) for files named like the regex
+        `target`, as a killed writer leaves them; return their names. Other files are never touched."""
+        folder = self.path(rel)
+        if not self.local or not os.path.isdir(folder):
+            return []  # object stores write whole objects, without temporaries
+        pattern, removed = temporary_name(target), []
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
+                removed.append(entry.name)
+        return sorted(removed)
 
     def read_json(self, rel: str) -> dict[str, Any]:
         """Parse a JSON file."""
@@ -122,8 +134,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     The one crash-safe write of every package (SAE files, autointerp results); a failure removes the temporary.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    # TMP_MARK in the name lets `Storage.remove_temporaries` find what a killed writer left.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=".tmp")
+    # The name (see `temporary_name`) lets `Storage.remove_temporaries` find what a killed writer left.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import Tensor
 from activation_store.capture import capture_rows, check_finite, n_contexts, token_batches
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
-from activation_store.storage import Storage, is_disk_full, sha256
+from activation_store.storage import Storage, is_disk_full, sha256, temporary_name
 from activation_store.tokens import DatasetConfig, describe_source
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
 KILL_ENV = "SAE_KIT_CACHE_TEST_KILL"
 """Test hook: "<point>:<shard>" SIGKILLs the cache at `point` (mid_shard, before_manifest, after_shard)."""
+SHARD_FILE = r"shard_\d{5,}\.safetensors"
+"""Regex of the names `_shard_name` gives."""
 
 # Config fields that do not change what is stored, so a resume may differ in them.
 _NOT_CONTENT = ("out", "device")
@@ -216,19 +219,39 @@ def _maybe_die(point: str, shard: int) -> None:
 
 
 def _check_folder(storage: Storage, cfg: CacheConfig) -> dict[str, Any] | None:
-    """The existing manifest if the folder holds this run; None if empty; ValueError if it holds another."""
+    """The manifest if the folder holds a sae-kit store; None if it is new or empty; ValueError if it holds anything
+    else. Nothing is changed here: a folder that is not a store is refused as it is."""
     if storage.exists(MANIFEST):
-        return storage.read_json(MANIFEST)
+        try:
+            manifest = storage.read_json(MANIFEST)
+        except ValueError:  # not JSON
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest; choose an empty or new folder")
+        return manifest
     if storage.exists() and not storage.fs.isdir(storage.root):
         raise ValueError(f"output {cfg.out!r} is a file, not a folder")
-    ours = set(cfg.hook_points) | {TOKENS_DIR}
-    foreign = [n for n in storage.listdir() if n not in ours]
-    if foreign:
+    ours = set(cfg.hook_points) | {TOKENS_DIR}  # empty folders with the store's own names may stay
+    found = [n for n in storage.listdir() if n not in ours or storage.listdir(n)]
+    if found:
+        hint = ""
+        if all(temporary_name(re.escape(MANIFEST)).fullmatch(n) for n in found):
+            hint = f" ({found[0]} is what a `sae-kit cache` killed before its first commit leaves: delete it)"
         raise ValueError(
-            f"output folder {cfg.out!r} is not empty and holds no {MANIFEST} (found {foreign[:5]}); "
-            "choose an empty or new folder"
+            f"output folder {cfg.out!r} is not empty and holds no {MANIFEST} (found {found[:5]}); "
+            f"choose an empty or new folder{hint}"
         )
     return None
+
+
+def _remove_temporaries(storage: Storage, cfg: CacheConfig) -> None:
+    """Delete what a killed writer of this store left: temporaries of its manifest and shard files, matched by the
+    exact names `atomic_write` gives them, in the store's own folders only. Call once the manifest is known ours."""
+    removed = storage.remove_temporaries("", re.escape(MANIFEST))
+    for folder in (*cfg.hook_points, TOKENS_DIR):
+        removed += [f"{folder}/{name}" for name in storage.remove_temporaries(folder, SHARD_FILE)]
+    if removed:
+        log.info("removed %d temporary file(s) of a killed run from %s", len(removed), cfg.out)
 
 
 def _verify_listed(storage: Storage, manifest: dict[str, Any], check_hash: bool) -> None:
@@ -332,11 +355,8 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     from tqdm.auto import tqdm
 
     storage = Storage(cfg.out)
-    storage.remove_temporaries()
-    existing = _check_folder(storage, cfg)
+    existing = _check_folder(storage, cfg)  # before anything is written or removed
     if existing is not None:
-        if existing.get("format") != FORMAT:
-            raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest")
         diff = _differences(_comparable(existing["config"]), _comparable(cfg.content_dict()))
         if diff:
             raise ValueError(
@@ -362,6 +382,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
         if diff:
             raise ValueError(f"cannot resume {cfg.out!r}: the model or data changed since it was started: "
                              f"{'; '.join(diff)}. Use a new --out")
+        _remove_temporaries(storage, cfg)
         _verify_listed(storage, existing, check_hash=False)
         manifest = existing
         log.info("resuming %s after %d finished shard(s)", cfg.out, len(manifest["shards"]))

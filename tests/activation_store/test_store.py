@@ -289,6 +289,62 @@ def test_nan_activations_are_refused(ref_store, tiny_model, tmp_path, monkeypatc
     assert not list(Path(cfg.out).rglob("shard_00002*"))
 
 
+def test_a_foreign_folder_is_refused_untouched(ref_store, tiny_model, tmp_path):
+    """A folder that is not a store is refused before anything in it is touched, whatever its files are named."""
+    folder = tmp_path / "mine"
+    files = {
+        "sub/report.tmp-final.txt": "a user's file",
+        ".manifest.json.tmp-abcd1234.tmp": "named like a temporary of ours",
+        f"{H0}/.shard_00000.safetensors.tmp-abcd1234.tmp": "in a folder named like ours",
+        "tokens/.shard_00001.safetensors.tmp-zz_99xyz.tmp": "the same",
+    }
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(folder)})
+    with pytest.raises(ValueError, match=r"is not empty and holds no manifest.json"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    (folder / "manifest.json").write_text(json.dumps({"format": "someone-elses"}))
+    with pytest.raises(ValueError, match="is not a sae-kit activation manifest"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    (folder / "manifest.json").write_text("not json")
+    with pytest.raises(ValueError, match="is not a sae-kit activation manifest"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    for rel, text in files.items():
+        assert (folder / rel).read_text() == text
+    only_ours = tmp_path / "killed_at_first_commit"
+    only_ours.mkdir()
+    (only_ours / ".manifest.json.tmp-abcd1234.tmp").write_text("{")
+    with pytest.raises(ValueError, match="killed before its first commit"):
+        cache_activations(CacheConfig(**{**cfg.__dict__, "out": str(only_ours)}), progress=False, model=tiny_model)
+    assert (only_ours / ".manifest.json.tmp-abcd1234.tmp").exists()
+
+
+def test_resume_removes_only_its_own_temporaries(ref_store, tiny_model, tmp_path, monkeypatch):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+
+    def crash(point, shard):
+        if (point, shard) == ("after_shard", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_maybe_die", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    monkeypatch.undo()
+    out = Path(cfg.out)
+    ours = [".manifest.json.tmp-abcd1234.tmp", f"{H0}/.shard_00002.safetensors.tmp-abcd1234.tmp",
+            "tokens/.shard_00003.safetensors.tmp-x_1y2z3w.tmp"]
+    theirs = ["notes.tmp-keep.txt", f"{H1}/.report.tmp-abcd1234.tmp", f"{H0}/sub/.shard_00002.safetensors.tmp-abcd1234.tmp",
+              "other/.shard_00002.safetensors.tmp-abcd1234.tmp", "tokens/.shard_2.safetensors.tmp-abcd1234.tmp"]
+    for rel in ours + theirs:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("x")
+    cache_activations(cfg, progress=False, model=tiny_model)
+    assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
+    assert not [rel for rel in ours if (out / rel).exists()]
+    assert all((out / rel).read_text() == "x" for rel in theirs)
+
+
 def test_bad_inputs(ref_store, tiny_model, tmp_path, docs):
     with pytest.raises(ValueError, match="n_tokens must be a positive integer, got 0"):
         CacheConfig(n_tokens=0)
