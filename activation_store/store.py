@@ -295,27 +295,39 @@ def _prepare(batch: TokenBatch, tokenizer: Any, exclude_special: bool, pin: bool
     return _Ready(batch.tokens, keep, where)
 
 
-def _forward(model: LoadedModel, cfg: CacheConfig, item: _Ready) -> dict[str, Tensor]:
-    """One forward; every hook point's kept rows (R, d) in the stored dtype, on their way to host memory."""
+class _Rows(NamedTuple):
+    """One hook point's kept rows of one batch, in host memory once the shard's copy event completed."""
+
+    acts: Tensor  # (R, d) stored dtype
+    sum: Tensor  # (d,) float64 Σx over the rows as stored
+    sum_sq: Tensor  # () float64 Σ‖x‖²
+
+
+def _forward(model: LoadedModel, cfg: CacheConfig, item: _Ready) -> dict[str, _Rows]:
+    """One forward; every hook point's kept rows in the stored dtype and their sums (computed where the rows are:
+    on a GPU they cost nothing), on their way to host memory."""
     tokens = item.tokens.to(model.device, non_blocking=True)
     dtype = getattr(torch, cfg.dtype)
-    acts = model.capture(tokens, cfg.hook_points)  # hook → (B, C, d) on the model's device
-    return {h: to_host(select_rows(a, item.keep).to(dtype)) for h, a in acts.items()}
+    out = {}
+    for h, a in model.capture(tokens, cfg.hook_points).items():  # (B, C, d) on the model's device
+        rows = select_rows(a, item.keep).to(dtype)  # (R, d)
+        x = rows.double()  # statistics over the values as stored, in float64
+        out[h] = _Rows(to_host(rows), to_host(x.sum(0)), to_host((x * x).sum()))
+    return out
 
 
 _Sums = tuple[list[float], float]  # Σx per dimension, Σ‖x‖²
 
 
-def _sums(parts: list[Tensor], hook_point: str, index: int) -> _Sums:
-    """Σx per dimension and Σ‖x‖² of a shard's rows, in float64 over the values as stored; ValueError naming the
-    batch if any value is NaN or inf (a non-finite value makes its sums non-finite)."""
-    total, total_sq = torch.zeros(parts[0].shape[1], dtype=torch.float64), 0.0
+def _sums(parts: list[_Rows], hook_point: str, index: int) -> _Sums:
+    """A shard's sums from its batches'; ValueError naming the batch if any value is NaN or inf (a non-finite value
+    makes its batch's sums non-finite)."""
+    total, total_sq = torch.zeros_like(parts[0].sum), 0.0
     for j, part in enumerate(parts):
-        x = part.double()  # (r, d)
-        s, sq = x.sum(0), float((x * x).sum())
-        if not (torch.isfinite(s).all() and math.isfinite(sq)):
-            check_finite({hook_point: part}, f"shard {index}, batch {j} of that shard")
-        total += s
+        sq = float(part.sum_sq)
+        if not (torch.isfinite(part.sum).all() and math.isfinite(sq)):
+            check_finite({hook_point: part.acts}, f"shard {index}, batch {j} of that shard")
+        total += part.sum
         total_sq += sq
     return total.tolist(), total_sq
 
@@ -325,7 +337,7 @@ class _Shard:
 
     def __init__(self, index: int, hook_points: Sequence[str]):
         self.index, self.name = index, _shard_name(index)
-        self.acts: dict[str, list[Tensor]] = {h: [] for h in hook_points}  # hook → per batch (r, d)
+        self.acts: dict[str, list[_Rows]] = {h: [] for h in hook_points}  # hook → per batch
         self.where: list[tuple[Tensor, Tensor, Tensor]] = []  # per batch: (r,) token id, document, position
         self.contexts = 0
         self.batches = 0
@@ -337,7 +349,7 @@ class _Shard:
     def rows(self) -> int:
         return sum(len(w[0]) for w in self.where)
 
-    def add(self, acts: dict[str, Tensor], item: _Ready) -> None:
+    def add(self, acts: dict[str, _Rows], item: _Ready) -> None:
         for h, a in acts.items():
             self.acts[h].append(a)
         self.where.append(item.where)
@@ -420,8 +432,9 @@ class _ShardWriter:
         else:
             parts, shard.acts[key] = shard.acts[key], []  # freed once written
             sums = _sums(parts, key, shard.index)
-            blob = safetensors.torch.save({"activations": torch.cat(parts).contiguous()})  # (R, d) stored dtype
-            del parts
+            acts = torch.cat([p.acts for p in parts])  # (R, d) stored dtype
+            blob = safetensors.torch.save({"activations": acts.contiguous()})
+            del parts, acts
         rel = f"{key}/{shard.name}"
         self.storage.write_atomic(rel, blob)
         shard.written.append(rel)
