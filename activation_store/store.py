@@ -271,8 +271,9 @@ def _verify_listed(storage: Storage, manifest: dict[str, Any], check_hash: bool)
                 raise ValueError(f"shard file {entry['path']!r} in {storage.url} fails its sha256 check (corrupted)")
 
 
-_READY = 4
-"""Token batches prepared ahead of the forward."""
+_READY_TOKENS = 1 << 20
+"""Tokens prepared ahead of the forward: enough for the tokenizer's next chunk of documents to be encoded while
+the forward works through them (a chunk arrives in one burst, several batches at once)."""
 _WRITERS = max(2, min(4, os.cpu_count() or 1))
 """Threads that serialise, hash and write shard files, one file per job (hook points write in parallel)."""
 _IN_FLIGHT = _WRITERS + 1
@@ -374,7 +375,8 @@ class _ShardWriter:
         """Cache every batch; return once all shards are committed, or raise the first error of any stage."""
         cfg, cuda = self.cfg, model.device.type == "cuda"
         stages = Stages("sae-kit-cache")
-        ready: queue.Queue[_Ready | None] = queue.Queue(_READY)
+        ready: queue.Queue[_Ready | None] = queue.Queue(
+            max(2, _READY_TOKENS // (cfg.batch_size * cfg.dataset.context_size)))
         handed: queue.Queue[_Shard | None] = queue.Queue()  # index order; bounded by the slots
         slots = threading.Semaphore(_IN_FLIGHT)
         pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="sae-kit-cache-write")
