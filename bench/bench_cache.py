@@ -47,18 +47,20 @@ def _sync(device: torch.device) -> None:
 def measure_cache(
     model: str = "reference", hook_points: tuple[str, ...] | None = None, backend: str = "auto",
     context_size: int = 256, batch_size: int = 32, n_tokens: int | None = None, shard_tokens: int = 65_536,
-    dtype: str = "float32", device: str | None = None, dataset: str = "stdlib", repeats: int = 1,
+    dtype: str = "float32", device: str | None = None, dataset: str = "stdlib", repeats: int = 2,
     out_dir: str | None = None, loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Tokens/s of `cache_activations` and of the bare forward on the same batches, and their ratio.
 
-    n_tokens defaults to 8 forward batches on CPU and 64 on CUDA. Runs alternate and each keeps its best of
-    `repeats`, since the machine may be shared. `loaded` passes `model` already loaded.
+    n_tokens defaults to 8 forward batches on CPU, and on CUDA to 64 batches or 4M tokens, whichever is more. Runs
+    alternate and each keeps its best of `repeats` (the first pays one-time costs, and machines are shared).
+    `loaded` passes `model` already loaded.
     """
     m = loaded if loaded is not None else load_model(model, backend=backend, device=device)
     hooks = tuple(hook_points) if hook_points else (default_hook(m),)
     if n_tokens is None:
-        n_tokens = (64 if m.device.type == "cuda" else 8) * batch_size * context_size
+        per_batch = batch_size * context_size
+        n_tokens = max(64 * per_batch, 1 << 22) if m.device.type == "cuda" else 8 * per_batch
     data = DatasetConfig(path=dataset, context_size=context_size)
     cfg = CacheConfig(model=model, backend=m.backend, hook_points=hooks, dataset=data, n_tokens=n_tokens,
                       batch_size=batch_size, shard_tokens=shard_tokens, dtype=dtype, device=str(m.device))
@@ -67,7 +69,8 @@ def measure_cache(
     batches = [b.tokens for b in token_batches(m, data, batch_size, n_tokens)]  # (B, C) each
     tokenize_s = time.perf_counter() - t
     n = sum(b.numel() for b in batches)
-    m.capture(batches[0].to(m.device), hooks)  # warm-up (kernels, allocator)
+    batches = [b.to(m.device) for b in batches]  # the bare forward copies nothing
+    m.capture(batches[0], hooks)  # warm-up (kernels, allocator)
     _sync(m.device)
 
     forward, cache = [], []
@@ -76,7 +79,7 @@ def measure_cache(
         for rep in range(repeats):
             t = time.perf_counter()
             for tokens in batches:
-                m.capture(tokens.to(m.device), hooks)
+                m.capture(tokens, hooks)
             _sync(m.device)
             forward.append(time.perf_counter() - t)
             out = root / f"store{rep}"
@@ -120,7 +123,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--context-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=None, help="default: 8 batches on CPU, 64 on CUDA")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="default: 8 batches on CPU; on CUDA 64 batches or 4M tokens, whichever is more")
     parser.add_argument("--shard-tokens", type=int, default=65_536)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
