@@ -197,7 +197,7 @@ def iter_token_batches(
     loose = np.empty((0, 3), dtype=np.int64)  # tokens not yet in a context
     contexts = np.empty((0, cfg.context_size, 3), dtype=np.int64)  # contexts not yet in a batch
     yielded = 0
-    for chunk in _chunks(iter_documents(cfg), 64):  # the fast tokenizer parallelises over a batch of documents
+    for chunk in _chunks(iter_documents(cfg), 64):
         encoded = tokenizer([t for _, t in chunk], add_special_tokens=False)["input_ids"]
         loose = np.concatenate([loose, _token_rows([d for d, _ in chunk], encoded, bos, cfg.bos == "document")])
         n = len(loose) // body
@@ -215,13 +215,16 @@ def iter_token_batches(
         yield _to_batch(contexts)  # a final short batch rather than silently dropping whole contexts
 
 
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+def _chunks(items: Iterable[T], largest: int) -> Iterator[list[T]]:
+    """Consecutive items in lists 1, 2, 4, ... up to `largest` long: the first batch comes at once, and later
+    lists are long enough for the fast tokenizer to parallelise over."""
     chunk: list[T] = []
+    size = 1
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
-            chunk = []
+            chunk, size = [], min(2 * size, largest)
     if chunk:
         yield chunk
 
