@@ -22,13 +22,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
-TMP_SUFFIX = ".tmp"
 
 
 def temporary_name(target: str) -> re.Pattern[str]:
     """Regex of the names `atomic_write` gives its temporaries for files whose names match the regex `target`."""
-    # mkstemp's random part: 8 characters of [a-z0-9_]
-    return re.compile(rf"\.(?:{target}){re.escape(TMP_MARK)}[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+    # ".<name>.tmp-<8 random characters of mkstemp's alphabet>.tmp"
+    return re.compile(rf"\.(?:{target}){re.escape(TMP_MARK)}[a-z0-9_]{{8}}\.tmp")
 
 
 def sha256(data: bytes) -> str:
@@ -134,8 +133,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     The one crash-safe write of every package (SAE files, autointerp results); a failure removes the temporary.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    # The name (see `temporary_name`) lets `Storage.remove_temporaries` find what a killed writer left.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=TMP_SUFFIX)
+    # TMP_MARK in the name lets `Storage.remove_temporaries` find what a killed writer left.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
