@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,15 +51,35 @@ def token_batches(
             return
 
 
+def kept_indices(tokens: Tensor, tokenizer: Any, exclude_special: bool) -> Tensor | None:
+    """Flat indices (R,) of the tokens of (B, C) `tokens` whose rows are kept, in order; None keeps every row."""
+    if not exclude_special:
+        return None
+    return (~special_token_mask(tokens, tokenizer)).flatten().nonzero().squeeze(1)  # (R,) int64
+
+
+def select_rows(x: Tensor, keep: Tensor | None) -> Tensor:
+    """Per-token values (B, C, ...) → (R, ...) of the kept tokens, on x's device and without waiting for it."""
+    flat = x.reshape(-1, *x.shape[2:])  # (B·C, ...)
+    return flat if keep is None else flat.index_select(0, keep.to(flat.device, non_blocking=True))
+
+
+def to_host(x: Tensor) -> Tensor:
+    """x in host memory: x itself on CPU; from CUDA a pinned copy still under way, so read it only after a CUDA
+    event recorded behind it has completed; from other devices a plain copy."""
+    if x.device.type == "cpu":
+        return x
+    if x.device.type != "cuda":
+        return x.cpu()
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+
+
 def capture_rows(model: LoadedModel, batch: TokenBatch, hook_points: Sequence[str], exclude_special: bool) -> Rows:
     """One forward (stopping after the deepest hook point); rows of BOS/EOS/pad tokens dropped if asked."""
+    keep = kept_indices(batch.tokens, model.tokenizer, exclude_special)
     acts = model.capture(batch.tokens, hook_points)  # hook → (B, C, d)
-    keep = torch.ones_like(batch.tokens, dtype=torch.bool)
-    if exclude_special:
-        keep = ~special_token_mask(batch.tokens, model.tokenizer)
-    keep = keep.flatten()  # (B·C,)
-    rows = {h: a.reshape(-1, a.shape[-1])[keep.to(a.device)].cpu() for h, a in acts.items()}  # (R, d)
-    return Rows(rows, batch.tokens.flatten()[keep], batch.doc_ids.flatten()[keep], batch.positions.flatten()[keep])
+    rows = {h: select_rows(a, keep).cpu() for h, a in acts.items()}  # (R, d)
+    return Rows(rows, *(select_rows(t, keep) for t in (batch.tokens, batch.doc_ids, batch.positions)))
 
 
 def check_finite(acts: dict[str, Tensor], where: str) -> None:

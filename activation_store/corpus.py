@@ -1,7 +1,9 @@
 """The default offline corpus: the Python standard library source of the running interpreter."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,15 +27,25 @@ def stdlib_files(split: str = "train") -> list[Path]:
     """All stdlib `.py` files of one split ("train", "heldout" or "all"), sorted by relative path."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    return [p for p, rel in _stdlib_py_files() if split == "all" or is_heldout(rel) == (split == "heldout")]
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_py_files() -> tuple[tuple[Path, str], ...]:
+    """(path, relative path) of every stdlib `.py` file, sorted; listed once per process (it takes seconds)."""
     root = stdlib_root()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        # Prune what `_skip` drops anyway rather than walking it: site-packages can hold most of the tree.
+        dirnames[:] = [d for d in dirnames if not _skip(f"{(base / d).relative_to(root).as_posix()}/x.py")]
+        found += [base / f for f in filenames if f.endswith(".py")]
     out = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(found):
         rel = path.relative_to(root).as_posix()
-        if _skip(rel):
-            continue
-        if split == "all" or (is_heldout(rel) == (split == "heldout")):
-            out.append(path)
-    return out
+        if not _skip(rel):
+            out.append((path, rel))
+    return tuple(out)
 
 
 def is_heldout(rel_path: str) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+
+
+def temporary_name(target: str) -> re.Pattern[str]:
+    """Regex of the names `atomic_write` gives its temporaries for files whose names match the regex `target`."""
+    # ".<name>.tmp-<8 random characters of mkstemp's alphabet>.tmp"
+    return re.compile(rf"\.(?:{target}){re.escape(TMP_MARK)}[a-z0-9_]{{8}}\.tmp")
 
 
 def sha256(data: bytes) -> str:
@@ -83,14 +90,18 @@ class Storage:
 
         atomic_write(target, write)
 
-    def remove_temporaries(self) -> None:
-        """Delete temporary files a killed writer left behind (they are never part of the store)."""
-        if not self.local or not os.path.isdir(self.root):
-            return
-        for dirpath, _, files in os.walk(self.root):
-            for name in files:
-                if TMP_MARK in name:
-                    os.remove(os.path.join(dirpath, name))
+    def remove_temporaries(self, rel: str, target: str) -> list[str]:
+        """Delete the temporaries `atomic_write` left in one sub-folder (not below it) for files named like the regex
+        `target`, as a killed writer leaves them; return their names. Other files are never touched."""
+        folder = self.path(rel)
+        if not self.local or not os.path.isdir(folder):
+            return []  # object stores write whole objects, without temporaries
+        pattern, removed = temporary_name(target), []
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
+                removed.append(entry.name)
+        return sorted(removed)
 
     def read_json(self, rel: str) -> dict[str, Any]:
         """Parse a JSON file."""

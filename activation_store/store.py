@@ -18,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
-import signal
+import queue
+import re
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,11 +33,12 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from activation_store.capture import capture_rows, check_finite, n_contexts, token_batches
+from activation_store.capture import check_finite, kept_indices, n_contexts, select_rows, to_host, token_batches
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
-from activation_store.storage import Storage, is_disk_full, sha256
-from activation_store.tokens import DatasetConfig, describe_source
+from activation_store.stages import Stages
+from activation_store.storage import Storage, is_disk_full, sha256, temporary_name
+from activation_store.tokens import DatasetConfig, TokenBatch, describe_source
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,8 @@ TOKENS_DIR = "tokens"
 FORMAT = "sae-kit-activations"
 VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
-KILL_ENV = "SAE_KIT_CACHE_TEST_KILL"
-"""Test hook: "<point>:<shard>" SIGKILLs the cache at `point` (mid_shard, before_manifest, after_shard)."""
+SHARD_FILE = r"shard_\d{5,}\.safetensors"
+"""Regex of the names `_shard_name` gives."""
 
 # Config fields that do not change what is stored, so a resume may differ in them.
 _NOT_CONTENT = ("out", "device")
@@ -209,26 +214,46 @@ def _comparable(content: dict[str, Any]) -> dict[str, Any]:
     return content
 
 
-def _maybe_die(point: str, shard: int) -> None:
-    # Lets the resume tests kill the process at exact points; a no-op unless the env var is set.
-    if os.environ.get(KILL_ENV) == f"{point}:{shard}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def _kill_point(point: str, shard: int) -> None:
+    """Seam for the crash tests, called where a kill must lose nothing: "mid_shard" (one file of the shard written),
+    "before_manifest" (all its files written, not yet listed), "after_shard" (listed). Does nothing."""
 
 
 def _check_folder(storage: Storage, cfg: CacheConfig) -> dict[str, Any] | None:
-    """The existing manifest if the folder holds this run; None if empty; ValueError if it holds another."""
+    """The manifest if the folder holds a sae-kit store; None if it is new or empty; ValueError if it holds anything
+    else. Nothing is changed here: a folder that is not a store is refused as it is."""
     if storage.exists(MANIFEST):
-        return storage.read_json(MANIFEST)
+        try:
+            manifest = storage.read_json(MANIFEST)
+        except ValueError:  # not JSON
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest; choose an empty or new "
+                             "folder")
+        return manifest
     if storage.exists() and not storage.fs.isdir(storage.root):
         raise ValueError(f"output {cfg.out!r} is a file, not a folder")
-    ours = set(cfg.hook_points) | {TOKENS_DIR}
-    foreign = [n for n in storage.listdir() if n not in ours]
-    if foreign:
+    ours = set(cfg.hook_points) | {TOKENS_DIR}  # empty folders with the store's own names may stay
+    found = [n for n in storage.listdir() if n not in ours or storage.listdir(n)]
+    if found:
+        hint = ""
+        if all(temporary_name(re.escape(MANIFEST)).fullmatch(n) for n in found):
+            hint = f" ({found[0]} is what a `sae-kit cache` killed before its first commit leaves: delete it)"
         raise ValueError(
-            f"output folder {cfg.out!r} is not empty and holds no {MANIFEST} (found {foreign[:5]}); "
-            "choose an empty or new folder"
+            f"output folder {cfg.out!r} is not empty and holds no {MANIFEST} (found {found[:5]}); "
+            f"choose an empty or new folder{hint}"
         )
     return None
+
+
+def _remove_temporaries(storage: Storage, cfg: CacheConfig) -> None:
+    """Delete what a killed writer of this store left: temporaries of its manifest and shard files, matched by the
+    exact names `atomic_write` gives them, in the store's own folders only. Call once the manifest is known ours."""
+    removed = storage.remove_temporaries("", re.escape(MANIFEST))
+    for folder in (*cfg.hook_points, TOKENS_DIR):
+        removed += [f"{folder}/{name}" for name in storage.remove_temporaries(folder, SHARD_FILE)]
+    if removed:
+        log.info("removed %d temporary file(s) of a killed run from %s", len(removed), cfg.out)
 
 
 def _verify_listed(storage: Storage, manifest: dict[str, Any], check_hash: bool) -> None:
@@ -246,82 +271,218 @@ def _verify_listed(storage: Storage, manifest: dict[str, Any], check_hash: bool)
                 raise ValueError(f"shard file {entry['path']!r} in {storage.url} fails its sha256 check (corrupted)")
 
 
+_READY_TOKENS = 1 << 20
+"""Tokens prepared ahead of the forward: enough for the tokenizer's next chunk of documents to be encoded while
+the forward works through them (a chunk arrives in one burst, several batches at once)."""
+_WRITERS = max(2, min(4, os.cpu_count() or 1))
+"""Threads that serialise, hash and write shard files, one file per job (hook points write in parallel)."""
+_IN_FLIGHT = _WRITERS + 1
+"""Shards handed to the writers and not yet committed; bounds the host memory held."""
+
+
+class _Ready(NamedTuple):
+    """A token batch prepared for the forward."""
+
+    tokens: Tensor  # (B, C) int64 token ids, pinned when the model is on CUDA
+    keep: Tensor | None  # (R,) flat indices of the kept tokens (None: all), pinned like tokens
+    where: tuple[Tensor, Tensor, Tensor]  # (R,) token id, document index, position of each kept row
+
+
+def _prepare(batch: TokenBatch, tokenizer: Any, exclude_special: bool, pin: bool) -> _Ready:
+    keep = kept_indices(batch.tokens, tokenizer, exclude_special)
+    where = (select_rows(batch.tokens, keep), select_rows(batch.doc_ids, keep), select_rows(batch.positions, keep))
+    if pin:  # pinned memory lets the forward copy them to the device without waiting
+        return _Ready(batch.tokens.pin_memory(), None if keep is None else keep.pin_memory(), where)
+    return _Ready(batch.tokens, keep, where)
+
+
+class _Rows(NamedTuple):
+    """One hook point's kept rows of one batch, in host memory once the shard's copy event completed."""
+
+    acts: Tensor  # (R, d) stored dtype
+    sum: Tensor  # (d,) float64 Σx over the rows as stored
+    sum_sq: Tensor  # () float64 Σ‖x‖²
+
+
+def _forward(model: LoadedModel, cfg: CacheConfig, item: _Ready) -> dict[str, _Rows]:
+    """One forward; every hook point's kept rows in the stored dtype and their sums (computed where the rows are:
+    on a GPU they cost nothing), on their way to host memory."""
+    tokens = item.tokens.to(model.device, non_blocking=True)
+    dtype = getattr(torch, cfg.dtype)
+    out = {}
+    for h, a in model.capture(tokens, cfg.hook_points).items():  # (B, C, d) on the model's device
+        rows = select_rows(a, item.keep).to(dtype)  # (R, d)
+        x = rows.double()  # statistics over the values as stored, in float64
+        out[h] = _Rows(to_host(rows), to_host(x.sum(0)), to_host((x * x).sum()))
+    return out
+
+
+_Sums = tuple[list[float], float]  # Σx per dimension, Σ‖x‖²
+
+
+def _sums(parts: list[_Rows], hook_point: str, index: int) -> _Sums:
+    """A shard's sums from its batches'; ValueError naming the batch if any value is NaN or inf (a non-finite value
+    makes its batch's sums non-finite)."""
+    total, total_sq = torch.zeros_like(parts[0].sum), 0.0
+    for j, part in enumerate(parts):
+        sq = float(part.sum_sq)
+        if not (torch.isfinite(part.sum).all() and math.isfinite(sq)):
+            check_finite({hook_point: part.acts}, f"shard {index}, batch {j} of that shard")
+        total += part.sum
+        total_sq += sq
+    return total.tolist(), total_sq
+
+
+class _Shard:
+    """One shard: rows as the forward hands them over, then its files as they are written."""
+
+    def __init__(self, index: int, hook_points: Sequence[str]):
+        self.index, self.name = index, _shard_name(index)
+        self.acts: dict[str, list[_Rows]] = {h: [] for h in hook_points}  # hook → per batch
+        self.where: list[tuple[Tensor, Tensor, Tensor]] = []  # per batch: (r,) token id, document, position
+        self.contexts = 0
+        self.batches = 0
+        self.copied: Any = None  # on CUDA an event that completes once every block is in host memory
+        self.files: dict[str, Future[tuple[dict[str, Any], _Sums | None]]] = {}
+        self.written: list[str] = []  # files on disk, removed again if the shard is never committed
+
+    @property
+    def rows(self) -> int:
+        return sum(len(w[0]) for w in self.where)
+
+    def add(self, acts: dict[str, _Rows], item: _Ready) -> None:
+        for h, a in acts.items():
+            self.acts[h].append(a)
+        self.where.append(item.where)
+        self.contexts += len(item.tokens)
+        self.batches += 1
+
+
 class _ShardWriter:
-    """Accumulates rows of one shard and commits it: files first, manifest last."""
+    """Runs the cache as overlapping stages, and commits shards strictly in order: files first, manifest last.
+
+    tokens (thread) → forward and device-to-host copy (calling thread) → file writes (pool of `_WRITERS`, each
+    file serialised, hashed and written atomically) → manifest commits (thread). Bounded queues keep each stage
+    at most a few batches or shards ahead of the next. After an error the shards handed over before it are still
+    committed; the files of the others are removed.
+    """
 
     def __init__(self, storage: Storage, manifest: dict[str, Any], cfg: CacheConfig):
         self.storage, self.manifest, self.cfg = storage, manifest, cfg
-        self.dtype = getattr(torch, cfg.dtype)
-        self.reset()
+        self.pending: dict[int, _Shard] = {}  # handed to the writers, not yet committed
 
-    def reset(self) -> None:
-        self.acts: dict[str, list[Tensor]] = {h: [] for h in self.cfg.hook_points}
-        self.where: list[list[Tensor]] = [[], [], []]
-        self.contexts = 0
-        self.batches = 0
+    def run(self, model: LoadedModel, batches: Iterator[TokenBatch], bar: Any) -> None:
+        """Cache every batch; return once all shards are committed, or raise the first error of any stage."""
+        cfg, cuda = self.cfg, model.device.type == "cuda"
+        stages = Stages("sae-kit-cache")
+        ready: queue.Queue[_Ready | None] = queue.Queue(
+            max(2, _READY_TOKENS // (cfg.batch_size * cfg.dataset.context_size)))
+        handed: queue.Queue[_Shard | None] = queue.Queue()  # index order; bounded by the slots
+        slots = threading.Semaphore(_IN_FLIGHT)
+        pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="sae-kit-cache-write")
 
-    @property
-    def index(self) -> int:
-        return len(self.manifest["shards"])
+        def tokenize() -> None:
+            for batch in batches:
+                stages.put(ready, _prepare(batch, model.tokenizer, cfg.exclude_special, cuda))
+            stages.put(ready, None)
 
-    def add(self, rows: Any, n_contexts_in_batch: int) -> None:
-        acts = {h: a.to(self.dtype) for h, a in rows.acts.items()}
-        check_finite(acts, f"shard {self.index}, batch {self.batches} of that shard")
-        for h, a in acts.items():
-            self.acts[h].append(a)
-        for lst, t in zip(self.where, (rows.tokens, rows.doc_ids, rows.positions)):
-            lst.append(t)
-        self.contexts += n_contexts_in_batch
-        self.batches += 1
+        def commit() -> None:
+            while (shard := stages.get(handed, drain=True)) is not None:
+                self.commit(shard)
+                slots.release()
 
-    def commit(self) -> None:
-        index, name = self.index, _shard_name(self.index)
-        files: dict[str, dict[str, Any]] = {}
-        sums: dict[str, tuple[list[float], float]] = {}
-        blobs: dict[str, bytes] = {}
-        for h, parts in self.acts.items():
-            a = torch.cat(parts)  # (R, d) stored dtype
-            blobs[h] = safetensors.torch.save({"activations": a.contiguous()})
-            x = a.double()  # statistics over the values as stored, in float64
-            sums[h] = (x.sum(0).tolist(), float((x * x).sum()))
-        tok, doc, pos = (torch.cat(p).long() for p in self.where)
-        blobs[TOKENS_DIR] = safetensors.torch.save({"tokens": tok, "doc_ids": doc, "positions": pos})
-        written: list[str] = []
+        def hand_over(shard: _Shard) -> None:
+            stages.acquire(slots)
+            if cuda:
+                shard.copied = torch.cuda.current_stream(model.device).record_event()
+            self.pending[shard.index] = shard
+            for i, key in enumerate((*cfg.hook_points, TOKENS_DIR)):
+                shard.files[key] = pool.submit(self.write_file, shard, key, i == 0)
+            handed.put(shard)
+
+        stages.start("tokens", tokenize)
+        stages.start("commit", commit)
         try:
-            for i, (key, blob) in enumerate(blobs.items()):
-                rel = f"{key}/{name}"
-                self.storage.write_atomic(rel, blob)
-                written.append(rel)
-                files[key] = {"path": rel, "sha256": sha256(blob), "bytes": len(blob)}
-                if i == 0:
-                    _maybe_die("mid_shard", index)
-        except OSError as err:
-            for rel in written:  # not listed in the manifest, so not part of the store; tidy up anyway
-                try:
-                    self.storage.fs.rm(self.storage.path(rel))
-                except OSError:
-                    pass
-            if is_disk_full(err):
-                raise OSError(
-                    err.errno,
-                    f"disk full while writing shard {index} to {self.cfg.out!r}: that shard was discarded, the "
-                    f"{index} finished shard(s) are kept; free some space and re-run the same command to resume",
-                ) from err
+            shard = _Shard(len(self.manifest["shards"]), cfg.hook_points)
+            while (item := stages.get(ready)) is not None:
+                shard.add(_forward(model, cfg, item), item)
+                bar.update(item.tokens.numel())
+                if shard.batches == cfg.batches_per_shard:
+                    hand_over(shard)
+                    shard = _Shard(shard.index + 1, cfg.hook_points)
+            if shard.batches:
+                hand_over(shard)
+            handed.put(None)
+        except BaseException as err:  # noqa: BLE001 (raised by `wait` below, after the other stages stopped)
+            stages.fail(err)
+        try:
+            stages.wait()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.discard_uncommitted()
             raise
-        _maybe_die("before_manifest", index)
-        m = self.manifest
+        pool.shutdown()
+
+    def write_file(self, shard: _Shard, key: str, first: bool) -> tuple[dict[str, Any], _Sums | None]:
+        """Serialise, hash and atomically write one file of a shard; its manifest entry and norm sums."""
+        if shard.copied is not None:
+            shard.copied.synchronize()
+        sums = None
+        if key == TOKENS_DIR:
+            tok, doc, pos = (torch.cat(p).long() for p in zip(*shard.where))  # (R,) each
+            blob = safetensors.torch.save({"tokens": tok, "doc_ids": doc, "positions": pos})
+        else:
+            parts, shard.acts[key] = shard.acts[key], []  # freed once written
+            sums = _sums(parts, key, shard.index)
+            acts = torch.cat([p.acts for p in parts])  # (R, d) stored dtype
+            blob = safetensors.torch.save({"activations": acts.contiguous()})
+            del parts, acts
+        rel = f"{key}/{shard.name}"
+        self.storage.write_atomic(rel, blob)
+        shard.written.append(rel)
+        if first:
+            _kill_point("mid_shard", shard.index)
+        return {"path": rel, "sha256": sha256(blob), "bytes": len(blob)}, sums
+
+    def commit(self, shard: _Shard) -> None:
+        """List a shard in the manifest once all its files are written."""
+        index, files, sums = shard.index, {}, {}
+        for key, future in shard.files.items():
+            try:
+                files[key], s = future.result()
+            except OSError as err:
+                if is_disk_full(err):
+                    raise OSError(
+                        err.errno,
+                        f"disk full while writing shard {index} to {self.cfg.out!r}: that shard was discarded, the "
+                        f"{index} finished shard(s) are kept; free some space and re-run the same command to resume",
+                    ) from err
+                raise
+            if s is not None:
+                sums[key] = s
+        _kill_point("before_manifest", index)
+        m, rows = self.manifest, shard.rows
         for h, (s, sq) in sums.items():
             acc = m["norm_sums"].setdefault(h, {"sum": [0.0] * len(s), "sum_sq_norm": 0.0, "count": 0})
             acc["sum"] = [p + q for p, q in zip(acc["sum"], s)]
             acc["sum_sq_norm"] += sq
-            acc["count"] += len(tok)
-        m["shards"].append({"name": name, "contexts": self.contexts, "batches": self.batches, "rows": len(tok),
+            acc["count"] += rows
+        m["shards"].append({"name": shard.name, "contexts": shard.contexts, "batches": shard.batches, "rows": rows,
                             "files": files})
         m["n_rows"] = sum(s["rows"] for s in m["shards"])
         m["n_contexts"] = sum(s["contexts"] for s in m["shards"])
         self.storage.write_json_atomic(MANIFEST, m)
-        _maybe_die("after_shard", index)
-        self.reset()
+        del self.pending[index]
+        _kill_point("after_shard", index)
+
+    def discard_uncommitted(self) -> None:
+        """Remove the files of shards written but never listed (after an error; the next run would overwrite them)."""
+        for shard in self.pending.values():
+            for rel in shard.written:
+                try:
+                    self.storage.fs.rm(self.storage.path(rel))
+                except OSError:
+                    pass
 
 
 def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedModel | None = None) -> str:
@@ -332,11 +493,8 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     from tqdm.auto import tqdm
 
     storage = Storage(cfg.out)
-    storage.remove_temporaries()
-    existing = _check_folder(storage, cfg)
+    existing = _check_folder(storage, cfg)  # before anything is written or removed
     if existing is not None:
-        if existing.get("format") != FORMAT:
-            raise ValueError(f"{cfg.out}/{MANIFEST} is not a sae-kit activation manifest")
         diff = _differences(_comparable(existing["config"]), _comparable(cfg.content_dict()))
         if diff:
             raise ValueError(
@@ -362,6 +520,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
         if diff:
             raise ValueError(f"cannot resume {cfg.out!r}: the model or data changed since it was started: "
                              f"{'; '.join(diff)}. Use a new --out")
+        _remove_temporaries(storage, cfg)
         _verify_listed(storage, existing, check_hash=False)
         manifest = existing
         log.info("resuming %s after %d finished shard(s)", cfg.out, len(manifest["shards"]))
@@ -377,20 +536,13 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                              f"{cfg.dataset.context_size} tokens")
         storage.write_json_atomic(MANIFEST, manifest)  # records the config so a mismatch is caught from the start
 
-    writer = _ShardWriter(storage, manifest, cfg)
     C = cfg.dataset.context_size
     total = header["n_contexts_planned"] * C
     bar = tqdm(total=total, initial=manifest["n_contexts"] * C, unit="tok", unit_scale=True,
                desc=f"cache {len(cfg.hook_points)} hook(s)", disable=not progress)
     try:
-        batches = iter(()) if first is None else _chain(first, stream)
-        for batch in batches:
-            writer.add(capture_rows(model, batch, cfg.hook_points, cfg.exclude_special), len(batch.tokens))
-            bar.update(batch.tokens.numel())
-            if writer.batches == cfg.batches_per_shard:
-                writer.commit()
-        if writer.batches:
-            writer.commit()
+        if first is not None:
+            _ShardWriter(storage, manifest, cfg).run(model, _chain(first, stream), bar)
     finally:
         bar.close()
     if manifest["n_contexts"] < header["n_contexts_planned"]:

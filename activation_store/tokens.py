@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -181,8 +183,8 @@ def iter_token_batches(
 ) -> Iterator[TokenBatch]:
     """Tokenize, concatenate and pack documents into (batch_size, context_size) contexts.
 
-    Only the last partial context is dropped; the last batch may be short. `max_tokens` stops once that many tokens were yielded (rounded up to
-    whole batches).
+    Only the last partial context is dropped; the last batch may be short. `max_tokens` stops once that many tokens
+    were yielded (rounded up to whole batches).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -190,49 +192,58 @@ def iter_token_batches(
     if cfg.bos != "none" and bos is None:
         raise ValueError(f"bos={cfg.bos!r} but the tokenizer has no BOS token; use bos='none'")
     body = cfg.context_size - (1 if cfg.bos == "context" else 0)
-    buf_tok: list[int] = []
-    buf_doc: list[int] = []
-    buf_pos: list[int] = []
-    rows: list[tuple[list[int], list[int], list[int]]] = []
+    # Rows are (token, document index, position) along the last axis; numpy keeps the packing off the GIL-bound
+    # Python loop, so it keeps up with a GPU forward.
+    loose = np.empty((0, 3), dtype=np.int64)  # tokens not yet in a context
+    contexts = np.empty((0, cfg.context_size, 3), dtype=np.int64)  # contexts not yet in a batch
     yielded = 0
-
-    def texts_in_chunks() -> Iterator[list[tuple[int, str]]]:
-        chunk: list[tuple[int, str]] = []
-        for item in iter_documents(cfg):
-            chunk.append(item)
-            if len(chunk) == 64:  # the fast tokenizer parallelises over a batch of documents
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    for chunk in texts_in_chunks():
+    for chunk in _chunks(iter_documents(cfg), 64):
         encoded = tokenizer([t for _, t in chunk], add_special_tokens=False)["input_ids"]
-        for (doc, _), ids in zip(chunk, encoded, strict=True):
-            if cfg.bos == "document":
-                ids = [bos, *ids]
-            buf_tok.extend(ids)
-            buf_doc.extend([doc] * len(ids))
-            buf_pos.extend(range(len(ids)))
-            while len(buf_tok) >= body:
-                tok, doc_ids, pos = buf_tok[:body], buf_doc[:body], buf_pos[:body]
-                del buf_tok[:body], buf_doc[:body], buf_pos[:body]
-                if cfg.bos == "context":
-                    tok, doc_ids, pos = [bos, *tok], [-1, *doc_ids], [0, *pos]
-                rows.append((tok, doc_ids, pos))
-                if len(rows) == batch_size:
-                    yield _to_batch(rows)
-                    yielded += batch_size * cfg.context_size
-                    rows = []
-                    if max_tokens is not None and yielded >= max_tokens:
-                        return
-    if rows:
-        yield _to_batch(rows)  # a final short batch rather than silently dropping whole contexts
+        loose = np.concatenate([loose, _token_rows([d for d, _ in chunk], encoded, bos, cfg.bos == "document")])
+        n = len(loose) // body
+        new, loose = loose[: n * body].reshape(n, body, 3), loose[n * body:]
+        if cfg.bos == "context":  # a BOS (document -1, position 0) opens every context
+            new = np.concatenate([np.broadcast_to(np.array([bos, -1, 0]), (n, 1, 3)), new], axis=1)
+        contexts = np.concatenate([contexts, new])
+        while len(contexts) >= batch_size:
+            yield _to_batch(contexts[:batch_size])
+            contexts = contexts[batch_size:]
+            yielded += batch_size * cfg.context_size
+            if max_tokens is not None and yielded >= max_tokens:
+                return
+    if len(contexts):
+        yield _to_batch(contexts)  # a final short batch rather than silently dropping whole contexts
 
 
-def _to_batch(rows: list[tuple[list[int], list[int], list[int]]]) -> TokenBatch:
-    tok, doc, pos = zip(*rows, strict=True)
-    return TokenBatch(torch.tensor(tok), torch.tensor(doc), torch.tensor(pos))
+def _chunks(items: Iterable[T], largest: int) -> Iterator[list[T]]:
+    """Consecutive items in lists 1, 2, 4, ... up to `largest` long: the first batch comes at once, and later
+    lists are long enough for the fast tokenizer to parallelise over."""
+    chunk: list[T] = []
+    size = 1
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk, size = [], min(2 * size, largest)
+    if chunk:
+        yield chunk
+
+
+def _token_rows(docs: list[int], encoded: list[list[int]], bos: int | None, bos_per_document: bool) -> np.ndarray:
+    """(n, 3) rows of (token, document index, position) of documents laid end to end, each after a BOS if asked."""
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)  # (D,)
+    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+    if bos_per_document:
+        tokens = np.insert(tokens, np.cumsum(lengths) - lengths, bos)
+        lengths += 1
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # (n,) where each token's document starts
+    doc_ids = np.repeat(np.array(docs, dtype=np.int64), lengths)
+    return np.stack([tokens, doc_ids, np.arange(len(tokens), dtype=np.int64) - starts], axis=1)
+
+
+def _to_batch(contexts: np.ndarray) -> TokenBatch:
+    t = torch.from_numpy(contexts.copy())  # (B, C, 3), owning its memory
+    return TokenBatch(t[..., 0].contiguous(), t[..., 1].contiguous(), t[..., 2].contiguous())
 
 
 def special_token_mask(tokens: Tensor, tokenizer: Any) -> Tensor:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from activation_store import storage as storage_mod
 from activation_store import store as store_mod
 from activation_store.capture import capture_rows, token_batches
-from activation_store.store import KILL_ENV, ActivationStore, CacheConfig, cache_activations
+from activation_store.store import ActivationStore, CacheConfig, cache_activations
 from activation_store.streaming import StreamingActivations
 from activation_store.tokens import DatasetConfig
 
@@ -203,7 +204,7 @@ def test_resume_after_crash_in_process(ref_store, tiny_model, tmp_path, monkeypa
         if (p, s) == (point, shard):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_mod, "_maybe_die", crash)
+    monkeypatch.setattr(store_mod, "_kill_point", crash)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(cfg, progress=False, model=tiny_model)
     done = shard + (point == "after_shard")
@@ -220,42 +221,91 @@ def test_resume_after_crash_in_process(ref_store, tiny_model, tmp_path, monkeypa
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import os, signal, sys, time
+    from pathlib import Path
+    import torch
     torch.set_num_threads(1)
-    from activation_store.store import CacheConfig, cache_activations
+    from activation_store import store
+    from activation_store.model import load_model
     from activation_store.tokens import DatasetConfig
-    model, docs, out = sys.argv[1:4]
-    cache_activations(CacheConfig(model=model, backend="transformer_lens",
-        hook_points=("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_pre"),
+
+    model_path, docs, out, point, shard, ahead = sys.argv[1:7]
+    shard, ahead = int(shard), int(ahead)
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_pre")
+    model = load_model(model_path, backend="transformer_lens", device="cpu")
+    forwarded = []
+    capture = model.capture
+    model.capture = lambda *a, **k: forwarded.append(1) or capture(*a, **k)
+
+    def kill(p, s):
+        # SIGKILL at one kill point; with `ahead`, only once the forward has run that many batches and the
+        # writers have written every file of the next shard, this one still unlisted.
+        if (p, s) != (point, shard):
+            return
+        following = [Path(out, d, f"shard_{shard + 1:05d}.safetensors") for d in (*hooks, "tokens")]
+        deadline = time.monotonic() + 120
+        while ahead and (len(forwarded) < ahead or not all(f.exists() for f in following)):
+            if time.monotonic() > deadline:
+                print(f"not ahead: {len(forwarded)} batches forwarded", flush=True)
+                os._exit(3)
+            time.sleep(0.01)
+        print(f"forwarded {len(forwarded)}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    store._kill_point = kill
+    store.cache_activations(store.CacheConfig(model=model_path, backend="transformer_lens", hook_points=hooks,
         dataset=DatasetConfig(path=docs, context_size=16), n_tokens=1000, batch_size=4, shard_tokens=128, out=out),
-        progress=False)
+        progress=False, model=model)
 """)
 
 
-@pytest.mark.parametrize("kill", ["after_shard:2", pytest.param("mid_shard:4", marks=pytest.mark.slow),
-                                  pytest.param("before_manifest:5", marks=pytest.mark.slow)])
-def test_resume_after_sigkill(ref_store, tiny_model, docs, tmp_path, kill):
-    out = tmp_path / "killed"
-    env = {**os.environ, KILL_ENV: kill, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ref_store.model, str(docs), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    point, k = kill.split(":")
-    n_done = int(k) + (point == "after_shard")
-    assert len(shard_hashes(out)) == n_done
+def run_killed(ref_store, docs, out, point: str, shard: int, ahead: int = 0) -> subprocess.CompletedProcess:
+    """Run the cache in a subprocess that SIGKILLs itself at a kill point (see KILL_SCRIPT)."""
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ref_store.model, str(docs), str(out), point,
+                           str(shard), str(ahead)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-2000:]
     assert not json.loads((out / "manifest.json").read_text())["complete"]
+    return proc
+
+
+def resume_and_compare(ref_store, tiny_model, out) -> None:
     cache_activations(CacheConfig(**{**ref_store.__dict__, "out": str(out)}), progress=False, model=tiny_model)
     assert shard_hashes(out) == shard_hashes(ref_store.out)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+def test_sigkill_during_overlapped_write_loses_nothing(ref_store, tiny_model, docs, tmp_path):
+    """Killed while the commit of shard 3 waits, the writers have written all of shard 4 and the forward is in
+    shard 5: the three listed shards stand, and the resume ends with the shards of an uninterrupted run."""
+    out = tmp_path / "killed"
+    proc = run_killed(ref_store, docs, out, "before_manifest", 3, ahead=11)
+    assert int(proc.stdout.split()[-1]) >= 11  # 2 forward batches per shard: the forward was in shard 5
+    assert len(shard_hashes(out)) == 3
+    for shard in (3, 4):  # written, never listed
+        assert all((out / d / f"shard_{shard:05d}.safetensors").exists() for d in (H0, H1, TWIN, "tokens"))
+    resume_and_compare(ref_store, tiny_model, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,shard", [("after_shard", 2), ("mid_shard", 4), ("before_manifest", 5)])
+def test_resume_after_sigkill(ref_store, tiny_model, docs, tmp_path, point, shard):
+    out = tmp_path / "killed"
+    run_killed(ref_store, docs, out, point, shard)
+    listed = len(shard_hashes(out))
+    if point == "mid_shard":  # killed in a writer: earlier shards may still have been on their way
+        assert listed <= shard
+    else:  # killed in the commit stage, which lists shards strictly in order
+        assert listed == shard + (point == "after_shard")
+    resume_and_compare(ref_store, tiny_model, out)
+
+
 def test_disk_full_keeps_store_consistent(ref_store, tiny_model, tmp_path, monkeypatch):
     cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
-    real, n = storage_mod._write_all, []
+    real = storage_mod._write_all
 
     def write(f, data):
-        n.append(1)
-        if len(n) == 13:  # 2nd file of shard 2: 1 initial manifest, then 4 files + 1 manifest per shard
+        if f"{H1}/.shard_00002." in f.name:  # the second file of shard 2
             f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, data)
@@ -265,7 +315,11 @@ def test_disk_full_keeps_store_consistent(ref_store, tiny_model, tmp_path, monke
         cache_activations(cfg, progress=False, model=tiny_model)
     assert err.value.errno == errno.ENOSPC
     assert len(shard_hashes(cfg.out)) == 2
-    assert not [p for p in Path(cfg.out).rglob("*") if ".tmp-" in p.name or "shard_00002" in p.name]
+    # Nothing unlisted stays: neither temporaries nor the files of shard 2 or of shards written after it.
+    listed = {f["path"] for s in store_mod.Storage(cfg.out).read_json("manifest.json")["shards"]
+              for f in s["files"].values()}
+    on_disk = {p.relative_to(cfg.out).as_posix() for p in Path(cfg.out).rglob("*") if p.is_file()}
+    assert on_disk == listed | {"manifest.json"}
     monkeypatch.undo()
     cache_activations(cfg, progress=False, model=tiny_model)
     assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
@@ -273,20 +327,128 @@ def test_disk_full_keeps_store_consistent(ref_store, tiny_model, tmp_path, monke
 
 def test_nan_activations_are_refused(ref_store, tiny_model, tmp_path, monkeypatch):
     cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
-    real, calls = store_mod.capture_rows, []
+    real, calls = tiny_model.capture, []
 
     def poisoned(*a, **k):
-        rows = real(*a, **k)
+        acts = real(*a, **k)
         calls.append(1)
         if len(calls) == 5:  # first batch of shard 2
-            rows.acts[H1][3, 7] = float("nan")
-        return rows
+            acts[H1][1, :, 7] = float("nan")  # (B, C, d): a whole context, so kept rows are hit
+        return acts
 
-    monkeypatch.setattr(store_mod, "capture_rows", poisoned)
+    monkeypatch.setattr(tiny_model, "capture", poisoned)
     with pytest.raises(ValueError, match=r"hook point 'blocks.1.hook_mlp_out' \(shard 2, batch 0"):
         cache_activations(cfg, progress=False, model=tiny_model)
     assert len(shard_hashes(cfg.out)) == 2
     assert not list(Path(cfg.out).rglob("shard_00002*"))
+
+
+STAGE_FAILURES = {  # where each stage raises, and the most batches the forward may run before it stops
+    "tokens": 3, "forward": 3, "write": 12, "commit": 12,
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_FAILURES))
+def test_an_error_in_any_stage_stops_all_and_surfaces_once(ref_store, tiny_model, tmp_path, monkeypatch, stage):
+    # One context per batch and per shard: 63 forward batches, so a stage that kept going would show.
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s"), "batch_size": 1, "shard_tokens": 16})
+    boom = RuntimeError(f"boom in {stage}")
+    real_batches, real_capture, forwarded = store_mod.token_batches, tiny_model.capture, []
+
+    def batches(*a, **k):
+        for i, b in enumerate(real_batches(*a, **k)):
+            if i == 3:
+                raise boom
+            yield b
+
+    def capture(*a, **k):
+        forwarded.append(1)
+        if stage == "forward" and len(forwarded) == 3:
+            raise boom
+        return real_capture(*a, **k)
+
+    def kill_point(point, shard):
+        if (stage, point, shard) in (("write", "mid_shard", 2), ("commit", "after_shard", 1)):
+            raise boom
+
+    if stage == "tokens":
+        monkeypatch.setattr(store_mod, "token_batches", batches)
+    monkeypatch.setattr(tiny_model, "capture", capture)
+    monkeypatch.setattr(store_mod, "_kill_point", kill_point)
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    with pytest.raises(RuntimeError) as err:
+        cache_activations(cfg, progress=False, model=tiny_model)
+    assert err.value is boom and str(err.value) == f"boom in {stage}"
+    assert not uncaught  # no thread died with an error of its own
+    assert not [t for t in threading.enumerate() if t.name.startswith("sae-kit-cache")]  # every stage ended
+    assert len(forwarded) <= STAGE_FAILURES[stage]  # stopped promptly: 63 batches otherwise
+    # Shards handed over before the error are committed; nothing else is left on disk.
+    manifest = store_mod.Storage(cfg.out).read_json("manifest.json")
+    listed = {f["path"] for s in manifest["shards"] for f in s["files"].values()}
+    on_disk = {p.relative_to(cfg.out).as_posix() for p in Path(cfg.out).rglob("*") if p.is_file()}
+    assert on_disk == listed | {"manifest.json"}
+    if stage == "tokens":  # its error may stop the forward before or after it hands shards over
+        assert len(manifest["shards"]) <= len(forwarded)
+    else:
+        assert len(manifest["shards"]) == 2
+
+
+def test_a_foreign_folder_is_refused_untouched(ref_store, tiny_model, tmp_path):
+    """A folder that is not a store is refused before anything in it is touched, whatever its files are named."""
+    folder = tmp_path / "mine"
+    files = {
+        "sub/report.tmp-final.txt": "a user's file",
+        ".manifest.json.tmp-abcd1234.tmp": "named like a temporary of ours",
+        f"{H0}/.shard_00000.safetensors.tmp-abcd1234.tmp": "in a folder named like ours",
+        "tokens/.shard_00001.safetensors.tmp-zz_99xyz.tmp": "the same",
+    }
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(folder)})
+    with pytest.raises(ValueError, match=r"is not empty and holds no manifest.json"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    (folder / "manifest.json").write_text(json.dumps({"format": "someone-elses"}))
+    with pytest.raises(ValueError, match="is not a sae-kit activation manifest"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    (folder / "manifest.json").write_text("not json")
+    with pytest.raises(ValueError, match="is not a sae-kit activation manifest"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    for rel, text in files.items():
+        assert (folder / rel).read_text() == text
+    only_ours = tmp_path / "killed_at_first_commit"
+    only_ours.mkdir()
+    (only_ours / ".manifest.json.tmp-abcd1234.tmp").write_text("{")
+    with pytest.raises(ValueError, match="killed before its first commit"):
+        cache_activations(CacheConfig(**{**cfg.__dict__, "out": str(only_ours)}), progress=False, model=tiny_model)
+    assert (only_ours / ".manifest.json.tmp-abcd1234.tmp").exists()
+
+
+def test_resume_removes_only_its_own_temporaries(ref_store, tiny_model, tmp_path, monkeypatch):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+
+    def crash(point, shard):
+        if (point, shard) == ("after_shard", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_kill_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    monkeypatch.undo()
+    out = Path(cfg.out)
+    ours = [".manifest.json.tmp-abcd1234.tmp", f"{H0}/.shard_00002.safetensors.tmp-abcd1234.tmp",
+            "tokens/.shard_00003.safetensors.tmp-x_1y2z3w.tmp"]
+    theirs = ["notes.tmp-keep.txt", f"{H1}/.report.tmp-abcd1234.tmp",
+              f"{H0}/sub/.shard_00002.safetensors.tmp-abcd1234.tmp", "other/.shard_00002.safetensors.tmp-abcd1234.tmp",
+              "tokens/.shard_2.safetensors.tmp-abcd1234.tmp"]
+    for rel in ours + theirs:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("x")
+    cache_activations(cfg, progress=False, model=tiny_model)
+    assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
+    assert not [rel for rel in ours if (out / rel).exists()]
+    assert all((out / rel).read_text() == "x" for rel in theirs)
 
 
 def test_bad_inputs(ref_store, tiny_model, tmp_path, docs):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -51,6 +52,51 @@ def test_packing_keeps_every_token_in_order(tokenizer, tmp_path):
     # each document's positions restart at 0 where its BOS sits
     starts = (positions == 0).nonzero().flatten()
     assert all(flat[s] == tokenizer.bos_token_id for s in starts)
+
+
+def reference_packing(tokenizer, cfg, batch_size, bos, max_tokens):
+    """The plain per-token loop the vectorised packer must equal: (tokens, doc_ids, positions) lists per batch."""
+    from activation_store.tokens import iter_documents
+
+    body = cfg.context_size - (cfg.bos == "context")
+    buf, rows, out, yielded = [], [], [], 0
+    for doc, text in iter_documents(cfg):
+        ids = tokenizer([text], add_special_tokens=False)["input_ids"][0]
+        ids = [bos, *ids] if cfg.bos == "document" else ids
+        buf += [(t, doc, p) for p, t in enumerate(ids)]
+        while len(buf) >= body:
+            context, buf = buf[:body], buf[body:]
+            rows.append([(bos, -1, 0), *context] if cfg.bos == "context" else context)
+            if len(rows) == batch_size:
+                out.append(rows)
+                rows, yielded = [], yielded + batch_size * cfg.context_size
+                if max_tokens is not None and yielded >= max_tokens:
+                    return out
+    return out + [rows] if rows else out
+
+
+@pytest.mark.parametrize("bos", ["document", "context", "none"])
+def test_packing_equals_the_plain_loop(tmp_path, bos):
+    rng = random.Random(0)
+    path = tmp_path / "docs.jsonl"  # lengths from 1 to 300 characters: contexts span many documents and vice versa
+    path.write_text("".join(json.dumps({"text": "".join(rng.choice("abcdefgh \n") for _ in range(rng.choice(
+        [1, 2, 5, 40, 300])))}) + "\n" for _ in range(400)))
+
+    class CharTokenizer:  # one id per character: exact and fast
+        bos_token_id = 99
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(c) % 50 for c in t] for t in texts]}
+
+    tok = CharTokenizer()
+    for context_size, batch_size, max_tokens in [(16, 4, None), (7, 3, 500), (64, 5, None), (2, 1, 37)]:
+        cfg = DatasetConfig(path=str(path), context_size=context_size, bos=bos, eval_percent=0)
+        got = list(iter_token_batches(tok, cfg, batch_size, max_tokens=max_tokens))
+        want = reference_packing(tok, cfg, batch_size, 99, max_tokens)
+        assert len(got) == len(want) > 1
+        for b, rows in zip(got, want):
+            assert b.tokens.dtype == b.doc_ids.dtype == b.positions.dtype == torch.int64
+            assert torch.stack([b.tokens, b.doc_ids, b.positions], -1).tolist() == [[list(r) for r in c] for c in rows]
 
 
 def test_bos_per_context(tokenizer):

@@ -1,0 +1,152 @@
+"""`sae-kit cache` throughput against the bare forward of the same model on the same batches, in one run.
+
+The bare forward is `model.capture` (stopped after the deepest hook point, as caching stops it) over the
+pre-tokenized batches the cache sees: same batch size, context and hook points, activations left on the device.
+The cache is `cache_activations` end to end into a fresh local folder (tokenizing, forward, copy to the host,
+hashing, shard writes, manifest commits), with the model already loaded. Goal: cache ≥ 80% of the bare forward.
+
+Usage: python bench/bench_cache.py [--model reference] [--hook H ...] [--context-size 256] [--batch-size 32]
+       [--tokens N] [--device cuda] [--threads 2] [--repeats 2]
+       python bench/bench_cache.py --make-gpt2 /tmp/gpt2s --context-size 1024   # a GPT-2-small-sized random model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from activation_store.capture import token_batches  # noqa: E402
+from activation_store.model import LoadedModel, load_model, reference_model_path  # noqa: E402
+from activation_store.store import CacheConfig, cache_activations  # noqa: E402
+from activation_store.tokens import DatasetConfig  # noqa: E402
+
+
+def default_hook(model: LoadedModel) -> str:
+    """CacheConfig's default hook point when the model has it, else the output of the model's last block."""
+    default = CacheConfig().hook_points[0]
+    if default in model.hook_points:
+        return default
+    names = [h for h in model.list_hook_points() if model.layer_of(h) is not None]
+    deepest = max(model.layer_of(h) for h in names)
+    return [h for h in names if model.layer_of(h) == deepest][-1]  # a block's own hook fires after its parts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_cache(
+    model: str = "reference", hook_points: tuple[str, ...] | None = None, backend: str = "auto",
+    context_size: int = 256, batch_size: int = 32, n_tokens: int | None = None, shard_tokens: int = 65_536,
+    dtype: str = "float32", device: str | None = None, dataset: str = "stdlib", repeats: int = 2,
+    out_dir: str | None = None, loaded: LoadedModel | None = None,
+) -> dict[str, Any]:
+    """Tokens/s of `cache_activations` and of the bare forward on the same batches, and their ratio.
+
+    n_tokens defaults to 8 forward batches on CPU, and on CUDA to 64 batches or 4M tokens, whichever is more. Runs
+    alternate and each keeps its best of `repeats` (the first pays one-time costs, and machines are shared).
+    `loaded` passes `model` already loaded.
+    """
+    m = loaded if loaded is not None else load_model(model, backend=backend, device=device)
+    hooks = tuple(hook_points) if hook_points else (default_hook(m),)
+    if n_tokens is None:
+        per_batch = batch_size * context_size
+        n_tokens = max(64 * per_batch, 1 << 22) if m.device.type == "cuda" else 8 * per_batch
+    data = DatasetConfig(path=dataset, context_size=context_size)
+    cfg = CacheConfig(model=model, backend=m.backend, hook_points=hooks, dataset=data, n_tokens=n_tokens,
+                      batch_size=batch_size, shard_tokens=shard_tokens, dtype=dtype, device=str(m.device))
+
+    t = time.perf_counter()
+    batches = [b.tokens for b in token_batches(m, data, batch_size, n_tokens)]  # (B, C) each
+    tokenize_s = time.perf_counter() - t
+    n = sum(b.numel() for b in batches)
+    batches = [b.to(m.device) for b in batches]  # the bare forward copies nothing
+    m.capture(batches[0], hooks)  # warm-up (kernels, allocator)
+    _sync(m.device)
+
+    forward, cache = [], []
+    root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=out_dir))
+    try:
+        for rep in range(repeats):
+            t = time.perf_counter()
+            for tokens in batches:
+                m.capture(tokens, hooks)
+            _sync(m.device)
+            forward.append(time.perf_counter() - t)
+            out = root / f"store{rep}"
+            t = time.perf_counter()
+            cache_activations(CacheConfig(**{**cfg.__dict__, "out": str(out)}), progress=False, model=m)
+            _sync(m.device)
+            cache.append(time.perf_counter() - t)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    forward_tok_s, cache_tok_s = n / min(forward), n / min(cache)
+    return {
+        "cache_tok_s": cache_tok_s, "forward_tok_s": forward_tok_s, "ratio": cache_tok_s / forward_tok_s,
+        "tokenize_tok_s": n / tokenize_s, "model": model, "backend": m.backend, "device": str(m.device),
+        "hook_points": list(hooks), "d_in": [m.width(h) for h in hooks], "context_size": context_size,
+        "batch_size": batch_size, "n_tokens": n, "shard_tokens": shard_tokens, "dtype": dtype, "dataset": dataset,
+        "repeats": repeats, "threads": torch.get_num_threads(),
+    }
+
+
+def make_gpt2(path: str, n_layer: int = 12, d_model: int = 768, n_ctx: int = 1024) -> str:
+    """Save a randomly initialised GPT-2-small-sized model (the reference model's tokenizer) to `path`."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(str(reference_model_path()))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=n_ctx, n_embd=d_model, n_layer=n_layer,
+                        n_head=d_model // 64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    """Measure and print the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--make-gpt2", metavar="DIR", help="save a GPT-2-small-sized random model to DIR and use it "
+                        "(hf backend)")
+    parser.add_argument("--hook", action="append", dest="hooks", help="hook point (repeat for several)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--context-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="default: 8 batches on CPU; on CUDA 64 batches or 4M tokens, whichever is more")
+    parser.add_argument("--shard-tokens", type=int, default=65_536)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out-dir", default=None, help="where the temporary stores go (default: the system temp)")
+    a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, backend = a.model, a.backend
+    if a.make_gpt2:
+        model, backend = make_gpt2(a.make_gpt2, n_ctx=max(1024, a.context_size)), "hf"
+    r = measure_cache(model, tuple(a.hooks or ()), backend=backend, context_size=a.context_size,
+                      batch_size=a.batch_size, n_tokens=a.tokens, shard_tokens=a.shard_tokens, dtype=a.dtype,
+                      device=a.device, repeats=a.repeats, out_dir=a.out_dir)
+    print(f"model {r['model']} ({r['backend']}, {r['device']}, {r['threads']} threads), hooks {r['hook_points']} "
+          f"(d_in {r['d_in']}), context {r['context_size']}, batch {r['batch_size']}, {r['n_tokens']:,} tokens, "
+          f"{r['dtype']}, best of {r['repeats']}")
+    print(f"bare forward {r['forward_tok_s']:,.0f} tok/s | sae-kit cache {r['cache_tok_s']:,.0f} tok/s | "
+          f"tokenizing alone {r['tokenize_tok_s']:,.0f} tok/s")
+    print(f"cache / bare forward: {r['ratio']:.2f} (goal ≥ 0.80)")
+
+
+if __name__ == "__main__":
+    main()
