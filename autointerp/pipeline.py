@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activation_store.storage import atomic_write_text
 from autointerp.explainers import EXPLAINERS, Explanation, make_explainer
 from autointerp.metrics import aggregate, mean
 from autointerp.prompting import ParseError
@@ -38,7 +39,6 @@ from autointerp.resume import (
     SUMMARY_FILE,
     Rows,
     append_jsonl,
-    atomic_write_text,
     compact,
     last_rows,
     merge_score_rows,

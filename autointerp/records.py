@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from activation_store.storage import atomic_write
-from autointerp.resume import atomic_write_text
+from activation_store.storage import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

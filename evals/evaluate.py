@@ -30,8 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activation_store.model import LoadedModel, load_model
+from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
@@ -341,19 +340,6 @@ def eval_token_batches(model: LoadedModel, dcfg: DatasetConfig, n_tokens: int, b
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -392,9 +378,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
-    write_atomic(out / REPORT_FILENAME, build_report(results))
+    atomic_write_text(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(out / REPORT_FILENAME, build_report(results))
     records = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
-    write_atomic(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
+    atomic_write_text(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
     return out
 
