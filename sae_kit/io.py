@@ -6,13 +6,25 @@ The weights file holds `coder.inference_state_dict()`: parameters and the buffer
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from activation_store.storage import atomic_write
 from sae_kit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, SAEConfig, SparseCoder
+
+
+def load_plain(path: str | Path) -> Any:
+    """torch.load of a file holding only tensors and plain data (checkpoints, autointerp records); a file holding
+    any other object is refused with a ValueError, never unpickled, since unpickling can run arbitrary code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain data, so sae-kit did not write it; "
+                         f"refusing to unpickle it (delete it to start over): {str(err).splitlines()[0]}") from None
 
 
 def save_sparse_coder(coder: SparseCoder, path: str | Path) -> None:

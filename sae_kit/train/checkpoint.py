@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sae_kit.io import load_plain
+
 KEEP = 2
 FOLDER = ".checkpoints"
 MARKER = "COMPLETE"
@@ -79,7 +81,7 @@ def load_part(folder: Path, filename: str) -> dict[str, Any]:
     path = folder / filename
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {folder} has no {filename}; it was written by a different pass")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_plain(path)
 
 
 def remove_temporaries(out: str | Path) -> None:
