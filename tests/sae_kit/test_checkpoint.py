@@ -50,3 +50,27 @@ def test_a_plain_checkpoint_still_loads(tmp_path):
     assert loaded["names"] == ["topk"] and loaded["scales"] == (1.5, 2.0)
     assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
 
+
+
+def test_cleanup_deletes_only_checkpoint_folders(tmp_path):
+    done = ckpt.commit_checkpoint(ckpt.begin_checkpoint(tmp_path, 3))
+    killed = ckpt.begin_checkpoint(tmp_path, 6)
+    (killed / "sae-topk.pt").write_bytes(b"half")
+    root = ckpt.checkpoint_root(tmp_path)
+    lookalike = root / ".tmp-step_notes"
+    lookalike.mkdir()
+    (lookalike / "mine.txt").write_text("user data")
+    holds_more = root / ".tmp-step_000000009"
+    holds_more.mkdir()
+    (holds_more / "results.csv").write_text("user data")
+    ckpt.remove_temporaries(tmp_path)
+    assert not killed.exists() and done.exists()
+    assert (lookalike / "mine.txt").exists() and (holds_more / "results.csv").exists()
+    ckpt.remove_checkpoints(tmp_path)
+    assert not done.exists() and sorted(p.name for p in root.iterdir()) == [".tmp-step_000000009", ".tmp-step_notes"]
+    (lookalike / "mine.txt").unlink()
+    lookalike.rmdir()
+    (holds_more / "results.csv").unlink()
+    holds_more.rmdir()
+    ckpt.remove_checkpoints(tmp_path)
+    assert not root.exists()  # an emptied folder goes too
