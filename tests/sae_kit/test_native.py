@@ -8,6 +8,8 @@ import torch
 
 from sae_kit.sae import kernels, native
 
+NAN, INF = float("nan"), float("inf")
+
 
 @pytest.fixture
 def fresh_native(monkeypatch):
@@ -27,10 +29,41 @@ def test_native_topk_matches_torch(lib, n, d, k, by_magnitude):
     assert got.dtype == torch.int64 and bool((got[:, 1:] > got[:, :-1]).all())  # ascending per row
 
 
-def test_ties_go_to_the_lower_index_and_nan_ranks_first(lib):
-    rows = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [5.0] * 5, [0.0, float("nan"), 2.0, 1.0, -1.0]])
-    assert native.topk_rows(rows, 2).tolist() == [[1, 2], [0, 1], [1, 2]]
-    assert native.topk_rows(-rows[:2], 2, by_magnitude=True).tolist() == [[1, 2], [0, 1]]
+def test_ties_go_to_the_lower_index(lib):
+    rows = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [5.0] * 5])
+    assert native.topk_rows(rows, 2).tolist() == [[1, 2], [0, 1]]
+    assert native.topk_rows(-rows, 2, by_magnitude=True).tolist() == [[1, 2], [0, 1]]
+
+
+def test_nan_ranks_above_every_number_inf_included(lib):
+    """As in torch.topk: a NaN outranks +inf (and, by magnitude, -inf); among NaNs the lower index goes first."""
+    rows = torch.tensor([[1.0, INF, NAN, 3.0, 0.0, 2.0],
+                         [NAN, 0.0, NAN, NAN, 5.0, INF],
+                         [-INF, 2.0, NAN, -1.0, 0.0, 1.0]])
+    assert native.topk_rows(rows[:1], 1).tolist() == [[2]] == torch.topk(rows[:1], 1).indices.tolist()
+    assert native.topk_rows(rows, 2).tolist() == [[1, 2], [0, 2], [1, 2]]
+    assert native.topk_rows(rows, 3).tolist() == [[1, 2, 3], [0, 2, 3], [1, 2, 5]]
+    assert native.topk_rows(rows, 5).tolist() == [[0, 1, 2, 3, 5], [0, 2, 3, 4, 5], [1, 2, 3, 4, 5]]
+    assert native.topk_rows(rows, 2, by_magnitude=True).tolist() == [[1, 2], [0, 2], [0, 2]]
+    # where the NaNs leave no ties among themselves, torch.topk agrees
+    for k in (1, 2, 3):
+        want = torch.topk(rows[[0, 2]], k).indices.sort(dim=1).values
+        assert torch.equal(native.topk_rows(rows[[0, 2]], k), want)
+    # the same rule on many rows, some with a NaN, across threads (the OpenMP region needs >= 64 rows)
+    many = torch.randn(300, 512, generator=torch.Generator().manual_seed(3))
+    many[::7, 11] = INF
+    many[::5, 400] = NAN
+    want = many.topk(9, dim=1).indices.sort(dim=1).values
+    assert torch.equal(native.topk_rows(many, 9), want)
+
+
+def test_nan_from_the_bias_ranks_first_and_keeps_its_value(lib):
+    scores, bias = torch.randn(70, 256), torch.zeros(256)
+    bias[17] = NAN
+    values, indices = native.topk_rows_biased(scores, bias, 4)
+    assert bool((indices == 17).any(dim=1).all()) and bool(values.isnan().sum(dim=1).eq(1).all())
+    pre = scores + bias
+    assert torch.equal(indices, pre.topk(4, dim=1).indices.sort(dim=1).values)
 
 
 def test_topk_indices_uses_native_when_it_can(lib, monkeypatch):
