@@ -1,7 +1,9 @@
-"""The native top-k against torch.topk, its tie and NaN rules, and the fallback when it cannot be built."""
+"""The native top-k against torch.topk, its tie and NaN rules, its operand checks, and the fallback when it cannot
+be built."""
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -73,6 +75,7 @@ def test_topk_indices_uses_native_when_it_can(lib, monkeypatch):
     monkeypatch.setattr(native, "topk_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fast = kernels.topk_indices(scores, 32)
     assert calls
+    assert torch.equal(kernels.topk_indices(scores.T.contiguous().T, 32), fast)  # a strided view is copied first
     monkeypatch.setattr(native, "usable", lambda s: False)
     assert torch.equal(kernels.topk_indices(scores, 32), fast)
     assert not native.usable(scores.double()) and not native.usable(scores[None])
@@ -81,8 +84,56 @@ def test_topk_indices_uses_native_when_it_can(lib, monkeypatch):
 def test_bad_k_is_a_clear_error(lib):
     with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
         native.topk_rows(torch.randn(2, 8), 9)
-    with pytest.raises(ValueError, match=r"bias must be a torch.float32 vector of shape \(8,\).*got .* \(7,\)"):
+    with pytest.raises(ValueError, match=r"bias must be a contiguous torch.float32 CPU tensor of shape \(8,\), "
+                                         r"got .* \(7,\)"):
         native.topk_rows_biased(torch.randn(2, 8), torch.zeros(7), 2)
+
+
+class _NoCallsToC:
+    """Stands in for the library: any call into C fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"{name} reached C with bad operands")
+
+
+def _rescored_args(n=4, d=32, width=8):
+    x, W = torch.randn(n, width), torch.randn(d, width)
+    return dict(approx=torch.zeros(n, d, dtype=torch.bfloat16), bias=torch.zeros(d), lat_res_norm=torch.zeros(d),
+                lat_norm=torch.ones(d), row_a=torch.ones(n), row_b=torch.zeros(n), x=x, W=W, k=3)
+
+
+BAD_OPERANDS = [
+    ("float64", lambda: native.topk_rows(torch.randn(4, 16, dtype=torch.float64), 2), "torch.float64"),
+    ("not on the CPU", lambda: native.topk_rows(torch.empty(4, 16, device="meta"), 2), "on meta"),
+    ("not contiguous", lambda: native.topk_rows(torch.randn(16, 4).T, 2), "not contiguous"),
+    ("one-dimensional", lambda: native.topk_rows(torch.randn(16), 2), r"shape \(16,\)"),
+    ("2^31 wide", lambda: native.topk_rows(torch.empty(0, 2**31), 2), r"rows of 2147483648 values.*2\^31 - 1"),
+    ("k not an integer", lambda: native.topk_rows(torch.randn(2, 8), 2.5), r"k must be in \[1, 8\]"),
+    ("bias on another device", lambda: native.topk_rows_biased(torch.randn(4, 16), torch.zeros(16, device="meta"),
+                                                               2), "bias must be .* on meta"),
+    ("bias float64", lambda: native.topk_rows_biased(torch.randn(4, 16), torch.zeros(16, dtype=torch.float64), 2),
+     "bias must be"),
+    ("approx float32", lambda: native.topk_rescored(**{**_rescored_args(), "approx": torch.zeros(4, 32)}),
+     "approx must be a contiguous torch.bfloat16"),
+    ("W transposed", lambda: native.topk_rescored(**{**_rescored_args(), "W": torch.randn(8, 32).T}),
+     "W must be .* not contiguous"),
+    ("W of another width", lambda: native.topk_rescored(**{**_rescored_args(), "W": torch.randn(32, 9)}),
+     r"W must be .* shape \(32, 8\)"),
+    ("row norms too short", lambda: native.topk_rescored(**{**_rescored_args(), "row_a": torch.ones(3)}),
+     r"row_a must be .* shape \(4,\)"),
+    ("latent norms float64", lambda: native.topk_rescored(**{**_rescored_args(), "lat_norm": torch.ones(32).double()}),
+     "lat_norm must be"),
+    ("rescored k too big", lambda: native.topk_rescored(**{**_rescored_args(), "k": 33}), r"k must be in \[1, 32\]"),
+    ("bf16 source float64", lambda: native.to_bf16_with_norms(torch.randn(3, 5).double()), "src must be"),
+    ("bf16 source strided", lambda: native.to_bf16_with_norms(torch.randn(5, 3).T), "not contiguous"),
+]
+
+
+@pytest.mark.parametrize("what,call,match", BAD_OPERANDS, ids=[b[0] for b in BAD_OPERANDS])
+def test_bad_operands_are_a_value_error_before_any_pointer_reaches_c(monkeypatch, what, call, match):
+    monkeypatch.setattr(native, "library", lambda: _NoCallsToC())
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 @pytest.mark.parametrize("by_magnitude", [False, True])
@@ -103,16 +154,62 @@ def test_disabled_by_environment(fresh_native, monkeypatch, caplog):
     assert kernels.topk_indices(torch.tensor([[0.0, 2.0, 1.0]]), 2).tolist() == [[1, 2]]
 
 
-def test_failed_build_falls_back_with_one_warning(fresh_native, monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_no_build_is_attempted_on_macos_or_windows(fresh_native, monkeypatch, caplog, platform):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(native.sys, "platform", platform)
+    monkeypatch.setattr(native, "_build", lambda cc: pytest.fail("a build was attempted"))
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+    assert not caplog.records
+    assert kernels.topk_indices(torch.tensor([[0.0, 2.0, 1.0]]), 1).tolist() == [[1]]
+
+
+@pytest.fixture
+def broken_source(fresh_native, monkeypatch, tmp_path):
+    """A source that cannot compile, built into a private cache folder; returns the list of compile commands."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", "cc")
     monkeypatch.setattr(native, "SOURCES", (tmp_path / "broken.c",))
     (tmp_path / "broken.c").write_text("this is not C\n")
+    compiles = []
+    real = subprocess.run
+
+    def run(cmd, *a, **kw):
+        if "-o" in cmd:
+            compiles.append(cmd)
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(native.subprocess, "run", run)
+    return compiles
+
+
+def test_failed_build_falls_back_with_one_warning(broken_source, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert native.library() is None
         assert native.library() is None
-    if native._compiler() is not None:
-        assert [r.message for r in caplog.records if "native kernels unavailable" in r.message]
-    assert len([r for r in caplog.records if "native kernels" in r.message]) == 1
+    assert len([r for r in caplog.records if "native kernels unavailable" in r.message]) == 1
+    assert len(broken_source) == 1
     assert not list(tmp_path.rglob("*.so"))  # no half-built library left behind
     assert kernels.topk_indices(torch.tensor([[0.0, 2.0, 1.0]]), 1).tolist() == [[1]]
+
+
+def test_failed_build_is_remembered_across_processes(broken_source, monkeypatch, tmp_path, caplog):
+    assert native.library() is None
+    [marker] = tmp_path.rglob(native.FAILED_MARKER)
+    assert "failed" in marker.read_text()
+    monkeypatch.setattr(native, "_tried", False)  # as a new process would start
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+    assert len(broken_source) == 1  # not compiled again
+    assert [r for r in caplog.records if f"delete {marker} to retry" in r.message]
+    flags = native.FLAGS
+    monkeypatch.setattr(native, "FLAGS", (*flags, "-g"))  # other flags are another build, tried once
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.library() is None and len(broken_source) == 2
+    monkeypatch.setattr(native, "FLAGS", flags)
+    marker.unlink()  # deleting the marker retries
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.library() is None and len(broken_source) == 3
