@@ -1,9 +1,12 @@
-"""The native top-k against torch.topk, its tie and NaN rules, its operand checks, and the fallback when it cannot
-be built."""
+"""The native top-k against torch.topk (at 1, 2 and 4 threads), its tie and NaN rules, its operand checks, and the
+fallback when it cannot be built."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ def fresh_native(monkeypatch):
 
 @pytest.mark.parametrize("n,d,k", [(257, 8192, 32), (64, 1000, 7), (70, 33, 33), (5, 10, 1), (100, 17, 16)])
 @pytest.mark.parametrize("by_magnitude", [False, True])
-def test_native_topk_matches_torch(lib, n, d, k, by_magnitude):
+def test_native_topk_matches_torch(lib, threads, n, d, k, by_magnitude):
     scores = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d + k))
     got = native.topk_rows(scores, k, by_magnitude)
     key = scores.abs() if by_magnitude else scores
@@ -37,7 +40,7 @@ def test_ties_go_to_the_lower_index(lib):
     assert native.topk_rows(-rows, 2, by_magnitude=True).tolist() == [[1, 2], [0, 1]]
 
 
-def test_nan_ranks_above_every_number_inf_included(lib):
+def test_nan_ranks_above_every_number_inf_included(lib, threads):
     """As in torch.topk: a NaN outranks +inf (and, by magnitude, -inf); among NaNs the lower index goes first."""
     rows = torch.tensor([[1.0, INF, NAN, 3.0, 0.0, 2.0],
                          [NAN, 0.0, NAN, NAN, 5.0, INF],
@@ -137,13 +140,66 @@ def test_bad_operands_are_a_value_error_before_any_pointer_reaches_c(monkeypatch
 
 
 @pytest.mark.parametrize("by_magnitude", [False, True])
-def test_biased_top_k_adds_the_bias_while_reading(lib, by_magnitude):
+def test_biased_top_k_adds_the_bias_while_reading(lib, threads, by_magnitude):
     scores, bias = torch.randn(300, 4096), torch.randn(4096)
     values, indices = native.topk_rows_biased(scores, bias, 32, by_magnitude)
     pre = scores + bias
     want = (pre.abs() if by_magnitude else pre).topk(32, dim=1).indices.sort(dim=1).values
     assert torch.equal(indices, want)
     assert torch.equal(values, pre.gather(1, want))
+
+
+OUT_OF_MEMORY = textwrap.dedent("""
+    import resource, torch
+    from sae_kit.sae import native
+
+    def vm():
+        return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmSize"))
+
+    def outcome(fn, want):
+        try:
+            got = fn()
+        except MemoryError:
+            return "MemoryError"
+        return "exact" if all(torch.equal(a, b) for a, b in zip(got, want)) else "wrong"
+
+    n, d, K, k = 64, 1 << 18, 16, 8
+    scores, x, W, b = torch.randn(n, d), torch.randn(n, K), torch.randn(d, K), torch.zeros(d)
+    w_bf, lat_norm, _, lat_res = native.to_bf16_with_norms(W)
+    x_bf, row_norm, row_a, row_res = native.to_bf16_with_norms(x)
+    row_b = row_res + 2.1 * K * 2.0**-24 * row_norm
+    approx = x_bf @ w_bf.T
+    # Room for one thread's scratch but not two: 16d bytes per thread in topk_rows; 24d per thread beside 16d
+    # shared in topk_rescored.
+    cases = {"topk_rows": (lambda: (native.topk_rows(scores, k),), 24 * d),
+             "topk_rescored": (lambda: native.topk_rescored(approx, b, lat_res, lat_norm, row_a, row_b, x, W, k),
+                               52 * d)}
+    torch.set_num_threads(4)
+    wants = {name: fn() for name, (fn, _) in cases.items()}  # the OpenMP threads exist before any limit
+    for name, (fn, room) in cases.items():
+        resource.setrlimit(resource.RLIMIT_AS, (vm() + room + (1 << 20), resource.RLIM_INFINITY))
+        seen = []
+        for t in (1, 2, 4):
+            torch.set_num_threads(t)
+            seen.append(outcome(fn, wants[name]))
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        torch.set_num_threads(4)
+        seen.append(outcome(fn, wants[name]))
+        print(name, *seen)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the address space through /proc and rlimit")
+def test_a_thread_short_of_scratch_is_a_memory_error_not_a_hang(lib):
+    """Memory for one thread's scratch only: alone it finishes exactly; at 2 and 4 threads the threads that got
+    none skip their rows and still meet every barrier, and the call raises MemoryError; afterwards all is well."""
+    # One malloc arena and no adaptive mmap threshold, so every buffer is a fresh mapping the limit can refuse.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["topk_rows exact MemoryError MemoryError exact",
+                                          "topk_rescored exact MemoryError MemoryError exact"]
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch, caplog):
