@@ -47,6 +47,7 @@ from autointerp.resume import (
 )
 from autointerp.scorers import SCORERS, make_scorers
 from autointerp.spec import parse_latent_spec, sample_live
+from sae_kit.compat import check_compatible, check_requested, model_to_use
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,13 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
-def _load_model(cfg: InterpConfig, name: str) -> Any:
+def _load_model(cfg: InterpConfig, name: str, sae: Any) -> Any:
+    """The model, checked to hold the SAE's hook points at the SAE's widths."""
     from activation_store.model import load_model
 
-    return load_model(name, backend=cfg.backend, device=cfg.device)
+    model = load_model(name, backend=cfg.backend, device=cfg.device)
+    check_compatible(model, sae, cfg.sae_path)
+    return model
 
 
 def run_interp(
@@ -221,15 +225,17 @@ def run_interp(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if sae is None:
+        from sae_kit.io import load_config
         from sae_kit.sae.base import SparseCoder
 
         if not Path(cfg.sae_path).is_dir():
             raise FileNotFoundError(f"no SAE folder at {cfg.sae_path!r} (expected cfg.json + weights inside)")
-
+        check_requested(load_config(cfg.sae_path), cfg.sae_path, model=cfg.model)  # before any weights load
         sae = SparseCoder.load(cfg.sae_path, device=cfg.device)
+    check_requested(sae.cfg, cfg.sae_path, model=cfg.model)
     sae.eval()
     spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
-    model_name = cfg.model or sae.cfg.model_name or "reference"
+    model_name = model_to_use(sae.cfg, cfg.model)
     # 0. the folder holds no results, or results of these same settings (a retrained SAE counts as other ones).
     fingerprint = run_fingerprint(cfg, sae_digest(sae), model_name, spec.is_random)
     prepare_out(out, fingerprint, overwrite=cfg.overwrite, sae_path=cfg.sae_path)
@@ -242,7 +248,7 @@ def run_interp(
                                         "seed", "records")}
     loaded = load_records(out / "records", meta)
     if loaded is None:
-        model = model or _load_model(cfg, model_name)
+        model = model or _load_model(cfg, model_name, sae)
         if spec.is_random:
             counts = firing_counts(model, sae, dataset, cfg.records, min(cfg.live_tokens, cfg.records.n_tokens))
             live = counts.nonzero().flatten().tolist()
@@ -264,7 +270,7 @@ def run_interp(
 
         client = make_client(cfg.llm, cache_dir=str(out / "llm_cache"))
     if "intervention" in cfg.scorers and model is None:
-        model = _load_model(cfg, model_name)
+        model = _load_model(cfg, model_name, sae)
     explainer = make_explainer(cfg.explainer, client)
     scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed)
 

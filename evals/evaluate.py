@@ -44,6 +44,7 @@ from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
+from sae_kit.compat import check_compatible, check_requested, recorded_model
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,10 @@ class SAEEvalResult:
 
 
 # -- loading and validation -----------------------------------------------------------------------------------
-def load_sae(path: str | Path, device: str = "cpu") -> Any:
-    """Load a saved sparse coder, with a clear error when the folder is not one."""
-    from sae_kit.sae.base import CFG_FILENAME, SparseCoder
+def read_sae_config(path: str | Path) -> Any:
+    """A saved sparse coder's SAEConfig (its cfg.json, no weights), with a clear error when the folder is not one."""
+    from sae_kit.io import load_config
+    from sae_kit.sae.base import CFG_FILENAME
 
     folder = Path(path)
     if not folder.is_dir():
@@ -124,32 +126,17 @@ def load_sae(path: str | Path, device: str = "cpu") -> Any:
             f"{str(folder)!r} is not a saved SAE: no {CFG_FILENAME} in it (expected cfg.json + sae_weights.safetensors, "
             "as written by SparseCoder.save)"
         )
-    sae = SparseCoder.load(folder, device=device)
+    return load_config(folder)
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> Any:
+    """Load a saved sparse coder, with a clear error when the folder is not one."""
+    from sae_kit.sae.base import SparseCoder
+
+    read_sae_config(path)
+    sae = SparseCoder.load(Path(path), device=device)
     sae.eval()
     return sae
-
-
-def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
-    """Raise ValueError when the SAE's hook points are not in the model or their widths differ from the SAE's."""
-    cfg = sae.cfg
-    label = where or cfg.hook_point
-    if not cfg.hook_point:
-        raise ValueError(f"SAE {label!r} records no hook_point in its cfg.json")
-    width = model.width(cfg.hook_point)  # ValueError naming the closest hook points if unknown
-    if width != cfg.d_in:
-        raise ValueError(
-            f"SAE {label!r} has d_in={cfg.d_in} but hook point {cfg.hook_point!r} of model {model.name!r} "
-            f"has width {width}: this SAE was trained on a different model or hook point"
-        )
-    if cfg.transcoder:
-        if not cfg.target_hook_point:
-            raise ValueError(f"transcoder {label!r} records no target_hook_point in its cfg.json")
-        t_width = model.width(cfg.target_hook_point)
-        if t_width != cfg.d_target:
-            raise ValueError(
-                f"transcoder {label!r} has d_out={cfg.d_target} but target hook point {cfg.target_hook_point!r} "
-                f"has width {t_width}"
-            )
 
 
 def keep_mask(tokens: Tensor, model: LoadedModel, exclude_special_tokens: bool) -> Tensor | None:
@@ -282,17 +269,6 @@ def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
 
 
 # -- sources recorded in the SAE ------------------------------------------------------------------------------
-def recorded_model(sae_cfg: Any) -> str | None:
-    """The model an SAE was trained on, from cfg.model_name or its metadata."""
-    meta = sae_cfg.metadata or {}
-    for value in (sae_cfg.model_name, meta.get("model"), meta.get("model_name")):
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, dict) and isinstance(value.get("name"), str):
-            return value["name"]
-    return None
-
-
 def dataset_config(sae_cfg: Any, cfg: EvalConfig) -> DatasetConfig:
     """The held-out DatasetConfig to evaluate on: CLI dataset, else the SAE's recorded one, else "stdlib"."""
     meta = sae_cfg.metadata or {}
@@ -350,17 +326,22 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
     from evals.report import build_report
 
-    saes = [(str(p), load_sae(p, cfg.device)) for p in cfg.sae_paths]  # fail fast on bad folders
-    models: dict[str, LoadedModel] = {}
-    plans = []
-    for path, sae in saes:  # resolve and check every SAE before any compute
-        name = cfg.model or recorded_model(sae.cfg)
+    # Every SAE is checked before any compute, and against its cfg.json before any weights load.
+    configs = [(str(p), read_sae_config(p)) for p in cfg.sae_paths]
+    names = []
+    for path, sae_cfg in configs:
+        name = cfg.model or recorded_model(sae_cfg)
         if not name:
             raise ValueError(f"SAE {path!r} records no model (cfg.json model_name is empty); pass --model")
+        check_requested(sae_cfg, path, model=cfg.model)
+        names.append(name)
+    models: dict[str, LoadedModel] = {}
+    for (path, sae_cfg), name in zip(configs, names):
         if name not in models:
             models[name] = load_model(name, backend=cfg.backend, device=cfg.device)
-        check_compatible(models[name], sae, path)
-        plans.append((path, sae, name, dataset_config(sae.cfg, cfg)))
+        check_compatible(models[name], sae_cfg, path)
+    plans = [(path, load_sae(path, cfg.device), name, dataset_config(sae_cfg, cfg))
+             for (path, sae_cfg), name in zip(configs, names)]
 
     token_cache: dict[tuple[str, str], list[Tensor]] = {}
     results: list[SAEEvalResult] = []

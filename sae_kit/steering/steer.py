@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from activation_store.model import LoadedModel
+from sae_kit.compat import check_compatible
 from sae_kit.sae import SparseCoder
 from sae_kit.steering.interventions import DirectionIntervention, Intervention, position_mask
 
@@ -57,21 +58,6 @@ class SAESteering:
 
 
 Steering = SAESteering | DirectionIntervention
-
-
-def check_compatible(model: LoadedModel, sae: SparseCoder) -> None:
-    """Raise ValueError when the SAE's hook points are missing from the model or have another width."""
-    hooks = [("hook_point", sae.cfg.hook_point, sae.cfg.d_in)]
-    if sae.cfg.transcoder:
-        hooks.append(("target_hook_point", sae.cfg.target_hook_point, sae.cfg.d_target))
-    for field_name, hook, width in hooks:
-        if not hook:
-            raise ValueError(f"the SAE records no {field_name} (cfg.{field_name} is empty); set it to a hook point "
-                             f"of model {model.name!r}")
-        model.validate_hook_point(hook)
-        if model.width(hook) != width:
-            raise ValueError(f"SAE {field_name} {hook!r} expects width {width}, but model {model.name!r} has width "
-                             f"{model.width(hook)} there")
 
 
 @torch.no_grad()

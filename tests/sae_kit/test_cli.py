@@ -1,4 +1,5 @@
-"""Every command turns a model that cannot be loaded into one clear line."""
+"""Every command turns a model that cannot be loaded into one clear line, and refuses an SAE trained on another
+model before loading any weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 from sae_kit.cli import main
 from sae_kit.sae import SAEConfig, SparseCoder
+from sae_kit.sae.base import WEIGHTS_FILENAME
 
 MISSING = "no-such-org/no-such-model"
 HOOK = "blocks.0.hook_resid_post"
@@ -50,3 +52,20 @@ def test_a_model_that_cannot_be_loaded_is_one_line_saying_what_to_do(command, sa
     assert f"could not load model '{MISSING}'" in line
     assert "is no local folder" in line and "HF_HUB_OFFLINE" in line  # what was looked for
     assert "save_pretrained" in line and "--model reference" in line  # what to do
+
+
+@pytest.mark.parametrize("command", ["eval", "interp", "steer"])
+def test_an_sae_of_another_model_is_refused_before_any_weights_load(command, tiny_gpt2_path, tiny_llama_path,
+                                                                    tmp_path, monkeypatch, capsys):
+    sae = save_sae(tmp_path / "sae", str(tiny_gpt2_path))
+    (sae / WEIGHTS_FILENAME).unlink()  # any attempt to load the weights would fail with another message
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("activation_store.model.load_model", no_model)
+    monkeypatch.setattr("evals.evaluate.load_model", no_model)
+    argv = {"eval": ["--out", str(tmp_path / "eval")], "interp": ["--out", str(tmp_path / "interp")],
+            "steer": ["--feature", "1"]}[command]
+    line = one_error_line(command, ["--sae", str(sae), "--model", str(tiny_llama_path), *argv], capsys)
+    assert f"was trained on model '{tiny_gpt2_path}'" in line and f"model '{tiny_llama_path}' was requested" in line
