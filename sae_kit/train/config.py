@@ -12,9 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu")
-TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
-"""Architectures with a k, a unit-norm decoder and AuxK."""
+from sae_kit.sae import SparseCoder
+
+ARCHITECTURES = tuple(SparseCoder.REGISTRY)
+"""Every registered architecture (one file each in sae_kit/sae/, imported by sae_kit/sae/__init__.py)."""
+TOPK_FAMILY = tuple(name for name, cls in SparseCoder.REGISTRY.items() if cls.has_k)
+"""Architectures with a k (and AuxK): those whose class sets `has_k`."""
 LR_DECAYS = ("linear", "cosine", "none")
 DTYPES = ("float32", "bfloat16")
 SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient")
@@ -112,7 +115,7 @@ class TrainConfig:
     """Tokens per context in streaming mode."""
     # -- the SAEs -----------------------------------------------------------------------------------------
     architecture: str = "topk"
-    """Sparse coder architecture: topk, batchtopk, jumprelu, abstopk or relu."""
+    """Sparse coder architecture: a name in SparseCoder.REGISTRY (topk, batchtopk, jumprelu, abstopk, relu, ...)."""
     k: int = 32
     """Active latents per token (TopK family)."""
     expansion: int = 16
@@ -190,8 +193,8 @@ class TrainConfig:
             object.__setattr__(self, "sweep", SweepConfig.from_dict(self.sweep))
         if not isinstance(self.sweep, SweepConfig):
             raise ValueError(f"sweep must be a SweepConfig or a mapping, got {type(self.sweep).__name__}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(ARCHITECTURES)}")
+        if self.architecture not in SparseCoder.REGISTRY:
+            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(SparseCoder.REGISTRY)}")
         for name in ("n_tokens", "batch_size", "expansion", "context_size", "log_every", "micro_batches",
                      "dead_tokens_threshold"):
             value = getattr(self, name)
@@ -201,9 +204,10 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
         if self.d_sae is not None and self.d_sae <= 0:
             raise ValueError(f"d_sae must be positive, got {self.d_sae}")
-        if self.architecture in TOPK_FAMILY and self.k <= 0:
+        has_k = SparseCoder.REGISTRY[self.architecture].has_k
+        if has_k and self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
-        if self.d_sae is not None and self.architecture in TOPK_FAMILY and not self.sweep.k and self.k >= self.d_sae:
+        if self.d_sae is not None and has_k and not self.sweep.k and self.k >= self.d_sae:
             raise ValueError(f"k must be smaller than d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
