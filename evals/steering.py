@@ -26,6 +26,7 @@ from torch import Tensor
 
 from activation_store.model import LoadedModel
 from activation_store.storage import atomic_write_text
+from evals.metrics import kl_divergence
 from sae_kit.sae import SparseCoder
 from sae_kit.steering import DirectionIntervention, Intervention, SAESteering, latent_scales, steer_all
 from sae_kit.steering.interventions import check_strength
@@ -189,10 +190,8 @@ def strength_sweep(
                 steered_logits = torch.stack(gen.logits, dim=1).float()  # (1, T, V): what produced each new token
                 clean_logits = model(seq)[:, n - 1:-1].float()  # (1, T, V): unsteered, same contexts
                 new = seq[:, n:]  # (1, T)
-                logp_s = steered_logits.log_softmax(-1)
-                logp_c = clean_logits.log_softmax(-1)
-                kl_sum += float((logp_s.exp() * (logp_s - logp_c)).sum(-1).sum())
-                nll_sum += float(-logp_c.gather(-1, new[..., None]).sum())
+                kl_sum += float(kl_divergence(steered_logits, clean_logits).sum())  # KL(steered ‖ unsteered)
+                nll_sum += float(-clean_logits.log_softmax(-1).gather(-1, new[..., None]).sum())
                 n_tok += new.shape[1]
                 if probe is not None:
                     acts = model.capture(seq, [probe_sae.cfg.hook_point])[probe_sae.cfg.hook_point][0, n:]  # (T, d)
