@@ -1,6 +1,10 @@
 """TrainConfig's architectures come from the registry: a new architecture file is all it takes."""
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 import pytest
 import torch
 
@@ -33,3 +37,17 @@ def test_a_newly_registered_architecture_trains_without_touching_the_config(monk
     TrainConfig(architecture=Dense.architecture, k=16, d_sae=16)  # no k: not checked
     with pytest.raises(ValueError, match=r"unknown architecture 'gated_for_this_test'; valid: \[.*'topk'"):
         TrainConfig(architecture="gated_for_this_test")
+
+
+def test_toml_config_files_read_through_tomli_before_python_3_11(tmp_path, monkeypatch):
+    from sae_kit.train.cli import read_config_file
+
+    parser = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    calls = []
+    tomli = types.ModuleType("tomli")
+    tomli.loads = lambda text: calls.append(text) or parser.loads(text)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: `import tomllib` fails
+    monkeypatch.setitem(sys.modules, "tomli", tomli)
+    (tmp_path / "c.toml").write_text('architecture = "abstopk"\nk = 5\n')
+    assert read_config_file(str(tmp_path / "c.toml")) == {"architecture": "abstopk", "k": 5} and len(calls) == 1
