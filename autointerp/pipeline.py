@@ -91,7 +91,8 @@ class InterpConfig:
     """When latents are processed one at a time, embed this many latents' scoring texts in one call (same
     scores). 1, latent by latent, measured faster on CPU (MiniLM is slower per text in full batches of 64);
     larger chunks suit a GPU embedder."""
-    device: str = "cpu"
+    device: str | None = None
+    """Torch device for the model and the SAE; None picks CUDA when present (as training does)."""
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -205,11 +206,17 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
+def _device(cfg: InterpConfig) -> str:
+    from activation_store.model import default_device
+
+    return cfg.device or str(default_device())
+
+
 def _load_model(cfg: InterpConfig, name: str, sae: Any) -> Any:
     """The model, checked to hold the SAE's hook points at the SAE's widths."""
     from activation_store.model import load_model
 
-    model = load_model(name, backend=cfg.backend, device=cfg.device)
+    model = load_model(name, backend=cfg.backend, device=_device(cfg))
     check_compatible(model, sae, cfg.sae_path)
     return model
 
@@ -231,7 +238,7 @@ def run_interp(
         if not Path(cfg.sae_path).is_dir():
             raise FileNotFoundError(f"no SAE folder at {cfg.sae_path!r} (expected cfg.json + weights inside)")
         check_requested(load_config(cfg.sae_path), cfg.sae_path, model=cfg.model)  # before any weights load
-        sae = SparseCoder.load(cfg.sae_path, device=cfg.device)
+        sae = SparseCoder.load(cfg.sae_path, device=_device(cfg))
     check_requested(sae.cfg, cfg.sae_path, model=cfg.model)
     sae.eval()
     spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)

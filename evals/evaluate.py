@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activation_store.model import LoadedModel, load_model
+from activation_store.model import LoadedModel, default_device, load_model
 from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 from evals import metrics as M
@@ -72,8 +72,8 @@ class EvalConfig:
     """Contexts per forward pass."""
     context_size: int | None = None
     """Tokens per context; None means the SAE's training context size, else 128."""
-    device: str = "cpu"
-    """Torch device for the model and SAEs."""
+    device: str | None = None
+    """Torch device for the model and SAEs; None picks CUDA when present (as training does)."""
     backend: str = "auto"
     """Model backend: "auto", "transformer_lens" or "hf"."""
     dense_threshold: float = M.DEFAULT_DENSE_THRESHOLD
@@ -326,6 +326,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
     from evals.report import build_report
 
+    device = cfg.device or str(default_device())
     # Every SAE is checked before any compute, and against its cfg.json before any weights load.
     configs = [(str(p), read_sae_config(p)) for p in cfg.sae_paths]
     names = []
@@ -338,9 +339,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     models: dict[str, LoadedModel] = {}
     for (path, sae_cfg), name in zip(configs, names):
         if name not in models:
-            models[name] = load_model(name, backend=cfg.backend, device=cfg.device)
+            models[name] = load_model(name, backend=cfg.backend, device=device)
         check_compatible(models[name], sae_cfg, path)
-    plans = [(path, load_sae(path, cfg.device), name, dataset_config(sae_cfg, cfg))
+    plans = [(path, load_sae(path, device), name, dataset_config(sae_cfg, cfg))
              for (path, sae_cfg), name in zip(configs, names)]
 
     token_cache: dict[tuple[str, str], list[Tensor]] = {}
