@@ -31,6 +31,13 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass once every needed activation is captured."""
 
 
+class ModelNotAvailable(FileNotFoundError):
+    """A model could not be loaded: no such local folder, and not on (or not reachable on) the Hugging Face hub.
+
+    Its message is one line saying what was looked for and what to do, as every command prints it.
+    """
+
+
 def reference_model_path() -> Path:
     """Folder of the embedded reference model shipped inside the package."""
     return Path(__file__).resolve().parent / "assets" / "reference"
@@ -365,6 +372,39 @@ def load_model(
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
         dtype = getattr(torch, dtype)
+    try:
+        return _load(name_or_path, backend, dev, dtype)
+    except ModelNotAvailable:
+        raise
+    except OSError as err:  # transformers' "not a local folder, not on the hub, offline" all arrive as OSError
+        if name_or_path == REFERENCE_NAME and isinstance(err, FileNotFoundError):
+            raise  # the embedded model is missing: its own message says how to rebuild it
+        raise _not_available(name_or_path, err) from err
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_available(name: str, err: OSError) -> ModelNotAvailable:
+    """The one-line error for a model that could not be loaded: what was looked for, and what to do."""
+    cause = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    folder = resolve_model_name(name)
+    if os.path.isdir(folder):
+        looked = f"the local folder {folder!r} holds no model transformers can load ({cause})"
+        todo = "point --model at a folder written by save_pretrained (config.json, weights, tokenizer)"
+    else:
+        hub = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if _offline()
+               else "the Hugging Face hub has no such model or could not be reached")
+        looked = f"{name!r} is no local folder, and {hub}"
+        todo = ("unset HF_HUB_OFFLINE and connect once to download it, " if _offline()
+                else "check the name and the network (or set HF_HUB_OFFLINE=1 to use the cache only), ")
+        todo += "or pass the path of a local folder written by save_pretrained"
+    return ModelNotAvailable(f"could not load model {name!r}: {looked}; {todo}, "
+                             f"or use --model {REFERENCE_NAME} (the embedded model)")
+
+
+def _load(name_or_path: str, backend: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     if backend == "hf":
         return HFModel(name_or_path, dev, dtype)
     try:

@@ -14,8 +14,9 @@ import json
 import os
 import posixpath
 import re
-import tempfile
+import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,7 +27,7 @@ TMP_MARK = ".tmp-"
 
 def temporary_name(target: str) -> re.Pattern[str]:
     """Regex of the names `atomic_write` gives its temporaries for files whose names match the regex `target`."""
-    # ".<name>.tmp-<8 random characters of mkstemp's alphabet>.tmp"
+    # ".<name>.tmp-<8 random characters of _TMP_ALPHABET>.tmp", as `_new_temporary` makes them
     return re.compile(rf"\.(?:{target}){re.escape(TMP_MARK)}[a-z0-9_]{{8}}\.tmp")
 
 
@@ -127,15 +128,37 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+_TMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _new_temporary(folder: str, target_name: str) -> str:
+    """Create an empty temporary file beside the target, named so `temporaries_of` can find it.
+
+    Unlike `tempfile.mkstemp` (always mode 0600) it is created with mode 0666 less the process umask, as a plain
+    `open` would, so an atomically written report can be read by whoever could read a plainly written one.
+    """
+    for _ in range(100):
+        suffix = "".join(secrets.choice(_TMP_ALPHABET) for _ in range(8))
+        tmp = os.path.join(folder, f".{target_name}{TMP_MARK}{suffix}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {os.path.join(folder, target_name)}")
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Write a local file through `write(temp_path)` beside it, fsync, rename over `path`: all or nothing.
 
-    The one crash-safe write of every package (SAE files, autointerp results); a failure removes the temporary.
+    The one crash-safe write of every package (shards, SAE files, checkpoints' neighbours, eval reports, sweeps,
+    autointerp results, LLM cache entries); a failure removes the temporary. The file gets the permissions a plain
+    `open` would give it (0666 less the umask). The folder must exist.
     """
     folder = os.path.dirname(os.path.abspath(path))
     # TMP_MARK in the name lets `Storage.remove_temporaries` find what a killed writer left.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}{TMP_MARK}", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temporary(folder, os.path.basename(path))
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -146,6 +169,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def temporaries_of(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files a killed `atomic_write` of `path` left beside it (its own name pattern only)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    pattern = temporary_name(re.escape(target.name))
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="latents processed concurrently in LLM runs")
     parser.add_argument("--embed-chunk", type=int, default=1,
                         help="latents whose embedding-scorer texts are embedded in one call (same scores)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--overwrite", action="store_true",

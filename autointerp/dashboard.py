@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from activation_store.storage import atomic_write_text
 from autointerp.explainers import Explanation
 from autointerp.records import Example, LatentRecord
-from autointerp.resume import atomic_write_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activation_store.storage import atomic_write_text
 from autointerp.explainers import EXPLAINERS, Explanation, make_explainer
 from autointerp.metrics import aggregate, mean
 from autointerp.prompting import ParseError
 from autointerp.records import (
+    LatentRecord,
     RecordConfig,
     RecordSet,
     build_records,
@@ -38,7 +40,6 @@ from autointerp.resume import (
     SUMMARY_FILE,
     Rows,
     append_jsonl,
-    atomic_write_text,
     compact,
     last_rows,
     merge_score_rows,
@@ -47,6 +48,7 @@ from autointerp.resume import (
 )
 from autointerp.scorers import SCORERS, make_scorers
 from autointerp.spec import parse_latent_spec, sample_live
+from sae_kit.compat import check_compatible, check_requested, model_to_use
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class InterpConfig:
     """When latents are processed one at a time, embed this many latents' scoring texts in one call (same
     scores). 1, latent by latent, measured faster on CPU (MiniLM is slower per text in full batches of 64);
     larger chunks suit a GPU embedder."""
-    device: str = "cpu"
+    device: str | None = None
+    """Torch device for the model and the SAE; None picks CUDA when present (as training does)."""
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -204,139 +207,203 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
-def _load_model(cfg: InterpConfig, name: str) -> Any:
+def _device(cfg: InterpConfig) -> str:
+    from activation_store.model import default_device
+
+    return cfg.device or str(default_device())
+
+
+def _load_model(cfg: InterpConfig, name: str, sae: Any) -> Any:
+    """The model, checked to hold the SAE's hook points at the SAE's widths."""
     from activation_store.model import load_model
 
-    return load_model(name, backend=cfg.backend, device=cfg.device)
+    model = load_model(name, backend=cfg.backend, device=_device(cfg))
+    check_compatible(model, sae, cfg.sae_path)
+    return model
 
 
 def run_interp(
     cfg: InterpConfig, *, sae: Any = None, model: Any = None, client: Any = None, embedder: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) autointerp and return the summary; pass objects to skip loading them."""
-    from tqdm.auto import tqdm
+    """Run (or resume) autointerp and return the summary; pass objects to skip loading them.
 
-    from activation_store.tokens import DatasetConfig
-
+    The steps: the SAE and the output folder's fingerprint; select latents → records (`_records`); the resume
+    plan (`_resume_plan`); explain and score (`_explain_and_score`); write the summary and dashboard (`_write`).
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if sae is None:
-        from sae_kit.sae.base import SparseCoder
-
-        sae = SparseCoder.load(cfg.sae_path, device=cfg.device)  # any supported format, hub id or release:sae_id
-    sae.eval()
+    sae = _load_sae(cfg, sae)
     spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
-    model_name = cfg.model or sae.cfg.model_name or "reference"
-    # 0. the folder holds no results, or results of these same settings (a retrained SAE counts as other ones).
+    model_name = model_to_use(sae.cfg, cfg.model)
+    # The folder holds no results, or results of these same settings (a retrained SAE counts as other ones).
     fingerprint = run_fingerprint(cfg, sae_digest(sae), model_name, spec.is_random)
     prepare_out(out, fingerprint, overwrite=cfg.overwrite, sae_path=cfg.sae_path)
     if cfg.control == "random-directions":
         sae = random_directions_like(sae, seed=cfg.seed)
-    dataset = DatasetConfig(path=cfg.dataset, context_size=cfg.records.context_size)
-
-    # 1. records, reused when made with the same settings.
-    meta = {k: fingerprint[k] for k in ("sae", "model", "backend", "dataset", "latents", "live_tokens", "control",
-                                        "seed", "records")}
-    loaded = load_records(out / "records", meta)
-    if loaded is None:
-        model = model or _load_model(cfg, model_name)
-        if spec.is_random:
-            counts = firing_counts(model, sae, dataset, cfg.records, min(cfg.live_tokens, cfg.records.n_tokens))
-            live = counts.nonzero().flatten().tolist()
-            if not live:
-                raise ValueError("no latent fired on the tokens read; pass more --tokens or explicit --latents")
-            latents = sample_live(live, spec.n_random, cfg.seed)
-        else:
-            latents = list(spec.indices)
-        state = collect_records(model, sae, dataset, latents, cfg.records, progress=cfg.progress)
-        save_records(out / "records", state, model.tokenizer, meta)
-        loaded = load_records(out / "records", meta)
-        assert loaded is not None
-    state, vocab = loaded
-    records = build_records(state, vocab, cfg.records)
-
-    # 2. explainer and scorers; the LLM goes through an on-disk cache so a rerun issues no requests.
+    records, model = _records(cfg, out, sae, model, model_name, spec, fingerprint)
+    # The LLM goes through an on-disk cache, so a rerun issues no requests.
     if client is None and cfg.llm:
         from autointerp.llm import make_client
 
         client = make_client(cfg.llm, cache_dir=str(out / "llm_cache"))
     if "intervention" in cfg.scorers and model is None:
-        model = _load_model(cfg, model_name)
+        model = _load_model(cfg, model_name, sae)
     explainer = make_explainer(cfg.explainer, client)
     scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed)
+    plan = _resume_plan(out, records, scorers, cfg.retry_failed)
+    # LLM-bound runs overlap latents; offline ones gain nothing, and steering hooks the one shared model.
+    workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
+    _explain_and_score(cfg, out, _LatentWork(explainer, scorers, records, plan), plan.todo, workers)
+    return _write(cfg, out, records, [s.name for s in scorers], client)
 
-    # 3. resume: what earlier runs finished (compacting also drops a line a killed run cut short).
-    exp_path, score_path = out / EXPLANATIONS_FILE, out / SCORES_FILE
-    selected = set(records)
-    explanations, scores = _results(compact(exp_path, last_rows), compact(score_path, merge_score_rows), selected)
-    if cfg.retry_failed and (n_retry := _forget_failures(explanations, scores, records)):
+
+def _load_sae(cfg: InterpConfig, sae: Any) -> Any:
+    """The SAE in eval mode: the one given, else cfg.sae_path's, its recorded model checked before weights load."""
+    if sae is None:
+        from sae_kit.formats import native
+        from sae_kit.sae.base import SparseCoder
+
+        recorded = native.config_only(cfg.sae_path)
+        if recorded is not None:  # checked from cfg.json before the weights load
+            check_requested(recorded, cfg.sae_path, model=cfg.model)
+        sae = SparseCoder.load(cfg.sae_path, device=_device(cfg))  # any supported format, hub id or release:sae_id
+    check_requested(sae.cfg, cfg.sae_path, model=cfg.model)
+    return sae.eval()
+
+
+def _select_latents(cfg: InterpConfig, spec: Any, model: Any, sae: Any, dataset: Any) -> list[int]:
+    """The latents to explain: the spec's indices, or a seeded sample of the latents that fire on the text."""
+    if not spec.is_random:
+        return list(spec.indices)
+    counts = firing_counts(model, sae, dataset, cfg.records, min(cfg.live_tokens, cfg.records.n_tokens))
+    live = counts.nonzero().flatten().tolist()
+    if not live:
+        raise ValueError("no latent fired on the tokens read; pass more --tokens or explicit --latents")
+    return sample_live(live, spec.n_random, cfg.seed)
+
+
+def _records(cfg: InterpConfig, out: Path, sae: Any, model: Any, model_name: str, spec: Any,
+             fingerprint: dict[str, Any]) -> tuple[dict[int, LatentRecord], Any]:
+    """The selected latents' records, reused from out/records when made with the same settings, else collected
+    (loading the model if none was given); returns them and the model (None when it was not needed)."""
+    from activation_store.tokens import DatasetConfig
+
+    dataset = DatasetConfig(path=cfg.dataset, context_size=cfg.records.context_size)
+    meta = {k: fingerprint[k] for k in ("sae", "model", "backend", "dataset", "latents", "live_tokens", "control",
+                                        "seed", "records")}
+    loaded = load_records(out / "records", meta)
+    if loaded is None:
+        model = model or _load_model(cfg, model_name, sae)
+        latents = _select_latents(cfg, spec, model, sae, dataset)
+        state = collect_records(model, sae, dataset, latents, cfg.records, progress=cfg.progress)
+        save_records(out / "records", state, model.tokenizer, meta)
+        loaded = load_records(out / "records", meta)
+        assert loaded is not None
+    state, vocab = loaded
+    return build_records(state, vocab, cfg.records), model
+
+
+@dataclass
+class _Plan:
+    """What earlier runs into the folder finished, and which latents are left."""
+
+    explanations: dict[int, Explanation]
+    """Each finished latent's explanation (the current one)."""
+    scores: dict[int, dict[str, Any]]
+    """Each latent's finished scorer results, against its current explanation."""
+    todo: list[int]
+    """Latents still missing their explanation or a scorer's result, in record order."""
+
+
+def _resume_plan(out: Path, records: dict[int, LatentRecord], scorers: list[Any], retry_failed: bool) -> _Plan:
+    """Read the result files (compacting also drops a line a killed run cut short) and list what is left."""
+    explanations, scores = _results(compact(out / EXPLANATIONS_FILE, last_rows),
+                                    compact(out / SCORES_FILE, merge_score_rows), set(records))
+    if retry_failed and (n_retry := _forget_failures(explanations, scores, records)):
         log.info("retrying %d latents whose explanation or scoring failed before", n_retry)
     todo = [lat for lat in records if not (lat in explanations and all(s.name in scores.get(lat, {}) for s in scorers))]
     if len(todo) < len(records):
         log.info("resuming: %d of %d latents already finished", len(records) - len(todo), len(records))
+    return _Plan(explanations, scores, todo)
 
-    def explain(latent: int) -> tuple[Explanation, bool]:
+
+Done = tuple[int, Explanation, bool, dict[str, Any]]
+"""A processed latent: (latent, its explanation, whether the explanation is new, its new scorer results)."""
+
+
+class _LatentWork:
+    """Explaining and scoring latents against the resume plan; a crash inside one latent becomes a failure record."""
+
+    def __init__(self, explainer: Any, scorers: list[Any], records: dict[int, LatentRecord], plan: _Plan):
+        self.explainer, self.scorers, self.records, self.plan = explainer, scorers, records, plan
+
+    def explain(self, latent: int) -> tuple[Explanation, bool]:
         """The latent's explanation (resumed or new) and whether it is new; a crash becomes a failure record."""
-        exp = explanations.get(latent)
+        exp = self.plan.explanations.get(latent)
         if exp is not None:
             return exp, False
         try:
-            return explainer.explain(records[latent]), True
+            return self.explainer.explain(self.records[latent]), True
         except Exception as err:  # a crashed latent is a failure record, never a crashed run
             log.debug("explainer failed on latent %d", latent, exc_info=True)
-            return Explanation(latent, "", explainer.name, ok=False, error=f"{type(err).__name__}: {err}"), True
+            return Explanation(latent, "", self.explainer.name, ok=False, error=f"{type(err).__name__}: {err}"), True
 
-    def unscored(latent: int, fresh: bool) -> list[Any]:
+    def unscored(self, latent: int, fresh: bool) -> list[Any]:
         """Scorers still to run on the latent: all of them for a new explanation."""
-        done = () if fresh else scores.get(latent, {})
-        return [s for s in scorers if s.name not in done]
+        done = () if fresh else self.plan.scores.get(latent, {})
+        return [s for s in self.scorers if s.name not in done]
 
-    def score(latent: int, exp: Explanation, fresh: bool) -> dict[str, Any]:
+    def score(self, latent: int, exp: Explanation, fresh: bool) -> dict[str, Any]:
         """Every unfinished scorer's result for the latent; an exception becomes that scorer's failure record."""
         row: dict[str, Any] = {}
-        for scorer in unscored(latent, fresh):
+        for scorer in self.unscored(latent, fresh):
             if not exp.ok:
                 row[scorer.name] = {"error": f"no explanation: {exp.error}"}
                 continue
             try:
-                row[scorer.name] = _nan_to_none(scorer.score(records[latent], exp.text))
+                row[scorer.name] = _nan_to_none(scorer.score(self.records[latent], exp.text))
             except Exception as err:
                 log.debug("scorer %s failed on latent %d", scorer.name, latent, exc_info=True)
                 row[scorer.name] = _failure(err)
         return row
 
-    def process(latent: int) -> tuple[int, Explanation, bool, dict[str, Any]]:
+    def process(self, latent: int) -> Done:
         """Explain (unless resumed) and score one latent."""
-        exp, is_new = explain(latent)
-        return latent, exp, is_new, score(latent, exp, is_new)
+        exp, is_new = self.explain(latent)
+        return latent, exp, is_new, self.score(latent, exp, is_new)
 
-    def process_chunk(chunk: list[int]) -> Iterator[tuple[int, Explanation, bool, dict[str, Any]]]:
+    def process_chunk(self, chunk: list[int]) -> Iterator[Done]:
         """Explain a chunk of latents, let scorers batch their work over it (one embedding call), then score."""
-        explained = [(lat, *explain(lat)) for lat in chunk]
-        for scorer in batching:
-            items = [(records[lat], exp.text) for lat, exp, is_new in explained
-                     if exp.ok and any(s is scorer for s in unscored(lat, is_new))]
+        explained = [(lat, *self.explain(lat)) for lat in chunk]
+        for scorer in (s for s in self.scorers if hasattr(s, "prefetch")):
+            items = [(self.records[lat], exp.text) for lat, exp, is_new in explained
+                     if exp.ok and any(s is scorer for s in self.unscored(lat, is_new))]
             try:
                 scorer.prefetch(items)
             except Exception:  # only a speed-up: scoring latent by latent records any real failure
                 log.debug("scorer %s could not batch a chunk", scorer.name, exc_info=True)
         for lat, exp, is_new in explained:
-            yield lat, exp, is_new, score(lat, exp, is_new)
+            yield lat, exp, is_new, self.score(lat, exp, is_new)
 
-    # LLM-bound runs overlap latents; offline ones gain nothing, and steering hooks the one shared model.
-    workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
-    batching = [s for s in scorers if hasattr(s, "prefetch")] if cfg.embed_chunk > 1 else []
-    with exp_path.open("a", encoding="utf-8") as exp_f, score_path.open("a", encoding="utf-8") as score_f, \
+
+def _explain_and_score(cfg: InterpConfig, out: Path, work: _LatentWork, todo: list[int], workers: int) -> None:
+    """Process the latents left (concurrently, in embedding chunks, or one by one), appending each result to the
+    result files as it finishes."""
+    from tqdm.auto import tqdm
+
+    batching = cfg.embed_chunk > 1 and any(hasattr(s, "prefetch") for s in work.scorers)
+    with (out / EXPLANATIONS_FILE).open("a", encoding="utf-8") as exp_f, \
+            (out / SCORES_FILE).open("a", encoding="utf-8") as score_f, \
             tqdm(total=len(todo), desc="explain + score", unit="latent", disable=not cfg.progress) as bar, \
             ThreadPoolExecutor(max_workers=workers) as pool:
         if workers > 1:
-            results: Iterable[tuple[int, Explanation, bool, dict[str, Any]]] = \
-                (f.result() for f in as_completed([pool.submit(process, lat) for lat in todo]))
+            futures = [pool.submit(work.process, lat) for lat in todo]
+            results: Iterable[Done] = (f.result() for f in as_completed(futures))
         elif batching:
             results = itertools.chain.from_iterable(
-                process_chunk(todo[i:i + cfg.embed_chunk]) for i in range(0, len(todo), cfg.embed_chunk))
+                work.process_chunk(todo[i:i + cfg.embed_chunk]) for i in range(0, len(todo), cfg.embed_chunk))
         else:
-            results = map(process, todo)
+            results = map(work.process, todo)
         # Only this thread writes, so lines never interleave; the explanation goes first, so a score row on disk
         # always has its explanation there too.
         for latent, exp, is_new, row in results:
@@ -345,9 +412,13 @@ def run_interp(
             append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
             bar.update()
 
-    # 4. summary and dashboard over every selected latent, from the files: one merged row per latent.
-    explanations, scores = _results(compact(exp_path, last_rows), compact(score_path, merge_score_rows), selected)
-    summary = summarise(cfg, records, explanations, scores, [s.name for s in scorers])
+
+def _write(cfg: InterpConfig, out: Path, records: dict[int, LatentRecord], scorer_names: list[str],
+           client: Any) -> dict[str, Any]:
+    """Summary and dashboard over every selected latent, from the files (one merged row per latent)."""
+    explanations, scores = _results(compact(out / EXPLANATIONS_FILE, last_rows),
+                                    compact(out / SCORES_FILE, merge_score_rows), set(records))
+    summary = summarise(cfg, records, explanations, scores, scorer_names)
     stats = getattr(client, "stats", None)
     if stats is not None:  # request / cache / cost counters of the LLM client, when it keeps them
         summary["llm"] = stats.snapshot() if hasattr(stats, "snapshot") else str(stats)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from activation_store.storage import atomic_write
-from autointerp.resume import atomic_write_text
+from activation_store.storage import atomic_write, atomic_write_text
+from sae_kit.io import load_plain
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def load_records(path: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Any]
     if saved != json.loads(json.dumps(meta)):
         log.info("records in %s were made with other settings; recomputing", path)
         return None
-    return torch.load(path / RECORDS_FILE), {int(k): v for k, v in vocab.items()}
+    return load_plain(path / RECORDS_FILE), {int(k): v for k, v in vocab.items()}
 
 
 def _examples(keys: list[float], tokens: list[list[int]], acts: list[list[float]], vocab: dict[int, str]) -> list[Example]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from activation_store.storage import atomic_write
+from activation_store.storage import atomic_write_text, temporaries_of
 
 RUN_FILE = "run.json"
 EXPLANATIONS_FILE = "explanations.jsonl"
@@ -79,7 +79,7 @@ def delete_results(out: Path) -> None:
     """Delete the result files a run writes into `out` (and temp files a killed rewrite left), nothing else."""
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
-        for tmp in out.glob(f".{name}.*.tmp"):
+        for tmp in temporaries_of(out / name):
             tmp.unlink(missing_ok=True)
 
 
@@ -111,11 +111,6 @@ def prepare_out(out: Path, fingerprint: dict[str, Any], *, overwrite: bool = Fal
 
 
 # -- crash-safe result files ----------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write` of a UTF-8 text."""
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
 def json_default(v: Any) -> Any:
     """Numbers numpy / torch hand back, as floats."""
     return float(v)

@@ -83,8 +83,7 @@ def ours_loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path) -
 
 def loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path, **cfg_kw: object):
     """(step closure, config) of the training loop's step over a TensorSource of x, with everything `train` builds."""
-    from sae_kit.train import TensorSource, TrainConfig
-    from sae_kit.train import loop
+    from sae_kit.train import TensorSource, TrainConfig, loop
 
     cfg = TrainConfig(hook_points="h", k=k, d_sae=d_sae, batch_size=x.shape[0], n_tokens=x.shape[0] * 10**6,
                       lr=LR, out=str(tmp), dtype=dtype, device=str(x.device), **cfg_kw)
@@ -146,17 +145,18 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
         regime = "bf16 encoder" if cuda else "fp32 encoder (CPU: exact bf16 preselection where AMX)"
         with tempfile.TemporaryDirectory() as tmp:
             builders: dict[str, Callable[[], Callable[[], object]]] = {
-                f"ours ({regime})": lambda: ours(x, d_sae, k, precision),
-                "ours fp32": lambda: ours(x, d_sae, k, None),
-                "ours loop step": lambda: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop"),
-                "bf16 matmul": lambda: matmul(x, d_sae, torch.bfloat16),
-                "fp32 matmul": lambda: matmul(x, d_sae, torch.float32),
+                f"ours ({regime})": lambda x=x, d_sae=d_sae, k=k, precision=precision: ours(x, d_sae, k, precision),
+                "ours fp32": lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None),
+                "ours loop step": lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto",
+                                                                                         Path(tmp) / "loop"),
+                "bf16 matmul": lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.bfloat16),
+                "fp32 matmul": lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.float32),
             }
             if not cuda:
                 del builders["ours fp32"]  # the CPU default already is the fp32 regime
             if peers:
-                builders["sparsify"] = lambda: sparsify(x, d_sae, k)
-                builders["SAELens"] = lambda: saelens(x, d_sae, k)
+                builders["sparsify"] = lambda x=x, d_sae=d_sae, k=k: sparsify(x, d_sae, k)
+                builders["SAELens"] = lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k)
             print(f"\n{d_in} × {d_sae}, k {k}")
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")
             rates: dict[str, float] = {}

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
     parser.add_argument("--context-size", type=int, default=None,
                         help="tokens per context (default: the SAE's training context size, else 128)")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"],
                         help="model backend")
     parser.add_argument("--dense-threshold", type=float, default=0.1,

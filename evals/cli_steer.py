@@ -68,8 +68,10 @@ def _fmt(pairs: list[tuple[str, float]]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the logit lens and the side-by-side generations; run and write the sweep if asked."""
     from activation_store.model import load_model
+    from evals.evaluate import read_sae_config
+    from sae_kit.compat import check_compatible, check_requested, model_to_use
     from sae_kit.sae import SparseCoder
-    from sae_kit.steering import Intervention, SAESteering, check_compatible, latent_scales
+    from sae_kit.steering import Intervention, SAESteering, latent_scales
 
     # Validate everything cheap before loading the model.
     if args.max_new_tokens <= 0 or args.n_samples <= 0:
@@ -86,11 +88,12 @@ def run(args: argparse.Namespace) -> int:
                  _prompts(args.baseline_negative, "--baseline-negative")) if args.baseline_positive else None)
     temperature = args.temperature if args.temperature is not None else (1.0 if args.n_samples > 1 else 0.0)
     interventions = [Intervention(f, args.mode, args.strength, args.positions) for f in args.feature]
-    sae = SparseCoder.load(args.sae)
-    bad = [f for f in args.feature if f >= sae.cfg.d_sae]
+    sae_cfg = read_sae_config(args.sae)  # cfg.json only: every check below runs before any weights load
+    check_requested(sae_cfg, args.sae, model=args.model)
+    bad = [f for f in args.feature if f >= sae_cfg.d_sae]
     if bad:
-        raise ValueError(f"latent index {bad[0]} out of range: the SAE has d_sae={sae.cfg.d_sae} latents "
-                         f"(valid 0..{sae.cfg.d_sae - 1})")
+        raise ValueError(f"latent index {bad[0]} out of range: the SAE has d_sae={sae_cfg.d_sae} latents "
+                         f"(valid 0..{sae_cfg.d_sae - 1})")
 
     from evals.steering import (
         diff_in_means_direction,
@@ -102,10 +105,9 @@ def run(args: argparse.Namespace) -> int:
         write_sweep,
     )
 
-    model = load_model(args.model or sae.cfg.metadata.get("model") or sae.cfg.model_name or "reference",
-                       backend=args.backend)
-    check_compatible(model, sae)
-    sae.to(model.device)
+    model = load_model(model_to_use(sae_cfg, args.model), backend=args.backend)
+    check_compatible(model, sae_cfg, args.sae)
+    sae = SparseCoder.load(args.sae, device=model.device)
     adds = args.feature if args.mode == "add" else []
     scales = latent_scales(model, sae, adds, n_tokens=args.scale_tokens) if adds else {}
     for f in args.feature:

@@ -30,8 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +39,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activation_store.model import LoadedModel, load_model
+from activation_store.model import LoadedModel, default_device, load_model
+from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
+from sae_kit.compat import check_compatible, check_requested, recorded_model
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class EvalConfig:
     """Contexts per forward pass."""
     context_size: int | None = None
     """Tokens per context; None means the SAE's training context size, else 128."""
-    device: str = "cpu"
-    """Torch device for the model and SAEs."""
+    device: str | None = None
+    """Torch device for the model and SAEs; None picks CUDA when present (as training does)."""
     backend: str = "auto"
     """Model backend: "auto", "transformer_lens" or "hf"."""
     dense_threshold: float = M.DEFAULT_DENSE_THRESHOLD
@@ -113,38 +113,21 @@ class SAEEvalResult:
 
 
 # -- loading and validation -----------------------------------------------------------------------------------
+def read_sae_config(path: str | Path) -> Any:
+    """An SAE's SAEConfig: from cfg.json alone for a sae-kit folder (no weights read), else from the loaded coder
+    (other formats, hub ids and "release:sae_id" record their config beside or inside the weights)."""
+    from sae_kit.formats import native
+
+    cfg = native.config_only(path)
+    return cfg if cfg is not None else load_sae(path).cfg
+
+
 def load_sae(path: str | Path, device: str = "cpu") -> Any:
     """Load a sparse coder: a folder of any supported format, a hub id or "release:sae_id" (`SparseCoder.load`);
     FileNotFoundError listing what was looked for when it is none of them."""
     from sae_kit.sae.base import SparseCoder
 
     return SparseCoder.load(path, device=device).eval()
-
-
-def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
-    """Raise ValueError when the SAE's hook points are not in the model or their widths differ from the SAE's."""
-    cfg = sae.cfg
-    label = where or cfg.hook_point
-    if cfg.hook_head_index is not None:
-        raise ValueError(f"SAE {label!r} reads one attention head (hook_head_index={cfg.hook_head_index}) of "
-                         f"{cfg.hook_point!r}; evals run SAEs on whole hook points only")
-    if not cfg.hook_point:
-        raise ValueError(f"SAE {label!r} records no hook_point in its cfg.json")
-    width = model.width(cfg.hook_point)  # ValueError naming the closest hook points if unknown
-    if width != cfg.d_in:
-        raise ValueError(
-            f"SAE {label!r} has d_in={cfg.d_in} but hook point {cfg.hook_point!r} of model {model.name!r} "
-            f"has width {width}: this SAE was trained on a different model or hook point"
-        )
-    if cfg.transcoder:
-        if not cfg.target_hook_point:
-            raise ValueError(f"transcoder {label!r} records no target_hook_point in its cfg.json")
-        t_width = model.width(cfg.target_hook_point)
-        if t_width != cfg.d_target:
-            raise ValueError(
-                f"transcoder {label!r} has d_out={cfg.d_target} but target hook point {cfg.target_hook_point!r} "
-                f"has width {t_width}"
-            )
 
 
 def keep_mask(tokens: Tensor, model: LoadedModel, exclude_special_tokens: bool) -> Tensor | None:
@@ -278,17 +261,6 @@ def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
 
 
 # -- sources recorded in the SAE ------------------------------------------------------------------------------
-def recorded_model(sae_cfg: Any) -> str | None:
-    """The model an SAE was trained on, from cfg.model_name or its metadata."""
-    meta = sae_cfg.metadata or {}
-    for value in (sae_cfg.model_name, meta.get("model"), meta.get("model_name")):
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, dict) and isinstance(value.get("name"), str):
-            return value["name"]
-    return None
-
-
 def dataset_config(sae_cfg: Any, cfg: EvalConfig) -> DatasetConfig:
     """The held-out DatasetConfig to evaluate on: CLI dataset, else the SAE's recorded one, else "stdlib"."""
     meta = sae_cfg.metadata or {}
@@ -336,19 +308,6 @@ def eval_token_batches(model: LoadedModel, dcfg: DatasetConfig, n_tokens: int, b
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -359,17 +318,23 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
     from evals.report import build_report
 
-    saes = [(str(p), load_sae(p, cfg.device)) for p in cfg.sae_paths]  # fail fast on bad folders
-    models: dict[str, LoadedModel] = {}
-    plans = []
-    for path, sae in saes:  # resolve and check every SAE before any compute
-        name = cfg.model or recorded_model(sae.cfg)
+    device = cfg.device or str(default_device())
+    # Every SAE is checked before any compute, and against its cfg.json before any weights load.
+    configs = [(str(p), read_sae_config(p)) for p in cfg.sae_paths]
+    names = []
+    for path, sae_cfg in configs:
+        name = cfg.model or recorded_model(sae_cfg)
         if not name:
             raise ValueError(f"SAE {path!r} records no model (cfg.json model_name is empty); pass --model")
+        check_requested(sae_cfg, path, model=cfg.model)
+        names.append(name)
+    models: dict[str, LoadedModel] = {}
+    for (path, sae_cfg), name in zip(configs, names):
         if name not in models:
-            models[name] = load_model(name, backend=cfg.backend, device=cfg.device)
-        check_compatible(models[name], sae, path)
-        plans.append((path, sae, name, dataset_config(sae.cfg, cfg)))
+            models[name] = load_model(name, backend=cfg.backend, device=device)
+        check_compatible(models[name], sae_cfg, path)
+    plans = [(path, load_sae(path, device), name, dataset_config(sae_cfg, cfg))
+             for (path, sae_cfg), name in zip(configs, names)]
 
     token_cache: dict[tuple[str, str], list[Tensor]] = {}
     results: list[SAEEvalResult] = []
@@ -387,9 +352,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
-    write_atomic(out / REPORT_FILENAME, build_report(results))
+    atomic_write_text(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(out / REPORT_FILENAME, build_report(results))
     records = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
-    write_atomic(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
+    atomic_write_text(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
     return out
 

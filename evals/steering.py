@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 from torch import Tensor
 
 from activation_store.model import LoadedModel
+from activation_store.storage import atomic_write_text
+from evals.metrics import kl_divergence
 from sae_kit.sae import SparseCoder
 from sae_kit.steering import DirectionIntervention, Intervention, SAESteering, latent_scales, steer_all
 from sae_kit.steering.interventions import check_strength
@@ -189,10 +190,8 @@ def strength_sweep(
                 steered_logits = torch.stack(gen.logits, dim=1).float()  # (1, T, V): what produced each new token
                 clean_logits = model(seq)[:, n - 1:-1].float()  # (1, T, V): unsteered, same contexts
                 new = seq[:, n:]  # (1, T)
-                logp_s = steered_logits.log_softmax(-1)
-                logp_c = clean_logits.log_softmax(-1)
-                kl_sum += float((logp_s.exp() * (logp_s - logp_c)).sum(-1).sum())
-                nll_sum += float(-logp_c.gather(-1, new[..., None]).sum())
+                kl_sum += float(kl_divergence(steered_logits, clean_logits).sum())  # KL(steered ‖ unsteered)
+                nll_sum += float(-clean_logits.log_softmax(-1).gather(-1, new[..., None]).sum())
                 n_tok += new.shape[1]
                 if probe is not None:
                     acts = model.capture(seq, [probe_sae.cfg.hook_point])[probe_sae.cfg.hook_point][0, n:]  # (T, d)
@@ -311,17 +310,10 @@ def sweep_figure(results: Sequence[SweepResult]) -> Any:
     return fig
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_sweep(results: Sequence[SweepResult], out_dir: str | Path) -> Path:
     """Write `sweep.json` and a self-contained `sweep.html` (plotly inlined, opens offline) into out_dir."""
     out = Path(out_dir)
-    _write_atomic(out / "sweep.json", json.dumps([r.to_dict() for r in results], indent=2))
-    _write_atomic(out / "sweep.html", sweep_figure(results).to_html(include_plotlyjs=True, full_html=True))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sweep.json", json.dumps([r.to_dict() for r in results], indent=2))
+    atomic_write_text(out / "sweep.html", sweep_figure(results).to_html(include_plotlyjs=True, full_html=True))
     return out / "sweep.html"

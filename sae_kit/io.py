@@ -8,6 +8,7 @@ toolkits' formats (`sae_kit.formats`) end there too.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from activation_store.storage import atomic_write
 from sae_kit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, SAEConfig, SparseCoder
+
+
+def load_plain(path: str | Path) -> Any:
+    """torch.load of a file holding only tensors and plain data (checkpoints, autointerp records); a file holding
+    any other object is refused with a ValueError, never unpickled, since unpickling can run arbitrary code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain data, so sae-kit did not write it; "
+                         f"refusing to unpickle it (delete it to start over): {str(err).splitlines()[0]}") from None
 
 
 def save_sparse_coder(coder: SparseCoder, path: str | Path) -> None:

@@ -5,10 +5,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
+from activation_store.storage import atomic_write_text
 from autointerp.llm.base import LLMClient, LLMResponse, LLMStats
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,8 @@ class CachedClient:
                  "response": {"text": resp.text, "prompt_tokens": resp.prompt_tokens,
                               "completion_tokens": resp.completion_tokens, "cost_usd": resp.cost_usd}}
         try:
-            self._write(path, entry)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(entry, ensure_ascii=False))
         except OSError as err:  # a full disk must not lose a reply already paid for; it just is not cached
             log.warning("could not write LLM cache entry %s: %s", path, err)
         return resp
@@ -91,18 +91,3 @@ class CachedClient:
         except (OSError, ValueError, KeyError, TypeError) as err:  # truncated, hand-edited, foreign: re-request
             log.warning("ignoring unreadable LLM cache entry %s (%s); requesting again", path, err)
             return None
-
-    @staticmethod
-    def _write(path: Path, entry: dict[str, Any]) -> None:
-        """Write atomically: temp file in the same folder, fsync, rename over the final name."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())  # data on disk before the rename makes it visible
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise

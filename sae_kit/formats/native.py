@@ -27,6 +27,16 @@ def detect(path: Path) -> bool:
             and is_native_config(read_json(path / CFG_FILENAME)))
 
 
+def config_only(path: str | Path) -> SAEConfig | None:
+    """The SAEConfig of a sae-kit folder from its cfg.json alone (no weights read); None when it is not one."""
+    path = Path(path)
+    cfg_file = path / CFG_FILENAME
+    if not (path.is_dir() and cfg_file.is_file()):
+        return None
+    raw = read_json(cfg_file)
+    return SAEConfig.from_dict(raw) if is_native_config(raw) else None
+
+
 def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False,
          options: dict[str, Any] | None = None) -> tuple[SAEConfig, dict[str, Tensor], Path]:
     """Config (with `options` fields replaced) and weights of a sae-kit folder."""

@@ -359,6 +359,8 @@ class SparseCoder(nn.Module):
         self.W_dec.grad -= parallel * w
 
     # -- training hooks (the trainer calls them for every architecture; most need nothing) -----------------------
+    has_k: ClassVar[bool] = False
+    """True when the config's k (active latents per token) applies: the TopK family, trained with AuxK."""
     calibrates_after_training: ClassVar[bool] = False
     """True when `calibrate_` sets inference-only state from data, so the trainer reads a sample for it."""
     unit_norm_decoder: ClassVar[bool] = False

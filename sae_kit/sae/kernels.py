@@ -74,7 +74,7 @@ def topk_indices(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
     On CPU this is ~4× faster than one `topk` over the row.
     """
     if native.usable(scores):  # the same selection in C, ~2.4× faster (built on first use; see native.py)
-        return native.topk_rows(scores, k, by_magnitude)
+        return native.topk_rows(scores.contiguous(), k, by_magnitude)
     n, d = scores.shape
     g = _group_count(d, k)
     if g is None:
@@ -101,7 +101,7 @@ def topk_biased(pre: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -
     alongside the rows instead, so no pass over `pre` is spent on it.
     """
     if native.usable(pre) and bias.dtype == pre.dtype:
-        return native.topk_rows_biased(pre, bias, k, by_magnitude)
+        return native.topk_rows_biased(pre.contiguous(), bias.detach().contiguous(), k, by_magnitude)
     pre += bias
     idx = topk_indices(pre, k, by_magnitude)
     return pre.gather(1, idx), idx

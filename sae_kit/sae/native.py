@@ -8,7 +8,12 @@
 `kernels.py` falls back to torch for each. The library is built with `-march=native` into
 `$XDG_CACHE_HOME/sae-kit/native/<digest>/`, the digest covering the sources, compiler, flags and CPU, so a shared
 home directory never hands one machine another's binary. No compiler, a failed build or `SAE_KIT_NATIVE=0` means
-the torch path, with one warning (none when disabled).
+the torch path, with one warning (none when disabled). A failed build is remembered in that folder (BUILD_FAILED),
+so later processes with the same compiler and flags do not try again. On macOS and Windows (no `-fopenmp` with
+the stock compilers) no build is attempted.
+
+Every entry point checks its operands (contiguous CPU tensors of the right dtype and shape, rows narrower than
+2^31) and raises ValueError before any pointer reaches C.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -34,6 +40,12 @@ HEADERS = (Path(__file__).with_name("select_native.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "SAE_KIT_NATIVE"
 """Set to 0 to never build or use the native kernels."""
+FAILED_MARKER = "BUILD_FAILED"
+"""Left in the build folder by a failed compile: the compiler's message; delete it to try again."""
+UNSUPPORTED_PLATFORMS = ("darwin", "win32", "cygwin")
+"""Where no build is attempted: the stock compilers there lack OpenMP (`-fopenmp`)."""
+MAX_WIDTH = 2**31 - 1
+"""Widest row the kernels take: latent indices are 32-bit inside them."""
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -69,6 +81,9 @@ def _build(cc: str) -> Path:
     target = cache_dir() / digest / "libsaekit_topk.so"
     if target.is_file():
         return target
+    failed = target.parent / FAILED_MARKER
+    if failed.is_file():
+        raise RuntimeError(f"an earlier build with this compiler and these flags failed; delete {failed} to retry")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a concurrent process (another rank) never loads a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -77,7 +92,9 @@ def _build(cc: str) -> Path:
         done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
+            message = f"{cc} failed: {done.stderr.strip()[:500]}"
+            failed.write_text(message + "\n")  # only a compile error is remembered, never a timeout or full disk
+            raise RuntimeError(message)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -94,6 +111,10 @@ def library() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         if os.environ.get(ENV_SWITCH, "1") == "0":
+            _tried = True
+            return None
+        if sys.platform in UNSUPPORTED_PLATFORMS:
+            log.info("native kernels are built on Linux only; using torch's on %s", sys.platform)
             _tried = True
             return None
         try:
@@ -118,37 +139,65 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(scores: Tensor) -> bool:
-    """Whether the native kernels can take this operand: a 2-D float32 CPU tensor, with the library available."""
+    """Whether the native kernels can take this operand: a 2-D float32 CPU tensor of rows narrower than 2^31, with
+    the library available (the entry points also need it contiguous)."""
     return (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2
-            and 0 < scores.shape[1] < 2**31 and library() is not None)
+            and 0 < scores.shape[1] <= MAX_WIDTH and library() is not None)
+
+
+def _check(name: str, t: Tensor, dtype: torch.dtype, shape: tuple[int | None, ...]) -> None:
+    """Raise ValueError unless `t` is a contiguous CPU tensor of `dtype` and `shape` (None: any size there)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    fits = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    if t.device.type != "cpu" or t.dtype != dtype or not fits or not t.is_contiguous():
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" + (
+            "" if t.is_contiguous() else ", not contiguous")
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor of shape {want}, got {got}")
+
+
+def _check_rows(name: str, t: Tensor, dtype: torch.dtype, k: int | None = None) -> tuple[int, int]:
+    """Check a (N, d) operand and the row width (and k, when given); return (N, d)."""
+    _check(name, t, dtype, (None, None))
+    n, d = t.shape
+    if not 0 < d <= MAX_WIDTH:
+        raise ValueError(f"{name} has rows of {d} values; the native kernels take 1 to 2^31 - 1")
+    if k is not None and not (isinstance(k, int) and 0 < k <= d):
+        raise ValueError(f"k must be in [1, {d}] for rows of {d} scores, got {k}")
+    return n, d
+
+
+def _need_library() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available; check `native.usable` first")
+    return lib
 
 
 def topk_rows(scores: Tensor, k: int, by_magnitude: bool = False) -> Tensor:
-    """Indices (N, k) of the k largest scores (or |scores|) per row, ascending within each row (see `usable`)."""
+    """Indices (N, k) of the k largest scores (or |scores|) per row, ascending within each row.
+
+    `scores` must be a contiguous float32 CPU tensor (N, d), d < 2^31 (see `usable`); anything else is a ValueError.
+    """
     return _topk(scores, k, by_magnitude, None, want_values=False)[1]
 
 
 def topk_rows_biased(scores: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor]:
-    """Values and indices (N, k) of the k largest (scores + bias) per row, indices ascending (see `usable`).
+    """Values and indices (N, k) of the k largest (scores + bias) per row, indices ascending (see `topk_rows`).
 
     The bias (d,) is added while the rows are read, so the encoder matmul before it can skip its bias pass.
     """
-    if bias.shape != (scores.shape[-1],) or bias.dtype != scores.dtype or bias.device != scores.device:
-        raise ValueError(f"bias must be a {scores.dtype} vector of shape ({scores.shape[-1]},) on {scores.device}, "
-                         f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    values, indices = _topk(scores, k, by_magnitude, bias.detach().contiguous(), want_values=True)
+    values, indices = _topk(scores, k, by_magnitude, bias, want_values=True)
     return values, indices
 
 
 def _topk(scores: Tensor, k: int, by_magnitude: bool, bias: Tensor | None,
           want_values: bool) -> tuple[Tensor | None, Tensor]:
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native top-k is not available; check `native.usable` first")
-    n, d = scores.shape
-    if not 0 < k <= d:
-        raise ValueError(f"k must be in [1, {d}] for rows of {d} scores, got {k}")
-    scores = scores.contiguous()
+    n, d = _check_rows("scores", scores, torch.float32, k)
+    if bias is not None:
+        _check("bias", bias, torch.float32, (d,))
+    lib = _need_library()
     indices = torch.empty((n, k), dtype=torch.int64)
     values = torch.empty((n, k), dtype=scores.dtype) if want_values else None
     if n and lib.topk_rows(scores.data_ptr(), None if bias is None else bias.data_ptr(), n, d, k, int(by_magnitude),
@@ -156,7 +205,6 @@ def _topk(scores: Tensor, k: int, by_magnitude: bool, bias: Tensor | None,
                            torch.get_num_threads()):
         raise MemoryError(f"native top-k could not allocate its buffers for rows of {d} scores")
     return values, indices
-
 
 
 @functools.cache
@@ -177,17 +225,19 @@ def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: 
                   x: Tensor, W: Tensor, k: int, by_magnitude: bool = False) -> tuple[Tensor, Tensor] | None:
     """Exact fp32 values and ascending indices (N, k) of the k largest x·W_j + b_j (or |·|) per row, from the bf16
     product `approx` (N, d) and the error bound's terms (see rescore_native.c); None if a row is not finite."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernels are not available; check `native.usable` first")
-    n, d = approx.shape
-    if approx.dtype != torch.bfloat16 or W.shape != (d, x.shape[1]) or not 0 < k <= d:
-        raise ValueError(f"bad operands: approx {approx.dtype} {tuple(approx.shape)}, x {tuple(x.shape)}, "
-                         f"W {tuple(W.shape)}, k {k}")
-    ops = [t.detach().contiguous() for t in (approx, bias, lat_res_norm, lat_norm, row_a, row_b, x, W)]
+    n, d = _check_rows("approx", approx, torch.bfloat16, k)
+    _check("x", x, torch.float32, (n, None))
+    width = x.shape[1]
+    _check("W", W, torch.float32, (d, width))
+    for name, t in (("bias", bias), ("lat_res_norm", lat_res_norm), ("lat_norm", lat_norm)):
+        _check(name, t, torch.float32, (d,))
+    for name, t in (("row_a", row_a), ("row_b", row_b)):
+        _check(name, t, torch.float32, (n,))
+    lib = _need_library()
+    ops = (approx, bias, lat_res_norm, lat_norm, row_a, row_b, x, W)
     indices = torch.empty((n, k), dtype=torch.int64)
     values = torch.empty((n, k), dtype=torch.float32)
-    status = lib.topk_rescored(*(t.data_ptr() for t in ops), n, d, x.shape[1], k, int(by_magnitude),
+    status = lib.topk_rescored(*(t.data_ptr() for t in ops), n, d, width, k, int(by_magnitude),
                                indices.data_ptr(), values.data_ptr(), torch.get_num_threads()) if n else 0
     if status & 1:
         raise MemoryError(f"native rescoring could not allocate its buffers for rows of {d} latents")
@@ -197,10 +247,8 @@ def topk_rescored(approx: Tensor, bias: Tensor, lat_res_norm: Tensor, lat_norm: 
 def to_bf16_with_norms(src: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows (R, K) rounded to bf16 (to nearest even), and the row norms (R,) of src, of the rounded rows and of the
     rounding residual src − bf16(src), in one pass."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernels are not available; check `native.usable` first")
-    src = src.detach().contiguous()
+    _check("src", src, torch.float32, (None, None))
+    lib = _need_library()
     rows, width = src.shape
     dst = torch.empty((rows, width), dtype=torch.bfloat16)
     norm, bf_norm, res_norm = (torch.empty(rows, dtype=torch.float32) for _ in range(3))

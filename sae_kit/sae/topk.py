@@ -69,6 +69,7 @@ class TopKSAE(SparseCoder):
     """Keep the k largest pre-activations per row (ReLU on the kept values)."""
 
     architecture = "topk"
+    has_k = True
     unit_norm_decoder = True
     by_magnitude: ClassVar[bool] = False
     """Rank latents by |pre| instead of pre (AbsTopK)."""

@@ -6,7 +6,8 @@
    2. collect the keys >= that bound (a little over k on Gaussian rows; AVX-512 compress-store where available);
    3. quickselect the k largest among them (on a copy) and keep them in the candidates' ascending index order.
    Keys are the values (plus an optional per-column bias, so the encoder matmul needs no bias pass), or their
-   magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above everything, as in torch.topk.
+   magnitudes for AbsTopK; equal keys go to the lower index; a NaN ranks above every number, +inf included, as in
+   torch.topk (a row holding one takes the plain path of row_topk_nan).
    Rows are split across OpenMP threads: torch's CPU wheels load libgomp.so.1 first, so this library shares torch's
    thread pool. Plain threads would compete with the pool's workers, which spin for a while after each matmul,
    and lose the speed-up inside a training step. */
@@ -20,9 +21,37 @@
 #include <immintrin.h>
 #endif
 
-static inline float key_of(float v, int by_mag) {
-    if (v != v) return INFINITY;
-    return by_mag ? fabsf(v) : v;
+/* A row holding a NaN (rare, so plain code): the NaNs first, lower index first, up to k of them; the numbers fill
+   the places left by key. */
+static void row_topk_nan(const float *row, const float *bias, int64_t d, int64_t k, int by_mag, float *kv,
+                         int32_t *ix, int64_t *out_idx, float *out_val) {
+    int64_t nans = 0, m = 0;
+    for (int64_t j = 0; j < d; j++) {
+        float v = bias ? row[j] + bias[j] : row[j];
+        if (v != v) nans++;
+        else { kv[m] = by_mag ? fabsf(v) : v; ix[m] = (int32_t)j; m++; }
+    }
+    const int64_t rest = k > nans ? k - nans : 0;  /* places for numbers; m >= rest since k <= d */
+    float tk = 0.0f;
+    int32_t ti = -1;
+    if (rest > 0) {
+        float *kc = kv + d;
+        int32_t *ic = ix + d;
+        memcpy(kc, kv, sizeof(float) * m);
+        memcpy(ic, ix, sizeof(int32_t) * m);
+        select_first(kc, ic, m, rest, 0);
+        last_in_rank(kc, ic, rest, 0, &tk, &ti);
+    }
+    for (int64_t j = 0, t = 0, nan_taken = 0; j < d && t < k; j++) {
+        float v = bias ? row[j] + bias[j] : row[j];
+        int take = v != v ? nan_taken++ < k
+                          : rest > 0 && ((int32_t)j == ti || ranks_before(by_mag ? fabsf(v) : v, (int32_t)j, tk, ti));
+        if (take) {
+            out_idx[t] = j;
+            if (out_val) out_val[t] = v;
+            t++;
+        }
+    }
 }
 
 /* One row: the k best keys of row (+ bias) into out_idx (ascending) and, if out_val, their values (+ bias). */
@@ -48,33 +77,33 @@ static void row_topk(const float *row, const float *bias, int64_t d, int64_t k, 
         colmax[j - s] = a > colmax[j - s] ? a : colmax[j - s];
         nan |= v != v;
     }
-    int64_t m = 0, j = 0;
     if (nan) {
-        for (; j < d; j++) { kv[m] = key_of(bias ? row[j] + bias[j] : row[j], by_mag); ix[m] = (int32_t)j; m++; }
-    } else {
-        const float bound = kth_largest(colmax, c, k);
+        row_topk_nan(row, bias, d, k, by_mag, kv, ix, out_idx, out_val);
+        return;
+    }
+    int64_t m = 0, j = 0;
+    const float bound = kth_largest(colmax, c, k);
 #ifdef __AVX512F__
-        const __m512 vbound = _mm512_set1_ps(bound);
-        const __m512i step = _mm512_set1_epi32(16);
-        __m512i vj = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (; j + 16 <= d; j += 16) {
-            __m512 v = _mm512_loadu_ps(row + j);
-            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
-            if (by_mag) v = _mm512_abs_ps(v);
-            __mmask16 hit = _mm512_cmp_ps_mask(v, vbound, _CMP_GE_OQ);
-            if (hit) {
-                _mm512_mask_compressstoreu_ps(kv + m, hit, v);
-                _mm512_mask_compressstoreu_epi32(ix + m, hit, vj);
-                m += __builtin_popcount(hit);
-            }
-            vj = _mm512_add_epi32(vj, step);
+    const __m512 vbound = _mm512_set1_ps(bound);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i vj = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= d; j += 16) {
+        __m512 v = _mm512_loadu_ps(row + j);
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+        if (by_mag) v = _mm512_abs_ps(v);
+        __mmask16 hit = _mm512_cmp_ps_mask(v, vbound, _CMP_GE_OQ);
+        if (hit) {
+            _mm512_mask_compressstoreu_ps(kv + m, hit, v);
+            _mm512_mask_compressstoreu_epi32(ix + m, hit, vj);
+            m += __builtin_popcount(hit);
         }
+        vj = _mm512_add_epi32(vj, step);
+    }
 #endif
-        for (; j < d; j++) {
-            float v = bias ? row[j] + bias[j] : row[j];
-            float a = by_mag ? fabsf(v) : v;
-            if (a >= bound) { kv[m] = a; ix[m] = (int32_t)j; m++; }
-        }
+    for (; j < d; j++) {
+        float v = bias ? row[j] + bias[j] : row[j];
+        float a = by_mag ? fabsf(v) : v;
+        if (a >= bound) { kv[m] = a; ix[m] = (int32_t)j; m++; }
     }
     /* The candidates are in ascending index order. Select on a copy, find the last of the k best in rank, then
        keep, in one pass over the candidates, those ranking at or before it: the k best, ascending, no sort. */

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from activation_store.model import LoadedModel
+from sae_kit.compat import check_compatible
 from sae_kit.sae import SparseCoder
 from sae_kit.steering.interventions import DirectionIntervention, Intervention, position_mask
 
@@ -59,47 +60,40 @@ class SAESteering:
 Steering = SAESteering | DirectionIntervention
 
 
-def check_compatible(model: LoadedModel, sae: SparseCoder) -> None:
-    """Raise ValueError when the SAE's hook points are missing from the model or have another width."""
-    if sae.cfg.hook_head_index is not None:
-        raise ValueError(f"the SAE reads one attention head (hook_head_index={sae.cfg.hook_head_index}) of "
-                         f"{sae.cfg.hook_point!r}; steering and evals run SAEs on whole hook points only")
-    hooks = [("hook_point", sae.cfg.hook_point, sae.cfg.d_in)]
-    if sae.cfg.transcoder:
-        hooks.append(("target_hook_point", sae.cfg.target_hook_point, sae.cfg.d_target))
-    for field_name, hook, width in hooks:
-        if not hook:
-            raise ValueError(f"the SAE records no {field_name} (cfg.{field_name} is empty); set it to a hook point "
-                             f"of model {model.name!r}")
-        model.validate_hook_point(hook)
-        if model.width(hook) != width:
-            raise ValueError(f"SAE {field_name} {hook!r} expects width {width}, but model {model.name!r} has width "
-                             f"{model.width(hook)} there")
+class _TextRows:
+    """The activations of a model's text, token batch by token batch, BOS/EOS/pad rows dropped: a row source for
+    `latent_max_acts` (order and batch size are the text's; every row of n_tokens is read)."""
+
+    def __init__(self, model: LoadedModel, dataset: Any, n_tokens: int, batch_size: int):
+        self.model, self.dataset, self.n_tokens, self.batch_size = model, dataset, n_tokens, batch_size
+
+    def batches(self, hook_points: Sequence[str], batch_size: int, **_: Any) -> Iterator[dict[str, Tensor]]:
+        """{hook point: (rows, d)} of each token batch."""
+        from activation_store.capture import capture_rows
+        from activation_store.tokens import iter_token_batches
+
+        for batch in iter_token_batches(self.model.tokenizer, self.dataset, self.batch_size, max_tokens=self.n_tokens):
+            yield capture_rows(self.model, batch, hook_points, exclude_special=True).acts
 
 
-@torch.no_grad()
 def latent_max_activations(
     model: LoadedModel, sae: SparseCoder, n_tokens: int = 8192, context_size: int = 128, batch_size: int = 16,
     dataset: Any = None,
 ) -> Tensor:
-    """(d_sae,) max |activation| of every latent over n_tokens of held-out text (default: the stdlib eval split).
+    """(d_sae,) max |activation| of every latent over n_tokens of held-out text (default: the stdlib eval split),
+    by the estimator training records (`sae_kit.train.max_acts.latent_max_acts`).
 
     BOS/EOS/pad positions are skipped: their activations are outliers that would inflate the unit of 'add'.
     """
-    from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
+    from activation_store.tokens import DatasetConfig
+    from sae_kit.train.max_acts import latent_max_acts
 
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     check_compatible(model, sae)
     cfg = dataset if dataset is not None else DatasetConfig(context_size=context_size, split="eval")
-    best = torch.zeros(sae.cfg.d_sae)
-    for batch in iter_token_batches(model.tokenizer, cfg, batch_size, max_tokens=n_tokens):
-        acts = model.capture(batch.tokens, [sae.cfg.hook_point])[sae.cfg.hook_point]  # (B, C, d_in)
-        keep = ~special_token_mask(batch.tokens, model.tokenizer).to(acts.device)
-        z = sae.encode(acts[keep].to(sae.W_enc.dtype))  # (rows, d_sae)
-        if len(z):
-            best = torch.maximum(best, z.abs().max(dim=0).values.cpu())
-    return best
+    rows = _TextRows(model, cfg, n_tokens, batch_size)
+    return latent_max_acts([(sae, sae.cfg.hook_point)], rows, n_rows=n_tokens)[0]
 
 
 def latent_scales(

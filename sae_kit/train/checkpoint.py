@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sae_kit.io import load_plain
+
 KEEP = 2
 FOLDER = ".checkpoints"
 MARKER = "COMPLETE"
@@ -79,15 +81,36 @@ def load_part(folder: Path, filename: str) -> dict[str, Any]:
     path = folder / filename
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {folder} has no {filename}; it was written by a different pass")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_plain(path)
+
+
+def _ours(folder: Path, prefix: str) -> bool:
+    """Whether `folder` is a checkpoint folder this module wrote: its exact name pattern, and only the files a
+    checkpoint holds, so a user's folder that merely looks like one is never deleted."""
+    name = folder.name.removeprefix(prefix)
+    if not (folder.is_dir() and not folder.is_symlink() and name.startswith("step_") and len(name) == 14
+            and name[5:].isdigit()):
+        return False
+    return all(p.is_file() and (p.name in (STATE, MARKER) or (p.name.startswith("sae-") and p.suffix == ".pt"))
+               for p in folder.iterdir())
 
 
 def remove_temporaries(out: str | Path) -> None:
-    """Drop half-written checkpoint folders left by a killed run."""
+    """Drop half-written checkpoint folders left by a killed run (only folders this module writes)."""
     for tmp in checkpoint_root(out).glob(".tmp-step_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _ours(tmp, ".tmp-"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_checkpoints(out: str | Path) -> None:
-    """Drop the checkpoints once every final SAE folder is in place."""
-    shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    """Drop the checkpoints once every final SAE folder is in place; anything else in the folder stays."""
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return
+    for folder in [*root.glob("step_*"), *root.glob(".tmp-step_*")]:
+        if _ours(folder, ".tmp-"):
+            shutil.rmtree(folder, ignore_errors=True)
+    try:
+        root.rmdir()  # only when nothing else is left in it
+    except OSError:
+        pass

@@ -93,7 +93,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
         data = yaml.safe_load(file.read_text()) or {}
     elif file.suffix == ".toml":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # tomllib is 3.11+; tomli is the same parser, declared for older Pythons
+            import tomli as tomllib
 
         data = tomllib.loads(file.read_text())
     else:

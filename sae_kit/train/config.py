@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "abstopk", "relu", "matryoshka_batchtopk", "gated",
-                 "matching_pursuit", "kron", "adaptivek")
-TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka_batchtopk", "matching_pursuit", "kron", "adaptivek")
-"""Architectures with a k, a unit-norm decoder and AuxK."""
+from sae_kit.sae import SparseCoder
+
+ARCHITECTURES = tuple(SparseCoder.REGISTRY)
+"""Every registered architecture (one file each in sae_kit/sae/, imported by sae_kit/sae/__init__.py)."""
+TOPK_FAMILY = tuple(name for name, cls in SparseCoder.REGISTRY.items() if cls.has_k)
+"""Architectures with a k (and AuxK): those whose class sets `has_k`."""
 ARCH_OPTIONS = ("matryoshka_widths", "mp_residual_threshold", "kron_m", "kron_n", "adaptivek_min_k", "adaptivek_max_k",
                 "adaptivek_probe_coefficient", "adaptivek_l1_coefficient")
 """Architecture knobs passed through to SAEConfig unchanged (each architecture ignores the others' knobs)."""
@@ -116,8 +118,8 @@ class TrainConfig:
     """Tokens per context in streaming mode."""
     # -- the SAEs -----------------------------------------------------------------------------------------
     architecture: str = "topk"
-    """Sparse coder architecture: topk, batchtopk, jumprelu, abstopk, relu, matryoshka_batchtopk, gated,
-    matching_pursuit, kron or adaptivek."""
+    """Sparse coder architecture: a name in SparseCoder.REGISTRY (topk, batchtopk, jumprelu, abstopk, relu,
+    matryoshka_batchtopk, gated, matching_pursuit, kron, adaptivek)."""
     k: int = 32
     """Active latents per token (TopK family)."""
     expansion: int = 16
@@ -214,8 +216,8 @@ class TrainConfig:
             object.__setattr__(self, "sweep", SweepConfig.from_dict(self.sweep))
         if not isinstance(self.sweep, SweepConfig):
             raise ValueError(f"sweep must be a SweepConfig or a mapping, got {type(self.sweep).__name__}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(ARCHITECTURES)}")
+        if self.architecture not in SparseCoder.REGISTRY:
+            raise ValueError(f"unknown architecture {self.architecture!r}; valid: {list(SparseCoder.REGISTRY)}")
         self._check_architecture_options()
         for name in ("n_tokens", "batch_size", "expansion", "context_size", "log_every", "micro_batches",
                      "dead_tokens_threshold"):
@@ -226,9 +228,10 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
         if self.d_sae is not None and self.d_sae <= 0:
             raise ValueError(f"d_sae must be positive, got {self.d_sae}")
-        if self.architecture in TOPK_FAMILY and self.k <= 0:
+        has_k = SparseCoder.REGISTRY[self.architecture].has_k
+        if has_k and self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
-        if self.d_sae is not None and self.architecture in TOPK_FAMILY and not self.sweep.k and self.k >= self.d_sae:
+        if self.d_sae is not None and has_k and not self.sweep.k and self.k >= self.d_sae:
             raise ValueError(f"k must be smaller than d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")

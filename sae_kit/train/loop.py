@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +41,7 @@ from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import BatchFeed
 from sae_kit.train.geometric_median import geometric_median
+from sae_kit.train.max_acts import MAX_ACTS_ROWS, latent_max_acts
 from sae_kit.train.optim import make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
@@ -59,8 +59,6 @@ FINAL_WINDOW = 50
 """Final metrics average the last this many steps."""
 CALIBRATION_ROWS = 16_384
 """Rows on which a BatchTopK SAE's inference threshold is set after training."""
-MAX_ACTS_ROWS = 65_536
-"""Rows encoded after training to record each latent's max |activation| (the unit of steering strengths)."""
 DEAD_REFRESH_STEPS = 10
 """AuxK reads the dead latents as of the last multiple of this many steps (a fixed cadence, so resume is exact)."""
 METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
@@ -535,25 +533,6 @@ def _sync_point(trainees: list[Trainee], step: int, halt: _Halt, cfg: TrainConfi
 
 
 # -- 5. publishing ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: int = MAX_ACTS_ROWS, seed: int = 0,
-                    batch_size: int = 4096) -> list[torch.Tensor]:
-    """(d_sae,) max |activation| of each (SAE, input hook) over up to n_rows shuffled raw rows, in one shared read."""
-    rows = source_rows(source)
-    batch_size = min(batch_size, n_rows, rows) if rows else min(batch_size, n_rows)
-    best = [torch.zeros(sae.d_sae, device=sae.W_enc.device) for sae, _ in saes]
-    hooks = list(dict.fromkeys(h for _, h in saes))
-    seen = 0
-    for batch in source.batches(hooks, batch_size, shuffle=True, seed=seed, epochs=1):
-        for (sae, hook), b in zip(saes, best):
-            z = sae.encode(batch[hook].to(sae.W_enc.device, sae.W_enc.dtype))  # (batch, d_sae)
-            torch.maximum(b, z.abs().amax(dim=0).float(), out=b)
-        seen += batch_size
-        if seen >= n_rows:
-            break
-    return [b.cpu() for b in best]
-
 
 def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, source: Any) -> list[Path]:
     """Fold the scales into the weights and publish each folder: weights, cfg.json, marker, then rename."""

@@ -152,8 +152,23 @@ def test_auto_backend_falls_back_to_hf_for_unknown_architectures(tiny_gpt2_path,
         load_model(str(tiny_gpt2_path), backend="transformer_lens", device="cpu")
 
 
-def test_stop_forward_is_an_exception():
-    assert issubclass(StopForward, Exception)
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])
+def test_stop_forward_ends_only_the_capture_that_raised_it(fixture, request, tokens):
+    """capture's StopForward is caught inside capture and its hooks are gone; one raised by a caller's edit is
+    theirs: it propagates (an edit cannot cut a forward short unnoticed) and the hooks are removed too."""
+    model = request.getfixturevalue(fixture)
+    hook = "blocks.0.hook_resid_post" if model.backend == "transformer_lens" else "transformer.h.0"
+    clean = model(tokens)
+    assert set(model.capture(tokens, [hook])) == {hook}  # stopped early, nothing escaped
+    torch.testing.assert_close(model(tokens), clean)  # and no hook was left behind
+
+    def stop(act):
+        raise StopForward
+
+    with pytest.raises(StopForward):
+        with model.intervene({hook: stop}):
+            model(tokens)
+    torch.testing.assert_close(model(tokens), clean)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])

@@ -11,24 +11,9 @@ from typing import Any
 
 import torch
 
+from autointerp.llm.base import LLMError, LLMResponse
 from autointerp.records import Example, LatentRecord
-from sae_kit.sae.base import EncoderOutput, SAEConfig, SparseCoder
-
-try:
-    from autointerp.llm.base import LLMError, LLMResponse
-except ImportError:  # the client package is written in parallel; fall back to look-alikes
-    class LLMError(RuntimeError):  # type: ignore[no-redef]
-        """Stand-in for autointerp.llm.base.LLMError."""
-
-    @dataclass(frozen=True)
-    class LLMResponse:  # type: ignore[no-redef]
-        """Stand-in for autointerp.llm.base.LLMResponse."""
-
-        text: str
-        prompt_tokens: int = 0
-        completion_tokens: int = 0
-        cost_usd: float = 0.0
-        cached: bool = False
+from sae_kit.sae import SAEConfig, SparseCoder, TopKSAE
 
 
 def _coin(text: str) -> int:
@@ -94,30 +79,14 @@ class FakeEmbedder:
         return (e[1:] @ e[0]).tolist()
 
 
-class TinyTopK(SparseCoder):
-    """A minimal TopK SAE for tests (not registered), so tests do not depend on sae_kit.sae.topk."""
-
-    def encode_sparse(self, x: torch.Tensor) -> EncoderOutput:
-        """Top-k ReLU'd pre-activations."""
-        pre = self.pre_acts(x)
-        top = pre.topk(self.cfg.k, dim=-1)
-        return EncoderOutput(top.values.relu(), top.indices, pre)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense (N, d_sae) activations."""
-        out = self.encode_sparse(x)
-        return torch.zeros_like(out.pre_acts).scatter(-1, out.top_indices, out.top_acts)
-
-
 def make_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, hook: str = "blocks.0.hook_resid_post",
              model_name: str = "", seed: int = 0) -> SparseCoder:
-    """A random TopK SAE (the real architecture when registered, else TinyTopK)."""
+    """A random TopK SAE: the real architecture, so a regression there fails these tests too."""
     torch.manual_seed(seed)
-    cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_point=hook, model_name=model_name)
-    try:
-        return SparseCoder.from_config(cfg)
-    except (ImportError, ValueError):
-        return TinyTopK(cfg)
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_point=hook,
+                                            model_name=model_name))
+    assert isinstance(sae, TopKSAE)
+    return sae
 
 
 WORDS = "the a of to in is for on with as at by from it this that be are was import def return".split()

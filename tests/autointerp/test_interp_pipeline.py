@@ -8,6 +8,7 @@ import json
 import pytest
 from fakes import FakeEmbedder, FakeJudge, interp_config, make_sae, records_once, with_records
 
+from autointerp.llm.cache import CachedClient
 from autointerp.pipeline import InterpConfig, run_interp
 from autointerp.records import RecordConfig
 
@@ -111,16 +112,11 @@ def test_config_errors_name_the_options():
 
 
 def test_cache_makes_second_run_issue_zero_requests(tmp_path, records_dir, sae):
-    llm = pytest.importorskip("autointerp.llm", reason="autointerp.llm (the LLM clients) is not written yet")
-    cached_cls = getattr(llm, "CachedClient", None) or getattr(pytest.importorskip("autointerp.llm.cache"),
-                                                               "CachedClient", None)
-    if cached_cls is None:
-        pytest.skip("autointerp.llm has no CachedClient to wrap the fake with")
     judge = FakeJudge()
     for run in range(2):
         out = tmp_path / f"run{run}"
         _fresh(out, records_dir)
-        client = cached_cls(judge, str(tmp_path / "llm_cache"))
+        client = CachedClient(judge, str(tmp_path / "llm_cache"))
         summary = run_interp(_cfg(out, explainer="llm", scorers=("detection",), llm="fake"), sae=sae, client=client)
         if run == 1:
             assert summary["llm"]["cache_misses"] == 0 and summary["llm"]["cache_hits"] > 0
@@ -132,13 +128,9 @@ def test_cache_makes_second_run_issue_zero_requests(tmp_path, records_dir, sae):
 
 def test_cli_end_to_end_offline(tmp_path, tiny_gpt2_path, tiny_model, sae, monkeypatch, capsys):
     from sae_kit.cli import main
-    from sae_kit.sae.base import SparseCoder
 
     sae_dir = tmp_path / "sae"
-    try:
-        sae.save(sae_dir)
-    except ImportError:  # sae_kit.io is written in parallel: serve the object instead of the folder
-        monkeypatch.setattr(SparseCoder, "load", staticmethod(lambda path, device="cpu": sae))
+    sae.save(sae_dir)
     monkeypatch.setattr("autointerp.scorers.default_embedder", FakeEmbedder)
     out = tmp_path / "out"
     argv = ["interp", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--backend", "transformer_lens",

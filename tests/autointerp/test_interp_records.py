@@ -90,3 +90,22 @@ def test_save_load_roundtrip_and_build(setup, tiny_model, tmp_path):
             assert all(e.quantile is not None for e in rec.samples)
             peak = {e.tokens[max(range(len(e.acts)), key=e.acts.__getitem__)] for e in rec.top[:cfg.n_similar_tokens]}
             assert all(peak & set(e.tokens) and e.max_act == 0 for e in rec.similar_negatives)
+
+
+class RunsCode:
+    """Unpickling this creates the file `flag` (a stand-in for anything worse)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (str(self.flag), "w"))
+
+
+def test_records_holding_a_pickled_object_are_refused(tmp_path):
+    flag = tmp_path / "ran"
+    torch.save({"counts": torch.zeros(3), "x": RunsCode(flag)}, tmp_path / "records.pt")
+    (tmp_path / "meta.json").write_text('{"k": 1}')
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_records(tmp_path, {"k": 1})
+    assert not flag.exists()

@@ -150,6 +150,8 @@ def test_overwrite_replaces_results_and_deletes_nothing_else(tmp_path, records_d
     run_interp(_cfg(out), sae=sae, embedder=FakeEmbedder())
     old = _jsonl(out / "explanations.jsonl")
     (out / "notes.txt").write_text("mine")
+    (out / ".summary.json.old.tmp").write_text("mine")  # only looks like a temporary of ours
+    (out / ".scores.jsonl.tmp-k1lled00.tmp").write_text("{")  # what a killed rewrite leaves
     (out / "llm_cache").mkdir()
     (out / "llm_cache" / "entry.json").write_text("{}")
     run_interp(_cfg(out, overwrite=True), sae=other_sae, model=tiny_model, embedder=FakeEmbedder())
@@ -158,6 +160,8 @@ def test_overwrite_replaces_results_and_deletes_nothing_else(tmp_path, records_d
     assert _jsonl(out / "explanations.jsonl") != old  # the other SAE's latents do read differently
     assert _snapshot(out) == _snapshot(fresh)  # exactly what a run into an empty folder writes
     assert (out / "notes.txt").read_text() == "mine" and (out / "llm_cache" / "entry.json").exists()
+    assert (out / ".summary.json.old.tmp").read_text() == "mine"
+    assert not (out / ".scores.jsonl.tmp-k1lled00.tmp").exists()
     run_interp(_cfg(out), sae=other_sae, embedder=FakeEmbedder())  # and it resumes like any folder
 
 

@@ -96,14 +96,51 @@ def test_strength_sweep_measures(tiny_model):
         sweep_latent(tiny_model, sae, 64, [1.0], ["x"], scales={3: 1.0})
 
 
+@torch.no_grad()
 def test_clamp_sweep_drives_the_probe_latent(tiny_model):
-    sae = make_sae()
-    res = strength_sweep(
-        tiny_model, PROMPTS, [0.0, 50.0],
-        lambda s: [SAESteering(sae, (Intervention(3, "clamp", s, "last"),))],
-        probe=(sae, 3), max_new_tokens=3,
-    )
-    assert res.points[1].kl > res.points[0].kl and res.points[0].concept_score is None
+    """Clamping a latent whose decoder row points at a token makes the model write that token; a probe latent
+    that detects the token (re-encoded from an unsteered pass) reads the activation of exactly those tokens."""
+    hf = tiny_model.hf_model()
+    w_u = hf.get_output_embeddings().weight  # (vocab, 32)
+    direction = w_u[57] / w_u[57].norm()
+    target = int(w_u.mv(hf.transformer.ln_f(direction)).argmax())  # what the final norm + unembedding make of it
+    steer_sae = make_sae(hook="blocks.1.hook_resid_post")
+    steer_sae.W_dec[3] = direction
+    steer_sae.W_enc[:, 3] = 0.0
+    steer_sae.b_enc[3] = 0.0  # latent 3 never fires by itself: clamping it to s adds s·direction
+
+    # The probe reads blocks.0.hook_resid_post: its latent 3 fires on the target token, the others never.
+    tokens = torch.cat([tiny_model.to_tokens(p)[0] for p in PROMPTS] + [torch.full((4,), target)])
+    acts = tiny_model.capture(tokens[None], [HOOK])[HOOK][0]  # (n, 32)
+    is_target = tokens == target
+    probe = make_sae()
+    probe.b_dec.copy_(acts[~is_target].mean(0))
+    w = acts[is_target].mean(0) - acts[~is_target].mean(0)
+    probe.W_enc.zero_()
+    probe.W_enc[:, 3] = w / w.norm()
+    probe.b_enc.fill_(-1e4)
+    probe.b_enc[3] = -0.5 * float(((acts[is_target] - probe.b_dec) @ probe.W_enc[:, 3]).mean())
+
+    res = strength_sweep(tiny_model, PROMPTS, [0.0, 1000.0],
+                         lambda s: [SAESteering(steer_sae, (Intervention(3, "clamp", s, "all"),))],
+                         probe=(probe, 3), max_new_tokens=3)
+    zero, strong = res.points
+    assert zero.concept_score is None and strong.kl > zero.kl
+    assert all(t == tiny_model.tokenizer.decode([target] * 3) for t in strong.texts)  # the model writes the token
+    assert strong.latent_activation > 10 * max(zero.latent_activation, 1e-3), (strong, zero)
+
+    def by_hand(steered: bool) -> float:  # mean probe activation on the generated tokens, re-encoded unsteered
+        total, n = 0.0, 0
+        for prompt in PROMPTS:
+            start = tiny_model.to_tokens(prompt)  # (1, n)
+            seq = (torch.cat([start, torch.full((1, 3), target)], 1) if steered
+                   else tiny_model.generate(start, max_new_tokens=3))
+            z = probe.encode(tiny_model.capture(seq, [HOOK])[HOOK][0, start.shape[1]:])[:, 3]  # (3,)
+            total, n = total + float(z.sum()), n + len(z)
+        return total / n
+
+    assert strong.latent_activation == pytest.approx(by_hand(steered=True), rel=1e-5)
+    assert zero.latent_activation == pytest.approx(by_hand(steered=False), rel=1e-5, abs=1e-6)
 
 
 def test_diff_in_means_direction_and_baseline_sweep(tiny_model, tmp_path):

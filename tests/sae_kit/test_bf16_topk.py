@@ -1,4 +1,5 @@
-"""The exact top-k through a bf16 encoder product (kernels.bf16_topk, rescore_native.c) against fp64 references."""
+"""The exact top-k through a bf16 encoder product (kernels.bf16_topk, rescore_native.c) against fp64 references, at
+1, 2 and 4 threads."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,7 @@ def reference(x, W_enc, b, k, by_magnitude=False):
 @pytest.mark.parametrize("n,d,d_in,k", [(257, 8192, 512, 32), (64, 1000, 48, 7), (70, 40, 16, 33), (9, 300, 20, 1)])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 @pytest.mark.parametrize("by_magnitude", [False, True])
-def test_selection_is_the_exact_top_k(lib, n, d, d_in, k, scale, by_magnitude):
+def test_selection_is_the_exact_top_k(lib, threads, n, d, d_in, k, scale, by_magnitude):
     x, W_enc, b = operands(n, d, d_in, seed=n + d + k, scale=scale)
     values, indices = kernels.bf16_topk(x, W_enc, b, k, chunk_rows=100, by_magnitude=by_magnitude)
     pre, want = reference(x, W_enc, b, k, by_magnitude)
@@ -44,7 +45,7 @@ def test_selection_is_the_exact_top_k(lib, n, d, d_in, k, scale, by_magnitude):
 
 
 @pytest.mark.parametrize("by_magnitude", [False, True])
-def test_near_ties_that_bf16_cannot_see_are_resolved_in_fp32(lib, by_magnitude):
+def test_near_ties_that_bf16_cannot_see_are_resolved_in_fp32(lib, threads, by_magnitude):
     x, W_enc, b = operands(300, 2048, 64, seed=1, near_ties=True)
     b[1::2] = b[0::2]
     _, indices = kernels.bf16_topk(x, W_enc, b, 16, chunk_rows=128, by_magnitude=by_magnitude)
@@ -73,7 +74,7 @@ def test_error_bound_holds_elementwise(lib):
         assert float(((exact - p).abs() / bound).max()) > 1e-3  # the bound is not vacuous either
 
 
-def test_bf16_rounding_and_norms_match_torch(lib):
+def test_bf16_rounding_and_norms_match_torch(lib, threads):
     src = torch.randn(100, 77) * torch.logspace(-20, 20, 77)
     dst, norm, bf_norm, res_norm = native.to_bf16_with_norms(src)
     assert torch.equal(dst, src.bfloat16())  # round to nearest even, as torch
@@ -85,7 +86,7 @@ def test_bf16_rounding_and_norms_match_torch(lib):
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("by_magnitude", [False, True])
 @pytest.mark.parametrize("d", [512, 1024])  # bound from k column maxima (scalar pass) or 4k (vector pass)
-def test_non_finite_inputs_return_none(lib, bad, by_magnitude, d):
+def test_non_finite_inputs_return_none(lib, threads, bad, by_magnitude, d):
     x, W_enc, b = operands(80, d, 32, seed=3)
     x[5, 3] = bad
     assert kernels.bf16_topk(x, W_enc, b, 8, chunk_rows=64, by_magnitude=by_magnitude) is None
@@ -108,7 +109,7 @@ def test_non_finite_rows_hand_back_to_the_fp32_path(lib, bf16_units):
 
 
 @pytest.mark.parametrize("arch", ["topk", "abstopk"])
-def test_training_forward_matches_the_fp32_encoder(lib, bf16_units, monkeypatch, arch):
+def test_training_forward_matches_the_fp32_encoder(lib, threads, bf16_units, monkeypatch, arch):
     torch.manual_seed(0)
     sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=64, d_sae=1024, k=16, k_aux=32))
     x = torch.randn(300, 64)
@@ -135,7 +136,7 @@ def test_switch_off_and_other_dtypes_keep_fp32(lib, bf16_units, monkeypatch):
     assert not kernels.bf16_preselect_usable(x, W_enc)
 
 
-def test_rows_with_more_candidates_than_parked_are_exact_too(lib):
+def test_rows_with_more_candidates_than_parked_are_exact_too(lib, threads):
     """Latents bf16 cannot separate at all: every one stays a candidate, past the per-row parking space."""
     g = torch.Generator().manual_seed(5)
     base = torch.randn(1, 32, generator=g)

@@ -1,7 +1,6 @@
 """The batch feed: the same batches as a synchronous read, errors in place, kills that lose nothing, no host syncs."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -84,7 +83,7 @@ def test_closing_early_stops_the_thread_and_closes_the_source():
 
     def source():
         try:
-            for i in range(10_000):
+            for _ in range(10_000):
                 yield {HOOK: torch.zeros(1)}
         finally:
             closed.set()

@@ -221,9 +221,24 @@ def test_latent_scales_sources(tiny_model):
 
 
 def test_latent_max_activations_estimates_from_text(tiny_model):
+    from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
+    from sae_kit.train import TensorSource
+    from sae_kit.train.max_acts import latent_max_acts
+
     sae = make_sae()
     best = latent_max_activations(tiny_model, sae, n_tokens=256, context_size=32)
     assert best.shape == (64,) and (best >= 0).all() and (best > 0).any()
+    # by hand: every non-special token of the first 256 held-out tokens, encoded
+    rows = []
+    for batch in iter_token_batches(tiny_model.tokenizer, DatasetConfig(context_size=32, split="eval"), 16,
+                                    max_tokens=256):
+        acts = tiny_model.capture(batch.tokens, [HOOK])[HOOK]  # (B, C, d)
+        rows.append(acts[~special_token_mask(batch.tokens, tiny_model.tokenizer)])
+    rows = torch.cat(rows)
+    torch.testing.assert_close(best, sae.encode(rows).abs().amax(dim=0), rtol=1e-6, atol=1e-6)
+    # the estimator training records in the metadata, on the same rows
+    [recorded] = latent_max_acts([(sae, HOOK)], TensorSource({HOOK: rows}), n_rows=len(rows), batch_size=len(rows))
+    torch.testing.assert_close(best, recorded, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input(tiny_model):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -79,7 +80,12 @@ def test_lr_schedules_are_pure_functions_of_the_step():
     assert lr_at(95, 100, 1.0, 10, 0.8, decay="none") == 1.0
     lin = [lr_at(s, 100, 1.0, 10, 0.5) for s in range(50, 100)]
     assert all(a >= b for a, b in zip(lin, lin[1:]))  # monotone decay
-    assert lr_at(37, 100, 2.0, 10, 0.3) == lr_at(37, 100, 2.0, 10, 0.3)  # no hidden state
+    # A pure function of the step (what resume relies on): called in any order, each step gets the same value,
+    # and that value is the formula's (step 37 of a linear decay from step 30 to the last, 99).
+    in_order = [lr_at(s, 100, 2.0, 10, 0.3) for s in range(100)]
+    shuffled = random.Random(0).sample(range(100), 100)
+    assert [dict(zip(shuffled, [lr_at(s, 100, 2.0, 10, 0.3) for s in shuffled]))[s] for s in range(100)] == in_order
+    assert in_order[37] == pytest.approx(2.0 * (1 - (37 - 30) / (99 - 30)))
     with pytest.raises(ValueError, match="warp"):
         lr_at(90, 100, 1.0, 10, 0.8, decay="warp")
 

@@ -1,0 +1,71 @@
+"""The one atomic write: all or nothing, the process umask honoured, and only its own temporaries found."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from activation_store.storage import Storage, atomic_write, atomic_write_text, temporaries_of
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored afterwards)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_files_get_the_mode_a_plain_open_would(tmp_path, umask, mask):
+    umask(mask)
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "report.html", "<html></html>")
+    atomic_write(tmp_path / "blob.bin", lambda p: Path(p).write_bytes(b"\0" * 8))
+    Storage(str(tmp_path)).write_atomic("sub/manifest.json", b"{}")
+    want = mode(tmp_path / "plain.txt")
+    assert want == 0o666 & ~mask
+    for name in ("report.html", "blob.bin", "sub/manifest.json"):
+        assert mode(tmp_path / name) == want, name
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def boom(p: str) -> None:
+        Path(p).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_temporaries_of_finds_only_its_own_leftovers(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    left = []
+
+    def killed(p: str) -> None:
+        left.append(Path(p))
+        Path(p).write_text("{")
+        raise KeyboardInterrupt  # stopped mid-write
+
+    monkeypatch.setattr(os, "unlink", lambda p: None)  # as after SIGKILL: no cleanup ran
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, killed)
+    monkeypatch.undo()
+    foreign = [tmp_path / ".summary.json.backup.tmp", tmp_path / ".summary.json.tmp-mine.tmp",
+               tmp_path / "summary.json.tmp-abcdefgh.tmp", tmp_path / ".other.json.tmp-abcdefgh.tmp"]
+    for f in foreign:
+        f.write_text("user data")
+    assert len(left) == 1 and temporaries_of(target) == left
+    assert temporaries_of(tmp_path / "absent" / "x.json") == []

@@ -1,0 +1,71 @@
+"""Every command turns a model that cannot be loaded into one clear line, and refuses an SAE trained on another
+model before loading any weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sae_kit.cli import main
+from sae_kit.sae import SAEConfig, SparseCoder
+from sae_kit.sae.base import WEIGHTS_FILENAME
+
+MISSING = "no-such-org/no-such-model"
+HOOK = "blocks.0.hook_resid_post"
+
+
+def save_sae(folder: Path, model_name: str) -> Path:
+    SparseCoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hook_point=HOOK,
+                                      model_name=model_name)).save(folder)
+    return folder
+
+
+def one_error_line(command: str, argv: list[str], capsys) -> str:
+    code = main([command, *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("sae-kit ")]
+    assert len(lines) == 1 and lines[0].startswith(f"sae-kit {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def sae_of_missing_model(tmp_path_factory) -> Path:
+    return save_sae(tmp_path_factory.mktemp("sae") / "sae", MISSING)
+
+
+@pytest.mark.parametrize("command", ["hooks", "cache", "train", "eval", "interp", "steer"])
+def test_a_model_that_cannot_be_loaded_is_one_line_saying_what_to_do(command, sae_of_missing_model, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sae = str(sae_of_missing_model)
+    argv = {
+        "hooks": ["--model", MISSING],
+        "cache": ["--model", MISSING, "--tokens", "64", "--out", str(tmp_path / "acts")],
+        "train": ["--model", MISSING, "--hook", HOOK, "--tokens", "1024", "--out", str(tmp_path / "sae")],
+        "eval": ["--sae", sae, "--model", MISSING, "--out", str(tmp_path / "eval"), "--no-progress"],
+        "interp": ["--sae", sae, "--out", str(tmp_path / "interp"), "--no-progress"],
+        "steer": ["--sae", sae, "--feature", "1"],
+    }[command]
+    line = one_error_line(command, argv, capsys)
+    assert f"could not load model '{MISSING}'" in line
+    assert "is no local folder" in line and "HF_HUB_OFFLINE" in line  # what was looked for
+    assert "save_pretrained" in line and "--model reference" in line  # what to do
+
+
+@pytest.mark.parametrize("command", ["eval", "interp", "steer"])
+def test_an_sae_of_another_model_is_refused_before_any_weights_load(command, tiny_gpt2_path, tiny_llama_path,
+                                                                    tmp_path, monkeypatch, capsys):
+    sae = save_sae(tmp_path / "sae", str(tiny_gpt2_path))
+    (sae / WEIGHTS_FILENAME).unlink()  # any attempt to load the weights would fail with another message
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("activation_store.model.load_model", no_model)
+    monkeypatch.setattr("evals.evaluate.load_model", no_model)
+    argv = {"eval": ["--out", str(tmp_path / "eval")], "interp": ["--out", str(tmp_path / "interp")],
+            "steer": ["--feature", "1"]}[command]
+    line = one_error_line(command, ["--sae", str(sae), "--model", str(tiny_llama_path), *argv], capsys)
+    assert f"was trained on model '{tiny_gpt2_path}'" in line and f"model '{tiny_llama_path}' was requested" in line
