@@ -1,8 +1,11 @@
 """Synthetic concept data for the suite tests: planted directions, SAEs that read them, tasks built from them."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from evals.absorption import LetterData
+from evals.scr import PairTasks, quadrant_sets
 from evals.tasks import ExampleSet, ProbeTask, TaskSet
 from sae_kit.sae.base import SAEConfig, SparseCoder
 
@@ -49,3 +52,41 @@ def planted_tasks(n_tasks: int = 4, d: int = 32, n: int = 400, strength: float =
             sets.append(token_set(noise + strength * y[:, None].float() * dirs[t], y))
         tasks.append(ProbeTask(f"t{t}", f"planted direction {t}", sets[0], sets[1], {"level": "token"}))
     return TaskSet(hook, "synthetic", "planted", tasks), dirs
+
+
+def letters_world(n_tokens: int = 60, per_token: int = 4, d: int = 96, seed: int = 0):
+    """Identifier tokens of 3 letters: x = 2·(letter direction) + 1·(token direction) + noise."""
+    dirs = orthonormal(3 + n_tokens, d, seed)
+    letter_dirs, token_dirs = dirs[:3], dirs[3:]
+    token_letter = torch.arange(n_tokens) % 3
+    gen = torch.Generator().manual_seed(seed + 1)
+    toks = torch.arange(n_tokens).repeat_interleave(per_token)
+    x = 2 * letter_dirs[token_letter[toks]] + token_dirs[toks] + 0.05 * torch.randn(len(toks), d, generator=gen)
+    test_tokens = set(range(0, n_tokens, 5))  # every fifth token is unseen in training
+    data = LetterData(np.arange(len(toks)), token_letter[toks].numpy(), np.array([t in test_tokens for t in
+                                                                                    toks.tolist()]), toks.numpy())
+    return x, data, letter_dirs, token_dirs, token_letter
+
+
+def pair_world(d: int = 32, n: int = 1600, seed: int = 0) -> tuple[PairTasks, torch.Tensor]:
+    """Concepts A (±u) and B (±v), SAEBench's three sets from four quadrants; the SAE directions returned are
+    u, −u, v, −v and two others (a ReLU latent per side of each concept)."""
+    dirs = orthonormal(4, d, seed)
+    u, v = dirs[0], dirs[1]
+    gen = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed)
+    sets = {}
+    for split, size in (("train", n), ("test", n // 2)):
+        a = torch.arange(size) % 2
+        b = (torch.arange(size) // 2) % 2
+        # B is the louder concept: a probe trained where A and B coincide leans on B
+        sa, sb = (2 * a - 1)[:, None].float(), (2 * b - 1)[:, None].float()
+        x = 1.0 * sa * u + 2.0 * sb * v + 0.5 * torch.randn(size, d, generator=gen)
+        quads = {f"{i}{j}": np.nonzero(((a == i) & (b == j)).numpy())[0] for i in (1, 0) for j in (1, 0)}
+        for key, (pos, neg) in quadrant_sets(quads, size, rng).items():
+            idx = torch.as_tensor(np.concatenate([pos, neg]))
+            y = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+            sets.setdefault(key, {})[split] = token_set(x[idx], y)
+    tasks = {k: ProbeTask(k, k, v["train"], v["test"]) for k, v in sets.items()}
+    return PairTasks("A+B", tasks["a"], tasks["b"], tasks["biased"], {"pair": "A+B"}), torch.stack(
+        [u, -u, v, -v, dirs[2], dirs[3]])

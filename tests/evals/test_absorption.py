@@ -4,11 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import HOOK, orthonormal, planted_sae
+from synthetic import HOOK, letters_world, orthonormal, planted_sae
 
 from evals.absorption import (
     AbsorptionConfig,
-    LetterData,
     absorption_of,
     letter_rows,
     run_absorption,
@@ -50,20 +49,6 @@ def test_linear_probes_learn_separable_letters():
     assert ((x @ w.T + b).argmax(1) == y).float().mean() > 0.95
     with pytest.raises(ValueError, match="one class"):
         train_linear_probes(x, torch.ones(300, 1))
-
-
-def letters_world(n_tokens: int = 60, per_token: int = 4, d: int = 96, seed: int = 0):
-    """Identifier tokens of 3 letters: x = 2·(letter direction) + 1·(token direction) + noise."""
-    dirs = orthonormal(3 + n_tokens, d, seed)
-    letter_dirs, token_dirs = dirs[:3], dirs[3:]
-    token_letter = torch.arange(n_tokens) % 3
-    gen = torch.Generator().manual_seed(seed + 1)
-    toks = torch.arange(n_tokens).repeat_interleave(per_token)
-    x = 2 * letter_dirs[token_letter[toks]] + token_dirs[toks] + 0.05 * torch.randn(len(toks), d, generator=gen)
-    test_tokens = set(range(0, n_tokens, 5))  # every fifth token is unseen in training
-    data = LetterData(np.arange(len(toks)), token_letter[toks].numpy(), np.array([t in test_tokens for t in
-                                                                                    toks.tolist()]), toks.numpy())
-    return x, data, letter_dirs, token_dirs, token_letter
 
 
 CFG = AbsorptionConfig(min_letters=3, probe_epochs=60, sparse_probe_epochs=40)

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import HOOK, orthonormal, planted_sae, planted_tasks, token_set
+from synthetic import HOOK, pair_world, planted_sae, planted_tasks
 
 from evals.controls import random_directions_like
 from evals.scr import (
     HubPairConfig,
-    PairTasks,
     ScrConfig,
     ablate,
     hub_pair,
@@ -23,7 +22,7 @@ from evals.scr import (
     top_latents,
     train_probe,
 )
-from evals.tasks import LabelledTokens, ProbeTask
+from evals.tasks import LabelledTokens
 from sae_kit.sae.base import SAEConfig, SparseCoder
 
 FAST = ScrConfig(n_values=(1, 2, 4))
@@ -69,30 +68,6 @@ def test_tpp_of_planted_latents_is_large_and_of_random_ones_small():
     assert planted["tpp"][0] > 0.4 and planted["unintended"][0] < 0.02
     assert abs(rand["tpp"][0]) < 0.1
     assert set(planted["per_task"]) == {"t0", "t1", "t2", "t3"} and out["n_values"] == [1, 2, 4]
-
-
-def pair_world(d: int = 32, n: int = 1600, seed: int = 0) -> tuple[PairTasks, torch.Tensor]:
-    """Concepts A (±u) and B (±v), SAEBench's three sets from four quadrants; the SAE directions returned are
-    u, −u, v, −v and two others (a ReLU latent per side of each concept)."""
-    dirs = orthonormal(4, d, seed)
-    u, v = dirs[0], dirs[1]
-    gen = torch.Generator().manual_seed(seed + 1)
-    rng = np.random.default_rng(seed)
-    sets = {}
-    for split, size in (("train", n), ("test", n // 2)):
-        a = torch.arange(size) % 2
-        b = (torch.arange(size) // 2) % 2
-        # B is the louder concept: a probe trained where A and B coincide leans on B
-        sa, sb = (2 * a - 1)[:, None].float(), (2 * b - 1)[:, None].float()
-        x = 1.0 * sa * u + 2.0 * sb * v + 0.5 * torch.randn(size, d, generator=gen)
-        quads = {f"{i}{j}": np.nonzero(((a == i) & (b == j)).numpy())[0] for i in (1, 0) for j in (1, 0)}
-        for key, (pos, neg) in quadrant_sets(quads, size, rng).items():
-            idx = torch.as_tensor(np.concatenate([pos, neg]))
-            y = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
-            sets.setdefault(key, {})[split] = token_set(x[idx], y)
-    tasks = {k: ProbeTask(k, k, v["train"], v["test"]) for k, v in sets.items()}
-    return PairTasks("A+B", tasks["a"], tasks["b"], tasks["biased"], {"pair": "A+B"}), torch.stack(
-        [u, -u, v, -v, dirs[2], dirs[3]])
 
 
 def test_scr_recovers_the_concept_when_the_sae_separates_them():
