@@ -1,9 +1,10 @@
 """Spurious correlation removal (SCR) and targeted probe perturbation (TPP), as SAEBench defines them
 ("Evaluating Sparse Autoencoders on Targeted Concept Removal Tasks"; SAEBench's `scr_and_tpp`).
 
-**Probes** (`train_probe`): a linear probe on the raw activations (averaged over each example's positions), BCE
-plus an L1 penalty 1e-3·Σ|w|, AdamW lr 1e-3, batch 16, 20 epochs: SAEBench's `train_probe_gpu` settings. SAEBench
-keeps the epoch with the best *test* accuracy; we keep the last epoch, so the test set is never used for training.
+**Probes** (`train_probe`, and `train_probes` for many at once): a linear probe on the raw activations (averaged
+over each example's positions), BCE plus an L1 penalty 1e-3·Σ|w|, AdamW lr 1e-3, batch 16, 20 epochs: SAEBench's
+`train_probe_gpu` settings. SAEBench keeps the epoch with the best *test* accuracy; we keep the last epoch, so the
+test set is never used for training.
 
 **Ablation.** Removing latents S from an activation x keeps the SAE's error: x' = decode(z with z_S = 0) + (x −
 decode(z)) = x − Σ_{i∈S} z_i d_i (every architecture here decodes linearly in z); averaging over positions
@@ -34,14 +35,14 @@ Offline the pairs come from the code concepts (`pair_examples`): every default p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from evals import concepts as C
 from evals.tasks import (
@@ -100,7 +101,10 @@ class Probe(NamedTuple):
 
 
 def train_probe(x: Tensor, y: Tensor, cfg: ScrConfig = ScrConfig()) -> Probe:
-    """SAEBench's SCR/TPP probe: BCE + l1·Σ|w|, AdamW, batch 16, 20 epochs; the last epoch's weights."""
+    """SAEBench's SCR/TPP probe: BCE + l1·Σ|w|, AdamW, batch 16, 20 epochs; the last epoch's weights.
+
+    The plain reference (torch.optim.AdamW, one probe); `train_probes` trains many at once, to the same numbers.
+    """
     from evals.probing import check_binary
 
     check_binary(y, "an SCR/TPP probe")
@@ -123,6 +127,78 @@ def train_probe(x: Tensor, y: Tensor, cfg: ScrConfig = ScrConfig()) -> Probe:
                 loss.backward()
                 opt.step()
     return Probe(lin.weight.detach()[0].clone(), float(lin.bias.detach()[0]))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Tiny ops run fastest on one thread (thread wake-ups cost more than the work, worse on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_probes(xs: Sequence[Tensor], ys: Sequence[Tensor], cfg: ScrConfig = ScrConfig(),
+                 weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> list[Probe]:
+    """`train_probe` for several datasets at once: probe p is exactly `train_probe(xs[p], ys[p])` with seed
+    cfg.seed + p, its minibatches stepped side by side with the others' (AdamW written out: decoupled weight decay
+    0.01, torch's defaults), so SAEBench's 5,000 batch-16 steps per probe cost 5,000 small steps for all of them."""
+    from evals.probing import check_binary
+
+    n_probes = len(xs)
+    if n_probes == 0:
+        return []
+    d = xs[0].shape[1]
+    bsz = cfg.probe_batch_size
+    sizes = [len(x) for x in xs]
+    schedules = []
+    w0, b0 = torch.empty(n_probes, d), torch.empty(n_probes)
+    for p, (x, y) in enumerate(zip(xs, ys)):
+        check_binary(y, "an SCR/TPP probe")
+        gen = torch.Generator().manual_seed(cfg.seed + p)
+        bound = 1 / math.sqrt(d)
+        w0[p].uniform_(-bound, bound, generator=gen)  # the draws of nn.Linear's init in train_probe, in order
+        b0[p:p + 1].uniform_(-bound, bound, generator=gen)
+        schedules.append([order[s:s + bsz] for _ in range(cfg.probe_epochs)
+                          for order in [torch.randperm(len(x), generator=gen)] for s in range(0, len(x), bsz)])
+    n_steps = max(len(sc) for sc in schedules)
+    idx = torch.zeros(n_steps, n_probes, bsz, dtype=torch.long)  # (S, P, B) rows of each probe's minibatch
+    valid = torch.zeros(n_steps, n_probes, bsz)  # (S, P, B) 1 where the slot holds a row
+    for p, sc in enumerate(schedules):
+        for s, rows in enumerate(sc):
+            idx[s, p, :len(rows)] = rows
+            valid[s, p, :len(rows)] = 1.0
+    active = valid.sum(-1) > 0  # (S, P)
+    counts = valid.sum(-1).clamp_min(1)  # (S, P)
+    x_all = torch.zeros(n_probes, max(sizes), d)  # (P, N_max, d)
+    y_all = torch.zeros(n_probes, max(sizes))
+    for p, (x, y) in enumerate(zip(xs, ys)):
+        x_all[p, :len(x)] = x.float()
+        y_all[p, :len(y)] = y.float()
+    params = torch.cat([w0, b0[:, None]], dim=1)  # (P, d + 1): weights, then the bias
+    m, v = torch.zeros_like(params), torch.zeros_like(params)
+    t = torch.zeros(n_probes, 1)
+    lr, (b1, b2) = cfg.probe_lr, betas
+    probe_ix = torch.arange(n_probes)[:, None]
+    with _one_thread(), torch.no_grad():
+        for s in range(n_steps):
+            xb = x_all[probe_ix, idx[s]]  # (P, B, d)
+            yb = y_all[probe_ix, idx[s]]  # (P, B)
+            z = torch.einsum("pbd,pd->pb", xb, params[:, :d]) + params[:, d:]  # (P, B) logits
+            err = (torch.sigmoid(z) - yb) * valid[s] / counts[s][:, None]  # d(mean BCE)/dz
+            grad = torch.cat([torch.einsum("pb,pbd->pd", err, xb) + cfg.probe_l1 * torch.sign(params[:, :d]),
+                              err.sum(1, keepdim=True)], dim=1)  # (P, d + 1)
+            on = active[s][:, None].float()  # probes whose schedule is over keep their weights
+            t += on
+            params -= on * lr * weight_decay * params
+            m = torch.where(on.bool(), b1 * m + (1 - b1) * grad, m)
+            v = torch.where(on.bool(), b2 * v + (1 - b2) * grad * grad, v)
+            step = lr / (1 - b1 ** t.clamp_min(1))
+            denom = (v.sqrt() / torch.sqrt(1 - b2 ** t.clamp_min(1))) + eps
+            params -= on * step * m / denom
+    return [Probe(params[p, :d].clone(), float(params[p, d])) for p in range(n_probes)]
 
 
 def accuracy(probe: Probe, x: Tensor, y: Tensor) -> float:
@@ -198,14 +274,12 @@ def tpp_scores(prepared: Sequence[Prepared], w_dec: Tensor, n_values: Sequence[i
             "unintended": [float(np.mean([r["unintended"][k] for r in per_task])) for k in range(len(n_values))]}
 
 
-def run_tpp(tasks: TaskSet, saes: Sequence[tuple[str, Any]], cfg: ScrConfig = ScrConfig(),
-            progress: bool = False) -> dict[str, Any]:
+def run_tpp(tasks: TaskSet, saes: Sequence[tuple[str, Any]], cfg: ScrConfig = ScrConfig()) -> dict[str, Any]:
     """The tpp section of metrics.json: probes on the raw activations once, then each SAE's ablations."""
     for label, sae in saes:
         check_reads(sae, tasks.hook_point, f"the TPP examples (for SAE {label!r})")
     names = [t.name for t in tasks.tasks]
-    probes = [train_probe(pooled(t.train), t.train.labels, cfg)
-              for t in tqdm(tasks.tasks, desc="TPP probes", unit="probe", disable=not progress)]
+    probes = train_probes([pooled(t.train) for t in tasks.tasks], [t.train.labels for t in tasks.tasks], cfg)
     out: dict[str, Any] = {"hook_point": tasks.hook_point, "source": tasks.source, "tasks": names,
                            "n_values": list(cfg.n_values), "headline_n": HEADLINE_N, "saes": []}
     for label, sae in saes:
@@ -304,16 +378,17 @@ def scr_pair_scores(pair: PairTasks, sae: Any, probes: dict[str, Probe], n_value
 
 
 def run_scr(pairs: Sequence[PairTasks], hook_point: str, saes: Sequence[tuple[str, Any]],
-            cfg: ScrConfig = ScrConfig(), progress: bool = False) -> dict[str, Any]:
+            cfg: ScrConfig = ScrConfig()) -> dict[str, Any]:
     """The scr section of metrics.json: three raw-activation probes per pair, then each SAE's ablations."""
     if not pairs:
         raise ValueError("no SCR concept pairs to run")
     for label, sae in saes:
         check_reads(sae, hook_point, f"the SCR examples (for SAE {label!r})")
-    probes = {}
-    for pair in tqdm(pairs, desc="SCR probes", unit="pair", disable=not progress):
-        probes[pair.name] = {k: train_probe(pooled(getattr(pair, k).train), getattr(pair, k).train.labels, cfg)
-                             for k in ("a", "b", "biased")}
+    sets = [(pair.name, k, getattr(pair, k).train) for pair in pairs for k in ("a", "b", "biased")]
+    trained = train_probes([pooled(ex) for _, _, ex in sets], [ex.labels for _, _, ex in sets], cfg)
+    probes: dict[str, dict[str, Probe]] = {}
+    for (name, k, _), probe in zip(sets, trained):
+        probes.setdefault(name, {})[k] = probe
     out: dict[str, Any] = {"hook_point": hook_point, "pairs": [p.manifest for p in pairs],
                            "n_values": list(cfg.n_values), "headline_n": HEADLINE_N, "saes": []}
     for label, sae in saes:

@@ -100,16 +100,15 @@ def run_model_suites(model: Any, hook_point: str, saes: Sequence[tuple[str, Any]
                     return acts[torch.as_tensor(np.searchsorted(rows, r), dtype=torch.long)]
 
                 pairs.append(pair_examples(name, plan, acts_of, a, b))
-            out["scr"] = run_scr(pairs, hook_point, saes, cfg.scr, progress)
+            out["scr"] = run_scr(pairs, hook_point, saes, cfg.scr)
     if "scr" in wanted and cfg.hub_pair is not None:
-        out["scr"] = run_scr([hub_pair(model, hook_point, cfg.hub_pair, cfg.scr, progress)], hook_point, saes, cfg.scr,
-                             progress)
+        out["scr"] = run_scr([hub_pair(model, hook_point, cfg.hub_pair, cfg.scr, progress)], hook_point, saes, cfg.scr)
     if "probing" in wanted or "tpp" in wanted:
         tasks = hub_tasks(model, hook_point, cfg.hub, progress) if cfg.hub is not None else taskset
         if "probing" in wanted:
             out["probing"] = run_probing(tasks, saes, cfg.probing, progress)
         if "tpp" in wanted:
-            out["tpp"] = run_tpp(tasks, saes, cfg.scr, progress)
+            out["tpp"] = run_tpp(tasks, saes, cfg.scr)
     for section in out.values():
         section["model"] = model.name
     return {s: out[s] for s in wanted if s in out}
