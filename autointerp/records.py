@@ -9,7 +9,6 @@ so top examples are distinct contexts rather than neighbouring tokens of one.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from activation_store.storage import atomic_write, atomic_write_text
+from evals.controls import random_directions_like  # noqa: F401  (lives in evals; re-exported for autointerp)
 from sae_kit.io import load_plain
 
 log = logging.getLogger(__name__)
@@ -381,19 +381,3 @@ class RecordSet(Mapping[int, LatentRecord]):
 def build_records(state: dict[str, Any], vocab: dict[int, str], cfg: RecordConfig) -> RecordSet:
     """One `LatentRecord` per latent, as a lazy mapping."""
     return RecordSet(state, vocab, cfg)
-
-
-def random_directions_like(sae: Any, seed: int = 0) -> Any:
-    """Control: a copy of the SAE whose encoder/decoder directions are random with the same per-latent norms."""
-    control = copy.deepcopy(sae)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        w = torch.randn(control.W_enc.shape, generator=gen)  # (d_in, d_sae)
-        w *= sae.W_enc.norm(dim=0, keepdim=True) / w.norm(dim=0, keepdim=True)
-        control.W_enc.data = w.to(sae.W_enc.dtype)
-        d = torch.randn(control.W_dec.shape, generator=gen)  # (d_sae, d_out)
-        d *= sae.W_dec.norm(dim=1, keepdim=True) / d.norm(dim=1, keepdim=True)
-        control.W_dec.data = d.to(sae.W_dec.dtype)
-    # The SAE's recorded per-latent max activations describe its own directions, not these.
-    control.cfg.metadata.pop("latent_max_acts", None)
-    return control

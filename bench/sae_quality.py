@@ -101,7 +101,7 @@ def main() -> None:
     paths = [str(p) for ps, _ in trained.values() for p in ps]
     run_eval(EvalConfig(sae_paths=tuple(paths), out=str(out / "eval"), n_tokens=args.eval_tokens,
                         model=args.model, backend=args.backend, **({"device": args.device} if args.device else {})))
-    records = {Path(r["sae_path"]).name: r for r in json.loads((out / "eval" / "metrics.json").read_text())}
+    records = {Path(r["sae_path"]).name: r for r in json.loads((out / "eval" / "metrics.json").read_text())["core"]}
 
     rows, others = [], []
     for arch, (ps, seconds) in trained.items():

@@ -3,7 +3,8 @@
 `run_eval(EvalConfig)` is what `sae-kit eval` calls; `evaluate_sae(model, sae, batches)` is the library entry
 point for one SAE on token batches you already have. Tokens always come from the held-out `split="eval"`.
 
-`metrics.json` is a JSON list with one flat record per SAE. Keys (NaN written as null):
+`metrics.json` holds one section per suite run (`run_eval`); the "core" section, this module's, is a list with one
+flat record per SAE. Keys (NaN written as null):
 
 - `sae_path`, `architecture`, `hook_point`, `target_hook_point` (transcoders, else null), `transcoder`, `d_sae`,
   `model`, `dataset`: what was evaluated, on what.
@@ -44,6 +45,7 @@ from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
+from evals.suites import MODEL_SUITES, SuiteConfig, parse_suites, run_model_suites, scoreboard
 from sae_kit.compat import check_compatible, check_requested, recorded_model
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,18 @@ class EvalConfig:
     """Leave BOS/EOS/pad positions clean in splices and out of the reconstruction and sparsity metrics."""
     geometry_chunk_size: int = 1024
     """Decoder rows per chunk when computing max decoder cosines (bounds memory at chunk × d_sae)."""
+    suites: tuple[str, ...] = ("core",)
+    """Suites to run: core (this module), probing, absorption, consistency, scr, tpp (`evals.suites`)."""
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    """Settings of the concept suites."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sae_paths", tuple(str(p) for p in self.sae_paths))  # lists in, tuple kept
+        object.__setattr__(self, "suites", parse_suites(self.suites))
         if not self.sae_paths:
             raise ValueError("at least one SAE folder is needed")
+        if "consistency" in self.suites and len(self.sae_paths) < 2:
+            raise ValueError(f"the consistency suite compares SAEs: it needs at least two, got {len(self.sae_paths)}")
         if self.n_tokens <= 0:
             raise ValueError(f"n_tokens must be positive, got {self.n_tokens}")
         if self.batch_size <= 0:
@@ -315,46 +324,80 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
+    """Run the configured suites on every SAE; write OUT/report.html, then OUT/metrics.json last (completion marker).
+
+    metrics.json holds one section per suite: "core" (a list of flat records, one per SAE, described above),
+    "probing", "absorption", "scr", "tpp" (lists, one entry per (model, hook point) with its SAEs) and
+    "consistency" (every comparable pair); "suites" lists what ran and "scoreboard" has one row of headline numbers
+    per SAE.
+    """
+    from evals.consistency import run_consistency
     from evals.report import build_report
 
     device = cfg.device or str(default_device())
     # Every SAE is checked before any compute, and against its cfg.json before any weights load.
     configs = [(str(p), read_sae_config(p)) for p in cfg.sae_paths]
-    names = []
-    for path, sae_cfg in configs:
-        name = cfg.model or recorded_model(sae_cfg)
-        if not name:
-            raise ValueError(f"SAE {path!r} records no model (cfg.json model_name is empty); pass --model")
-        check_requested(sae_cfg, path, model=cfg.model)
-        names.append(name)
+    names: list[str] = []
+    if set(cfg.suites) - {"consistency"}:  # every suite but consistency runs the model
+        for path, sae_cfg in configs:
+            name = cfg.model or recorded_model(sae_cfg)
+            if not name:
+                raise ValueError(f"SAE {path!r} records no model (cfg.json model_name is empty); pass --model")
+            check_requested(sae_cfg, path, model=cfg.model)
+            names.append(name)
     models: dict[str, LoadedModel] = {}
     for (path, sae_cfg), name in zip(configs, names):
         if name not in models:
             models[name] = load_model(name, backend=cfg.backend, device=device)
         check_compatible(models[name], sae_cfg, path)
-    plans = [(path, load_sae(path, device), name, dataset_config(sae_cfg, cfg))
-             for (path, sae_cfg), name in zip(configs, names)]
+    saes = [(path, load_sae(path, device)) for path, _ in configs]
+    plans = [(path, sae, name, dataset_config(sae.cfg, cfg)) for (path, sae), name in zip(saes, names)]
+    consistency = (run_consistency(saes, strict=len(saes) == 2) if "consistency" in cfg.suites else None)
 
-    token_cache: dict[tuple[str, str], list[Tensor]] = {}
     results: list[SAEEvalResult] = []
-    for path, sae, name, dcfg in plans:
-        model = models[name]
-        key = (name, json.dumps(dcfg.to_dict(), sort_keys=True))
-        if key not in token_cache:
-            token_cache[key] = eval_token_batches(model, dcfg, cfg.n_tokens, cfg.batch_size)
-        result = evaluate_sae(
-            model, sae.to(model.device), token_cache[key], cfg.dense_threshold, cfg.exclude_special_tokens,
-            cfg.geometry_chunk_size, progress,
-        )
-        result.record = {"sae_path": path, "model": name, "dataset": dcfg.path, **result.record}
-        results.append(result)
+    if "core" in cfg.suites:
+        token_cache: dict[tuple[str, str], list[Tensor]] = {}
+        for path, sae, name, dcfg in plans:
+            model = models[name]
+            key = (name, json.dumps(dcfg.to_dict(), sort_keys=True))
+            if key not in token_cache:
+                token_cache[key] = eval_token_batches(model, dcfg, cfg.n_tokens, cfg.batch_size)
+            result = evaluate_sae(
+                model, sae.to(model.device), token_cache[key], cfg.dense_threshold, cfg.exclude_special_tokens,
+                cfg.geometry_chunk_size, progress,
+            )
+            result.record = {"sae_path": path, "model": name, "dataset": dcfg.path, **result.record}
+            results.append(result)
+
+    sections: dict[str, Any] = {}
+    if set(cfg.suites) & set(MODEL_SUITES):
+        groups: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+        for path, sae, name, _ in plans:
+            groups.setdefault((name, sae.cfg.hook_point), []).append((path, sae.to(models[name].device)))
+        for (name, hook), members in groups.items():
+            for suite, section in run_model_suites(models[name], hook, members, cfg.suites, cfg.suite,
+                                                   progress).items():
+                sections.setdefault(suite, []).append(section)
+    if consistency is not None:
+        sections["consistency"] = consistency
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    core = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
+    metrics = {"suites": list(cfg.suites), **({"core": core} if "core" in cfg.suites else {}), **sections,
+               "scoreboard": scoreboard([r.record for r in results], sections)}
     atomic_write_text(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
-    atomic_write_text(out / REPORT_FILENAME, build_report(results))
-    records = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
-    atomic_write_text(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
+    atomic_write_text(out / REPORT_FILENAME, build_report(results, sections))
+    atomic_write_text(out / METRICS_FILENAME, json.dumps(_finite(metrics), indent=2, allow_nan=False))
     return out
 
+
+def _finite(value: Any) -> Any:
+    """The value with every non-finite float replaced by None (JSON null), at any depth."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    return _json_safe(value)

@@ -49,6 +49,8 @@ def _metrics(coder: Any, metrics: str | Path | dict[str, Any] | None) -> dict[st
     if path is None:
         return None
     records = json.loads(path.read_text())
+    if isinstance(records, dict) and "core" in records:  # `sae-kit eval` writes one section per suite
+        records = records["core"]
     records = records if isinstance(records, list) else [records]
     if not records:
         return None

@@ -18,7 +18,7 @@ from sae_kit.train.config import ARCHITECTURES, DTYPES, LR_DECAYS, TrainConfig
 # flag dest → TrainConfig field, where the names differ
 RENAMES = {"arch": "architecture", "hook": "hook_points", "target_hook": "target_hook_points", "tokens": "n_tokens",
            "skip": "skip_connection"}
-NOT_FIELDS = {"config", "resume", "command", "verbose", "no_progress"}
+NOT_FIELDS = {"config", "resume", "command", "verbose", "no_progress", "seeds"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--warmup-steps", type=int, help=f"LR warm-up steps (default: {d.warmup_steps})")
     opt.add_argument("--grad-clip", type=float, help=f"gradient-norm clip, 0 disables (default: {d.grad_clip})")
     opt.add_argument("--seed", type=int, help=f"initialisation and data-order seed (default: {d.seed})")
+    opt.add_argument("--seeds", help="initialisation seeds swept in one pass, e.g. 0,1 for a consistency pair "
+                                     "(same data order: --seed)")
     run = parser.add_argument_group("output and hardware")
     run.add_argument("--out", help=f"output folder; each SAE goes to OUT/NAME (default: {d.out})")
     run.add_argument("--name", help="base of the SAE folder names (default: the architecture)")
@@ -122,6 +124,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # A flag replaces the file's sweep of the same field too.
         if isinstance(values.get("sweep"), dict):
             values["sweep"].pop(field, None)
+    if args.seeds is not None:
+        sweep = values.get("sweep") if isinstance(values.get("sweep"), dict) else {}
+        values["sweep"] = {**sweep, "seed": args.seeds}
     return TrainConfig.from_dict(values)
 
 

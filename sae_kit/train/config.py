@@ -23,7 +23,7 @@ ARCH_OPTIONS = ("matryoshka_widths", "mp_residual_threshold", "kron_m", "kron_n"
 """Architecture knobs passed through to SAEConfig unchanged (each architecture ignores the others' knobs)."""
 LR_DECAYS = ("linear", "cosine", "none")
 DTYPES = ("auto", "float32", "bfloat16")
-SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient")
+SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient", "seed")
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -50,9 +50,12 @@ class SweepConfig:
     """Peak learning rates; empty uses TrainConfig.lr."""
     sparsity_coefficient: tuple[float, ...] = ()
     """Final λ values (jumprelu / relu); empty uses TrainConfig.sparsity_coefficient."""
+    seed: tuple[int, ...] = ()
+    """Initialisation seeds (e.g. 0, 1 for a consistency pair; the data order stays TrainConfig.seed's); empty uses
+    TrainConfig.seed."""
 
     def __post_init__(self) -> None:
-        casts = {"k": int, "expansion": int, "d_sae": int, "lr": float, "sparsity_coefficient": float}
+        casts = {"k": int, "expansion": int, "d_sae": int, "lr": float, "sparsity_coefficient": float, "seed": int}
         for name, cast in casts.items():
             raw = _as_tuple(getattr(self, name))
             try:
@@ -61,10 +64,10 @@ class SweepConfig:
                 raise ValueError(f"sweep.{name} must be a list of {cast.__name__}s, got {getattr(self, name)!r}") from None
             if len(set(values)) != len(values):
                 raise ValueError(f"sweep.{name} has duplicate values: {list(values)}")
-            if name != "sparsity_coefficient" and any(v <= 0 for v in values):
+            if name not in ("sparsity_coefficient", "seed") and any(v <= 0 for v in values):
                 raise ValueError(f"sweep.{name} values must be positive, got {list(values)}")
-            if name == "sparsity_coefficient" and any(v < 0 for v in values):
-                raise ValueError(f"sweep.sparsity_coefficient values must be >= 0, got {list(values)}")
+            if name in ("sparsity_coefficient", "seed") and any(v < 0 for v in values):
+                raise ValueError(f"sweep.{name} values must be >= 0, got {list(values)}")
             object.__setattr__(self, name, values)
 
     @classmethod
@@ -96,6 +99,8 @@ class SAESpec:
     """Peak LR; None scales with d_sae."""
     sparsity_coefficient: float
     """Final λ."""
+    seed: int = 0
+    """Initialisation seed."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,7 @@ class TrainConfig:
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead for AuxK and the dead fraction."""
     seed: int = 0
-    """Seed for initialisation and data order."""
+    """Seed for the data order, and for initialisation unless `sweep.seed` lists initialisation seeds."""
     # -- output, logging, hardware -----------------------------------------------------------------------
     out: str = "runs/sae"
     """Output folder; each SAE goes into out/<name>."""
@@ -315,10 +320,11 @@ class TrainConfig:
                 [("d", self.d_sae)] if self.d_sae is not None else [("x", e) for e in (sw.expansion or (self.expansion,))]),
             "lr": list(sw.lr or (self.lr,)),
             "lam": list(sw.sparsity_coefficient or (self.sparsity_coefficient,)),
+            "seed": list(sw.seed or (self.seed,)),
         }
         base = self.name or self.architecture
         specs = []
-        for (hook, target), k, (kind, size), lr, lam in itertools.product(*grid.values()):
+        for (hook, target), k, (kind, size), lr, lam, seed in itertools.product(*grid.values()):
             parts = [base]
             if len(grid["hook"]) > 1:
                 parts.append(str(hook))
@@ -330,10 +336,12 @@ class TrainConfig:
                 parts.append(f"lr{lr:g}")
             if len(grid["lam"]) > 1:
                 parts.append(f"lambda{lam:g}")
+            if len(grid["seed"]) > 1:
+                parts.append(f"seed{seed}")
             specs.append(SAESpec(
                 name="_".join(parts), hook_point=hook, target_hook_point=target, k=k,
                 d_sae=size if kind == "d" else None, expansion=size if kind == "x" else self.expansion,
-                lr=lr, sparsity_coefficient=lam,
+                lr=lr, sparsity_coefficient=lam, seed=seed,
             ))
         return specs
 

@@ -205,7 +205,7 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
 
 
 def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, owner: bool) -> Trainee:
-    """A freshly initialised SAE (seeded by cfg.seed alone, so it starts the same in any sweep) and its optimiser."""
+    """A freshly initialised SAE (seeded by spec.seed alone, so it starts the same in any sweep) and its optimiser."""
     hook = spec.hook_point
     if hook is None:
         raise ValueError("the source holds no hook points")
@@ -229,7 +229,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
         jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
         sparsity_coefficient=spec.sparsity_coefficient, target_l0=cfg.target_l0, **cfg.sae_options(),
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(spec.seed)
     sae = SparseCoder.from_config(sae_cfg, device=device)
     peak_lr = spec.lr or default_lr(d_sae)
     opt = make_optimizer(sae, peak_lr, sae.adam_betas)

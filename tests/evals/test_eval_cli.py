@@ -41,7 +41,9 @@ def test_eval_cli_end_to_end(two_saes: list[Path], tmp_path: Path, capsys: pytes
     code = main(["eval", "--sae", *map(str, two_saes), "--tokens", "256", "--batch-size", "4",
                  "--backend", "transformer_lens", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    records = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["suites"] == ["core"] and len(metrics["scoreboard"]) == 2
+    records = metrics["core"]
     assert len(records) == 2
     for rec, k in zip(records, (4, 16)):
         assert DOCUMENTED_KEYS <= set(rec), DOCUMENTED_KEYS - set(rec)

@@ -65,7 +65,7 @@ def test_eval_on_saelens_sparsify_and_hub_id(foreign: dict[str, Path], tmp_path:
     assert main(["eval", "--sae", str(foreign["saelens"]), str(foreign["sparsify"]), "someone/tiny-saes/h.0",
                  "--tokens", "256", "--context-size", "32", "--backend", "transformer_lens", "--no-progress",
                  "--out", str(out)]) == 0
-    records = json.loads((out / "metrics.json").read_text())
+    records = json.loads((out / "metrics.json").read_text())["core"]
     assert [r["sae_path"] for r in records][2] == "someone/tiny-saes/h.0"
     assert [r["hook_point"] for r in records] == ["blocks.0.hook_resid_post"] * 3
     for r in records:

@@ -1,4 +1,4 @@
-"""The HTML report: self-contained, one figure per plot, renders in headless Chromium without JS errors."""
+"""The HTML report: self-contained, one figure per plot, a scoreboard, renders in headless Chromium without JS errors."""
 from __future__ import annotations
 
 import re
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import letters_world, pair_world, planted_sae, planted_tasks
 
 from evals import metrics as M
 from evals.evaluate import SAEEvalResult
@@ -30,6 +31,30 @@ def fake_results(n: int) -> list[SAEEvalResult]:
     return out
 
 
+def suite_sections() -> dict:
+    """Real sections of every concept suite, from small planted worlds (fast)."""
+    from evals.absorption import AbsorptionConfig, run_absorption
+    from evals.consistency import run_consistency
+    from evals.probing import ProbingConfig, run_probing
+    from evals.scr import ScrConfig, run_scr, run_tpp
+
+    tasks, dirs = planted_tasks(n_tasks=3, d=16, n=200)
+    sae = planted_sae(dirs, k=3)
+    sae_label = "/runs/sae_0"
+    x, data, letter_dirs, token_dirs, _ = letters_world(n_tokens=30)
+    letter_sae = planted_sae(torch.cat([letter_dirs, token_dirs]), k=2)
+    pair, pair_dirs = pair_world(n=400)
+    fast = ScrConfig(n_values=(1, 2, 20), probe_epochs=3)
+    return {
+        "probing": [run_probing(tasks, [(sae_label, sae)], ProbingConfig(ks=(1, 2), n_resamples=200))],
+        "absorption": [run_absorption(x, data, [(sae_label, letter_sae)], tasks.hook_point,
+                                      AbsorptionConfig(probe_epochs=20, sparse_probe_epochs=10, max_k=3))],
+        "consistency": run_consistency([(sae_label, sae), ("/runs/sae_1", planted_sae(dirs.flip(0), k=3))]),
+        "scr": [run_scr([pair], tasks.hook_point, [(sae_label, planted_sae(pair_dirs, k=3))], fast)],
+        "tpp": [run_tpp(tasks, [(sae_label, sae)], fast)],
+    }
+
+
 def plot_divs(html: str) -> list[str]:
     return re.split(r'<div class="plot">', html)[1:]
 
@@ -44,6 +69,18 @@ def test_report_is_self_contained() -> None:
     assert len(plot_divs(single)) == 2  # no frontier for one SAE
     with pytest.raises(ValueError, match="no eval results"):
         build_report([])
+
+
+def test_report_has_a_scoreboard_and_a_figure_per_suite():
+    sections = suite_sections()
+    html = build_report(fake_results(2), sections)
+    assert len(plot_divs(html)) == 4 + 5  # core's four, then probing, absorption, consistency, scr, tpp
+    board = html[html.index("<h2>Scoreboard</h2>"):html.index('<div class="plot">')]
+    for title in ("probe top-1", "control top-1", "absorption rate", "fully absorbed", "SCR@20", "TPP@20", "MCC"):
+        assert title in board, title
+    assert board.count("<tr>") == 3  # header, sae_0 and sae_1 (the consistency partner is core's second SAE)
+    only_suites = build_report([], {"consistency": sections["consistency"]})
+    assert len(plot_divs(only_suites)) == 1 and "<h2>Metrics</h2>" not in only_suites
 
 
 ERROR_COLLECTOR = """<script>
@@ -73,7 +110,7 @@ def render_dom(html_path: Path, tmp_path: Path) -> str:
 @pytest.mark.browser
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs the chromium binary on PATH")
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
-    html = build_report(fake_results(2))
+    html = build_report(fake_results(2), suite_sections())
     # A copy with an error collector first in <head>, so errors from any later script are caught.
     page = tmp_path / "report.html"
     page.write_text(html.replace("<head>", "<head>" + ERROR_COLLECTOR, 1), encoding="utf-8")
@@ -82,6 +119,6 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     assert match, "the error collector never ran: the page did not finish loading"
     assert match.group(1) == "[]", f"JS errors: {match.group(1)}"
     divs = plot_divs(dom)
-    assert len(divs) == 4
+    assert len(divs) == 9  # core's four and one per concept suite
     for i, div in enumerate(divs):
         assert 'class="main-svg"' in div, f"figure {i} did not render"

@@ -78,8 +78,10 @@ def _trained_like(tmp_path: Path) -> SparseCoder:
                     model_name="reference", metadata={"tokens_seen": 2_000_000})
     sae = SparseCoder.from_config(cfg)
     sae.save(tmp_path / "sae")
-    (tmp_path / "sae" / "metrics.json").write_text(json.dumps([{"sae_path": str(tmp_path / "sae"), "fvu": 0.0661,
-                                                                 "l0": 32.0, "ce_loss_recovered": 0.9903}]))
+    core = [{"sae_path": str(tmp_path / "other"), "fvu": 0.5, "l0": 8.0, "ce_loss_recovered": 0.1},
+            {"sae_path": str(tmp_path / "sae"), "fvu": 0.0661, "l0": 32.0, "ce_loss_recovered": 0.9903}]
+    # as `sae-kit eval` writes it: one section per suite, two SAEs evaluated together
+    (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"suites": ["core"], "core": core, "scoreboard": []}))
     return SAE.load(tmp_path / "sae")
 
 

@@ -187,6 +187,32 @@ def test_sweep_trains_several_saes_on_shared_batches(tmp_path):
         torch.testing.assert_close(SparseCoder.load(paths[1]).state_dict()[name], p)
 
 
+def test_seeds_train_a_consistency_pair_in_one_pass(tmp_path):
+    import argparse
+
+    from sae_kit.train.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    c = config_from_args(parser.parse_args(["--hook", HOOK, "--seeds", "0,1", "--d-sae", "64", "--k", "3"]))
+    assert c.sweep.seed == (0, 1) and c.seed == 0
+    x, _ = synthetic(n=4096)
+    source = Counting({HOOK: x})
+    c = cfg(tmp_path / "pair", n_tokens=4096 * 2, d_sae=64, sweep={"seed": [0, 1]})
+    paths = train_all(c, source, progress=False)
+    assert [p.name for p in paths] == ["topk_seed0", "topk_seed1"]
+    assert source.read == 4096 * 2 // 256 + 1  # one pass over the data for both
+    a, b = (SparseCoder.load(p).state_dict() for p in paths)
+    assert not torch.allclose(a["W_dec"], b["W_dec"])  # different initialisations
+    # seed 1 of the pair is the SAE a run with --seed 1 would give, when the data order is the same
+    alone = train(cfg(tmp_path / "alone", n_tokens=4096 * 2, d_sae=64, sweep={"seed": [1]}), TensorSource({HOOK: x}),
+                  progress=False)
+    for name, p in SparseCoder.load(alone).state_dict().items():
+        torch.testing.assert_close(b[name], p)
+    with pytest.raises(ValueError, match=r"sweep.seed values must be >= 0"):
+        cfg(tmp_path, sweep={"seed": [0, -1]})
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     x, _ = synthetic(n=4096)
     kw = dict(n_tokens=4096 * 3, sweep={"lr": [3e-3, 1e-3]}, checkpoint_every=256 * 10)
