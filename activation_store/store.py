@@ -142,10 +142,14 @@ def _file_sha256(path: Path) -> str:
 
 
 def _model_fingerprint(model: LoadedModel) -> dict[str, Any]:
+    return model_fingerprint(model.name)
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
     """Cheap identity of local model weights: config hash plus size and head/tail hash of each weight file."""
-    path = Path(resolve_model_name(model.name))
+    path = Path(resolve_model_name(name))
     if not path.is_dir():
-        return {"hub_name": model.name}
+        return {"hub_name": name}
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.name == "config.json":

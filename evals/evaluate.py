@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 METRICS_FILENAME = "metrics.json"
 REPORT_FILENAME = "report.html"
 CONFIG_FILENAME = "eval_config.json"
+SPARSITY_FILENAME = "sparsity.safetensors"
+"""Per SAE, in metrics.json order: `{i}.fire_counts` (d_sae,), `{i}.l0_counts` (max L0 + 1,), `{i}.n` (1,)."""
 DEFAULT_CONTEXT_SIZE = 128
 
 
@@ -360,8 +362,31 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def save_sparsity(path: Path, stats: Sequence[M.SparsityStats]) -> None:
+    """Write each SAE's firing counts and L0 histogram (what density and L0 plots are drawn from), atomically."""
+    import safetensors.torch
+
+    from activation_store.storage import atomic_write
+
+    tensors = {}
+    for i, st in enumerate(stats):
+        tensors.update({f"{i}.fire_counts": st.fire_counts.contiguous(), f"{i}.l0_counts": st.l0_counts.contiguous(),
+                        f"{i}.n": torch.tensor([st.n], dtype=torch.long)})
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+
+
+def load_sparsity(path: str | Path) -> list[M.SparsityStats]:
+    """The SparsityStats `save_sparsity` wrote, in order."""
+    import safetensors.torch
+
+    t = safetensors.torch.load_file(str(path))
+    n = len({k.split(".", 1)[0] for k in t})
+    return [M.SparsityStats(int(t[f"{i}.n"][0]), t[f"{i}.fire_counts"], t[f"{i}.l0_counts"]) for i in range(n)]
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Evaluate every SAE in cfg and write OUT/report.html, then OUT/metrics.json last (completion marker)."""
+    """Evaluate every SAE in cfg and write OUT/report.html and OUT/sparsity.safetensors, then OUT/metrics.json last
+    (completion marker)."""
     from evals.report import build_report
 
     saes = [(str(p), load_sae(p, cfg.device)) for p in cfg.sae_paths]  # fail fast on bad folders
@@ -394,6 +419,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
     write_atomic(out / REPORT_FILENAME, build_report(results))
+    save_sparsity(out / SPARSITY_FILENAME, [r.sparsity for r in results])
     records = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
     write_atomic(out / METRICS_FILENAME, json.dumps(records, indent=2, allow_nan=False))
     return out

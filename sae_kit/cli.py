@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evals.cli", "evaluate saved SAEs and write metrics.json and report.html"),
     "interp": ("autointerp.cli", "explain latents with an LLM and score the explanations"),
     "steer": ("evals.cli_steer", "steer generation with SAE features and measure the effect"),
+    "run": ("sae_kit.pipeline.cli", "run the whole pipeline from one config: cache, train, eval, interp, steer, site"),
 }
 
 
