@@ -100,9 +100,10 @@ def build_report(results: Sequence[Any]) -> str:
     if len(results) > 1:
         figures += [frontier_figure(labels, records, "fvu", higher_is_better=False),
                     frontier_figure(labels, records, "ce_loss_recovered", higher_is_better=True)]
-    # plotly.js is inlined with the first figure only: one copy, and the file still works offline.
+    # plotly.js is inlined with the first figure only: one copy, and the file still works offline. Fixed element
+    # ids (plotly's default is a random uuid) make the same results the same bytes.
     divs = "\n".join(
-        f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=(i == 0))}</div>'
+        f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}")}</div>'
         for i, fig in enumerate(figures)
     )
     paths = "".join(f"<li>{html.escape(lb)}: <code>{html.escape(str(r.get('sae_path')))}</code></li>"

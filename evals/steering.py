@@ -323,5 +323,6 @@ def write_sweep(results: Sequence[SweepResult], out_dir: str | Path) -> Path:
     """Write `sweep.json` and a self-contained `sweep.html` (plotly inlined, opens offline) into out_dir."""
     out = Path(out_dir)
     _write_atomic(out / "sweep.json", json.dumps([r.to_dict() for r in results], indent=2))
-    _write_atomic(out / "sweep.html", sweep_figure(results).to_html(include_plotlyjs=True, full_html=True))
+    page = sweep_figure(results).to_html(include_plotlyjs=True, full_html=True, div_id="sweep")  # fixed id: same bytes
+    _write_atomic(out / "sweep.html", page)
     return out / "sweep.html"

@@ -147,6 +147,15 @@ class RunConfig:
     site: SiteSection = field(default_factory=SiteSection)
     """The results site."""
 
+    @property
+    def torch_device(self) -> str:
+        """The device every stage runs on: `device`, else CUDA when present, else the CPU."""
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def stage_dir(self, stage: str) -> Path:
         """Folder of one stage."""
         if stage not in STAGES:
@@ -157,9 +166,8 @@ class RunConfig:
         """The EvalConfig of one SAE."""
         from evals.evaluate import EvalConfig
 
-        device = self.eval.get("device") or self.device or "cpu"
         return EvalConfig(sae_paths=(str(sae_path),), out=str(out), model=self.model, backend=self.backend,
-                          **{**self.eval, "device": device})
+                          device=self.torch_device, **self.eval)
 
     def interp_config(self, sae_path: str | Path, out: str | Path, control: bool, progress: bool = True) -> Any:
         """The InterpConfig of one SAE (or of its random-direction control)."""
@@ -170,7 +178,7 @@ class RunConfig:
         records = values.pop("records", {})
         records = records if isinstance(records, RecordConfig) else RecordConfig(**{"seed": self.seed, **records})
         return InterpConfig(sae_path=str(sae_path), out=str(out), model=self.model, backend=self.backend,
-                            device=self.device or "cpu", seed=self.seed, records=records, progress=progress,
+                            device=self.torch_device, seed=self.seed, records=records, progress=progress,
                             control="random-directions" if control else "none", **values)
 
     def sae_names(self) -> list[str]:

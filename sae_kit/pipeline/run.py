@@ -68,7 +68,7 @@ class Context:
         if self._model is None:
             from activation_store.model import load_model
 
-            self._model = load_model(self.cfg.model, backend=self.cfg.backend, device=self.cfg.device)
+            self._model = load_model(self.cfg.model, backend=self.cfg.backend, device=self.cfg.torch_device)
         return self._model
 
     def embedder(self) -> Any:
@@ -187,7 +187,7 @@ def interpret(ctx: Context, s: SAEInfo, folder: Path) -> None:
     from autointerp.pipeline import run_interp
     from sae_kit.sae import SparseCoder
 
-    sae = SparseCoder.load(s.folder, device=ctx.cfg.device or "cpu")
+    sae = SparseCoder.load(s.folder, device=ctx.cfg.torch_device)
     runs = [("sae", False)] + ([("control", True)] if ctx.cfg.interp_control.control else [])
     for sub, control in runs:
         cfg = ctx.cfg.interp_config(s.folder, folder / sub, control=control, progress=ctx.progress)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from activation_store.storage import TMP_MARK, atomic_write
+from activation_store.storage import TMP_MARK, atomic_write, file_sha256
 
 STAMP = "stage.json"
 STARTED = "started.json"
@@ -40,15 +39,6 @@ Outputs = dict[str, dict[str, Any]]
 def digest(obj: Any) -> str:
     """sha256 of a JSON-able object, key order ignored."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe(paths: Iterable[Path], root: Path) -> Outputs:
@@ -245,7 +235,3 @@ def run_unit(unit: Unit, root: Path, announce: Callable[[Unit, str, str], None])
     unit.work()
     return Outcome(action, reason, commit(unit, root)["products"])
 
-
-def path_from(root: Path, rel: str) -> Path:
-    """A path recorded relative to the run folder, made usable from the working directory."""
-    return Path(os.path.normpath(root / rel))

@@ -175,6 +175,20 @@ class Checker:
     def __init__(self, source: str, lines: dict[str, int]):
         self.source, self.lines = source, lines
         self.issues: list[Issue] = []
+        self.hook_keys: dict[str, list[str]] = {}
+        """Every hook point named in the file → the keys naming it (also those of entries that failed to build,
+        so their hook points are checked too)."""
+        self.train_keys: list[str] = []
+        """The key of each training pass that built, in RunConfig.train order."""
+
+    def name_hooks(self, key: str, value: Any) -> None:
+        """Record the hook point(s) a key names."""
+        names = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+        for h in names:
+            if isinstance(h, str):
+                for part in (p.strip() for p in h.split(",")):
+                    if part:
+                        self.hook_keys.setdefault(part, []).append(key)
 
     def add(self, key: str, message: str, fix: str) -> None:
         """Record one problem at a dotted key (a key the file lacks takes the line of its nearest parent)."""
@@ -294,6 +308,9 @@ def _train(c: Checker, data: Any, top: dict[str, Any], cache: CacheConfig | None
             c.add(f"{path}.hook_points", "missing: each training pass names the hook point(s) it reads",
                   "e.g. hook_points: blocks.2.hook_resid_post")
             continue
+        for field_name in ("hook_points", "hook_point", "target_hook_points", "target_hook_point"):
+            if field_name in values:
+                c.name_hooks(f"{path}.{field_name}", values[field_name])
         values.setdefault("name", values.get("architecture", "topk"))
         ds = cache.dataset if cache is not None else DatasetConfig()
         cfg = c.build(path, lambda v=values, ds=ds: TrainConfig.from_dict({
@@ -302,6 +319,7 @@ def _train(c: Checker, data: Any, top: dict[str, Any], cache: CacheConfig | None
             "dataset": ds.path, "context_size": ds.context_size}))
         if cfg is not None:
             out.append(cfg)
+            c.train_keys.append(path)
     return out
 
 
@@ -363,7 +381,7 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
     from activation_store.model import closest_names
     from sae_kit.pipeline.hooks import n_layers
 
-    wanted = _hook_sources(cfg)
+    wanted = _hook_sources(c, cfg)
     layers = n_layers(hf_config)
     deepest = max((d for d in (_layer(h) for h in wanted) if d is not None), default=None)
     try:
@@ -394,16 +412,11 @@ def _layer(hook: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _hook_sources(cfg: RunConfig) -> dict[str, list[str]]:
-    """Every hook point the run reads → the config keys that name it."""
-    out: dict[str, list[str]] = {}
+def _hook_sources(c: Checker, cfg: RunConfig) -> dict[str, list[str]]:
+    """Every hook point the run reads → the config keys that name it (the training passes' first)."""
+    out = {h: list(keys) for h, keys in c.hook_keys.items()}
     for h in cfg.cache.hook_points:
         out.setdefault(h, []).append("cache.hook_points")
-    for i, t in enumerate(cfg.train):
-        for h in t.hook_points:
-            out.setdefault(h, []).insert(0, f"train[{i}].hook_points")
-        for h in t.target_hook_points:
-            out.setdefault(h, []).insert(0, f"train[{i}].target_hook_points")
     return out
 
 
@@ -416,13 +429,13 @@ def _sizes(c: Checker, cfg: RunConfig, widths: dict[str, int | None] | None) -> 
               f"raise cache.n_tokens to at least {ctx} (or lower cache.dataset.context_size)")
     rows = cache.n_tokens  # an upper bound: special-token rows are dropped
     d_saes: list[int] = []
-    for i, t in enumerate(cfg.train):
+    for key, t in zip(c.train_keys, cfg.train):
         if t.batch_size > rows:
-            c.add(f"train[{i}].batch_size", f"{t.batch_size} rows per step, but the cache holds at most {rows} rows",
-                  f"lower train[{i}].batch_size below {rows} or raise cache.n_tokens above {t.batch_size}")
+            c.add(f"{key}.batch_size", f"{t.batch_size} rows per step, but the cache holds at most {rows} rows",
+                  f"lower {key}.batch_size below {rows} or raise cache.n_tokens above {t.batch_size}")
         if t.n_tokens < t.batch_size:
-            c.add(f"train[{i}].n_tokens", f"{t.n_tokens} training tokens is less than one batch of {t.batch_size}",
-                  f"raise train[{i}].n_tokens to a multiple of {t.batch_size} or lower batch_size")
+            c.add(f"{key}.n_tokens", f"{t.n_tokens} training tokens is less than one batch of {t.batch_size}",
+                  f"raise {key}.n_tokens to a multiple of {t.batch_size} or lower batch_size")
         for spec in t.specs(t.hook_points[0]):
             d_in = (widths or {}).get(spec.hook_point or "")
             d_sae = spec.d_sae or (spec.expansion * d_in if d_in else None)
@@ -430,7 +443,7 @@ def _sizes(c: Checker, cfg: RunConfig, widths: dict[str, int | None] | None) -> 
                 continue
             d_saes.append(d_sae)
             if t.architecture in TOPK_FAMILY and spec.k >= d_sae:
-                c.add(f"train[{i}].k", f"k = {spec.k} active latents needs more than d_sae = {d_sae} latents "
+                c.add(f"{key}.k", f"k = {spec.k} active latents needs more than d_sae = {d_sae} latents "
                       f"(SAE {spec.name})", f"lower k below {d_sae} or raise d_sae / expansion")
     latents = str(cfg.interp.get("latents", "0:64"))
     if latents.startswith("random:") and d_saes:
@@ -548,9 +561,9 @@ def _with_train_hooks(c: Checker, cache: CacheConfig, train: list[TrainConfig]) 
     needed = list(dict.fromkeys(h for t in train for h in (*t.hook_points, *t.target_hook_points)))
     if cache.hook_points == ("<from train>",):
         return dataclasses.replace(cache, hook_points=tuple(needed))
-    for i, t in enumerate(train):
+    for key, t in zip(c.train_keys, train):
         missing = [h for h in (*t.hook_points, *t.target_hook_points) if h not in cache.hook_points]
         if missing:
-            c.add(f"train[{i}].hook_points", f"reads {missing}, which the cache stage does not capture",
+            c.add(f"{key}.hook_points", f"reads {missing}, which the cache stage does not capture",
                   f"add {missing} to cache.hook_points (or leave cache.hook_points out to capture what train reads)")
     return cache
