@@ -1,6 +1,7 @@
 """The default offline corpus: the Python standard library source of the running interpreter."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from collections.abc import Iterator
@@ -25,6 +26,12 @@ def stdlib_files(split: str = "train") -> list[Path]:
     """All stdlib `.py` files of one split ("train", "heldout" or "all"), sorted by relative path."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    return list(_stdlib_files(split))
+
+
+@functools.cache
+def _stdlib_files(split: str) -> tuple[Path, ...]:
+    # The interpreter's stdlib does not change while it runs, and walking it costs seconds: scan it once.
     root = stdlib_root()
     out = []
     for path in sorted(root.rglob("*.py")):
@@ -33,7 +40,7 @@ def stdlib_files(split: str = "train") -> list[Path]:
             continue
         if split == "all" or (is_heldout(rel) == (split == "heldout")):
             out.append(path)
-    return out
+    return tuple(out)
 
 
 def is_heldout(rel_path: str) -> bool:

@@ -197,12 +197,15 @@ def iter_token_batches(
     yielded = 0
 
     def texts_in_chunks() -> Iterator[list[tuple[int, str]]]:
+        # The fast tokenizer parallelises over a batch of documents; the batch grows from 4 to 64 so that a small
+        # request (a few thousand tokens) does not tokenize 64 whole documents first. The tokens are the same.
         chunk: list[tuple[int, str]] = []
+        size = 4
         for item in iter_documents(cfg):
             chunk.append(item)
-            if len(chunk) == 64:  # the fast tokenizer parallelises over a batch of documents
+            if len(chunk) == size:
                 yield chunk
-                chunk = []
+                chunk, size = [], min(2 * size, 64)
         if chunk:
             yield chunk
 

@@ -288,8 +288,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, until: str | None = None
             units = train_units(ctx, digests["cache"], saes)
         else:
             units = BUILDERS[stage](ctx, saes)
-        count = f"{len(units)} unit{'s' if len(units) != 1 else ''}" if len(units) != 1 else units[0].label
-        ctx.say(f"[{i + 1}/{len(stages)}] {stage}: {count}")
+        ctx.say(f"[{i + 1}/{len(stages)}] {stage}: {_what(stage, cfg, units, saes)}")
         if check:
             if not _show_plan(ctx, units):
                 ctx.say("      later stages are decided once this one has run")
@@ -318,6 +317,17 @@ def run_pipeline(cfg: RunConfig, progress: bool = True, until: str | None = None
         ctx.say("\n" + format_table(summary))
         ctx.say(f"\nresults: {ctx.root / SITE_FILE}")
     return RunResult(ctx.root, outcomes, saes, summary, seconds)
+
+
+def _what(stage: str, cfg: RunConfig, units: list[Unit], saes: list[SAEInfo]) -> str:
+    """What a stage works on, for its header line."""
+    if stage == "cache":
+        return f"{cfg.cache.n_tokens:,} tokens at {', '.join(cfg.cache.hook_points)}"
+    if stage == "train":
+        return f"{len(units)} pass{'es' if len(units) != 1 else ''}, {len(saes)} SAE{'s' if len(saes) != 1 else ''}"
+    if stage == "site":
+        return str(Path(cfg.out) / SITE_FILE)
+    return f"{len(units)} SAE{'s' if len(units) != 1 else ''}"
 
 
 def _collect(stage: str, unit: Unit, products: dict[str, str] | None, digests: dict[str, str],

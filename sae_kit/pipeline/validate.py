@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import socket
+import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(str(path), [Issue("(file)", f"holds a {type(data).__name__}, not a mapping of sections",
-                                            f"start from the default config (`sae-kit run --print-config`)")])
+                                            "start from the default config (`sae-kit run --print-config`)")])
     return data, _key_lines(node)
 
 
@@ -125,7 +126,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
 def _describe(hint: Any) -> str:
     """A type hint in words."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         parts = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" (or null)" if type(None) in args else "")
     if origin in (tuple, list):
@@ -525,8 +526,8 @@ def load_config(path: str | None = None, out: str | None = None, device: str | N
     source = "<default config>" if path is None else str(file)
     data, lines = read_yaml(file)
     c = Checker(source, lines)
-    known = {**{k: v for k, v in TOP_LEVEL.items()}, **{s: (Any, None) for s in STAGES}}
-    top = c.mapping({k: v for k, v in data.items()}, "", {k: (h, None) for k, (h, _) in known.items()})
+    known = {**{k: (hint, None) for k, (hint, _) in TOP_LEVEL.items()}, **{s: (Any, None) for s in STAGES}}
+    top = c.mapping(data, "", known)
     top = {"out": out or top.get("out") or str(Path("runs") / file.stem), "model": top.get("model", REFERENCE_NAME),
            "backend": top.get("backend", "auto"), "device": device or top.get("device"), "seed": top.get("seed", 0),
            **{s: top.get(s) for s in STAGES}}

@@ -6,11 +6,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from tiny_pipeline import CONFIG as GOOD
 
 from sae_kit.cli import main
 from sae_kit.pipeline import EXAMPLES, ConfigError, load_config
 from sae_kit.pipeline.validate import endpoint_problem, resolve_config_path
-from tiny_pipeline import CONFIG as GOOD
 
 BAD = """\
 out: {out}

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from sae_kit.pipeline import load_config, run_pipeline
 from tiny_pipeline import SAES, write_config
 
+from sae_kit.pipeline import load_config, run_pipeline
 
 
 def run(path: Path, **kw):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_pipeline import SAES, write_config
 
 REPO = Path(__file__).resolve().parents[2]
