@@ -255,10 +255,12 @@ class TransformerLensModel(LoadedModel):
     # off the full forward on a tiny GPT-2; exact with 5.23): recomputing the prefix each step stays exact.
     generate_with_cache = False
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, hf_model: nn.Module | None = None,
+                 tokenizer: Any = None):
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(resolve_model_name(name), device=str(device), dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(resolve_model_name(name), device=str(device), dtype=dtype,
+                                                     hf_model=hf_model, tokenizer=tokenizer)
         bridge.eval()
         super().__init__(name, bridge.tokenizer, device)
         self.bridge = bridge
@@ -298,13 +300,14 @@ class HFModel(LoadedModel):
 
     backend = "hf"
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, hf_model: nn.Module | None = None,
+                 tokenizer: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_name(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = hf_model if hf_model is not None else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.to(device).eval()
-        super().__init__(name, AutoTokenizer.from_pretrained(path), device)
+        super().__init__(name, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path), device)
         self.model = model
         self._modules = dict(model.named_modules())
         self._probe()

@@ -37,7 +37,7 @@ from activation_store.capture import check_finite, kept_indices, n_contexts, sel
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
 from activation_store.stages import Stages
-from activation_store.storage import Storage, is_disk_full, sha256, temporary_name
+from activation_store.storage import Storage, file_sha256, is_disk_full, sha256, temporary_name
 from activation_store.tokens import DatasetConfig, TokenBatch, describe_source
 
 log = logging.getLogger(__name__)
@@ -138,19 +138,15 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_fingerprint(model: LoadedModel) -> dict[str, Any]:
+    return model_fingerprint(model.name)
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
     """Cheap identity of local model weights: config hash plus size and head/tail hash of each weight file."""
-    path = Path(resolve_model_name(model.name))
+    path = Path(resolve_model_name(name))
     if not path.is_dir():
-        return {"hub_name": model.name}
+        return {"hub_name": name}
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.name == "config.json":
@@ -170,7 +166,7 @@ def _tokenizer_info(model: LoadedModel) -> dict[str, Any]:
     info: dict[str, Any] = {"name_or_path": model.name, "vocab_size": len(tok)}
     path = Path(resolve_model_name(model.name)) / "tokenizer.json"
     if path.exists():
-        info["tokenizer_json_sha256"] = _file_sha256(path)
+        info["tokenizer_json_sha256"] = file_sha256(path)
     elif getattr(tok, "backend_tokenizer", None) is not None:
         info["tokenizer_json_sha256"] = sha256(tok.backend_tokenizer.to_str().encode())
     return info

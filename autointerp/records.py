@@ -307,8 +307,15 @@ def save_records(path: str | Path, state: dict[str, Any], tokenizer: Any, meta: 
     # The meta goes first and comes back last: a run killed in between leaves records that never load, rather
     # than new records under the old meta (which a later run with the old settings would take as its own).
     (path / META_FILE).unlink(missing_ok=True)
-    atomic_write(path / RECORDS_FILE, lambda p: torch.save(state, p))
+    atomic_write(path / RECORDS_FILE, lambda p: _save_state(state, p))
     atomic_write_text(path / META_FILE, json.dumps(full))
+
+
+def _save_state(state: dict[str, Any], path: str) -> None:
+    # Through a file object, so the archive inside is named "archive" rather than after the temporary file:
+    # the same records give the same bytes.
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_records(path: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[int, str]] | None:

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 METRICS_FILENAME = "metrics.json"
 REPORT_FILENAME = "report.html"
 CONFIG_FILENAME = "eval_config.json"
+SPARSITY_FILENAME = "sparsity.safetensors"
+"""Per SAE, in metrics.json order: `{i}.fire_counts` (d_sae,), `{i}.l0_counts` (max L0 + 1,), `{i}.n` (1,)."""
 DEFAULT_CONTEXT_SIZE = 128
 
 
@@ -323,8 +325,31 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def save_sparsity(path: Path, stats: Sequence[M.SparsityStats]) -> None:
+    """Write each SAE's firing counts and L0 histogram (what density and L0 plots are drawn from), atomically."""
+    import safetensors.torch
+
+    from activation_store.storage import atomic_write
+
+    tensors = {}
+    for i, st in enumerate(stats):
+        tensors.update({f"{i}.fire_counts": st.fire_counts.contiguous(), f"{i}.l0_counts": st.l0_counts.contiguous(),
+                        f"{i}.n": torch.tensor([st.n], dtype=torch.long)})
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+
+
+def load_sparsity(path: str | Path) -> list[M.SparsityStats]:
+    """The SparsityStats `save_sparsity` wrote, in order."""
+    import safetensors.torch
+
+    t = safetensors.torch.load_file(str(path))
+    n = len({k.split(".", 1)[0] for k in t})
+    return [M.SparsityStats(int(t[f"{i}.n"][0]), t[f"{i}.fire_counts"], t[f"{i}.l0_counts"]) for i in range(n)]
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Run the configured suites on every SAE; write OUT/report.html, then OUT/metrics.json last (completion marker).
+    """Run the configured suites on every SAE; write OUT/report.html and OUT/sparsity.safetensors, then
+    OUT/metrics.json last (completion marker).
 
     metrics.json holds one section per suite: "core" (a list of flat records, one per SAE, described above),
     "probing", "absorption", "scr", "tpp" (lists, one entry per (model, hook point) with its SAEs) and
@@ -388,6 +413,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                "scoreboard": scoreboard([r.record for r in results], sections)}
     atomic_write_text(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
     atomic_write_text(out / REPORT_FILENAME, build_report(results, sections))
+    if results:
+        save_sparsity(out / SPARSITY_FILENAME, [r.sparsity for r in results])
     atomic_write_text(out / METRICS_FILENAME, json.dumps(_finite(metrics), indent=2, allow_nan=False))
     return out
 

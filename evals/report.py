@@ -215,9 +215,10 @@ def build_report(results: Sequence[Any], sections: dict[str, Any] | None = None)
         figures.append(consistency_figure(sections["consistency"]))
     figures += [ablation_figure(s, "scr") for s in sections.get("scr", [])]
     figures += [ablation_figure(s, "tpp") for s in sections.get("tpp", [])]
-    # plotly.js is inlined with the first figure only: one copy, and the file still works offline.
+    # plotly.js is inlined with the first figure only: one copy, and the file still works offline. Fixed element
+    # ids (plotly's default is a random uuid) make the same results the same bytes.
     divs = "\n".join(
-        f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=(i == 0))}</div>'
+        f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}")}</div>'
         for i, fig in enumerate(figures)
     )
     rows = scoreboard(records, sections)

@@ -315,5 +315,6 @@ def write_sweep(results: Sequence[SweepResult], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.json", json.dumps([r.to_dict() for r in results], indent=2))
-    atomic_write_text(out / "sweep.html", sweep_figure(results).to_html(include_plotlyjs=True, full_html=True))
+    page = sweep_figure(results).to_html(include_plotlyjs=True, full_html=True, div_id="sweep")  # fixed id: same bytes
+    atomic_write_text(out / "sweep.html", page)
     return out / "sweep.html"

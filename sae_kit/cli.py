@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "steer": ("evals.cli_steer", "steer generation with SAE features and measure the effect"),
     "convert": ("sae_kit.formats.cli_convert", "convert an SAE between formats (sae-kit, SAELens, sparsify)"),
     "push": ("sae_kit.formats.cli_push", "upload an SAE to the Hugging Face hub with a model card"),
+    "run": ("sae_kit.pipeline.cli", "run the whole pipeline from one config: cache, train, eval, interp, steer, site"),
 }
 
 

@@ -21,6 +21,12 @@ SNIPPETS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def snippets() -> list[str]:
+    """SNIPPETS, for test modules (`from conftest import` is ambiguous: tests/evals has a conftest too)."""
+    return SNIPPETS
+
+
 def _tokenizer(vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -30,15 +30,13 @@ TWIN = "blocks.1.hook_resid_pre"  # equals H0 row for row: a direct check of cro
 
 
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
+def docs(tmp_path_factory, snippets) -> Path:
     """A small jsonl corpus of Python snippets (much faster to tokenize than the stdlib)."""
-    from conftest import SNIPPETS
-
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     with open(path, "w") as f:
         for i in range(120):
-            f.write(json.dumps({"text": "".join(rng.choice(SNIPPETS) for _ in range(3)), "id": i}) + "\n")
+            f.write(json.dumps({"text": "".join(rng.choice(snippets) for _ in range(3)), "id": i}) + "\n")
     return path
 
 

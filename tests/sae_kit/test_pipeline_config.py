@@ -1,0 +1,144 @@
+"""`sae-kit run` config validation: every problem reported up front, at once, with file, line, key and fix."""
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from tiny_pipeline import CONFIG as GOOD
+
+from sae_kit.cli import main
+from sae_kit.pipeline import EXAMPLES, ConfigError, load_config
+from sae_kit.pipeline.validate import endpoint_problem, resolve_config_path
+
+BAD = """\
+out: {out}
+model: {model}
+modle: gpt2
+cache: {{n_tokens: 4096, dataset: {{path: stdlib, context_size: 32}}}}
+train:
+  - name: tk
+    archtecture: topk
+    hook_points: blocks.1.hook_resid_post
+    k: 64
+    expansion: 2
+    batch_size: 8192
+    n_tokens: 16384
+  - name: typo
+    hook_points: blocks.1.hook_resid_pots
+    activations: somewhere
+  - name: deep
+    hook_points: blocks.7.hook_resid_post
+eval:
+  n_tokens: many
+interp:
+  explainer: llm
+  llm: http://127.0.0.1:{port}/v1:some-model
+  records: {{n_tokens: 2048, context_size: 32}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write(tmp_path: Path, text: str, **kw) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text.format(**kw))
+    return path
+
+
+def test_every_problem_is_reported_at_once_with_line_key_and_fix(tmp_path, tiny_gpt2_path):
+    path = write(tmp_path, BAD, out=tmp_path / "out", model=tiny_gpt2_path, port=free_port())
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    err = info.value
+    by_key = {i.key: i for i in err.issues}
+    # unknown keys, with a "did you mean"
+    assert "did you mean 'model'" in by_key["modle"].message and by_key["modle"].line == 3
+    assert "did you mean 'architecture'" in by_key["train[0].archtecture"].message
+    assert by_key["train[0].archtecture"].fix == "rename it to 'architecture'"
+    assert by_key["train[0].archtecture"].line == 7
+    # a wrong type, with an example of the right one
+    assert "expected an integer, got str 'many'" in by_key["eval.n_tokens"].message
+    assert "n_tokens: 65536" in by_key["eval.n_tokens"].fix and by_key["eval.n_tokens"].line == 19
+    # a field the pipeline sets itself
+    assert "set by the pipeline" in by_key["train[1].activations"].message
+    # hook points the 2-block model lacks: a misspelling gets the closest names, a block too deep says so
+    typo = by_key["train[1].hook_points"]
+    assert "blocks.1.hook_resid_pots" in typo.message and "blocks.1.hook_resid_post" in typo.fix
+    assert "has 2 blocks" in by_key["train[2].hook_points"].message
+    # impossible sizes: k against expansion × the hook point's width (32), a batch beyond the cached tokens
+    assert "k = 64" in by_key["train[0].k"].message and "d_sae = 64" in by_key["train[0].k"].message
+    assert "8192 rows per step" in by_key["train[0].batch_size"].message
+    # an LLM explainer with nothing listening at its endpoint
+    assert "not reachable" in by_key["interp.llm"].message and "baseline" in by_key["interp.llm"].fix
+    # one message with all of them, naming the file
+    text = str(err)
+    assert text.startswith(f"{len(err.issues)} problems in {path}:")
+    assert f"{path}:7: train[0].archtecture" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_reports_them_and_computes_nothing(tmp_path, tiny_gpt2_path, capsys):
+    path = write(tmp_path, BAD, out=tmp_path / "out", model=tiny_gpt2_path, port=free_port())
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sae-kit run: error:" in err and "did you mean 'architecture'" in err and "fix:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_good_config_passes_and_fills_in_what_the_stages_share(tmp_path, tiny_gpt2_path):
+    cfg = load_config(str(write(tmp_path, GOOD, out=tmp_path / "out", model=tiny_gpt2_path)))
+    assert cfg.cache.hook_points == ("blocks.1.hook_resid_post",)  # what the training pass reads
+    assert cfg.cache.out == str(tmp_path / "out" / "cache" / "activations")
+    (t,) = cfg.train
+    assert t.activations == cfg.cache.out and t.out == str(tmp_path / "out" / "train" / "tk")
+    assert cfg.sae_names() == ["tk_k2", "tk_k4"]
+    assert cfg.interp["latents"] == "random:4"  # an integer means that many random live latents
+    icfg = cfg.interp_config("sae", "o", control=True)
+    assert icfg.control == "random-directions" and icfg.records.n_tokens == 1024
+
+
+def test_hook_missing_from_an_explicit_cache_list(tmp_path, tiny_gpt2_path):
+    text = GOOD.replace("cache: {{", "cache: {{hook_points: [blocks.0.hook_resid_post], ")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, text, out=tmp_path / "o", model=tiny_gpt2_path)))
+    (issue,) = info.value.issues
+    assert issue.key == "train[0].hook_points" and "cache.hook_points" in issue.fix
+
+
+def test_an_llm_endpoint_that_listens_passes(tmp_path):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        accept = threading.Thread(target=lambda: server.accept()[0].close(), daemon=True)
+        accept.start()
+        assert endpoint_problem(f"http://127.0.0.1:{port}/v1:m") is None
+    assert "cannot connect" in endpoint_problem(f"http://127.0.0.1:{free_port()}/v1:m")
+    assert "no local model" in endpoint_problem(f"local:{tmp_path / 'nothing'}")
+    assert "unknown LLM spec" in endpoint_problem("ftp://x")
+
+
+def test_the_default_config_validates_against_the_reference_model():
+    cfg = load_config(None)
+    assert cfg.model == "reference" and cfg.source == "<default config>"
+    assert len(cfg.sae_names()) >= 2  # a sweep, so the site shows the sweep plots
+
+
+def test_shipped_configs_by_name_and_a_near_miss():
+    assert resolve_config_path("default") == EXAMPLES["default"]
+    assert resolve_config_path(None) == EXAMPLES["default"]
+    with pytest.raises(FileNotFoundError, match="did you mean the shipped config 'pythia-70m-mlp-transcoder'"):
+        resolve_config_path("pythia-70m-mlp-transcode")
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("out: x\ntrain: [\n  name: a\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: \(file\): not valid YAML"):
+        load_config(str(path), check_model=False)
