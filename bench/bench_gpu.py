@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.bench_topk import train_step  # noqa: E402
+from sae_kit.sae.native import bf16_matmul_units  # noqa: E402
 
 LR = 1e-4
 GPU_SHAPES = ((768, 24576, 32), (2304, 65536, 64), (4096, 131072, 64))
@@ -154,6 +155,8 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             }
             if not cuda:
                 del builders["ours fp32"]  # the CPU default already is the fp32 regime
+                if not bf16_matmul_units():  # without AMX torch's bf16 matmul is emulated: no roofline, minutes
+                    del builders["bf16 matmul"]
             if peers:
                 builders["sparsify"] = lambda x=x, d_sae=d_sae, k=k: sparsify(x, d_sae, k)
                 builders["SAELens"] = lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k)

@@ -8,6 +8,7 @@ import torch
 
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.sae.jumprelu import heaviside, jumprelu
+from sae_kit.train.config import TOPK_FAMILY as REGISTERED_TOPK_FAMILY
 
 ARCHS = ("topk", "batchtopk", "abstopk", "jumprelu", "relu")
 TOPK_FAMILY = ("topk", "batchtopk", "abstopk")
@@ -380,3 +381,19 @@ def test_training_policies_per_architecture():
                                                                           "adaptivek"}
     assert reg["jumprelu"].adam_betas == reg["gated"].adam_betas == (0.0, 0.999)
     assert reg["topk"].adam_betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("arch", REGISTERED_TOPK_FAMILY)
+def test_auxk_reads_the_trainers_dead_latent_list(arch):
+    """The loop passes AuxK's dead set as an index list (`dead_latents`); every TopK-family forward must use it as
+    it uses a mask, or AuxK silently vanishes for that architecture."""
+    torch.manual_seed(0)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, k=4)).train()
+    x = torch.randn(128, 16)
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[32:] = True
+    by_list = sae(x, dead_latents=mask.nonzero().squeeze(1))
+    by_mask = sae(x, dead_mask=mask)
+    assert float(by_list.auxk_loss.detach()) > 0
+    torch.testing.assert_close(by_list.auxk_loss, by_mask.auxk_loss)
+    assert float(sae(x).auxk_loss.detach()) == 0
