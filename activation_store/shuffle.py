@@ -51,6 +51,21 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _permuted(pieces: Sequence[Tensor], perm: Tensor) -> Tensor:
+    """torch.cat(pieces).index_select(0, perm), in one copy instead of two: each piece's rows are scattered straight
+    to their places in the permuted buffer (row i of the concatenation goes to position inv[i], where perm[inv[i]] = i)."""
+    if len(pieces) == 1:
+        return pieces[0].index_select(0, perm)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm))
+    out = pieces[0].new_empty((len(perm), *pieces[0].shape[1:]))
+    start = 0
+    for piece in pieces:
+        out.index_copy_(0, inv[start:start + len(piece)], piece)
+        start += len(piece)
+    return out
+
+
 def shard_order(n_shards: int, epochs: int, shuffle: bool, seed: int) -> list[int]:
     """Shard visiting order over all epochs (its own generator, so it is known before any data is read)."""
     gen = torch.Generator().manual_seed(seed)
@@ -106,14 +121,15 @@ def mixed_batches(
             flush = pos in epoch_end
             if shuffle and not flush and len(ids) < buffer_rows:
                 continue
-            if arrived:  # one concatenation per flush, not one per shard (each copies the whole buffer)
-                data = {h: torch.cat([data[h], *(a[h] for a in arrived)]) for h in data}
-                arrived = []
             if shuffle:
                 perm = torch.randperm(len(ids), generator=perm_gen)
                 ids = ids[perm]
-                if data is not None:
-                    data = {h: a.index_select(0, perm) for h, a in data.items()}
+                if data is not None:  # the buffer and the shards read since the last flush, permuted in one copy
+                    data = {h: _permuted([a, *(new[h] for new in arrived)], perm) for h, a in data.items()}
+                    arrived = []
+            elif arrived:  # one concatenation per flush, not one per shard (each copies the whole buffer)
+                data = {h: torch.cat([data[h], *(a[h] for a in arrived)]) for h in data}
+                arrived = []
             n_emit = len(ids) // batch_size if (flush or not shuffle) else (len(ids) // 2) // batch_size
             for b in range(n_emit):
                 if emitted >= start_batch:

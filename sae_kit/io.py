@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from activation_store.storage import atomic_write
 from sae_kit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, SAEConfig, SparseCoder
@@ -75,14 +75,3 @@ def build_coder(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str | Pa
         coder = coder.to(device)
     coder.load_inference_state_dict({k: v.to(device) for k, v in state.items()})
     return coder.eval()  # inference: BatchTopK's forward then uses θ, not the batch
-
-
-def load_sparse_coder(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> SparseCoder:
-    """Rebuild the architecture named in cfg.json (fields in `overrides` replaced), load its weights strictly."""
-    cfg = load_config(path)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    weights = Path(path) / WEIGHTS_FILENAME
-    if not weights.exists():
-        raise FileNotFoundError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
-    return build_coder(cfg, load_file(str(weights)), weights, device=device)
