@@ -168,8 +168,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     folder = os.path.dirname(os.path.abspath(path))
     # TMP_MARK in the name lets `Storage.remove_temporaries` find what a killed writer left.
     tmp = _new_temporary(folder, os.path.basename(path))
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, as created
     try:
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # safetensors' save_file recreates the file with mode 0600
+            os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
         os.replace(tmp, path)

@@ -135,7 +135,7 @@ def train_units(ctx: Context, cache_digest: str, saes: list[SAEInfo]) -> list[Un
 def train_pass(t: Any, progress: bool) -> None:
     """`train_all` on one pass, resuming from its checkpoint when there is one."""
     from sae_kit.train import checkpoint as ckpt
-    from sae_kit.train.loop import MARKER, train_all
+    from sae_kit.train.loop import MARKER, PARTIAL_SUFFIX, train_all
 
     out = Path(t.out)
     finals = [out / s.name for s in t.specs(t.hook_points[0])]
@@ -143,8 +143,13 @@ def train_pass(t: Any, progress: bool) -> None:
     if done and len(done) < len(finals):
         # Killed while publishing the SAEs: the checkpoint (or a fresh start, the run being seeded) makes the
         # published ones again, bit for bit; `train_all` only resumes into a folder holding none or all of them.
+        # Each goes back to its partial folder unpublished, so its metrics.jsonl keeps the lines logged before
+        # the checkpoint (the resumed loop keeps those and logs the rest again).
         for p in done:
-            shutil.rmtree(p)
+            (p / MARKER).unlink()
+            partial = p.with_name(p.name + PARTIAL_SUFFIX)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(p, partial)
         done = []
     resume = ckpt.latest_checkpoint(out) is not None or len(done) == len(finals)
     train_all(t, resume=resume, progress=progress)

@@ -6,6 +6,8 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from activation_store.storage import Storage, atomic_write, atomic_write_text, temporaries_of
 
@@ -30,9 +32,11 @@ def test_atomic_files_get_the_mode_a_plain_open_would(tmp_path, umask, mask):
     atomic_write_text(tmp_path / "report.html", "<html></html>")
     atomic_write(tmp_path / "blob.bin", lambda p: Path(p).write_bytes(b"\0" * 8))
     Storage(str(tmp_path)).write_atomic("sub/manifest.json", b"{}")
+    # safetensors' writer recreates its file with mode 0600 (SAE weights, sparsity statistics)
+    atomic_write(tmp_path / "w.safetensors", lambda p: save_file({"a": torch.zeros(2)}, p))
     want = mode(tmp_path / "plain.txt")
     assert want == 0o666 & ~mask
-    for name in ("report.html", "blob.bin", "sub/manifest.json"):
+    for name in ("report.html", "blob.bin", "sub/manifest.json", "w.safetensors"):
         assert mode(tmp_path / name) == want, name
 
 
