@@ -129,15 +129,18 @@ class BatchTopKSAE(TopKSAE):
         n, c = values.shape
         cut = _largest(values, n * self.cfg.k)
         keep = (values >= cut) & (values > 0)  # (N, c)
-        used = max(1, int(keep.sum(1).max()))
+        # The step's one host read: K, the widest row, sizes the decoder's slots by the data. Both numbers come
+        # back in one transfer so a GPU waits once per step, not once per question.
+        used, row_full = (int(v) for v in torch.stack([keep.sum(1).max(), keep.all(1).any()]).tolist())
+        used = max(1, used)
         # The kept slots are the row's best values; pad with the next best (as the dense reference does), then put
         # them back in ascending latent order.
-        if values.device.type == "cpu":  # numpy's argpartition: ~10× torch's row argsort here
+        if _on_host(values):  # numpy's argpartition: ~10× torch's row argsort here
             best = np.argpartition(-values.numpy(), used - 1, axis=1)[:, :used] if used < c else np.arange(c)[None]
             slots = torch.from_numpy(np.sort(best, axis=1)).expand(n, used)
         else:
             slots = values.argsort(dim=1, descending=True, stable=True)[:, :used].sort(dim=1).values
-        return slots, keep.gather(1, slots).to(values.dtype), bool(keep.all(1).any())
+        return slots, keep.gather(1, slots).to(values.dtype), bool(row_full)
 
     def forward(self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None,
                 sparsity_coefficient: float | None = None, dead_latents: Tensor | None = None,
@@ -146,13 +149,20 @@ class BatchTopKSAE(TopKSAE):
         out = super().forward(x, target=target, dead_mask=dead_mask, dead_latents=dead_latents)
         if self.training:
             with torch.no_grad():
-                kept = out.latent_acts[out.latent_acts > 0]
-                if kept.numel():
-                    smallest = kept.min().to(self.threshold.dtype)
-                    first = bool(self.threshold <= 0)
-                    self.threshold.copy_(smallest if first else torch.lerp(smallest, self.threshold,
-                                                                           self.threshold_decay))
+                self._update_threshold(out.latent_acts)
         return out
+
+    def _update_threshold(self, acts: Tensor) -> None:
+        """θ ← EMA of the smallest kept activation (set outright the first time); nothing kept, nothing changes.
+        Device ops only: a step must not wait for the GPU to learn whether anything was kept."""
+        smallest = torch.where(acts > 0, acts, torch.inf).min().to(self.threshold.dtype)  # inf: none kept
+        updated = torch.where(self.threshold <= 0, smallest, torch.lerp(smallest, self.threshold, self.threshold_decay))
+        self.threshold.copy_(torch.where(smallest.isfinite(), updated, self.threshold))
+
+
+def _on_host(t: Tensor) -> bool:
+    """Whether t lives in host memory, where numpy's selection routines beat torch's and reading is free."""
+    return t.device.type == "cpu"
 
 
 def _largest(values: Tensor, rank: int) -> Tensor:
@@ -163,6 +173,6 @@ def _largest(values: Tensor, rank: int) -> Tensor:
     flat = values.detach().reshape(-1)
     if rank >= flat.numel():
         return flat.min()
-    if flat.device.type == "cpu":
+    if _on_host(flat):
         return torch.as_tensor(np.partition(flat.numpy(), flat.numel() - rank)[flat.numel() - rank])
     return flat.kthvalue(flat.numel() - rank + 1).values
