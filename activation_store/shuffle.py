@@ -51,18 +51,20 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _permuted(pieces: Sequence[Tensor], perm: Tensor) -> Tensor:
-    """torch.cat(pieces).index_select(0, perm), in one copy instead of two: each piece's rows are scattered straight
-    to their places in the permuted buffer (row i of the concatenation goes to position inv[i], where perm[inv[i]] = i)."""
-    if len(pieces) == 1:
-        return pieces[0].index_select(0, perm)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(len(perm))
-    out = pieces[0].new_empty((len(perm), *pieces[0].shape[1:]))
-    start = 0
-    for piece in pieces:
-        out.index_copy_(0, inv[start:start + len(piece)], piece)
-        start += len(piece)
+def _reserve(buffers: dict[str, Tensor], like: dict[str, Tensor], rows: int, keep: int,
+             capacity: int = 0) -> dict[str, Tensor]:
+    """Buffers {hook: (≥ rows, d)} shaped like `like`, reusing `buffers` when large enough (their first `keep` rows
+    carried over when they grow; a new one holds max(rows, capacity)). Reuse matters: a fresh buffer of this size
+    costs more to page-fault into existence than the shuffle's copies into it."""
+    out = {}
+    for h, a in like.items():
+        buf = buffers.get(h)
+        if buf is None or buf.shape[0] < rows:
+            grown = a.new_empty((max(rows, capacity), *a.shape[1:]))
+            if buf is not None and keep:
+                grown[:keep] = buf[:keep]
+            buf = grown
+        out[h] = buf
     return out
 
 
@@ -96,8 +98,14 @@ def mixed_batches(
     prefetcher = _Prefetcher(load, order, prefetch, workers)
 
     ids = torch.empty(0, dtype=torch.long)  # (N,) global row ids in buffer order
-    data: dict[str, Tensor] | None = None  # hook → (N, d), mirrors ids once live
-    arrived: list[dict[str, Tensor]] = []  # shards read since the last flush, appended to data at the next one
+    # Once live, `pool[h][:len(ids)]` holds the rows of ids: the survivors of the last flush, then the shards read
+    # since. A flush gathers each emitted batch from it (a fresh tensor, so no batch aliases a buffer) and the
+    # survivors into `spare`, and the two allocations swap: no buffer is allocated in the steady state.
+    pool: dict[str, Tensor] | None = {} if start_batch == 0 else None
+    spare: dict[str, Tensor] = {}
+    # The most rows the buffer holds: a flush comes once it reaches buffer_rows, so one shard past that (or, when a
+    # flush can emit nothing, a batch's worth more), and never more than an epoch plus a partial batch.
+    capacity = min(max(buffer_rows, 2 * batch_size) + max(shard_rows, default=0), offsets[-1] + batch_size)
     emitted = 0
 
     def materialize(row_ids: Tensor) -> dict[str, Tensor]:
@@ -115,30 +123,39 @@ def mixed_batches(
 
     try:
         for pos, s in enumerate(order):
+            filled = len(ids)
             ids = torch.cat([ids, torch.arange(offsets[s], offsets[s + 1])])
-            if data is not None:
-                arrived.append(prefetcher.get(pos))
+            if pool is not None:
+                shard = prefetcher.get(pos)
+                pool = _reserve(pool, shard, len(ids), keep=filled, capacity=capacity)
+                for h, a in shard.items():
+                    pool[h][filled:len(ids)] = a
             flush = pos in epoch_end
             if shuffle and not flush and len(ids) < buffer_rows:
                 continue
-            if shuffle:
-                perm = torch.randperm(len(ids), generator=perm_gen)
+            perm = torch.randperm(len(ids), generator=perm_gen) if shuffle else None  # None: buffer order
+            if perm is not None:
                 ids = ids[perm]
-                if data is not None:  # the buffer and the shards read since the last flush, permuted in one copy
-                    data = {h: _permuted([a, *(new[h] for new in arrived)], perm) for h, a in data.items()}
-                    arrived = []
-            elif arrived:  # one concatenation per flush, not one per shard (each copies the whole buffer)
-                data = {h: torch.cat([data[h], *(a[h] for a in arrived)]) for h in data}
-                arrived = []
             n_emit = len(ids) // batch_size if (flush or not shuffle) else (len(ids) // 2) // batch_size
             for b in range(n_emit):
                 if emitted >= start_batch:
-                    if data is None:
-                        data = materialize(ids)
-                    yield {h: a[b * batch_size:(b + 1) * batch_size].to(dtype) for h, a in data.items()}
+                    if pool is None:
+                        pool, perm = materialize(ids), None  # gathered in the permuted order already
+                    rows = slice(b * batch_size, (b + 1) * batch_size)
+                    if perm is None:
+                        yield {h: a[rows].to(dtype, copy=True) for h, a in pool.items()}
+                    else:
+                        yield {h: a.index_select(0, perm[rows]).to(dtype) for h, a in pool.items()}
                 emitted += 1
+            kept = len(ids) - n_emit * batch_size
+            if pool is not None:
+                spare = _reserve(spare, pool, kept, keep=0, capacity=capacity)
+                for h, a in pool.items():
+                    if perm is None:
+                        spare[h][:kept] = a[n_emit * batch_size:len(ids)]
+                    else:
+                        torch.index_select(a, 0, perm[n_emit * batch_size:], out=spare[h][:kept])
+                pool, spare = spare, pool
             ids = ids[n_emit * batch_size:]
-            if data is not None:
-                data = {h: a[n_emit * batch_size:] for h, a in data.items()}
     finally:
         prefetcher.close()

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
+import mmap
 import os
 import queue
 import re
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -553,6 +556,39 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     return cfg.out
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def tensors_in(blob: bytearray | mmap.mmap) -> dict[str, Tensor]:
+    """The tensors of a safetensors file's bytes, as views of the buffer (no copy).
+
+    safetensors' own `load` copies every tensor out of the bytes it is given: for a store's shards that copy (and
+    faulting in its fresh memory) cost more than reading and checksumming the file. Anything this reader does not
+    recognise goes to safetensors, which also gives the errors for a malformed file.
+    """
+    if sys.byteorder != "little":  # safetensors stores little-endian; it byte-swaps
+        return safetensors.torch.load(bytes(blob))
+    view = memoryview(blob)
+    try:
+        n = int.from_bytes(view[:8], "little")
+        header = json.loads(bytes(view[8:8 + n]))
+        start, out = 8 + n, {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+            begin, end = (start + int(o) for o in info["data_offsets"])
+            if not start <= begin <= end <= len(blob) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(name)
+            out[name] = (torch.frombuffer(view[begin:end], dtype=dtype) if end > begin
+                         else torch.empty(0, dtype=dtype)).view(shape)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return safetensors.torch.load(bytes(blob))
+    return out
+
+
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
@@ -631,13 +667,13 @@ class ActivationStore:
                 raise ValueError(f"store {self.storage.url!r} has d_in {widths}, not {d_in}")
 
     def _read(self, rel: str) -> dict[str, Tensor]:
-        blob = self.storage.read_bytes(rel)
+        blob = self.storage.read_buffer(rel)
         if self.verify:
             entry = self._entries[rel]
             if len(blob) != entry["bytes"] or sha256(blob) != entry["sha256"]:
                 raise ValueError(f"shard {rel!r} of {self.storage.url!r} fails its sha256 check (corrupted or "
                                  "truncated); re-create the store")
-        return safetensors.torch.load(blob)
+        return tensors_in(blob)
 
     def load_shard(self, index: int, hook_points: Sequence[str]) -> dict[str, Tensor]:
         """All rows of one shard: {hook point: (rows, d)} in the stored dtype."""

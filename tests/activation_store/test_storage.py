@@ -73,3 +73,18 @@ def test_temporaries_of_finds_only_its_own_leftovers(tmp_path, monkeypatch):
         f.write_text("user data")
     assert len(left) == 1 and temporaries_of(target) == left
     assert temporaries_of(tmp_path / "absent" / "x.json") == []
+
+
+@pytest.mark.parametrize("url", ["local", "memory://sae-kit-test/read-buffer"])
+def test_read_buffer_is_a_writable_copy_of_the_file(tmp_path, url):
+    storage = Storage(str(tmp_path) if url == "local" else url)
+    data = os.urandom(100_003)
+    storage.write_atomic("f.bin", data)
+    buf = storage.read_buffer("f.bin")
+    assert bytes(buf) == data == storage.read_bytes("f.bin")
+    buf[0] ^= 1  # writable, and writing into it leaves the file alone
+    assert buf[0] == data[0] ^ 1 and storage.read_bytes("f.bin") == data
+    storage.write_atomic("f.bin", b"new content")  # replaced by a rename: the buffer keeps what it was read from
+    assert bytes(buf[1:]) == data[1:]
+    storage.write_atomic("empty", b"")
+    assert bytes(storage.read_buffer("empty")) == b""

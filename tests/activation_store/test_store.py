@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from activation_store import storage as storage_mod
@@ -520,3 +522,42 @@ def test_caches_from_before_shuffling_still_match(ref_store, tmp_path):
     shuffled = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, shuffle_seed=3))
     with pytest.raises(ValueError, match="dataset.shuffle_seed: stored None, requested 3"):
         cache_activations(shuffled, progress=False)
+
+
+def test_tensors_in_reads_what_safetensors_reads_without_copying():
+    from activation_store.store import tensors_in
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(5, 3, generator=gen), "bf16": torch.randn(4, 2, generator=gen).bfloat16(),
+               "f16": torch.randn(7, generator=gen).half(), "i64": torch.arange(6).view(2, 3),
+               "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    blob = bytearray(safetensors.torch.save(tensors, metadata={"note": "x"}))
+    got = tensors_in(blob)
+    want = safetensors.torch.load(bytes(blob))
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t)
+    before = bytes(blob)
+    got["f32"][0, 0] = 99.0  # a view of the buffer, not a copy
+    assert bytes(blob) != before and torch.equal(tensors_in(blob)["f32"], got["f32"])
+
+
+@pytest.mark.parametrize("damage", ["header_length", "offsets", "dtype"])
+def test_tensors_in_hands_malformed_files_to_safetensors(damage):
+    from activation_store.store import tensors_in
+
+    blob = bytearray(safetensors.torch.save({"a": torch.ones(4, 2)}))
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(bytes(blob[8:8 + n]))
+    if damage == "header_length":
+        blob[:8] = (len(blob) * 2).to_bytes(8, "little")
+    else:
+        if damage == "offsets":
+            header["a"]["data_offsets"] = [0, 4 * 8 + 4]  # past the end of the data
+        else:
+            header["a"]["dtype"] = "F99"
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        assert len(text) == n
+        blob[8:8 + n] = text
+    with pytest.raises(safetensors.SafetensorError):  # safetensors' own diagnosis, never garbage tensors
+        tensors_in(blob)
