@@ -12,11 +12,16 @@ training loop against its own bare step; caching against the bare forward. Ratio
    loop's bare step on batches already on the device.
 3. Caching: `sae-kit cache` tokens/s against the bare forward of the same model (bench/bench_cache.py).
 
-Usage: python bench/bench_gpu.py [--quick] [--rounds 5] [--threads 2] [--skip-peers] [--skip-step] [--skip-cache]
+Usage: python bench/bench_gpu.py [--quick] [--rounds N] [--threads 2] [--skip-peers] [--skip-step] [--skip-pipeline]
+                                 [--skip-store] [--skip-cache] [--shapes 0,2] [--contenders ours,sparsify] [--json F]
+`--shapes` and `--contenders` pick parts of section 1, so that each shape (or peer) can run in a process of its own
+(bench/h200/run.sh does that on the H200); `--json F` appends one JSON object per measurement to F as it is made.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import statistics
 import sys
@@ -39,6 +44,21 @@ LR = 1e-4
 GPU_SHAPES = ((768, 24576, 32), (2304, 65536, 64), (4096, 131072, 64))
 CPU_SHAPES = ((256, 1024, 8), (512, 8192, 32))
 QUICK_SHAPES = ((64, 256, 4),)
+GPU_ROUNDS = 20
+"""Timed steps per contender on CUDA (the largest shape's slowest contender, SAELens, takes well under a second)."""
+CONTENDERS = ("ours", "ours-fp32", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
+"""Keys for --contenders, in the order section 1 runs them."""
+
+_json_path: Path | None = None
+
+
+def record(section: str, **fields: object) -> None:
+    """Append one measurement to the --json file (one object a line, written as soon as it is made)."""
+    if _json_path is None:
+        return
+    line = json.dumps({"section": section, **fields, "time": round(time.time(), 1)})
+    with open(_json_path, "a") as f:
+        f.write(line + "\n")
 
 
 def _sync(device: torch.device) -> None:
@@ -135,8 +155,11 @@ def matmul(x: torch.Tensor, d_sae: int, dtype: torch.dtype) -> Callable[[], None
     return lambda: torch.mm(xd, w, out=out)
 
 
-def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bool) -> None:
+def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bool,
+                contenders: tuple[str, ...] = CONTENDERS) -> int:
+    """Section 1; returns the number of contenders that failed with an error (not: not installed)."""
     cuda = device.type == "cuda"
+    errors = 0
     print(f"\n== 1. TopK step: batch {batch}, forward + backward + Adam, fp32 master weights, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for d_in, d_sae, k in shapes:
@@ -145,45 +168,64 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
         precision = torch.bfloat16 if cuda else None
         regime = "bf16 encoder" if cuda else "fp32 encoder (CPU: exact bf16 preselection where AMX)"
         with tempfile.TemporaryDirectory() as tmp:
-            builders: dict[str, Callable[[], Callable[[], object]]] = {
-                f"ours ({regime})": lambda x=x, d_sae=d_sae, k=k, precision=precision: ours(x, d_sae, k, precision),
-                "ours fp32": lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None),
-                "ours loop step": lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto",
-                                                                                         Path(tmp) / "loop"),
-                "bf16 matmul": lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.bfloat16),
-                "fp32 matmul": lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.float32),
+            # key → (name printed, builder)
+            builders: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
+                "ours": (f"ours ({regime})",
+                         lambda x=x, d_sae=d_sae, k=k, precision=precision: ours(x, d_sae, k, precision)),
+                "ours-fp32": ("ours fp32", lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None)),
+                "loop": ("ours loop step",
+                         lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
+                "bf16mm": ("bf16 matmul", lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.bfloat16)),
+                "fp32mm": ("fp32 matmul", lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.float32)),
             }
             if not cuda:
-                del builders["ours fp32"]  # the CPU default already is the fp32 regime
+                del builders["ours-fp32"]  # the CPU default already is the fp32 regime
                 if not bf16_matmul_units():  # without AMX torch's bf16 matmul is emulated: no roofline, minutes
-                    del builders["bf16 matmul"]
+                    del builders["bf16mm"]
             if peers:
-                builders["sparsify"] = lambda x=x, d_sae=d_sae, k=k: sparsify(x, d_sae, k)
-                builders["SAELens"] = lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k)
+                builders["sparsify"] = ("sparsify", lambda x=x, d_sae=d_sae, k=k: sparsify(x, d_sae, k))
+                builders["saelens"] = ("SAELens", lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k))
+            builders = {key: b for key, b in builders.items() if key in contenders}
             print(f"\n{d_in} × {d_sae}, k {k}")
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")
             rates: dict[str, float] = {}
-            for name, build in builders.items():
+            where = dict(d_in=d_in, d_sae=d_sae, k=k, batch=batch, device=str(device))
+            for key, (name, build) in builders.items():
+                if cuda:
+                    gc.collect()  # the last contender's SAE and optimiser (reference cycles), before the peak resets
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    if cuda:
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats(device)
                     step = build()
-                    t = statistics.median(_time(step, device, rounds))
+                    times = _time(step, device, rounds)
+                    t = statistics.median(times)
                 except ImportError as err:
                     print(f"  {name:58s} not installed ({err.name})")
+                    record("step", **where, contender=key, name=name, status="not installed", error=str(err))
                     continue
                 except torch.OutOfMemoryError:
                     print(f"  {name:58s} out of memory")
+                    record("step", **where, contender=key, name=name, status="out of memory")
                     continue
-                peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:8.1f}" if cuda else f"{'n/a':>8s}"
+                except Exception as err:  # one broken contender must not cost the others their figures
+                    errors += 1
+                    print(f"  {name:58s} failed: {type(err).__name__}: {err}")
+                    record("step", **where, contender=key, name=name, status="error",
+                           error=f"{type(err).__name__}: {err}")
+                    continue
+                finally:
+                    step = None  # free this contender's SAE before the next one is built
+                peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
                 rates[name] = batch / t
-                print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {peak}")
-                del step
-            mine = next(iter(rates))
+                shown = f"{peak:8.1f}" if peak is not None else f"{'n/a':>8s}"
+                print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {shown}")
+                record("step", **where, contender=key, name=name, status="ok", ms=1e3 * t, ms_min=1e3 * min(times),
+                       tok_s=batch / t, peak_gb=peak, rounds=rounds)
+            mine = next((n for n in rates if n.startswith("ours (")), None)
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
-                if other in rates:
+                if mine is not None and other in rates:
                     print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")
+    return errors
 
 
 # -- 2. the pipeline ----------------------------------------------------------------------------------------------
@@ -199,10 +241,12 @@ def _marginal_rate(run: Callable[[int], None], short: int, long: int) -> float:
 
 
 def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: int, rows: int, steps: int,
-                   store_model: str | None, store_hook: str, store_tokens: int, rounds: int) -> None:
+                   store_model: str | None, store_hook: str, store_tokens: int, rounds: int,
+                   backend: str = "auto") -> None:
     from sae_kit.train import TensorSource, TrainConfig, train_all
 
     print(f"\n== 2. Pipeline: TopK {d_in} × {d_sae}, k {k}, batch {batch}, {device}")
+    where = dict(d_in=d_in, d_sae=d_sae, k=k, batch=batch, device=str(device), steps=steps)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         torch.manual_seed(0)
@@ -211,6 +255,7 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
         # The fastest of many steps: an upper bound on the bare rate, so the ratios below err low on a noisy machine.
         bare = batch / min(_time(step, device, 3 * rounds))
         print(f"  {'bare loop step (fastest; batches already on the device)':58s} {bare:12,.0f} tokens/s")
+        record("pipeline", **where, what="bare step", tok_s=bare)
         runs = [0]
 
         def run_tensors(n_steps: int) -> None:
@@ -221,6 +266,7 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
 
         tensors = batch * _marginal_rate(run_tensors, max(2, steps // 4), steps)
         print(f"  {'train() on a TensorSource':58s} {tensors:12,.0f} tokens/s  {tensors / bare:5.2f} of the bare step")
+        record("pipeline", **where, what="train() on a TensorSource", tok_s=tensors, ratio=tensors / bare, rows=rows)
         if store_model is None:
             return
         from activation_store.store import ActivationStore, CacheConfig, cache_activations
@@ -228,10 +274,12 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
 
         store = tmp / "store"
         t0 = time.perf_counter()
-        cache_activations(CacheConfig(model=store_model, hook_points=(store_hook,), n_tokens=store_tokens,
-                                      out=str(store), dataset=DatasetConfig(context_size=256), device=str(device)),
+        cache_activations(CacheConfig(model=store_model, backend=backend, hook_points=(store_hook,),
+                                      n_tokens=store_tokens, out=str(store), dataset=DatasetConfig(context_size=256),
+                                      device=str(device)),
                           progress=False)
-        print(f"  (cached {store_tokens:,} tokens of {store_model} {store_hook} in {time.perf_counter() - t0:.0f} s)")
+        cached_s = time.perf_counter() - t0
+        print(f"  (cached {store_tokens:,} tokens of {store_model} {store_hook} in {cached_s:.0f} s)")
         d_store = ActivationStore.open(str(store)).d_in(store_hook)
         step, _ = loop_step(torch.randn(batch, d_store, device=device), d_sae, k, "auto", tmp / "bare2")
         bare_store = batch / min(_time(step, device, 3 * rounds))
@@ -246,74 +294,121 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
         print(f"  {'bare loop step at the store width d_in ' + str(d_store):58s} {bare_store:12,.0f} tokens/s")
         print(f"  {'sae-kit train --activations (on-disk store)':58s} {from_store:12,.0f} tokens/s  "
               f"{from_store / bare_store:5.2f} of the bare step")
+        record("pipeline", **{**where, "d_in": d_store}, what="bare step at the store width", tok_s=bare_store)
+        record("pipeline", **{**where, "d_in": d_store}, what="sae-kit train --activations", tok_s=from_store,
+               ratio=from_store / bare_store, store_tokens=store_tokens, store_hook=store_hook, cached_s=cached_s)
 
 
-def gpt2_small_like(folder: Path) -> str:
-    """A randomly initialised model of GPT-2 small's shape (12 layers, d 768), with the reference tokenizer."""
-    import shutil
+def gpt2_small_like(folder: Path, n_layer: int = 12, d_model: int = 768) -> str:
+    """A randomly initialised model of GPT-2 small's shape (12 layers, d 768, context 1024), with the reference
+    tokenizer; `n_layer` and `d_model` shrink it for a CPU dry run of the GPU path."""
+    from bench.bench_cache import make_gpt2
 
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from activation_store.model import reference_model_path
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=1024)).save_pretrained(folder)
-    for f in reference_model_path().iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    return str(folder)
+    return make_gpt2(str(folder), n_layer=n_layer, d_model=d_model)
 
 
 # -- 3. caching ---------------------------------------------------------------------------------------------------
 
-def bench_cache(model: str, tokens: int, device: torch.device) -> None:
+def bench_cache(model: str, tokens: int, device: torch.device, backend: str = "auto", context_size: int = 256) -> None:
     print(f"\n== 3. Caching: {model}, {device}")
     try:
         from bench.bench_cache import measure_cache
     except ImportError as err:
         print(f"  n/a ({err})")
         return
-    got = measure_cache(model=model, n_tokens=tokens, device=str(device))
+    got = measure_cache(model=model, backend=backend, context_size=context_size, n_tokens=tokens, device=str(device))
     print(f"  sae-kit cache {got['cache_tok_s']:,.0f} tokens/s, bare forward {got['forward_tok_s']:,.0f} tokens/s: "
-          f"{got['ratio']:.2f} of the forward")
+          f"{got['ratio']:.2f} of the forward (context {context_size}, batch {got['batch_size']}, "
+          f"{got['n_tokens']:,} tokens, hook {got['hook_points'][0]})")
+    record("cache", **got)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _shapes(spec: str | None, default: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+    """--shapes: indices into the default shapes ("0,2") or explicit d_in x d_sae x k ("768x24576x32")."""
+    if not spec:
+        return default
+    return tuple(tuple(int(v) for v in item.split("x")) if "x" in item else default[int(item)]
+                 for item in spec.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _json_path
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the test suite's smoke check)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed steps per contender")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"timed steps per contender (default {GPU_ROUNDS} on CUDA, 5 on CPU, 2 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--shapes", default=None, help="section 1's shapes: indices into the default list (\"0,2\") "
+                    "or d_in x d_sae x k (\"768x24576x32\"), comma-separated")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"section 1's contenders, comma-separated, of {','.join(CONTENDERS)}")
     ap.add_argument("--skip-peers", action="store_true", help="do not try sparsify / SAELens")
-    ap.add_argument("--skip-cache", action="store_true", help="skip the caching measurement")
     ap.add_argument("--skip-step", action="store_true", help="skip the step comparison (section 1)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="skip section 2 (train() and train --activations)")
     ap.add_argument("--skip-store", action="store_true", help="skip `train --activations` (no store is cached)")
+    ap.add_argument("--skip-cache", action="store_true", help="skip the caching measurement (section 3)")
+    ap.add_argument("--model", choices=("auto", "gpt2s", "reference"), default="auto",
+                    help="model of the store and of caching: auto = a GPT-2-small-sized random model (hf backend) "
+                    "on CUDA, the reference model elsewhere; gpt2s with --quick is a 2-layer one (a CPU dry run of "
+                    "the GPU path)")
+    ap.add_argument("--pipe-steps", type=int, default=None, help="section 2's long run, in steps (the short: 1/4)")
+    ap.add_argument("--store-tokens", type=int, default=None, help="tokens cached for train --activations")
+    ap.add_argument("--cache-tokens", type=int, default=None, help="tokens of section 3")
+    ap.add_argument("--json", default=None, help="append one JSON object per measurement to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _json_path = Path(args.json) if args.json else None
     warnings.filterwarnings("ignore")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     if args.quick:
         shapes, batch, rounds = QUICK_SHAPES, 256, 2
         pipe = dict(d_in=64, d_sae=256, k=4, batch=256, rows=8192, steps=12, store_tokens=4096)
-    elif device.type == "cuda":
-        shapes, batch, rounds = GPU_SHAPES, args.batch, args.rounds
-        pipe = dict(d_in=768, d_sae=24576, k=32, batch=args.batch, rows=1_200_000, steps=200, store_tokens=1_000_000)
+        cache_tokens, cache_context = 4096, 256
+    elif cuda:
+        shapes, batch, rounds = GPU_SHAPES, args.batch, GPU_ROUNDS
+        # 300 steps against 75: the marginal 225 steps (0.9M tokens) last seconds even at the bare step's rate
+        pipe = dict(d_in=768, d_sae=24576, k=32, batch=args.batch, rows=1_200_000, steps=300, store_tokens=1_000_000)
+        cache_tokens, cache_context = 1_000_000, 1024  # the issue's figure: context 1024, batch 32, 1M tokens
     else:
-        shapes, batch, rounds = CPU_SHAPES, args.batch, args.rounds
+        shapes, batch, rounds = CPU_SHAPES, args.batch, 5
         pipe = dict(d_in=256, d_sae=1024, k=8, batch=args.batch, rows=400_000, steps=120, store_tokens=400_000)
+        cache_tokens, cache_context = 131_072, 256  # 16 batches of 32 × 256 tokens (a few minutes)
+    rounds = args.rounds or rounds
+    pipe["steps"] = args.pipe_steps or pipe["steps"]
+    pipe["store_tokens"] = args.store_tokens or pipe["store_tokens"]
+    cache_tokens = args.cache_tokens or cache_tokens
+    which = args.model if args.model != "auto" else "gpt2s" if cuda and not args.quick else "reference"
+    contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders {sorted(unknown)}; valid: {','.join(CONTENDERS)}")
+    info = dict(device=str(device), torch=torch.__version__, cuda=torch.version.cuda, threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(device) if cuda else None, quick=args.quick, argv=argv or sys.argv[1:])
+    record("run", **info)
+    errors = 0
     if not args.skip_step:
-        bench_steps(shapes, batch, device, rounds, peers=not args.skip_peers)
+        errors += bench_steps(_shapes(args.shapes, shapes), batch, device, rounds, peers=not args.skip_peers,
+                              contenders=contenders)
+    if args.skip_pipeline and args.skip_cache:
+        return 1 if errors else 0
     with tempfile.TemporaryDirectory() as tmp:
-        # On a GPU, a GPT-2-small-sized model as in the issue; on CPU the reference model (a store in minutes).
-        model = gpt2_small_like(Path(tmp) / "gpt2s") if device.type == "cuda" and not args.quick else "reference"
-        hook = "transformer.h.8" if model != "reference" else "blocks.2.hook_resid_post"
-        bench_pipeline(device, pipe["d_in"], pipe["d_sae"], pipe["k"], pipe["batch"], pipe["rows"], pipe["steps"],
-                       None if args.skip_store else model, hook, pipe["store_tokens"], rounds)
+        if which == "gpt2s":  # GPT-2 small's shape as in the issue (tiny under --quick), plain forward hooks
+            n_layer, d_model = (2, 64) if args.quick else (12, 768)
+            model, backend = gpt2_small_like(Path(tmp) / "gpt2s", n_layer, d_model), "hf"
+            hook = f"transformer.h.{min(8, n_layer - 1)}"
+        else:  # on CPU the reference model: a store in minutes
+            model, backend, hook = "reference", "auto", "blocks.2.hook_resid_post"
+        if not args.skip_pipeline:
+            bench_pipeline(device, pipe["d_in"], pipe["d_sae"], pipe["k"], pipe["batch"], pipe["rows"], pipe["steps"],
+                           None if args.skip_store else model, hook, pipe["store_tokens"], rounds, backend=backend)
         if not args.skip_cache:
-            # CPU: 16 batches of 32 × 256 tokens (a few minutes); CUDA: 1M tokens, as in the issue
-            bench_cache(model, 4096 if args.quick else 1_000_000 if device.type == "cuda" else 131_072, device)
+            bench_cache(model, cache_tokens, device, backend=backend,
+                        context_size=cache_context if which == "gpt2s" else 256)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,3 +19,27 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
     assert out.count("of the bare step") == 2
+
+
+def test_bench_gpu_parts_write_json_that_the_h200_summary_reads(tmp_path, capsys):
+    """bench/h200/run.sh runs bench_gpu.py one part per process with --shapes/--contenders/--json, then summary.py."""
+    import json
+    import subprocess
+
+    from bench import bench_gpu
+
+    results = tmp_path / "results.jsonl"
+    code = bench_gpu.main(["--skip-pipeline", "--skip-cache", "--shapes", "32x64x4", "--contenders", "ours,fp32mm",
+                           "--rounds", "1", "--threads", "1", "--json", str(results)])
+    assert code == 0
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["section"] for r in records] == ["run", "step", "step"]
+    assert [(r["contender"], r["status"], r["d_sae"]) for r in records[1:]] == [("ours", "ok", 64), ("fp32mm", "ok", 64)]
+    capsys.readouterr()
+    out = subprocess.run([sys.executable, "bench/h200/summary.py", str(results)], capture_output=True, text=True,
+                         cwd=Path(bench_gpu.__file__).parents[1], check=True).stdout
+    assert "32 × 64, k 4" in out and "ours/sparsify" in out
+    grouped = json.loads((tmp_path / "results.json").read_text())
+    assert len(grouped["step"]) == 2 and "32x64" in grouped["goals"]
+    for script in ("run.sh", "fetch_wheels.sh"):  # the device call's script must at least parse
+        subprocess.run(["bash", "-n", str(Path(bench_gpu.__file__).parent / "h200" / script)], check=True)

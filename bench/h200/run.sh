@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one device command for issue #14: every figure bench/bench_gpu.py measures, on the H200, within 8 minutes.
+#
+#   device tool:  run  command "bash bench/h200/run.sh"  carry [".whl"]  timeout_s 540
+#                 (first, here: bash bench/h200/fetch_wheels.sh, in the checkout the device tool sends)
+#   CPU dry run:  SAE_KIT_H200_DRYRUN=1 PYTHON=/tmp/h200sim/bin/python OUT=/tmp/h200-out bash bench/h200/run.sh
+#
+# Installs .whl/common (sparsify and what it needs beyond the image) and .whl/lens (SAELens, transformer-lens 3.9)
+# into two --target folders, prints the GPU and versions, runs the CUDA-only tests, then bench_gpu.py one part per
+# process (each step shape, the pipeline, caching, SAELens last), each under `timeout` with a cap trimmed to what is
+# left of H200_BUDGET_S (480 s), most important first. Every measurement is appended to $OUT/results.jsonl as it is
+# made, so a run cut off still returns what finished; $OUT/log.txt has the whole output, $OUT/cuda_tests.xml the
+# tests, $OUT/results.json everything grouped. The last lines printed are the summary table (bench/h200/summary.py).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+ROOT=$PWD
+export OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+DRY=${SAE_KIT_H200_DRYRUN:-0}
+BUDGET=${H200_BUDGET_S:-480}
+SITE=${H200_SITE:-/tmp/sae-kit-h200/site}
+LENS=$SITE-lens
+RES=$OUT/results.jsonl
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error  # no progress bars in the returned tail
+START=$SECONDS
+
+if [ "$DRY" = 1 ]; then  # CPU: tiny shapes, a 2-layer GPT-2 for the store and caching, caps 3× longer
+    SHAPES=(64x256x4 96x384x8 128x512x8)
+    Q=(--quick --threads 2 --model gpt2s)
+    X=3
+    BUDGET=${H200_BUDGET_S:-1500}
+    export SPARSIFY_DISABLE_TRITON=1  # sparsify's Triton decoder needs a GPU; its eager one runs here
+else
+    SHAPES=(0 1 2)  # bench_gpu.GPU_SHAPES: 768 × 24576, 2304 × 65536, 4096 × 131072
+    Q=(--model gpt2s)
+    X=1
+fi
+OURS=ours,ours-fp32,loop,bf16mm,fp32mm,sparsify
+
+note() {  # note NAME STATUS RC SECONDS: one status line in results.jsonl
+    printf '{"section": "status", "name": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' "$1" "$2" "$3" "$4" >>"$RES"
+}
+
+section() {  # section NAME CAP CMD...: CMD under `timeout`, its cap trimmed to the budget left (20 s kept back)
+    local name=$1 cap=$(($2 * X)) left t0 rc status
+    shift 2
+    left=$((BUDGET - (SECONDS - START) - 20))
+    ((cap > left)) && cap=$left
+    if ((cap < 15)); then
+        echo "### $name: skipped (${left}s of the budget left)"
+        note "$name" skipped 0 0
+        return
+    fi
+    echo
+    echo "### $name (cap ${cap}s; $((SECONDS - START))s used)"
+    t0=$SECONDS
+    timeout -k 10 "$cap" "$@"
+    rc=$?
+    case $rc in 0) status=ok ;; 124 | 137) status=cut-off ;; *) status=failed ;; esac
+    echo "### $name: $status (rc $rc) in $((SECONDS - t0))s"
+    note "$name" "$status" "$rc" $((SECONDS - t0))
+}
+
+install() {  # run through `bash -c` (timeout runs programs, not functions): hence the exports
+    rm -rf "$SITE" "$LENS"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/common/*.whl &&
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$LENS" .whl/lens/*.whl &&
+        mkdir -p "$LENS/wandb" &&
+        echo '"""Stand-in: SAELens imports wandb at load time only; the bench never logs to it."""' >"$LENS/wandb/__init__.py"
+}
+
+export -f install
+export PY SITE LENS
+# one bench_gpu.py process: sae-kit and sparsify (KIT), or with SAELens' folder in front (LENS_KIT)
+KIT=(env PYTHONPATH="$ROOT:$SITE" "$PY" bench/bench_gpu.py --json "$RES" "${Q[@]}")
+LENS_KIT=(env PYTHONPATH="$ROOT:$LENS:$SITE" "$PY" bench/bench_gpu.py --json "$RES" "${Q[@]}")
+STEP=(--skip-pipeline --skip-cache --shapes)
+
+main() {
+    echo "### bench/h200/run.sh $(date -u +%FT%TZ) on ${HOSTNAME:-?}, dry run: $DRY, budget ${BUDGET}s, OUT=$OUT"
+    : >"$RES"
+    if ! ls .whl/common/*.whl .whl/lens/*.whl >/dev/null 2>&1; then
+        echo "### no wheels in .whl/common and .whl/lens: run bench/h200/fetch_wheels.sh here first, carry [\".whl\"]"
+    fi
+    section "install wheels" 90 bash -c install
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
+            --format=csv 2>&1 | head -5
+    else
+        echo "(no nvidia-smi)"
+    fi
+    section "env: sae-kit, sparsify" 60 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/h200/env_check.py "$RES" common \
+        sae_kit sae_kit.train activation_store.store bench.bench_gpu bench.bench_cache sparsify sparsify.xformers datasets
+    section "env: SAELens" 60 env PYTHONPATH="$ROOT:$LENS:$SITE" "$PY" bench/h200/env_check.py "$RES" lens \
+        sae_lens sae_lens.saes.sae transformer_lens
+    # the CUDA-only tests: every test file with a `skipif(not torch.cuda.is_available())`, its tests named *cuda*
+    mapfile -t files < <(grep -rlE "skipif\(not torch\.cuda\.is_available\(\)" tests | sort)
+    section "CUDA tests" 75 env PYTHONPATH="$ROOT:$SITE" "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda \
+        --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" "${files[@]}"
+    section "step ${SHAPES[0]}" 60 "${KIT[@]}" "${STEP[@]}" "${SHAPES[0]}" --contenders $OURS
+    section "step ${SHAPES[1]}" 70 "${KIT[@]}" "${STEP[@]}" "${SHAPES[1]}" --contenders $OURS
+    section "step ${SHAPES[2]}" 90 "${KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders $OURS
+    section "pipeline" 150 "${KIT[@]}" --skip-step --skip-cache
+    section "cache" 120 "${KIT[@]}" --skip-step --skip-pipeline
+    section "SAELens ${SHAPES[0]},${SHAPES[1]}" 60 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[0]},${SHAPES[1]}" --contenders saelens --rounds 10
+    section "SAELens ${SHAPES[2]}" 50 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders saelens --rounds 5
+    echo
+    echo "### done in $((SECONDS - START))s"
+    "$PY" bench/h200/summary.py "$RES" "$OUT/cuda_tests.xml" | tee "$OUT/summary.txt"
+}
+
+main 2>&1 | tee -a "$OUT/log.txt"
