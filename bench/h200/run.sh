@@ -10,7 +10,8 @@
 # process (each step shape, the pipeline, caching, SAELens last), each under `timeout` with a cap trimmed to what is
 # left of H200_BUDGET_S (480 s), most important first. Every measurement is appended to $OUT/results.jsonl as it is
 # made, so a run cut off still returns what finished; $OUT/log.txt has the whole output, $OUT/cuda_tests.xml the
-# tests, $OUT/results.json everything grouped. The last lines printed are the summary table (bench/h200/summary.py).
+# tests, $OUT/results.json everything grouped, $OUT/profile.json the largest step's phases and kernels. The last
+# lines printed are the summary table (bench/h200/summary.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
@@ -104,6 +105,9 @@ main() {
     section "step ${SHAPES[2]}" 90 "${KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders $OURS
     section "pipeline" 150 "${KIT[@]}" --skip-step --skip-cache
     section "cache" 120 "${KIT[@]}" --skip-step --skip-pipeline
+    # where the largest step's time goes (phases by device events, then kernels): guides the next change
+    section "profile step" 60 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 30 \
+        --json "$OUT/profile.json" $([ "$DRY" = 1 ] && echo "--shape 128,512,8")
     section "SAELens ${SHAPES[0]},${SHAPES[1]}" 60 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[0]},${SHAPES[1]}" --contenders saelens --rounds 10
     section "SAELens ${SHAPES[2]}" 50 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders saelens --rounds 5
     echo
