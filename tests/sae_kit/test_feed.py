@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -94,6 +95,81 @@ def test_closing_early_stops_the_thread_and_closes_the_source():
     assert closed.wait(5) and not feed._thread.is_alive()
     with pytest.raises(StopIteration):
         next(feed)
+
+
+class _CudaStandIns:
+    """CPU stand-ins for the CUDA calls of the feed's CUDA branch, logging (thread, call) in order."""
+
+    def __init__(self, monkeypatch):
+        self.log: list[tuple[str, ...]] = []
+        log, real_to = self.log, torch.Tensor.to
+
+        def note(*what):
+            log.append((threading.current_thread().name, *what))
+
+        class Event:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def synchronize(self):
+                note("event_sync", self.stream.name)
+
+        class Stream:
+            def __init__(self, device=None, name="side"):
+                self.name = name
+
+            def record_event(self):
+                note("record_event", self.name)
+                return Event(self)
+
+            def synchronize(self):
+                note("stream_sync", self.name)
+
+        @contextmanager
+        def stream(s):
+            note("enter", s.name)
+            yield
+            note("exit", s.name)
+
+        main = Stream(name="main")
+
+        def pin_memory(t):
+            note("pin")
+            out = t.clone()
+            out.pinned = True
+            return out
+
+        def to(t, *args, **kwargs):
+            if any(isinstance(a, torch.device) and a.type == "cuda" for a in args):
+                note("copy", getattr(t, "pinned", False), kwargs.get("non_blocking", False))
+                return t.clone()  # the "device" copy
+            return real_to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: note("record_stream", s.name))
+        real_put = BatchFeed._put
+        monkeypatch.setattr(BatchFeed, "_put", lambda feed, item: note("put", item[0]) or real_put(feed, item))
+
+
+def test_cuda_branch_copies_pinned_batches_and_waits_on_an_event(monkeypatch):
+    """The CUDA branch, with the CUDA API stood in by loggers: the feed thread pins each tensor, copies it without
+    blocking inside its side stream, and waits on an event recorded behind the copies (never `stream.synchronize`,
+    which torch's process-wide sync debug mode flags from any thread) before queueing the batch; the training
+    thread marks every tensor as used by its own stream before the step gets it."""
+    fake = _CudaStandIns(monkeypatch)
+    shards = [{HOOK: torch.randn(4, 3), "y": torch.randn(4, 2)} for _ in range(5)]
+    got = list(BatchFeed(iter(shards), "cuda", depth=2))
+    _assert_same(got, shards)
+    feeder = [e[1:] for e in fake.log if e[0] == "sae-kit-batch-feed"]
+    per_batch = [("pin",), ("copy", True, True)] * 2 + [("record_event", "side"), ("event_sync", "side"),
+                                                        ("put", "batch")]
+    assert feeder == [("enter", "side"), *per_batch * 5, ("exit", "side"), ("put", "end")]
+    trainer = [e[1:] for e in fake.log if e[0] != "sae-kit-batch-feed"]
+    assert trainer == [("record_stream", "main")] * 10
 
 
 # -- kills: nothing is lost ---------------------------------------------------------------------------------------
