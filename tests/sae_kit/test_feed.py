@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activation_store.shuffle import mixed_batches
-from sae_kit.sae import SparseCoder
+from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import TensorSource, TrainConfig, train
 from sae_kit.train.checkpoint import latest_checkpoint
 from sae_kit.train.feed import BatchFeed
@@ -232,19 +232,22 @@ def test_sigkill_during_prefetch_or_after_a_checkpoint_loses_nothing(small_store
 
 SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"),
            (torch.Tensor, "__int__"), (torch.Tensor, "nonzero"), (torch, "nonzero"), (torch, "bincount"),
-           (torch, "unique"), (torch.Tensor, "unique"), (torch, "masked_select")]
+           (torch, "unique"), (torch.Tensor, "unique"), (torch, "masked_select"),
+           (torch, "tensor")]  # from Python data onto a GPU: a blocking host-to-device copy
+DENSE = ("jumprelu", "relu", "gated")
 
 
-# BatchTopK reads one thing per step: the widest row's count of kept latents, which sizes the decoder's slots (and
-# once more on the rare step that widens its candidate lists).
-READS_PER_STEP = {"topk": [], "abstopk": [], "jumprelu": [], "relu": [], "batchtopk": ["tolist"]}
+# BatchTopK (and Matryoshka, built on it) reads one thing per step: the widest row's count of kept latents, which
+# sizes the decoder's slots (and once more on the rare step that widens its candidate lists).
+READS_PER_STEP = {"topk": [], "abstopk": [], "jumprelu": [], "relu": [], "gated": [], "kron": [], "adaptivek": [],
+                  "matching_pursuit": [], "batchtopk": ["tolist"], "matryoshka_batchtopk": ["tolist"]}
 
 
 @pytest.mark.parametrize("arch", sorted(READS_PER_STEP))
 def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, arch):
     """Outside sync points the step calls none of the operations that make the host wait for a GPU (read a value,
-    size a tensor by its data), BatchTopK's one read aside. On CPU this is checked by intercepting them, with the
-    device code paths forced; the CUDA test below checks the device."""
+    size a tensor by its data, copy Python data to it), BatchTopK's one read aside. On CPU this is checked by
+    intercepting them, with the device code paths forced; the CUDA test below checks the device."""
     import sae_kit.sae.batchtopk as batchtopk
     import sae_kit.train.loop as loop
 
@@ -295,7 +298,7 @@ def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, 
                 state["calls"][-1].append(f"{_name}[bool mask]")
             return _original(self, index, *rest)
         monkeypatch.setattr(torch.Tensor, name, indexed)
-    extra = {"sparsity_coefficient": 1e-3} if arch in ("jumprelu", "relu") else {}
+    extra = {"sparsity_coefficient": 1e-3} if arch in DENSE else {}
     cfg = TrainConfig(hook_points=HOOK, architecture=arch, k=4, d_sae=64, n_tokens=256 * 25, batch_size=256, lr=1e-3,
                       out=str(tmp_path), log_every=10, dead_tokens_threshold=256 * 3, dtype="bfloat16", **extra)
     train(cfg, TensorSource({HOOK: x}), progress=False)
@@ -304,6 +307,23 @@ def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, 
     allowed = READS_PER_STEP[arch]
     assert all(r[:len(allowed)] == allowed and set(r) <= set(allowed) for r in reads), reads
     assert sum(map(len, reads)) <= len(allowed) * steps + 2, reads  # widening: a step or two at the start
+
+
+@pytest.mark.parametrize("arch", sorted(SparseCoder.REGISTRY))
+def test_training_forwards_make_no_tensor_from_python_data(monkeypatch, arch):
+    """No architecture's training forward (AuxK on) builds a tensor from Python data: on a GPU that is a blocking
+    host-to-device copy in every step."""
+    extra = {"sparsity_coefficient": 1e-3} if arch in DENSE else {"k": 4}
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, **extra))
+    x, dead = torch.randn(256, 16), torch.arange(0, 64, 3)
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.tensor in a training forward")
+
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    for precision in (None, torch.bfloat16):
+        with sae.training_precision(precision):
+            sae(x, dead_latents=dead, sparsity_coefficient=1e-3).loss.backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
