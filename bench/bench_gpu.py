@@ -164,6 +164,8 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")
             rates: dict[str, float] = {}
             for name, build in builders.items():
+                step = None  # the last contender's SAE and optimiser go before this one is measured (after an
+                # out-of-memory they would otherwise stay, inflating this one's peak or running it out of memory too)
                 try:
                     if cuda:
                         torch.cuda.empty_cache()
@@ -179,7 +181,6 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:8.1f}" if cuda else f"{'n/a':>8s}"
                 rates[name] = batch / t
                 print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {peak}")
-                del step
             mine = next(iter(rates))
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
                 if other in rates:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -19,3 +22,27 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
     assert out.count("of the bare step") == 2
+
+
+def test_a_contender_out_of_memory_is_released_before_the_next_one(monkeypatch, capsys):
+    """A contender whose step runs out of memory is reported, and its step (SAE, optimiser) is freed before the next
+    contender is built and its peak memory measured."""
+    from bench import bench_gpu
+
+    class Greedy:
+        def __call__(self) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    pending = [Greedy()]  # handed out once; the bench holds the only reference after that
+    alive = weakref.ref(pending[0])
+    monkeypatch.setattr(bench_gpu, "ours", lambda *a, **k: pending.pop())
+    seen = []
+
+    def next_contender(*a, **k):
+        seen.append(alive())
+        return lambda: None
+
+    monkeypatch.setattr(bench_gpu, "ours_loop_step", next_contender)
+    bench_gpu.bench_steps(((8, 32, 2),), 16, torch.device("cpu"), rounds=1, peers=False)
+    assert "out of memory" in capsys.readouterr().out
+    assert seen == [None]
