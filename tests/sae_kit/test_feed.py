@@ -373,3 +373,17 @@ def test_cuda_batchtopk_steps_wait_once(tmp_path, monkeypatch):
                       batch_size=1024, out=str(tmp_path), log_every=10, dead_tokens_threshold=1024 * 3, device="cuda")
     train(cfg, TensorSource({HOOK: x}), progress=False)
     assert len(waits) == 20 and all(w >= 1 for w in waits) and sum(waits) <= 20 + 2, waits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_feed_delivers_the_batches_without_a_flagged_sync():
+    """On a GPU the feed hands over the source's batches on the device, and its thread's wait for each copy is not
+    one torch's sync debug mode flags (the mode is process-wide: a flagged wait there would fail the step's check)."""
+    shards = [{HOOK: torch.randn(256, 8), "y": torch.randn(256, 3)} for _ in range(12)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = list(BatchFeed(iter(shards), "cuda", depth=2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(a.is_cuda for batch in got for a in batch.values())
+    _assert_same([{h: a.cpu() for h, a in batch.items()} for batch in got], shards)
