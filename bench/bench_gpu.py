@@ -17,6 +17,7 @@ Usage: python bench/bench_gpu.py [--quick] [--rounds 5] [--threads 2] [--skip-pe
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -164,8 +165,11 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")
             rates: dict[str, float] = {}
             for name, build in builders.items():
-                step = None  # the last contender's SAE and optimiser go before this one is measured (after an
-                # out-of-memory they would otherwise stay, inflating this one's peak or running it out of memory too)
+                # The last contender's SAE and optimiser go before this one is measured (after an out-of-memory they
+                # would otherwise stay, inflating this one's peak or running it out of memory too); collected, as
+                # peers' modules may hold reference cycles.
+                step = None
+                gc.collect()
                 try:
                     if cuda:
                         torch.cuda.empty_cache()
@@ -181,9 +185,9 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:8.1f}" if cuda else f"{'n/a':>8s}"
                 rates[name] = batch / t
                 print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {peak}")
-            mine = next(iter(rates))
+            mine = next(iter(builders))  # ours in the regime training runs: no ratios when it failed
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
-                if other in rates:
+                if mine in rates and other in rates:
                     print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")
 
 
