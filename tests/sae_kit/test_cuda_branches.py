@@ -92,8 +92,8 @@ def fake_cuda():
         yield
 
 
-BATCH_CUT = pytest.mark.xfail(raises=HostRead, strict=True,
-                              reason="BatchTopK's batch cut reads its width back to the host (sae_kit/sae/batchtopk.py)")
+BATCH_CUT = pytest.mark.xfail(raises=HostRead, strict=True, reason="BatchTopK's batch cut reads the widest row's "
+                              "count back to the host, its one wait per step (sae_kit/sae/batchtopk.py)")
 
 
 @pytest.mark.parametrize("arch", ["topk", "abstopk", "kron", "adaptivek", "matching_pursuit",
