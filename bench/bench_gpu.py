@@ -191,8 +191,12 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             rates: dict[str, float] = {}
             where = dict(d_in=d_in, d_sae=d_sae, k=k, batch=batch, device=str(device))
             for key, (name, build) in builders.items():
+                # The last contender's SAE and optimiser go before this one is measured (after an out-of-memory they
+                # would otherwise stay, inflating this one's peak or running it out of memory too); collected, as
+                # peers' modules may hold reference cycles.
+                step = None
+                gc.collect()
                 if cuda:
-                    gc.collect()  # the last contender's SAE and optimiser (reference cycles), before the peak resets
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
@@ -221,7 +225,7 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 print(f"  {name:58s} {1e3 * t:9.2f} {batch / t:12,.0f} {shown}")
                 record("step", **where, contender=key, name=name, status="ok", ms=1e3 * t, ms_min=1e3 * min(times),
                        tok_s=batch / t, peak_gb=peak, rounds=rounds)
-            mine = next((n for n in rates if n.startswith("ours (")), None)
+            mine = next((n for n in rates if n.startswith("ours (")), None)  # ours in the training regime, or none
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
                 if mine is not None and other in rates:
                     print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")

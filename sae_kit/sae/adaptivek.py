@@ -98,16 +98,20 @@ class AdaptiveKSAE(TopKSAE):
         return self.k_min + (self.k_max - self.k_min) * torch.sigmoid(STEEPNESS * (u - c))
 
     def solve_midpoint(self, score: Tensor) -> Tensor:
-        """The midpoint c (0-d) at which the mean allocation of the scores (N,) is k (bisection)."""
+        """The midpoint c (0-d) at which the mean allocation of the scores (N,) is k (bisection).
+
+        The bisection runs on the device (float64 bounds, as Python floats would be): reading each step's mean back
+        to the host would make the training step wait for the GPU 40 times.
+        """
         u = (score.detach().float().clamp(0, SCORE_MAX) / SCORE_MAX)
-        lo, hi = -2.0, 3.0  # σ(6(u − c)) spans (σ(−18), σ(12)) for u ∈ [0, 1]: every reachable mean lies inside
+        # σ(6(u − c)) spans (σ(−18), σ(12)) for u ∈ [0, 1]: every reachable mean lies inside [-2, 3]
+        lo = torch.full((), -2.0, dtype=torch.float64, device=u.device)
+        hi = torch.full((), 3.0, dtype=torch.float64, device=u.device)
         for _ in range(40):
             mid = (lo + hi) / 2
-            if float(self._allocation(u, mid).mean()) > self.cfg.k:
-                lo = mid  # too many latents: move the midpoint up
-            else:
-                hi = mid
-        return torch.tensor((lo + hi) / 2, dtype=self.k_midpoint.dtype, device=self.k_midpoint.device)
+            over = self._allocation(u, mid).mean() > self.cfg.k  # too many latents: move the midpoint up
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+        return ((lo + hi) / 2).to(self.k_midpoint.device, self.k_midpoint.dtype)
 
     def row_budget(self, score: Tensor, midpoint: Tensor | None = None) -> Tensor:
         """Each row's k (N,) (int64) from its score, at the given midpoint (default: the stored one)."""

@@ -98,17 +98,11 @@ class MatchingPursuitSAE(TopKSAE):
             picks.append(j)
             coefs.append(c)
             if self.cfg.mp_residual_threshold > 0:
+                # A stopped row takes zero coefficients from now on, so r and z stay as they are. No early exit once
+                # every row has stopped: testing for it reads the device, a wait for the GPU at each of the k steps.
                 with torch.no_grad():
                     live = live * (r.detach().norm(dim=1) > stop).to(live.dtype)
-                    if not bool(live.any()):
-                        break
-        idx = torch.stack(picks, dim=1)  # (N, t)
-        c = torch.stack(coefs, dim=1)
-        if idx.shape[1] < self.cfg.k:  # every row stopped early: pad with zero coefficients
-            pad = self.cfg.k - idx.shape[1]
-            idx = torch.cat([idx, idx[:, :1].expand(-1, pad)], dim=1)
-            c = torch.cat([c, c.new_zeros(c.shape[0], pad)], dim=1)
-        return idx, c, r
+        return torch.stack(picks, dim=1), torch.stack(coefs, dim=1), r  # (N, k) each, and r^k (N, d_in)
 
     def _latents(self, idx: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The code of the pursuit's picks idx, c (N, k): dense z (N, d_sae), with an atom picked twice summed and

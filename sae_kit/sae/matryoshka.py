@@ -82,7 +82,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def _sparse_reconstruction(self, acts: Tensor, p: SparsePattern, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """ŷ and the inner prefixes' decodes (N, M−1, d_out), all from one sparse pass: each group's partial decode,
         then running sums."""
-        bounds = torch.tensor(self.widths, device=acts.device)
+        # Filled on the device from the ints: torch.tensor(widths, device=cuda) is a blocking host-to-device copy,
+        # which would make every step wait for the GPU.
+        bounds = torch.stack([torch.full((), w, dtype=torch.long, device=acts.device) for w in self.widths])  # (M,)
         prefixes = sparse_decode_prefixes(acts, self.W_dec, p, bounds)  # (N, M, d_out), no bias
         return self._add_bias_and_skip(prefixes[:, -1], x), prefixes[:, :-1]
 

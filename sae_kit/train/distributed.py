@@ -44,6 +44,10 @@ class TorchDistributed(SingleProcess):
         import torch.distributed as dist
 
         self.dist = dist
+        if device.type == "cuda" and device.index is not None:
+            # NCCL's barrier and object broadcasts run on the current device, and pinned host memory is made in its
+            # context: without this every rank of a node would use GPU 0.
+            torch.cuda.set_device(device)
         # The group is left up when training ends: a process may train again (re-initialising after a destroy
         # hangs under torchrun), and tearing it down after an error could block on a peer; exit cleans it up.
         if not dist.is_initialized():

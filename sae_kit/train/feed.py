@@ -51,7 +51,10 @@ class BatchFeed:
                     if cuda:
                         batch = {h: (a.pin_memory() if a.device.type == "cpu" else a).to(self.device, non_blocking=True)
                                  for h, a in batch.items()}
-                        stream.synchronize()  # blocks this thread only; the batch is whole before it is queued
+                        # Blocks this thread only; the batch is whole before it is queued. An event, not
+                        # stream.synchronize(): torch's sync debug mode is process-wide and flags stream syncs from
+                        # any thread, so the step's no-sync check would trip on this wait.
+                        stream.record_event().synchronize()
                     elif self.device.type != "cpu":
                         batch = {h: a.to(self.device) for h, a in batch.items()}
                     if not self._put(("batch", batch)):

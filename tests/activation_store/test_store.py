@@ -115,6 +115,25 @@ def test_norm_stats_match_rows(ref_store, tiny_model):
     assert stats.mean_sq_norm == pytest.approx(float((x * x).sum(1).mean()), rel=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cache_writes_the_rows_a_blocking_capture_gives(tiny_gpt2_path, docs, tmp_path):
+    """On CUDA the rows reach the host through pinned buffers filled by asynchronous copies, read by the writer
+    threads once the shard's copy event completed: the files hold the rows (and sums) of a blocking capture."""
+    from activation_store.model import load_model
+
+    model = load_model(str(tiny_gpt2_path), backend="hf", device="cuda")
+    hooks = ("transformer.h.0", "transformer.h.1.mlp")
+    cfg = make_cfg(tiny_gpt2_path, docs, tmp_path / "store", backend="hf", hook_points=hooks, device="cuda")
+    cache_activations(cfg, progress=False, model=model)
+    store, want = ActivationStore.open(cfg.out), direct_rows(model, cfg)
+    for h in hooks:
+        got = torch.cat([b[h] for b in store.batches([h], batch_size=1, shuffle=False)])
+        torch.testing.assert_close(got, want[h], rtol=1e-5, atol=1e-6)
+        x = want[h].double()
+        torch.testing.assert_close(store.norm_stats(h).mean, x.mean(0).float(), rtol=1e-5, atol=1e-6)
+        assert store.norm_stats(h).mean_sq_norm == pytest.approx(float((x * x).sum(1).mean()), rel=1e-6)
+
+
 def test_batches_deterministic_and_start_batch(ref_store):
     store = ActivationStore.open(ref_store.out)
     kw = dict(batch_size=32, seed=7, epochs=3, buffer_rows=200)

@@ -1,8 +1,12 @@
 """bench/bench_gpu.py runs on a CPU-only machine (small shapes) and prints every ratio it promises."""
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -43,3 +47,35 @@ def test_bench_gpu_parts_write_json_that_the_h200_summary_reads(tmp_path, capsys
     assert len(grouped["step"]) == 2 and "32x64" in grouped["goals"]
     for script in ("run.sh", "fetch_wheels.sh"):  # the device call's script must at least parse
         subprocess.run(["bash", "-n", str(Path(bench_gpu.__file__).parent / "h200" / script)], check=True)
+
+
+def test_a_contender_out_of_memory_is_released_before_the_next_one(monkeypatch, capsys):
+    """A contender whose step runs out of memory is reported, and its step (SAE, optimiser) is freed before the next
+    contender is built and its peak memory measured."""
+    from bench import bench_gpu
+
+    class Greedy:
+        def __init__(self) -> None:
+            self.me = self  # a reference cycle, as modules and optimisers may hold: only the collector frees it
+
+        def __call__(self) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    pending = [Greedy()]  # handed out once; the bench holds the only reference after that
+    alive = weakref.ref(pending[0])
+    monkeypatch.setattr(bench_gpu, "ours", lambda *a, **k: pending.pop())
+    seen = []
+
+    def next_contender(*a, **k):
+        seen.append(alive())
+        return lambda: None
+
+    monkeypatch.setattr(bench_gpu, "ours_loop_step", next_contender)
+    gc.disable()  # only the bench's own collection may free the cycle
+    try:
+        bench_gpu.bench_steps(((8, 32, 2),), 16, torch.device("cpu"), rounds=1, peers=False)
+    finally:
+        gc.enable()
+    out = capsys.readouterr().out
+    assert "out of memory" in out and "ours / " not in out  # no ratio of another contender labelled as ours
+    assert seen == [None]

@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from activation_store.shuffle import mixed_batches
-from sae_kit.sae import SparseCoder
+from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import TensorSource, TrainConfig, train
 from sae_kit.train.checkpoint import latest_checkpoint
 from sae_kit.train.feed import BatchFeed
@@ -96,6 +97,81 @@ def test_closing_early_stops_the_thread_and_closes_the_source():
         next(feed)
 
 
+class _CudaStandIns:
+    """CPU stand-ins for the CUDA calls of the feed's CUDA branch, logging (thread, call) in order."""
+
+    def __init__(self, monkeypatch):
+        self.log: list[tuple[str, ...]] = []
+        log, real_to = self.log, torch.Tensor.to
+
+        def note(*what):
+            log.append((threading.current_thread().name, *what))
+
+        class Event:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def synchronize(self):
+                note("event_sync", self.stream.name)
+
+        class Stream:
+            def __init__(self, device=None, name="side"):
+                self.name = name
+
+            def record_event(self):
+                note("record_event", self.name)
+                return Event(self)
+
+            def synchronize(self):
+                note("stream_sync", self.name)
+
+        @contextmanager
+        def stream(s):
+            note("enter", s.name)
+            yield
+            note("exit", s.name)
+
+        main = Stream(name="main")
+
+        def pin_memory(t):
+            note("pin")
+            out = t.clone()
+            out.pinned = True
+            return out
+
+        def to(t, *args, **kwargs):
+            if any(isinstance(a, torch.device) and a.type == "cuda" for a in args):
+                note("copy", getattr(t, "pinned", False), kwargs.get("non_blocking", False))
+                return t.clone()  # the "device" copy
+            return real_to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: note("record_stream", s.name))
+        real_put = BatchFeed._put
+        monkeypatch.setattr(BatchFeed, "_put", lambda feed, item: note("put", item[0]) or real_put(feed, item))
+
+
+def test_cuda_branch_copies_pinned_batches_and_waits_on_an_event(monkeypatch):
+    """The CUDA branch, with the CUDA API stood in by loggers: the feed thread pins each tensor, copies it without
+    blocking inside its side stream, and waits on an event recorded behind the copies (never `stream.synchronize`,
+    which torch's process-wide sync debug mode flags from any thread) before queueing the batch; the training
+    thread marks every tensor as used by its own stream before the step gets it."""
+    fake = _CudaStandIns(monkeypatch)
+    shards = [{HOOK: torch.randn(4, 3), "y": torch.randn(4, 2)} for _ in range(5)]
+    got = list(BatchFeed(iter(shards), "cuda", depth=2))
+    _assert_same(got, shards)
+    feeder = [e[1:] for e in fake.log if e[0] == "sae-kit-batch-feed"]
+    per_batch = [("pin",), ("copy", True, True)] * 2 + [("record_event", "side"), ("event_sync", "side"),
+                                                        ("put", "batch")]
+    assert feeder == [("enter", "side"), *per_batch * 5, ("exit", "side"), ("put", "end")]
+    trainer = [e[1:] for e in fake.log if e[0] != "sae-kit-batch-feed"]
+    assert trainer == [("record_stream", "main")] * 10
+
+
 # -- kills: nothing is lost ---------------------------------------------------------------------------------------
 
 DRIVER = r"""
@@ -156,19 +232,22 @@ def test_sigkill_during_prefetch_or_after_a_checkpoint_loses_nothing(small_store
 
 SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"),
            (torch.Tensor, "__int__"), (torch.Tensor, "nonzero"), (torch, "nonzero"), (torch, "bincount"),
-           (torch, "unique"), (torch.Tensor, "unique"), (torch, "masked_select")]
+           (torch, "unique"), (torch.Tensor, "unique"), (torch, "masked_select"),
+           (torch, "tensor")]  # from Python data onto a GPU: a blocking host-to-device copy
+DENSE = ("jumprelu", "relu", "gated")
 
 
-# BatchTopK reads one thing per step: the widest row's count of kept latents, which sizes the decoder's slots (and
-# once more on the rare step that widens its candidate lists).
-READS_PER_STEP = {"topk": [], "abstopk": [], "jumprelu": [], "relu": [], "batchtopk": ["tolist"]}
+# BatchTopK (and Matryoshka, built on it) reads one thing per step: the widest row's count of kept latents, which
+# sizes the decoder's slots (and once more on the rare step that widens its candidate lists).
+READS_PER_STEP = {"topk": [], "abstopk": [], "jumprelu": [], "relu": [], "gated": [], "kron": [], "adaptivek": [],
+                  "matching_pursuit": [], "batchtopk": ["tolist"], "matryoshka_batchtopk": ["tolist"]}
 
 
 @pytest.mark.parametrize("arch", sorted(READS_PER_STEP))
 def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, arch):
     """Outside sync points the step calls none of the operations that make the host wait for a GPU (read a value,
-    size a tensor by its data), BatchTopK's one read aside. On CPU this is checked by intercepting them, with the
-    device code paths forced; the CUDA test below checks the device."""
+    size a tensor by its data, copy Python data to it), BatchTopK's one read aside. On CPU this is checked by
+    intercepting them, with the device code paths forced; the CUDA test below checks the device."""
     import sae_kit.sae.batchtopk as batchtopk
     import sae_kit.train.loop as loop
 
@@ -219,7 +298,7 @@ def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, 
                 state["calls"][-1].append(f"{_name}[bool mask]")
             return _original(self, index, *rest)
         monkeypatch.setattr(torch.Tensor, name, indexed)
-    extra = {"sparsity_coefficient": 1e-3} if arch in ("jumprelu", "relu") else {}
+    extra = {"sparsity_coefficient": 1e-3} if arch in DENSE else {}
     cfg = TrainConfig(hook_points=HOOK, architecture=arch, k=4, d_sae=64, n_tokens=256 * 25, batch_size=256, lr=1e-3,
                       out=str(tmp_path), log_every=10, dead_tokens_threshold=256 * 3, dtype="bfloat16", **extra)
     train(cfg, TensorSource({HOOK: x}), progress=False)
@@ -228,6 +307,27 @@ def test_steps_between_sync_points_never_read_the_device(tmp_path, monkeypatch, 
     allowed = READS_PER_STEP[arch]
     assert all(r[:len(allowed)] == allowed and set(r) <= set(allowed) for r in reads), reads
     assert sum(map(len, reads)) <= len(allowed) * steps + 2, reads  # widening: a step or two at the start
+
+
+SHIPPED = sorted(a for a, cls in SparseCoder.REGISTRY.items() if cls.__module__.startswith("sae_kit."))
+"""The architectures sae-kit ships (other test modules register stand-ins of their own)."""
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_training_forwards_make_no_tensor_from_python_data(monkeypatch, arch):
+    """No architecture's training forward (AuxK on) builds a tensor from Python data: on a GPU that is a blocking
+    host-to-device copy in every step."""
+    extra = {"sparsity_coefficient": 1e-3} if arch in DENSE else {"k": 4}
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, **extra))
+    x, dead = torch.randn(256, 16), torch.arange(0, 64, 3)
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.tensor in a training forward")
+
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    for precision in (None, torch.bfloat16):
+        with sae.training_precision(precision):
+            sae(x, dead_latents=dead, sparsity_coefficient=1e-3).loss.backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -277,3 +377,17 @@ def test_cuda_batchtopk_steps_wait_once(tmp_path, monkeypatch):
                       batch_size=1024, out=str(tmp_path), log_every=10, dead_tokens_threshold=1024 * 3, device="cuda")
     train(cfg, TensorSource({HOOK: x}), progress=False)
     assert len(waits) == 20 and all(w >= 1 for w in waits) and sum(waits) <= 20 + 2, waits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_feed_delivers_the_batches_without_a_flagged_sync():
+    """On a GPU the feed hands over the source's batches on the device, and its thread's wait for each copy is not
+    one torch's sync debug mode flags (the mode is process-wide: a flagged wait there would fail the step's check)."""
+    shards = [{HOOK: torch.randn(256, 8), "y": torch.randn(256, 3)} for _ in range(12)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = list(BatchFeed(iter(shards), "cuda", depth=2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(a.is_cuda for batch in got for a in batch.values())
+    _assert_same([{h: a.cpu() for h, a in batch.items()} for batch in got], shards)

@@ -6,17 +6,19 @@ import torch
 
 import sae_kit.sae.topk as topk_module
 from sae_kit.sae import SAEConfig, SparseCoder
+from sae_kit.sae.batchtopk import BatchTopKSAE
 from sae_kit.sae.kernels import gather_pre_acts, sparse_decode, sparse_pattern, topk_indices
 
 TOPK_FAMILY = ("topk", "abstopk", "batchtopk")
 
 
-def _coder(arch: str, dtype: str = "float64", transcoder: bool = False, skip: bool = False, seed: int = 0):
+def _coder(arch: str, dtype: str = "float64", transcoder: bool = False, skip: bool = False, seed: int = 0,
+           device: str = "cpu"):
     torch.manual_seed(seed)
     d_out = 24 if transcoder else None
     cfg = SAEConfig(architecture=arch, d_in=16, d_sae=256, k=6, k_aux=12, d_out=d_out, transcoder=transcoder,
                     skip_connection=skip, dtype=dtype)
-    sae = SparseCoder.from_config(cfg)
+    sae = SparseCoder.from_config(cfg, device=device)
     with torch.no_grad():  # non-trivial biases and skip path, so every gradient term is exercised
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.2)
@@ -28,7 +30,7 @@ def _coder(arch: str, dtype: str = "float64", transcoder: bool = False, skip: bo
 def _run(sae, fast: bool, x, y, dead, x_grad: bool = False):
     sae.use_sparse_kernels = fast
     sae.zero_grad(set_to_none=True)
-    if sae.cfg.architecture == "batchtopk":
+    if isinstance(sae, BatchTopKSAE):  # Matryoshka too: θ starts every run afresh
         sae.threshold.fill_(-1.0)
     x = x.clone().requires_grad_(x_grad)
     out = sae(x, target=y, dead_mask=dead)
@@ -58,6 +60,42 @@ def test_sparse_and_dense_paths_agree(arch, kind):
     for name in g_ref:
         assert g_ref[name].abs().max() > 0, f"{name} got no gradient in the reference"
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+@pytest.mark.parametrize("arch", [*TOPK_FAMILY, "matryoshka_batchtopk", "kron"])
+@pytest.mark.parametrize("kind", ["sae", "skip_transcoder"])
+def test_sparse_and_dense_paths_agree_on_cuda(arch, kind):
+    """The fast path's CUDA branches (torch top-k, stable-sort pattern, CUDA embedding_bag over int32 offsets,
+    cuSPARSE sampled_addmm) against the dense reference on the GPU, in float64."""
+    transcoder = kind != "sae"
+    sae = _coder(arch, transcoder=transcoder, skip=transcoder, device="cuda")
+    x = torch.randn(64, 16, dtype=torch.float64, device="cuda")
+    y = torch.randn(64, 24, dtype=torch.float64, device="cuda") if transcoder else None
+    dead = torch.zeros(256, dtype=torch.bool, device="cuda")
+    dead[::3] = True  # AuxK on
+    fast, g_fast = _run(sae, True, x, y, dead, x_grad=True)
+    ref, g_ref = _run(sae, False, x, y, dead, x_grad=True)
+    assert fast.sae_out.is_cuda and fast.auxk_loss > 0
+    assert torch.equal(fast.latent_indices, ref.latent_indices)
+    for field in ("sae_out", "latent_acts", "fvu", "auxk_loss", "loss", "l0"):
+        torch.testing.assert_close(getattr(fast, field), getattr(ref, field), rtol=1e-10, atol=1e-12, msg=field)
+    assert set(g_fast) == set(g_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@CUDA
+def test_sparse_pattern_on_cuda_equals_the_cpu_one():
+    """The CUDA branch (a stable sort) lays out the slots exactly as the CPU branch (numpy's sort of unique keys)."""
+    idx = torch.rand(512, 4096).topk(32, dim=1).indices.sort(dim=1).values  # (N, K) ascending
+    cpu, gpu = sparse_pattern(idx, 4096), sparse_pattern(idx.cuda(), 4096)
+    for name in ("indices", "row_ptr", "cols", "by_latent", "latent_ptr", "slot_token"):
+        a, b = getattr(cpu, name), getattr(gpu, name)
+        assert b.is_cuda and a.dtype == b.dtype and torch.equal(a, b.cpu()), name
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -289,6 +289,22 @@ def test_adaptivek_spends_the_budget_unevenly_and_infers_per_token():
         assert float((z != 0).sum(1).float().mean()) == pytest.approx(8, abs=0.5)
 
 
+def test_adaptivek_midpoint_is_the_host_bisections_to_the_bit():
+    """solve_midpoint bisects on the device (no host read per step) and lands exactly where a bisection over Python
+    floats, reading each mean back, lands."""
+    gen = torch.Generator().manual_seed(0)
+    for k, scale in ((8, 12.0), (3, 4.0), (30, 30.0)):
+        sae = make("adaptivek", d_sae=128, k=k)
+        score = torch.rand(1000, generator=gen) * scale - 1  # (N,) partly outside [0, 10]
+        u = score.clamp(0, 10) / 10
+        lo, hi = -2.0, 3.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float(sae._allocation(u, mid).mean()) > k else (lo, mid)
+        got = sae.solve_midpoint(score)
+        assert got.dtype == sae.k_midpoint.dtype and got.item() == torch.tensor((lo + hi) / 2).item()
+
+
 def test_adaptivek_probe_target_counts_latents_under_the_batch_cut():
     sae = make("adaptivek", d_sae=64, k=2, adaptivek_min_k=1, adaptivek_max_k=9)
     values = torch.tensor([[9.0, 8, 7, 6, 5, 4], [3, 2, 1, 0.5, -1, -2], [8.5, 7.5, 0.1, -1, -1, -1]])

@@ -93,3 +93,20 @@ def test_micro_batches_average_slice_gradients(tmp_path):
     two = train_all(_base(tmp_path / "b", micro_batches=2), TensorSource({"h": x}), progress=False)[0]
     a, b = SparseCoder.load(one), SparseCoder.load(two)
     assert 0 < (a.W_dec - b.W_dec).norm() / a.W_dec.norm() < 0.2
+
+
+@pytest.mark.parametrize("device, current", [("cuda:1", "cuda:1"), ("cpu", None)])
+def test_each_rank_makes_its_own_gpu_current(monkeypatch, device, current):
+    """A rank training on cuda:N makes cuda:N its current device before the process group exists: NCCL's barrier
+    and broadcast_object_list use the current device, which is GPU 0 on every rank otherwise."""
+    import torch.distributed as dist
+
+    from sae_kit.train.distributed import TorchDistributed
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    TorchDistributed(torch.device(device))
+    assert seen == ([torch.device(current)] if current else [])
