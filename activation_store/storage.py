@@ -18,7 +18,7 @@ import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -49,6 +49,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def _write_all(f: Any, data: bytes) -> None:
     """Write every byte to an open file (a seam so tests can simulate a full disk)."""
     f.write(data)
+
+
+class FileRead(NamedTuple):
+    """A file's content and, for local files, the identity (device, inode, size, mtime) of what was read: a file
+    replaced or rewritten since has another."""
+
+    data: bytearray | mmap.mmap
+    identity: tuple[int, int, int, int] | None
 
 
 class Storage:
@@ -82,19 +90,22 @@ class Storage:
         """The whole content of a file."""
         return self.fs.cat_file(self.path(rel))
 
-    def read_buffer(self, rel: str) -> bytearray | mmap.mmap:
-        """The whole content of a file in a writable buffer that tensors can view without a copy.
+    def read_buffer(self, rel: str) -> FileRead:
+        """The whole content of a file in a writable buffer that tensors can view without a copy, with the identity
+        of the file it came from.
 
         A local file is mapped copy-on-write: its pages come straight from the page cache, where reading into fresh
         memory costs ~3× the checksum (zero-filling and faulting in 64 MB per shard). Files here are replaced by
         renames, never rewritten in place, so a mapping keeps seeing the content it was opened on.
         """
         if not self.local:
-            return bytearray(self.read_bytes(rel))
+            return FileRead(bytearray(self.read_bytes(rel)), None)
         with open(self.path(rel), "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return bytearray()
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            st = os.fstat(f.fileno())
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if st.st_size == 0:
+                return FileRead(bytearray(), identity)
+            return FileRead(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), identity)
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Write a file so that readers see either the old content or all of the new, never a part.

@@ -600,11 +600,15 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 class ActivationStore:
     """Read side of a finished store: provenance, normalisation stats and shuffled row-aligned batches.
 
-    With `verify` (the default) every shard's sha256 is checked as it is read, and file sizes at open.
+    With `verify` (the default) file sizes are checked at open, and each shard's sha256 the first time it is read
+    (again whenever the file has changed since: another inode, size or mtime; on every read for remote stores).
     """
 
     def __init__(self, storage: Storage, manifest: dict[str, Any], verify: bool):
         self.storage, self.manifest, self.verify = storage, manifest, verify
+        # Identities of the local files whose content passed its checksum: later epochs re-read them without
+        # hashing again (the hash is most of a shard read's work).
+        self._verified: set[tuple[str, tuple[int, int, int, int]]] = set()
         self.hook_points: list[str] = list(manifest["hook_points"])
         self.n_rows: int = int(manifest["n_rows"])
         self._entries = {f["path"]: f for shard in manifest["shards"] for f in shard["files"].values()}
@@ -667,12 +671,14 @@ class ActivationStore:
                 raise ValueError(f"store {self.storage.url!r} has d_in {widths}, not {d_in}")
 
     def _read(self, rel: str) -> dict[str, Tensor]:
-        blob = self.storage.read_buffer(rel)
-        if self.verify:
+        blob, identity = self.storage.read_buffer(rel)
+        if self.verify and (identity is None or (rel, identity) not in self._verified):
             entry = self._entries[rel]
             if len(blob) != entry["bytes"] or sha256(blob) != entry["sha256"]:
                 raise ValueError(f"shard {rel!r} of {self.storage.url!r} fails its sha256 check (corrupted or "
                                  "truncated); re-create the store")
+            if identity is not None:
+                self._verified.add((rel, identity))
         return tensors_in(blob)
 
     def load_shard(self, index: int, hook_points: Sequence[str]) -> dict[str, Tensor]:

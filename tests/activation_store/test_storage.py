@@ -80,11 +80,14 @@ def test_read_buffer_is_a_writable_copy_of_the_file(tmp_path, url):
     storage = Storage(str(tmp_path) if url == "local" else url)
     data = os.urandom(100_003)
     storage.write_atomic("f.bin", data)
-    buf = storage.read_buffer("f.bin")
+    buf, identity = storage.read_buffer("f.bin")
+    assert (identity is None) == (url != "local")
     assert bytes(buf) == data == storage.read_bytes("f.bin")
     buf[0] ^= 1  # writable, and writing into it leaves the file alone
     assert buf[0] == data[0] ^ 1 and storage.read_bytes("f.bin") == data
     storage.write_atomic("f.bin", b"new content")  # replaced by a rename: the buffer keeps what it was read from
     assert bytes(buf[1:]) == data[1:]
+    again, new_identity = storage.read_buffer("f.bin")
+    assert bytes(again) == b"new content" and (identity is None or new_identity != identity)
     storage.write_atomic("empty", b"")
-    assert bytes(storage.read_buffer("empty")) == b""
+    assert bytes(storage.read_buffer("empty").data) == b""

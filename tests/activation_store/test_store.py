@@ -188,6 +188,26 @@ def test_flipped_byte_is_caught(ref_store, tmp_path):
     list(ActivationStore.open(str(out), verify=False).batches([H1], batch_size=64))  # opt-out reads it
 
 
+def test_each_file_is_hashed_once_until_it_changes(ref_store, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(ref_store.out, out)
+    hashed = []
+    real = store_mod.sha256
+    monkeypatch.setattr(store_mod, "sha256", lambda data: hashed.append(len(data)) or real(data))
+    store = ActivationStore.open(str(out))
+    n_files = len(store.manifest["shards"])
+    list(store.batches([H1], batch_size=64, epochs=3))
+    assert len(hashed) == n_files  # three epochs, one hash per file
+    victim = out / H1 / "shard_00003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01
+    replacement = out / H1 / "replacement"
+    replacement.write_bytes(bytes(data))
+    os.replace(replacement, victim)  # another file now: hashed again, and caught
+    with pytest.raises(ValueError, match=r"shard_00003.*sha256"):
+        list(store.batches([H1], batch_size=64))
+
+
 def test_truncated_shard_and_incomplete_store(ref_store, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(ref_store.out, out)
