@@ -370,6 +370,10 @@ class SparseCoder(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (β1, β2) for this architecture."""
 
+    follows_training_precision: ClassVar[bool] = True
+    """Whether `training_precision` changes this architecture's encoder product (False: it always runs in the
+    parameters' dtype, and the saved metadata says so)."""
+
     def training_precision(self, dtype: torch.dtype | None) -> AbstractContextManager:
         """Context for a training forward whose encoder product runs on `dtype` operands (None: the parameters'
         dtype). Dense coders autocast; the TopK family casts its own encoder product (autocast cannot reach it)."""

@@ -50,6 +50,7 @@ class KronSAE(TopKSAE):
     """TopK over head-wise Kronecker products of small pre-latent vectors, joined by mAND."""
 
     architecture = "kron"
+    follows_training_precision = False  # its own selection: the encoder product stays in fp32
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         super().__init__(cfg, device=device, dtype=dtype)

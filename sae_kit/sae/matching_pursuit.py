@@ -36,16 +36,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, fvu
-from sae_kit.sae.topk import TopKSAE
+from sae_kit.sae.topk import CUDA_CHUNK_ELEMENTS, TopKSAE
 
 CHUNK_ELEMENTS = 1 << 24
-"""Correlations computed per chunk of rows at inference ((rows, d_sae) fp32 = 64 MB)."""
+"""Correlations computed per chunk of rows on CPU ((rows, d_sae) fp32 = 64 MB); on CUDA the TopK family's
+CUDA_CHUNK_ELEMENTS (GPU matmuls need tall operands)."""
 
 
 class MatchingPursuitSAE(TopKSAE):
     """k steps of greedy matching pursuit over the decoder atoms; tied weights."""
 
     architecture = "matching_pursuit"
+    follows_training_precision = False  # its own selection: the encoder product stays in fp32
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -86,7 +88,7 @@ class MatchingPursuitSAE(TopKSAE):
         r = self.encoder_input(x)  # (N, d_in) r⁰
         stop = self.cfg.mp_residual_threshold * r.detach().norm(dim=1)  # (N,)
         live = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)  # (N,) 1 while the row pursues
-        step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
+        step = max(1, (CUDA_CHUNK_ELEMENTS if r.is_cuda else CHUNK_ELEMENTS) // self.cfg.d_sae)
         picks, coefs = [], []
         for _ in range(self.cfg.k):
             with torch.no_grad():

@@ -556,7 +556,8 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
             "dataset": dataset_record(cfg, source), "tokens_seen": step * cfg.batch_size, "steps": step,
             "input_scale_folded": t.s_in, "output_scale_folded": t.s_out,
             "normalization": "inputs scaled by input_scale_folded (E‖x‖² = d_in) in training; folded into the weights",
-            "encoder_precision": str(plan.precision or torch.float32).removeprefix("torch."),
+            "encoder_precision": str(plan.precision if plan.precision and t.sae.follows_training_precision
+                                     else t.sae.W_enc.dtype).removeprefix("torch."),
             "final_metrics": final_metrics, "final_metrics_window_steps": len(window["fvu"]),
             "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
             "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],

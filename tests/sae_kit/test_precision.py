@@ -116,3 +116,43 @@ def test_cuda_selection_matches_the_cpu_path(arch):
         torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-4, rtol=1e-3, msg=name)
     same, fvu_bf16, fvu_fp32 = bf16_agreement(gpu, x.cuda())
     assert same > 0.97 and abs(fvu_bf16 - fvu_fp32) < 0.01 * fvu_fp32
+
+
+SHIPPED = sorted(a for a, cls in SparseCoder.REGISTRY.items() if cls.__module__.startswith("sae_kit."))
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_follows_training_precision_says_what_the_products_do(arch):
+    """An architecture that claims to follow `training_precision` runs a matrix product on bf16 operands under it;
+    one that does not never does (the saved `encoder_precision` is read off this claim)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bf16 = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                self.bf16 = True
+            return func(*args, **(kwargs or {}))
+
+    cls = SparseCoder.REGISTRY[arch]
+    extra = {"k": 4} if issubclass(cls, TopKSAE) else {"sparsity_coefficient": 1e-3}
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, **extra))
+    x = torch.randn(256, 16)
+    with Spy() as spy, sae.training_precision(torch.bfloat16):
+        sae(x, sparsity_coefficient=1e-3).loss.backward()
+    assert spy.bf16 == cls.follows_training_precision
+
+
+def test_saved_encoder_precision_is_what_ran(tmp_path):
+    """Kron keeps its encoder product in fp32 whatever --dtype asks: its metadata says float32, not bfloat16."""
+    x = torch.randn(2048, 16)
+    for arch, want in (("kron", "float32"), ("topk", "bfloat16")):
+        cfg = TrainConfig(hook_points=HOOK, architecture=arch, k=4, d_sae=64, n_tokens=512, batch_size=256,
+                          out=str(tmp_path / arch), dtype="bfloat16")
+        path = train(cfg, TensorSource({HOOK: x}), progress=False)
+        assert SparseCoder.load(path).cfg.metadata["encoder_precision"] == want
