@@ -2,7 +2,7 @@
 events, then the kernels that ran, from torch.profiler. Guides the next speed change on a GPU whose minutes are few.
 
 Usage: python bench/profile_step.py [--shape 4096,131072,64] [--batch 4096] [--dtype auto|float32|bfloat16]
-                                    [--rows 25] [--json OUT.json]
+                                    [--arch topk|batchtopk|abstopk|...] [--rows 25] [--json OUT.json]
 Defaults: the GPU issue's largest shape on CUDA, 256 × 1024, k 8 on CPU.
 """
 from __future__ import annotations
@@ -47,8 +47,9 @@ class _Clock:
         return out
 
 
-def build(d_in: int, d_sae: int, k: int, batch: int, dtype: str, device: torch.device) -> Callable[[_Clock], None]:
-    """One step of sae-kit's TopK SAE in the regime `sae-kit train --dtype` picks, with phase marks."""
+def build(d_in: int, d_sae: int, k: int, batch: int, dtype: str, device: torch.device,
+          arch: str = "topk") -> Callable[[_Clock], None]:
+    """One step of a TopK-family SAE in the regime `sae-kit train --dtype` picks, with phase marks."""
     from sae_kit.sae import SAEConfig, SparseCoder
     from sae_kit.sae.base import fvu
     from sae_kit.train.loop import encoder_precision
@@ -56,7 +57,8 @@ def build(d_in: int, d_sae: int, k: int, batch: int, dtype: str, device: torch.d
 
     torch.manual_seed(0)
     x = torch.randn(batch, d_in, device=device)
-    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k), device=device)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k), device=device)
+    sae.train()
     opt = make_optimizer(sae, LR)
     precision = encoder_precision(dtype, device)
 
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", default=None, help="d_in,d_sae,k")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    ap.add_argument("--arch", default="topk", help="a TopK-family architecture (topk, batchtopk, abstopk, ...)")
     ap.add_argument("--rounds", type=int, default=10, help="timed steps")
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = "4096,131072,64" if device.type == "cuda" else "256,1024,8"
     d_in, d_sae, k = (int(v) for v in (args.shape or default).split(","))
-    step = build(d_in, d_sae, k, args.batch, args.dtype, device)
+    step = build(d_in, d_sae, k, args.batch, args.dtype, device, args.arch)
     clock = _Clock(device)
     for _ in range(3):  # warm-up: allocator, cuBLAS handles, lazy module loads
         step(clock)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(clock.phases())
     phases = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
     total = sum(phases.values())
-    print(f"TopK {d_in} × {d_sae}, k {k}, batch {args.batch}, {device}, --dtype {args.dtype}, torch {torch.__version__}")
+    print(f"{args.arch} {d_in} × {d_sae}, k {k}, batch {args.batch}, {device}, --dtype {args.dtype}, torch {torch.__version__}")
     for name, ms in phases.items():
         print(f"  {name:40s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
     print(f"  {'step':40s} {total:9.3f} ms  ({args.batch / total * 1e3:,.0f} tokens/s)")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nKernels over 3 steps, by {sort}:\n{table}")
     if args.json:
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-        Path(args.json).write_text(json.dumps({"shape": [d_in, d_sae, k], "batch": args.batch, "dtype": args.dtype,
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "shape": [d_in, d_sae, k], "batch": args.batch, "dtype": args.dtype,
                                                "device": str(device), "phases_ms": phases, "step_ms": total,
                                                "peak_gb": peak, "kernels": table}, indent=1))
 

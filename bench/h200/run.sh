@@ -108,6 +108,8 @@ main() {
     # where the largest step's time goes (phases by device events, then kernels): guides the next change
     section "profile step" 60 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 30 \
         --json "$OUT/profile.json" $([ "$DRY" = 1 ] && echo "--shape 128,512,8")
+    section "profile batchtopk" 45 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 20 \
+        --arch batchtopk --json "$OUT/profile_batchtopk.json" --shape "$([ "$DRY" = 1 ] && echo 96,384,8 || echo 2304,65536,64)"
     section "SAELens ${SHAPES[0]},${SHAPES[1]}" 60 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[0]},${SHAPES[1]}" --contenders saelens --rounds 10
     section "SAELens ${SHAPES[2]}" 50 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders saelens --rounds 5
     echo

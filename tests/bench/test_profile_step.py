@@ -5,18 +5,22 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def test_profile_step_phases_and_kernels(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_profile_step_phases_and_kernels(tmp_path, capsys, arch):
     from bench import profile_step
 
     out = tmp_path / "p.json"
-    profile_step.main(["--shape", "32,256,4", "--batch", "128", "--rounds", "2", "--rows", "5", "--json", str(out)])
+    profile_step.main(["--shape", "32,256,4", "--batch", "128", "--rounds", "2", "--rows", "5", "--json", str(out),
+                       "--arch", arch])
     text = capsys.readouterr().out
     got = json.loads(out.read_text())
     assert list(got["phases_ms"]) == ["select (encoder product + top-k)", "gather + sparse decode + loss",
                                       "backward (sparse)", "Adam"]
     assert all(ms > 0 for ms in got["phases_ms"].values())
     assert abs(sum(got["phases_ms"].values()) - got["step_ms"]) < 1e-6
-    assert "aten::mm" in got["kernels"] and "Kernels over 3 steps" in text
+    assert "aten::mm" in got["kernels"] and "Kernels over 3 steps" in text and got["arch"] == arch
