@@ -260,9 +260,17 @@ def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
         device = t.dead.since_fired.device
         t.recent = [(step - len(values) + 1 + i, torch.tensor(v, device=device)) for i, v in enumerate(values)]
     torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    _restore_cuda_rng(state["rng"].get("cuda"))
     return step
+
+
+def _restore_cuda_rng(states: list[Tensor] | None) -> None:
+    """Restore the saved CUDA generators: one per GPU of the machine that saved them, so a machine with fewer GPUs
+    restores those it has (and a CPU-only one none)."""
+    if states is None or not torch.cuda.is_available():
+        return
+    for i, cuda_state in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, i)
 
 
 def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Trainee], int]:

@@ -74,3 +74,19 @@ def test_cleanup_deletes_only_checkpoint_folders(tmp_path):
     holds_more.rmdir()
     ckpt.remove_checkpoints(tmp_path)
     assert not root.exists()  # an emptied folder goes too
+
+
+def test_cuda_generators_restore_onto_fewer_gpus(monkeypatch):
+    """A checkpoint from a machine with more GPUs resumes where there are fewer: each GPU present gets its state."""
+    from sae_kit.train import loop
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    loop._restore_cuda_rng(states)
+    assert [d for d, _ in restored] == [0] and torch.equal(restored[0][1], states[0])
+    restored.clear()
+    loop._restore_cuda_rng(None)  # saved on a machine without CUDA
+    assert restored == []
