@@ -46,7 +46,7 @@ CPU_SHAPES = ((256, 1024, 8), (512, 8192, 32))
 QUICK_SHAPES = ((64, 256, 4),)
 GPU_ROUNDS = 20
 """Timed steps per contender on CUDA (the largest shape's slowest contender, SAELens, takes well under a second)."""
-CONTENDERS = ("ours", "ours-fp32", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
+CONTENDERS = ("ours", "ours-triton", "ours-fp32", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
 
 _json_path: Path | None = None
@@ -94,6 +94,23 @@ def ours(x: torch.Tensor, d_sae: int, k: int, precision: torch.dtype | None) -> 
             return sae(x).loss
 
     return train_step(loss, make_optimizer(sae, LR))
+
+
+def triton_on(step: Callable[[], None]) -> Callable[[], None]:
+    """The same step with the opt-in Triton kernel for the decoder backward (sae_kit.sae.triton_kernels)."""
+    from sae_kit.sae import kernels, triton_kernels
+
+    if not triton_kernels.available():
+        raise ImportError("Triton is not installed", name="triton")
+
+    def run() -> None:
+        kernels.USE_TRITON = True
+        try:
+            step()
+        finally:
+            kernels.USE_TRITON = False
+
+    return run
 
 
 def ours_loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path) -> Callable[[], None]:
@@ -172,6 +189,8 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             builders: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
                 "ours": (f"ours ({regime})",
                          lambda x=x, d_sae=d_sae, k=k, precision=precision: ours(x, d_sae, k, precision)),
+                "ours-triton": ("ours, Triton decoder backward (SAE_KIT_TRITON=1)",
+                                lambda x=x, d_sae=d_sae, k=k, precision=precision: triton_on(ours(x, d_sae, k, precision))),
                 "ours-fp32": ("ours fp32", lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None)),
                 "loop": ("ours loop step",
                          lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
@@ -180,6 +199,7 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             }
             if not cuda:
                 del builders["ours-fp32"]  # the CPU default already is the fp32 regime
+                del builders["ours-triton"]  # a CUDA kernel
                 if not bf16_matmul_units():  # without AMX torch's bf16 matmul is emulated: no roofline, minutes
                     del builders["bf16mm"]
             if peers:

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("ours", "ours-fp32", "loop", "sparsify", "saelens", "bf16mm", "fp32mm")
-HEAD = ("ours", "ours fp32", "loop", "sparsify", "SAELens", "bf16 mm", "fp32 mm")
+KEYS = ("ours", "ours-triton", "ours-fp32", "loop", "sparsify", "saelens", "bf16mm", "fp32mm")
+HEAD = ("ours", "+Triton", "ours fp32", "loop", "sparsify", "SAELens", "bf16 mm", "fp32 mm")
 
 
 def load(path: Path) -> list[dict]:
@@ -98,10 +98,12 @@ def main() -> None:
             goals[f"{shape[0]}x{shape[1]}"] = {"ours_over_sparsify": vs_sp, "ours_over_bf16_matmul": roof,
                                                "peak_le_sparsify": mem_ok,
                                                "ours_over_saelens": ratio(tok.get("ours"), tok.get("saelens"))}
+            goals[f"{shape[0]}x{shape[1]}"]["triton_over_ours"] = ratio(tok.get("ours-triton"), tok.get("ours"))
             print(f"  {shape[0]} × {shape[1]}: ours/sparsify {fmt(vs_sp, '.2f', '×')} (goal ≥ 2) | "
                   f"ours/bf16 matmul {fmt(roof, '.0%')}" + (" (goal ≥ 40%)" if big else "") +
                   f" | peak ≤ sparsify: {'—' if mem_ok is None else 'yes' if mem_ok else 'NO'}"
-                  f" | ours/SAELens {fmt(ratio(tok.get('ours'), tok.get('saelens')), '.1f', '×')}")
+                  f" | ours/SAELens {fmt(ratio(tok.get('ours'), tok.get('saelens')), '.1f', '×')}"
+                  f" | Triton backward/torch {fmt(ratio(tok.get('ours-triton'), tok.get('ours')), '.2f', '×')}")
 
     if by["pipeline"]:
         print("\npipeline (tokens/s; ratio to the loop's bare step):")

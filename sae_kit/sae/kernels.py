@@ -34,9 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_kit.sae import native
+from sae_kit.sae import native, triton_kernels
 
 _SCRATCH = threading.local()
+
+USE_TRITON = os.environ.get("SAE_KIT_TRITON", "0") == "1"
+"""Opt-in (`SAE_KIT_TRITON=1`): on CUDA the decoder backward's sampled dot products run in the Triton kernel of
+`triton_kernels` instead of cuSPARSE's `sampled_addmm` (bench/bench_gpu.py times both)."""
 
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -252,8 +256,11 @@ class _DecodeAtPattern(torch.autograd.Function):
         grad_acts = grad_w = None
         if ctx.needs_input_grad[0]:
             # ⟨∂L/∂ŷ[n], W_dec[i_nj]⟩ for the N·K active pairs only: a sampled dense-dense matmul.
-            mask = _row_major(torch.zeros(acts.shape, dtype=W_dec.dtype, device=acts.device), p)
-            grad_acts = torch.sparse.sampled_addmm(mask, grad_out, W_dec.T, beta=0.0).values()
+            if USE_TRITON and W_dec.is_cuda and triton_kernels.available():
+                grad_acts = triton_kernels.sampled_dot(grad_out, W_dec, p.indices)
+            else:
+                mask = _row_major(torch.zeros(acts.shape, dtype=W_dec.dtype, device=acts.device), p)
+                grad_acts = torch.sparse.sampled_addmm(mask, grad_out, W_dec.T, beta=0.0).values()
             grad_acts = grad_acts.view(acts.shape).to(acts.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _latent_major_mm(acts.to(W_dec.dtype).contiguous(), p, grad_out)  # (d_sae, d_out)
