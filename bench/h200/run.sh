@@ -97,7 +97,8 @@ main() {
     section "env: SAELens" 60 env PYTHONPATH="$ROOT:$LENS:$SITE" "$PY" bench/h200/env_check.py "$RES" lens \
         sae_lens sae_lens.saes.sae transformer_lens
     # the CUDA-only tests: every test file with a `skipif(not torch.cuda.is_available())`, its tests named *cuda*
-    mapfile -t files < <(grep -rlE "skipif\(not torch\.cuda\.is_available\(\)" tests | sort)
+    mapfile -t files < <( (grep -rlE "skipif\(not torch\.cuda\.is_available\(\)" tests
+                           echo tests/sae_kit/test_triton_kernels.py) | sort -u)
     section "CUDA tests" 75 env PYTHONPATH="$ROOT:$SITE" "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda \
         --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" "${files[@]}"
     section "step ${SHAPES[0]}" 60 "${KIT[@]}" "${STEP[@]}" "${SHAPES[0]}" --contenders $OURS
