@@ -8,6 +8,7 @@ from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.sae.topk import TopKSAE
 from sae_kit.train import TensorSource, TrainConfig, train
 from sae_kit.train.loop import encoder_precision
+from tests.sae_kit.test_feed import SHIPPED
 
 HOOK = "h"
 
@@ -116,9 +117,6 @@ def test_cuda_selection_matches_the_cpu_path(arch):
         torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-4, rtol=1e-3, msg=name)
     same, fvu_bf16, fvu_fp32 = bf16_agreement(gpu, x.cuda())
     assert same > 0.97 and abs(fvu_bf16 - fvu_fp32) < 0.01 * fvu_fp32
-
-
-SHIPPED = sorted(a for a, cls in SparseCoder.REGISTRY.items() if cls.__module__.startswith("sae_kit."))
 
 
 @pytest.mark.parametrize("arch", SHIPPED)
