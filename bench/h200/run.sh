@@ -111,6 +111,9 @@ main() {
         --json "$OUT/profile.json" $([ "$DRY" = 1 ] && echo "--shape 128,512,8")
     section "profile batchtopk" 45 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 20 \
         --arch batchtopk --json "$OUT/profile_batchtopk.json" --shape "$([ "$DRY" = 1 ] && echo 96,384,8 || echo 2304,65536,64)"
+    # the CUDA path's op list with the bytes each op moves (the model behind the step's memory-bound part)
+    section "traffic" 40 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/param_traffic.py --device cuda --dtype bfloat16 --ops \
+        $([ "$DRY" = 1 ] && echo "--device cpu --shape 512x4096x16 --scale 4")
     section "SAELens ${SHAPES[0]},${SHAPES[1]}" 60 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[0]},${SHAPES[1]}" --contenders saelens --rounds 10
     section "SAELens ${SHAPES[2]}" 50 "${LENS_KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders saelens --rounds 5
     echo

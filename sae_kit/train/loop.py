@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import checkpoint as ckpt
-from sae_kit.train.config import TOPK_FAMILY, SAESpec, TrainConfig
+from sae_kit.train.config import SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import BatchFeed
 from sae_kit.train.geometric_median import geometric_median
 from sae_kit.train.max_acts import MAX_ACTS_ROWS, latent_max_acts
-from sae_kit.train.optim import make_optimizer, masked_step
+from sae_kit.train.optim import clip_factor, grad_norm, make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
 
@@ -222,7 +222,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
         scales.append(math.sqrt(d / msq))  # E‖s·x‖² = d
     s_in, s_out = scales[0], scales[-1]
     sae_cfg = SAEConfig(
-        architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=spec.k if cfg.architecture in TOPK_FAMILY else None,
+        architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=spec.k if SparseCoder.REGISTRY[cfg.architecture].has_k else None,
         d_out=d_out if spec.target_hook_point else None, transcoder=cfg.transcoder,
         skip_connection=cfg.skip_connection, hook_point=hook, target_hook_point=spec.target_hook_point,
         model_name=model_name(source, cfg), k_aux=cfg.k_aux, auxk_coefficient=cfg.auxk_coefficient,
@@ -369,7 +369,9 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
         saved.append({n: b.clone() for n, b in t.sae.named_buffers()})  # e.g. BatchTopK's running threshold
         x_all = batch[t.hook][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_in  # (B/W, d_in)
         y_all = batch[t.target][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_out if t.target else None
-        t.opt.zero_grad(set_to_none=False)
+        # None, not zeros: autograd then adopts each fresh gradient instead of adding it to a zeroed one (a write
+        # and an add: 4 passes over every parameter's size per step).
+        t.opt.zero_grad(set_to_none=True)
         total = torch.zeros(len(METRIC_KEYS), device=plan.device)
         hit = torch.zeros(t.sae.d_sae, dtype=torch.bool, device=plan.device)
         for m in range(cfg.micro_batches):
@@ -384,9 +386,13 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
             (o.loss / cfg.micro_batches).backward()
             total += torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float()
             hit |= fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
+        for p in t.sae.parameters():
+            if p.grad is None and t.opt.state.get(p):  # unused this step but trained before: Adam still moves it
+                p.grad = torch.zeros_like(p)
         sums.append(total / cfg.micro_batches)
         fired.append(hit)
     # Average over ranks, fix the decoder gradient, clip; a non-finite gradient also halts.
+    clips: list[Tensor | None] = []
     for t, s, hit in zip(trainees, sums, fired):
         params = [p for p in t.sae.parameters() if p.grad is not None]
         plan.dp.all_reduce_mean_([p.grad for p in params] + [s] + [b for b in t.sae.buffers() if b.is_floating_point()])
@@ -395,7 +401,8 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
         hit.copy_(hit_int.bool())
         if t.sae.unit_norm_decoder:
             t.sae.remove_gradient_parallel_to_decoder_directions_()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = grad_norm(params)
+        clips.append(clip_factor(norm, cfg.grad_clip))  # applied inside the update
         bad = ~torch.isfinite(norm)
         _note_fault(t, bad, halt, step, -1, norm=norm)
         bad_now |= bad
@@ -404,8 +411,8 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
     halt.note(flag.bool(), step)
     halted = halt.on
     # Update, skipped on the device when halted: the parameters keep the last good state.
-    for t, s, hit, buffers in zip(trainees, sums, fired, saved):
-        masked_step(t.opt, halted)
+    for t, s, hit, buffers, clip in zip(trainees, sums, fired, saved, clips):
+        masked_step(t.opt, halted, clip)
         if t.sae.unit_norm_decoder:
             t.sae.set_decoder_norm_to_unit_norm_(skip=halted)
         for name, b in t.sae.named_buffers():
