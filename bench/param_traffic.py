@@ -21,9 +21,9 @@ import argparse
 import collections
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
