@@ -69,6 +69,33 @@ class HeavisideFunction(torch.autograd.Function):
         return None, grad_theta, None
 
 
+class JumpReLUWithL0Function(torch.autograd.Function):
+    """`jumprelu` and the per-row count Σ_i H(pre − θ)_i together, with both straight-through θ gradients in one
+    backward: the separate functions each rebuilt the mask and the window, about twice the (N, d_sae) memory passes
+    (`bench/param_traffic.py --arch jumprelu`), which is what a wide JumpReLU step is bound by on a GPU."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        active = pre > threshold  # (N, d_sae)
+        return torch.where(active, pre, 0), active.sum(-1, dtype=threshold.dtype)  # (N, d_sae), (N,)
+
+    @staticmethod
+    def backward(ctx: Any, grad_z: Tensor, grad_count: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre, threshold = ctx.saved_tensors
+        gap = pre - threshold  # (N, d_sae); gap > 0 exactly where pre > θ (IEEE subtraction keeps the order)
+        grad_pre = torch.where(gap > 0, grad_z, 0) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            window = gap.abs_() < ctx.bandwidth / 2  # K((pre − θ)/ε)
+            # −(1/ε)·Σ_n K·(θ·∂L/∂z + ∂L/∂count), the JumpReLU and Heaviside terms of the module docstring
+            through_z = torch.where(window, grad_z, 0).sum(0, dtype=threshold.dtype)  # (d_sae,)
+            through_count = grad_count.to(threshold.dtype) @ window.to(threshold.dtype)  # (d_sae,)
+            grad_theta = -(threshold * through_z + through_count) / ctx.bandwidth
+        return grad_pre, grad_theta, None
+
+
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """pre · H(pre − θ) with straight-through gradients for θ."""
     return JumpReLUFunction.apply(pre, threshold, bandwidth)
@@ -132,8 +159,8 @@ class JumpReLUSAE(SparseCoder):
         """Encode, decode, FVU + λ·(L0 or its target form) (see the module docstring); dead_mask is unused."""
         pre = self.pre_acts(x)  # (N, d_sae)
         theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
-        z = jumprelu(pre, theta, eps)  # (N, d_sae)
-        l0 = heaviside(pre, theta, eps).sum(-1).mean()
+        z, count = JumpReLUWithL0Function.apply(pre, theta, eps)  # (N, d_sae), (N,) latents above θ
+        l0 = count.mean()
         penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
         return self._dense_output(x, target, z, self._sparsity_coefficient(sparsity_coefficient) * penalty,
                                   l0.detach())

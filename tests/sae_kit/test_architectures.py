@@ -196,6 +196,37 @@ def test_jumprelu_straight_through_gradients():
     torch.testing.assert_close(theta.grad, torch.tensor([0.0, -1.0 / eps, -1.0 / eps, 0.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_jumprelu_fused_with_its_count_has_the_separate_functions_values_and_gradients(dtype):
+    """The training forward's one autograd function for z and the per-row L0 count against `jumprelu` and
+    `heaviside` (the module docstring's estimators) in float64: values, ∂/∂pre and ∂/∂θ, for a loss through both
+    outputs. Under autocast pre is bf16; the count and θ's gradient stay in θ's precision."""
+    from sae_kit.sae.jumprelu import JumpReLUWithL0Function
+
+    torch.manual_seed(0)
+    eps = 0.2
+    theta0 = torch.rand(64, dtype=torch.float64) * 0.5 + 0.05
+    pre0 = (torch.randn(40, 64, dtype=torch.float64) * 0.5).to(dtype)
+    pre0[:, :8] = (theta0[:8] + (torch.rand(40, 8, dtype=torch.float64) - 0.5) * eps).to(dtype)  # inside windows
+    weights = torch.randn(40, 64).to(dtype)  # ∂L/∂z
+    row_weights = torch.randn(40, dtype=torch.float64)  # ∂L/∂count
+    results = []
+    for fused in (True, False):
+        pre = (pre0 if fused else pre0.double()).clone().requires_grad_()
+        theta = theta0.clone().requires_grad_()
+        if fused:
+            z, count = JumpReLUWithL0Function.apply(pre, theta, eps)
+        else:
+            z, count = jumprelu(pre, theta, eps), heaviside(pre, theta, eps).sum(-1)
+        ((z * weights.to(z.dtype)).sum() + (count * row_weights).sum()).backward()
+        results.append((z.detach(), count.detach(), pre.grad, theta.grad))
+    (z, count, g_pre, g_theta), (z_ref, count_ref, g_pre_ref, g_theta_ref) = results
+    assert z.dtype == g_pre.dtype == dtype and count.dtype == g_theta.dtype == torch.float64
+    assert torch.equal(z.double(), z_ref) and torch.equal(count, count_ref) and torch.equal(g_pre.double(), g_pre_ref)
+    assert g_theta[:8].abs().min() > 0  # the windows were hit
+    torch.testing.assert_close(g_theta, g_theta_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_jumprelu_sparsity_loss_forms():
     torch.manual_seed(0)
     sae = make("jumprelu", jumprelu_init_threshold=0.2, sparsity_coefficient=0.5)
@@ -334,6 +365,24 @@ def test_feature_recovery_on_synthetic_data(arch):
 def _gaussian_rows(n=8192, d=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=gen) * 3 + 1
+
+
+def test_batchtopk_cut_value_is_the_same_on_the_host_and_the_device_path():
+    """The rank-th largest candidate: numpy's introselect on the host, a sort on CUDA (forced here on CPU)."""
+    from sae_kit.sae import batchtopk
+
+    torch.manual_seed(0)
+    values = torch.randn(64, 12).round(decimals=1)  # many ties
+    descending = values.reshape(-1).sort(descending=True).values
+    for rank in (1, 5, 100, 767, 768, 1000):
+        host = batchtopk._largest(values, rank)
+        on_host, batchtopk._on_host = batchtopk._on_host, lambda t: False
+        try:
+            device = batchtopk._largest(values, rank)
+        finally:
+            batchtopk._on_host = on_host
+        assert host.shape == device.shape == ()
+        assert host == device == descending[min(rank, values.numel()) - 1], rank
 
 
 def test_batchtopk_calibrated_threshold_gives_k_per_row_on_new_rows():
