@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -38,8 +38,53 @@ the first with the same factor."""
 LAYER_NORM_EPS = 1e-5
 
 
+@dataclass(frozen=True, kw_only=True)
+class ArchitectureKnobs:
+    """Architecture-specific settings, declared once for `SAEConfig` (saved in cfg.json) and the trainer's
+    `TrainConfig`, which passes them through; each architecture ignores the others' knobs."""
+
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss; None means d_in // 2."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.)."""
+    jumprelu_bandwidth: float = 0.001
+    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial θ of every JumpReLU latent."""
+    target_l0: float | None = None
+    """JumpReLU: if set, penalise (L0/target_l0 − 1)² instead of plain λ·L0."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Matryoshka: sizes of the nested dictionaries (each a prefix of the latents), strictly increasing, the last
+    equal to d_sae (SAELens' `matryoshka_widths`); None: prefixes from the group fractions 1/32, 1/16, 1/8, 1/4 and
+    the rest (Bussmann et al.'s defaults). The trainer's config also takes a comma-separated string."""
+    mp_residual_threshold: float = 0.01
+    """Matching pursuit: a row stops early once ‖residual‖ ≤ this fraction of ‖x − b_dec‖ (0: always k steps)."""
+    kron_m: int = 4
+    """KronSAE: pre-latents per head on the first factor (m); d_sae = heads · m · n."""
+    kron_n: int = 4
+    """KronSAE: pre-latents per head on the second factor (n)."""
+    adaptivek_min_k: int | None = None
+    """AdaptiveK: fewest active latents of a token; None means k // 4 (the paper's 20 for a budget of 80)."""
+    adaptivek_max_k: int | None = None
+    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae − 1."""
+    adaptivek_probe_coefficient: float = 0.05
+    """AdaptiveK: weight of the complexity probe's regression loss (the paper's probe_weight)."""
+    adaptivek_l1_coefficient: float = 0.005
+    """AdaptiveK: weight of the L1 term mean‖z‖₁ / mean‖x‖₂ (the paper's l1_weight)."""
+
+    def knobs(self) -> dict[str, Any]:
+        """These settings as keyword arguments (for the other config class)."""
+        return {f.name: getattr(self, f.name) for f in fields(ArchitectureKnobs)}
+
+    def _fields_then_knobs(self) -> dict[str, Any]:
+        """`dataclasses.asdict`, the subclass's own fields first (a saved config opens with its architecture)."""
+        d = dataclasses.asdict(self)
+        knobs = {f.name for f in fields(ArchitectureKnobs)}
+        return {**{k: v for k, v in d.items() if k not in knobs}, **{k: v for k, v in d.items() if k in knobs}}
+
+
 @dataclass(frozen=True)
-class SAEConfig:
+class SAEConfig(ArchitectureKnobs):
     """Everything needed to rebuild a sparse coder; serialised as `cfg.json`."""
 
     architecture: str
@@ -65,37 +110,8 @@ class SAEConfig:
     """Model the coder was trained on (hub name, local path or "reference")."""
     dtype: str = "float32"
     """Parameter dtype as saved."""
-    # Architecture-specific knobs; unused ones are ignored by the other architectures.
-    k_aux: int | None = None
-    """Dead latents used by the AuxK loss; None means d_in // 2."""
-    auxk_coefficient: float = 1 / 32
-    """Weight of the AuxK loss (Gao et al.)."""
-    jumprelu_bandwidth: float = 0.001
-    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial θ of every JumpReLU latent."""
     sparsity_coefficient: float = 0.0
     """Final λ of the L0 (JumpReLU) or decoder-norm-weighted L1 (ReLU) penalty."""
-    target_l0: float | None = None
-    """JumpReLU: if set, penalise (L0/target_l0 − 1)² instead of plain λ·L0."""
-    matryoshka_widths: tuple[int, ...] | None = None
-    """Matryoshka: sizes of the nested dictionaries (each a prefix of the latents), strictly increasing, the last
-    equal to d_sae (SAELens' `matryoshka_widths`); None: prefixes from the group fractions 1/32, 1/16, 1/8, 1/4 and
-    the rest (Bussmann et al.'s defaults)."""
-    mp_residual_threshold: float = 0.01
-    """Matching pursuit: a row stops early once ‖residual‖ ≤ this fraction of ‖x − b_dec‖ (0: always k steps)."""
-    kron_m: int = 4
-    """KronSAE: pre-latents per head on the first factor (m); d_sae = heads · m · n."""
-    kron_n: int = 4
-    """KronSAE: pre-latents per head on the second factor (n)."""
-    adaptivek_min_k: int | None = None
-    """AdaptiveK: fewest active latents of a token; None means k // 4 (the paper's 20 for a budget of 80)."""
-    adaptivek_max_k: int | None = None
-    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae − 1."""
-    adaptivek_probe_coefficient: float = 0.05
-    """AdaptiveK: weight of the complexity probe's regression loss (the paper's probe_weight)."""
-    adaptivek_l1_coefficient: float = 0.005
-    """AdaptiveK: weight of the L1 term mean‖z‖₁ / mean‖x‖₂ (the paper's l1_weight)."""
     input_scale: float = 1.0
     """Scale the saved weights already absorb: 1.0 after folding; kept for provenance."""
     apply_b_dec_to_input: bool = True
@@ -136,7 +152,7 @@ class SAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form written to cfg.json."""
-        return dataclasses.asdict(self)
+        return self._fields_then_knobs()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:

@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_kit.sae import SparseCoder
+from sae_kit.sae.base import ArchitectureKnobs
 
 ARCHITECTURES = tuple(SparseCoder.REGISTRY)
 """Every registered architecture (one file each in sae_kit/sae/, imported by sae_kit/sae/__init__.py)."""
 TOPK_FAMILY = tuple(name for name, cls in SparseCoder.REGISTRY.items() if cls.has_k)
 """Architectures with a k (and AuxK): those whose class sets `has_k`."""
-ARCH_OPTIONS = ("matryoshka_widths", "mp_residual_threshold", "kron_m", "kron_n", "adaptivek_min_k", "adaptivek_max_k",
-                "adaptivek_probe_coefficient", "adaptivek_l1_coefficient")
-"""Architecture knobs passed through to SAEConfig unchanged (each architecture ignores the others' knobs)."""
 LR_DECAYS = ("linear", "cosine", "none")
 DTYPES = ("auto", "float32", "bfloat16")
 SWEEPABLE = ("k", "expansion", "d_sae", "lr", "sparsity_coefficient", "seed")
@@ -104,7 +102,7 @@ class SAESpec:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ArchitectureKnobs):
     """One training pass: where the activations come from, the SAEs to train on them, and how."""
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -135,33 +133,6 @@ class TrainConfig:
     """Map each hook point to its target hook point instead of reconstructing it."""
     skip_connection: bool = False
     """Add the zero-initialised linear skip path (skip transcoder)."""
-    k_aux: int | None = None
-    """Dead latents used by AuxK; None means d_in // 2."""
-    auxk_coefficient: float = 1 / 32
-    """Weight of the AuxK loss."""
-    jumprelu_bandwidth: float = 0.001
-    """JumpReLU straight-through bandwidth ε."""
-    jumprelu_init_threshold: float = 0.001
-    """JumpReLU initial θ."""
-    target_l0: float | None = None
-    """JumpReLU: penalise (L0/target_l0 − 1)² instead of λ·L0."""
-    matryoshka_widths: tuple[int, ...] | None = None
-    """Matryoshka: nested dictionary sizes (prefixes of the latents), strictly increasing, the last = d_sae; None:
-    the default group fractions 1/32, 1/16, 1/8, 1/4 and the rest. A comma-separated string is accepted."""
-    mp_residual_threshold: float = 0.01
-    """Matching pursuit: stop a row once ‖residual‖ ≤ this fraction of ‖x − b_dec‖ (0: always k steps)."""
-    kron_m: int = 4
-    """KronSAE: pre-latents per head on the first factor; d_sae must be a multiple of kron_m · kron_n."""
-    kron_n: int = 4
-    """KronSAE: pre-latents per head on the second factor."""
-    adaptivek_min_k: int | None = None
-    """AdaptiveK: fewest active latents per token; None means k // 4."""
-    adaptivek_max_k: int | None = None
-    """AdaptiveK: most active latents per token; None means 4·k (capped at d_sae)."""
-    adaptivek_probe_coefficient: float = 0.05
-    """AdaptiveK: weight of the complexity probe's regression loss."""
-    adaptivek_l1_coefficient: float = 0.005
-    """AdaptiveK: weight of the L1 term mean‖z‖₁ / mean‖x‖₂."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Values swept in the same pass (cartesian product), sharing every batch read."""
     # -- optimisation ---------------------------------------------------------------------------------------
@@ -304,10 +275,6 @@ class TrainConfig:
         if self.adaptivek_probe_coefficient < 0 or self.adaptivek_l1_coefficient < 0:
             raise ValueError("adaptivek_probe_coefficient and adaptivek_l1_coefficient must be >= 0")
 
-    def sae_options(self) -> dict[str, Any]:
-        """The architecture knobs SAEConfig takes as they are (ARCH_OPTIONS)."""
-        return {name: getattr(self, name) for name in ARCH_OPTIONS}
-
     def specs(self, default_hook: str | None = None) -> list[SAESpec]:
         """Every SAE of the pass, in a fixed order; names are unique subfolders of `out`."""
         hooks = self.hook_points or (default_hook,)
@@ -347,7 +314,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON / checkpoints (tuples as lists)."""
-        d = dataclasses.asdict(self)
+        d = self._fields_then_knobs()
         d["hook_points"], d["target_hook_points"] = list(self.hook_points), list(self.target_hook_points)
         d["sweep"] = {k: list(v) for k, v in d["sweep"].items()}
         if self.matryoshka_widths is not None:

@@ -225,9 +225,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
         architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=spec.k if SparseCoder.REGISTRY[cfg.architecture].has_k else None,
         d_out=d_out if spec.target_hook_point else None, transcoder=cfg.transcoder,
         skip_connection=cfg.skip_connection, hook_point=hook, target_hook_point=spec.target_hook_point,
-        model_name=model_name(source, cfg), k_aux=cfg.k_aux, auxk_coefficient=cfg.auxk_coefficient,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        sparsity_coefficient=spec.sparsity_coefficient, target_l0=cfg.target_l0, **cfg.sae_options(),
+        model_name=model_name(source, cfg), sparsity_coefficient=spec.sparsity_coefficient, **cfg.knobs(),
     )
     torch.manual_seed(spec.seed)
     sae = SparseCoder.from_config(sae_cfg, device=device)

@@ -91,7 +91,7 @@ def test_train_config_rejects_bad_architecture_settings(kw, match):
 
 def test_train_config_parses_widths_and_passes_knobs_through():
     cfg = TrainConfig(hook_points="h", d_sae=64, architecture="matryoshka_batchtopk", matryoshka_widths="8,24,64")
-    assert cfg.matryoshka_widths == (8, 24, 64) and cfg.sae_options()["matryoshka_widths"] == (8, 24, 64)
+    assert cfg.matryoshka_widths == (8, 24, 64) and cfg.knobs()["matryoshka_widths"] == (8, 24, 64)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the checkpointed form round-trips
     assert matryoshka_widths(SAEConfig(architecture="matryoshka_batchtopk", d_in=8, d_sae=4096, k=4)) == (
         128, 384, 896, 1920, 4096)  # the authors' group fractions 1/32, 1/16, 1/8, 1/4 and the rest
