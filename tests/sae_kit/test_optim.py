@@ -103,3 +103,25 @@ def test_a_parameter_unused_in_a_step_still_moves_once_it_has_adam_state(monkeyp
     assert seen[1] == seen[0]  # step 1: no gradient and no Adam state, untouched
     assert seen[2] > seen[1]  # step 2: pulled towards 3
     assert seen[3] > seen[2] and seen[4] > seen[3], seen  # steps 3 and 4: unused, moved by momentum alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_cuda_training_matches_the_cpu_training(arch, tmp_path):
+    """The whole update on CUDA (fused Adam with the clip as its grad_scale, the decoder fix, JumpReLU's fused
+    backward, BatchTopK's sorted cut) against the same run on CPU, both with fp32 encoder products. The products'
+    summation orders differ, so a near-tie may select differently on one row: that moves a latent's weights by about
+    lr / (its rows in the batch), inside the tolerance; a wrong update moves them by about lr."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 32) * torch.linspace(0.5, 1.5, 32)  # E‖x‖² ≈ d_in: the saved weights are at training scale
+    extra = {"sparsity_coefficient": 1e-3} if arch == "jumprelu" else {"k": 4}
+    weights = []
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig(hook_points="h", architecture=arch, d_sae=64, batch_size=256, n_tokens=256 * 4,
+                          lr=3e-3, grad_clip=0.05, out=str(tmp_path / device), device=device, dtype="float32",
+                          log_every=100, **extra)
+        sae = SparseCoder.load(train(cfg, TensorSource({"h": x}), progress=False))
+        weights.append({k: v.float() for k, v in sae.state_dict().items()})
+    cpu, cuda = weights
+    for name in cpu:
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4, msg=name)
