@@ -221,8 +221,9 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
             raise ValueError(f"hook point {h!r} has E‖x‖² = {msq}; cannot normalise (all-zero or non-finite rows)")
         scales.append(math.sqrt(d / msq))  # E‖s·x‖² = d
     s_in, s_out = scales[0], scales[-1]
+    has_k = SparseCoder.REGISTRY[cfg.architecture].has_k  # the registry, so architectures registered later count
     sae_cfg = SAEConfig(
-        architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=spec.k if SparseCoder.REGISTRY[cfg.architecture].has_k else None,
+        architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=spec.k if has_k else None,
         d_out=d_out if spec.target_hook_point else None, transcoder=cfg.transcoder,
         skip_connection=cfg.skip_connection, hook_point=hook, target_hook_point=spec.target_hook_point,
         model_name=model_name(source, cfg), sparsity_coefficient=spec.sparsity_coefficient, **cfg.knobs(),
