@@ -85,7 +85,7 @@ class GatedSAE(SparseCoder):
         """Encode, decode, FVU + λ·L1(ReLU(π_gate)) + the frozen-decoder FVU (module docstring); dead_mask unused."""
         y = x if target is None else target
         pi_gate, pi_mag = self._paths(x)  # (N, d_sae) each
-        z = (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)
+        z = torch.where(pi_gate > 0, F.relu(pi_mag), 0)  # the gate's mask, not a multiply by its 0/1 cast
         y_hat = self.decode(z, x)  # (N, d_out)
         recon_fvu = fvu(y, y_hat)
         gate = F.relu(pi_gate)

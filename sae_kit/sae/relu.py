@@ -46,6 +46,8 @@ class ReLUSAE(SparseCoder):
     ) -> ForwardOutput:
         """Encode, decode, FVU + λ·L1 (see the module docstring); dead_mask is unused."""
         z = self.encode(x)  # (N, d_sae)
-        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        # Σ_i (Σ_n z_ni)·‖W_dec[i]‖ / N: one read of z, where the per-row form wrote and reread an (N, d_sae)
+        # product forward and backward (`bench/param_traffic.py --arch relu`).
+        l1 = (z.sum(0, dtype=self.W_dec.dtype) * self.W_dec.norm(dim=1)).sum() / z.shape[0]
         l0 = (z > 0).sum(-1, dtype=torch.float32).mean()
         return self._dense_output(x, target, z, self._sparsity_coefficient(sparsity_coefficient) * l1, l0)

@@ -409,6 +409,28 @@ def test_jumprelu_threshold_init_starts_at_target_l0():
         assert bool((sae.threshold >= sae.cfg.jumprelu_init_threshold).all())
 
 
+def test_relu_l1_gradients_are_those_of_the_per_row_formula():
+    """The column-sum form of the decoder-norm-weighted L1 trains exactly like mean_n Σ_i z_ni ‖W_dec[i]‖ (float64)."""
+    torch.manual_seed(0)
+    sae = SparseCoder.from_config(SAEConfig(architecture="relu", d_in=16, d_sae=64), dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1, dtype=torch.float64) * 3)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    grads = []
+    for reference in (False, True):
+        sae.zero_grad()
+        out = sae(x, sparsity_coefficient=0.2)
+        if reference:
+            z = sae.encode(x)
+            loss = out.fvu + 0.2 * (z * sae.W_dec.norm(dim=1)).sum(1).mean()
+        else:
+            loss = out.loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_relu_init_reconstructs_at_the_right_scale():
     """Unit decoder rows with W_enc = W_decᵀ reconstruct ~d_sae/(2·d_in) times too large; the 0.1-norm init does not."""
     sae = make("relu", d_in=16, d_sae=128)
