@@ -15,7 +15,7 @@ def test_profile_step_phases_and_kernels(tmp_path, capsys, arch):
     from bench import profile_step
 
     out = tmp_path / "p.json"
-    profile_step.main(["--shape", "32,256,4", "--batch", "128", "--rounds", "2", "--rows", "5", "--json", str(out),
+    profile_step.main(["--shape", "32,256,4", "--batch", "128", "--rounds", "2", "--rows", "1000", "--json", str(out),
                        "--arch", arch])
     text = capsys.readouterr().out
     got = json.loads(out.read_text())
@@ -23,4 +23,5 @@ def test_profile_step_phases_and_kernels(tmp_path, capsys, arch):
                                       "backward (sparse)", "Adam"]
     assert all(ms > 0 for ms in got["phases_ms"].values())
     assert abs(sum(got["phases_ms"].values()) - got["step_ms"]) < 1e-6
+    # every kernel listed (a short list ranks by time, so which ops make it depends on the machine's noise)
     assert "aten::mm" in got["kernels"] and "Kernels over 3 steps" in text and got["arch"] == arch
