@@ -35,7 +35,8 @@ from sae_kit.pipeline.config import (
     SiteSection,
     SteerSection,
 )
-from sae_kit.train.config import SWEEPABLE, TOPK_FAMILY, SweepConfig, TrainConfig
+from sae_kit.sae.base import SparseCoder
+from sae_kit.train.config import SWEEPABLE, SweepConfig, TrainConfig
 
 TOP_LEVEL: dict[str, tuple[Any, str]] = {
     "out": (str, "output folder of the run (default: runs/<config file name>)"),
@@ -443,7 +444,8 @@ def _sizes(c: Checker, cfg: RunConfig, widths: dict[str, int | None] | None) -> 
             if d_sae is None:
                 continue
             d_saes.append(d_sae)
-            if t.architecture in TOPK_FAMILY and spec.k >= d_sae:
+            arch = SparseCoder.REGISTRY.get(t.architecture)  # the registry now: architectures registered late count
+            if arch is not None and arch.has_k and spec.k >= d_sae:
                 c.add(f"{key}.k", f"k = {spec.k} active latents needs more than d_sae = {d_sae} latents "
                       f"(SAE {spec.name})", f"lower k below {d_sae} or raise d_sae / expansion")
     latents = str(cfg.interp.get("latents", "0:64"))

@@ -11,6 +11,8 @@ from tiny_pipeline import CONFIG as GOOD
 from sae_kit.cli import main
 from sae_kit.pipeline import EXAMPLES, ConfigError, load_config
 from sae_kit.pipeline.validate import endpoint_problem, resolve_config_path
+from sae_kit.sae.base import SparseCoder
+from sae_kit.sae.topk import TopKSAE
 
 BAD = """\
 out: {out}
@@ -81,6 +83,20 @@ def test_every_problem_is_reported_at_once_with_line_key_and_fix(tmp_path, tiny_
     assert text.startswith(f"{len(err.issues)} problems in {path}:")
     assert f"{path}:7: train[0].archtecture" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_k_is_checked_for_an_architecture_registered_after_import(tmp_path, tiny_gpt2_path, monkeypatch):
+    monkeypatch.setattr(SparseCoder, "REGISTRY", dict(SparseCoder.REGISTRY))  # forgotten after the test
+
+    class LateTopK(TopKSAE):
+        architecture = "late_topk_for_this_test"
+
+    text = GOOD.replace("architecture: topk", f"architecture: {LateTopK.architecture}").replace(
+        "k: [2, 4]\n    d_sae: 64", "k: 64\n    expansion: 2")  # the hook point is 32 wide: d_sae 64
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, text, out=tmp_path / "out", model=tiny_gpt2_path)))
+    problem = {i.key: i for i in info.value.issues}["train[0].k"]
+    assert "k = 64" in problem.message and "d_sae = 64" in problem.message
 
 
 def test_the_cli_reports_them_and_computes_nothing(tmp_path, tiny_gpt2_path, capsys):
