@@ -46,7 +46,7 @@ CPU_SHAPES = ((256, 1024, 8), (512, 8192, 32))
 QUICK_SHAPES = ((64, 256, 4),)
 GPU_ROUNDS = 20
 """Timed steps per contender on CUDA (the largest shape's slowest contender, SAELens, takes well under a second)."""
-CONTENDERS = ("ours", "ours-triton", "ours-fp32", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
+CONTENDERS = ("ours", "ours-triton", "ours-fp32", "ours-fp32-exact", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
 
 _json_path: Path | None = None
@@ -109,6 +109,25 @@ def triton_on(step: Callable[[], None]) -> Callable[[], None]:
             step()
         finally:
             kernels.USE_TRITON = False
+
+    return run
+
+
+def preselect_on(step: Callable[[], None]) -> Callable[[], None]:
+    """The same step with SAE_KIT_BF16_PRESELECT=1: on CUDA an fp32 encoder runs as a bf16 product on the tensor
+    cores and exact fp32 rescoring of the candidates (kernels.bf16_rescored_topk)."""
+    from sae_kit.sae.kernels import BF16_SWITCH
+
+    def run() -> None:
+        before = os.environ.get(BF16_SWITCH)
+        os.environ[BF16_SWITCH] = "1"
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ[BF16_SWITCH]
+            else:
+                os.environ[BF16_SWITCH] = before
 
     return run
 
@@ -205,6 +224,9 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             if peers:
                 builders["sparsify"] = ("sparsify", lambda x=x, d_sae=d_sae, k=k: sparsify(x, d_sae, k))
                 builders["saelens"] = ("SAELens", lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k))
+            if cuda:  # last, so that a section's time cap never costs the peers' figures (on CPU AMX already does it)
+                builders["ours-fp32-exact"] = ("ours fp32 exact, tensor cores (BF16_PRESELECT=1)",
+                                               lambda x=x, d_sae=d_sae, k=k: preselect_on(ours(x, d_sae, k, None)))
             builders = {key: b for key, b in builders.items() if key in contenders}
             print(f"\n{d_in} × {d_sae}, k {k}")
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")

@@ -38,7 +38,7 @@ else
     Q=(--model gpt2s)
     X=1
 fi
-OURS=ours,ours-triton,ours-fp32,loop,bf16mm,fp32mm,sparsify
+OURS=ours,ours-triton,ours-fp32,ours-fp32-exact,loop,bf16mm,fp32mm,sparsify
 
 note() {  # note NAME STATUS RC SECONDS: one status line in results.jsonl
     printf '{"section": "status", "name": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' "$1" "$2" "$3" "$4" >>"$RES"

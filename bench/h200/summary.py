@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("ours", "ours-triton", "ours-fp32", "loop", "sparsify", "saelens", "bf16mm", "fp32mm")
-HEAD = ("ours", "+Triton", "ours fp32", "loop", "sparsify", "SAELens", "bf16 mm", "fp32 mm")
+KEYS = ("ours", "ours-triton", "ours-fp32", "ours-fp32-exact", "loop", "sparsify", "saelens", "bf16mm", "fp32mm")
+HEAD = ("ours", "+Triton", "ours fp32", "fp32 exact", "loop", "sparsify", "SAELens", "bf16 mm", "fp32 mm")
 
 
 def load(path: Path) -> list[dict]:
@@ -99,11 +99,14 @@ def main() -> None:
                                                "peak_le_sparsify": mem_ok,
                                                "ours_over_saelens": ratio(tok.get("ours"), tok.get("saelens"))}
             goals[f"{shape[0]}x{shape[1]}"]["triton_over_ours"] = ratio(tok.get("ours-triton"), tok.get("ours"))
+            goals[f"{shape[0]}x{shape[1]}"]["fp32_exact_over_fp32"] = ratio(tok.get("ours-fp32-exact"),
+                                                                        tok.get("ours-fp32"))
             print(f"  {shape[0]} × {shape[1]}: ours/sparsify {fmt(vs_sp, '.2f', '×')} (goal ≥ 2) | "
                   f"ours/bf16 matmul {fmt(roof, '.0%')}" + (" (goal ≥ 40%)" if big else "") +
                   f" | peak ≤ sparsify: {'—' if mem_ok is None else 'yes' if mem_ok else 'NO'}"
                   f" | ours/SAELens {fmt(ratio(tok.get('ours'), tok.get('saelens')), '.1f', '×')}"
-                  f" | Triton backward/torch {fmt(ratio(tok.get('ours-triton'), tok.get('ours')), '.2f', '×')}")
+                  f" | Triton backward/torch {fmt(ratio(tok.get('ours-triton'), tok.get('ours')), '.2f', '×')}"
+                  f" | fp32 exact/fp32 {fmt(ratio(tok.get('ours-fp32-exact'), tok.get('ours-fp32')), '.2f', '×')}")
 
     if by["pipeline"]:
         print("\npipeline (tokens/s; ratio to the loop's bare step):")

@@ -23,10 +23,12 @@ The plain reference (dense latents z, ŷ = z W_dec + b_dec, autograd everywhere)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -112,13 +114,21 @@ def topk_biased(pre: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -
 
 
 BF16_SWITCH = "SAE_KIT_BF16_PRESELECT"
-"""Set to 0 to compute the encoder in fp32 even where bf16 matrix units would preselect the top k."""
+"""0: compute the fp32 encoder in fp32 even where bf16 matrix units could preselect the top k (on by default on CPUs
+with AMX); 1: also on CUDA's tensor cores (`bf16_rescored_topk`; opt-in until bench/bench_gpu.py shows on a GPU
+that it pays)."""
 
 
 def bf16_preselect_usable(xc: Tensor, W_enc: Tensor) -> bool:
-    """Whether `bf16_topk` should run: fp32 CPU operands, the native kernels, bf16 matrix units, not switched off."""
-    return (os.environ.get(BF16_SWITCH, "1") != "0" and xc.dtype == torch.float32 and W_enc.dtype == torch.float32
-            and native.usable(xc) and native.usable(W_enc) and native.bf16_matmul_units())
+    """Whether the fp32 encoder should go through a bf16 product and exact rescoring: fp32 operands, not switched
+    off, and on CPU the native kernels and bf16 matrix units (`bf16_topk`), on CUDA the switch set to 1
+    (`bf16_rescored_topk`)."""
+    switch = os.environ.get(BF16_SWITCH)
+    if switch == "0" or xc.dtype != torch.float32 or W_enc.dtype != torch.float32:
+        return False
+    if xc.is_cuda:
+        return switch == "1"
+    return native.usable(xc) and native.usable(W_enc) and native.bf16_matmul_units()
 
 
 def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int,
@@ -150,6 +160,108 @@ def bf16_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int,
             return None
         parts.append(got)
     return torch.cat([v for v, _ in parts]), torch.cat([ix for _, ix in parts])
+
+
+RESCORE_REL = 2.0**-7
+"""Relative slack for the rounding of the bf16 product's output and of the bias to bf16 (each 2⁻⁸ when rounded to
+nearest; 2⁻⁷ also covers truncation) in `bf16_rescored_topk`."""
+
+
+def bf16_rescored_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, width: int, chunk_rows: int,
+                       by_magnitude: bool = False) -> tuple[Tensor, Tensor]:
+    """Exact fp32 top-`width` of xc·W_enc + b_enc (or of its magnitudes) (values, ascending indices; (N, width)) through
+    a bf16 product, in torch ops on any device: on CUDA the product runs on the tensor cores.
+
+    rescore_native.c's bound with row-wide terms, so that one threshold per row finds the candidates. With
+    p = bf16(x̃·W̃ + b̃) (operands rounded to bf16, fp32 accumulation), for every latent j of row n
+
+        |c_j − p_j| ≤ RESCORE_REL·|p_j| + e_n,   e_n = ‖x̃‖·max_j‖W_j − W̃_j‖ + (‖x − x̃‖ + 2.1γ‖x‖)·max_j‖W_j‖
+                                                       + RESCORE_REL·max_j|b_j|
+
+    (x·W_j − x̃·W̃_j = x̃·(W_j − W̃_j) + (x − x̃)·W_j and Cauchy–Schwarz; γ = d_in·2⁻²⁴ for the fp32 accumulation there
+    and in our own dot products). lo(p) = p − RESCORE_REL·|p| − e_n and hi(p) = p + RESCORE_REL·|p| + e_n grow with p,
+    so the row's width-th largest lo is lo(p_(width)) ≤ the width-th largest c; every latent of the exact top
+    `width` has hi(p_j) ≥ that, i.e. p_j ≥ a threshold t_n. The row's best latents by p, at least as many as lie
+    above t_n (their counts are the call's host read, one per chunk), are computed in fp32 by a product sampled at
+    those pairs only, and the top `width` of those values is the exact one, up to the dot products' summation order.
+    """
+    n, d_in = xc.shape
+    d_sae = W_enc.shape[1]
+    W, b, xc = W_enc.detach(), b_enc.detach(), xc.detach()
+    w_bf, b_bf, x_bf = W.to(torch.bfloat16), b.to(torch.bfloat16), xc.to(torch.bfloat16)
+    gamma = 2.1 * d_in * 2.0**-24
+    safety = 1.01  # covers the fp32 rounding of the norms themselves
+    lat_norm = torch.linalg.vector_norm(W, dim=0).amax()  # max_j ‖W_j‖
+    step = max(1, (1 << 26) // d_in)  # latents per slice: the rounding residual never takes W_enc's size again
+    lat_res = torch.stack([torch.linalg.vector_norm(W[:, j:j + step] - w_bf[:, j:j + step], dim=0).amax()
+                           for j in range(0, d_sae, step)]).amax()  # max_j ‖W_j − W̃_j‖
+    row_err = (torch.linalg.vector_norm(x_bf, dim=1, dtype=torch.float32) * lat_res
+               + (torch.linalg.vector_norm(xc - x_bf, dim=1) + gamma * torch.linalg.vector_norm(xc, dim=1)) * lat_norm
+               + RESCORE_REL * b.abs().amax()) * safety + 1e-30  # (N,) e_n; 1e-30: products of denormals
+    values, indices = [], []
+    for i in range(0, n, chunk_rows):
+        rows = xc[i:i + chunk_rows]  # (R, d_in)
+        with _exact_bf16_accumulation(rows):
+            p = torch.addmm(b_bf, x_bf[i:i + chunk_rows], w_bf)  # (R, d_sae) bf16
+        key = p.abs() if by_magnitude else p
+        kth = key.topk(width, dim=1).values[:, -1].float()  # (R,) p_(width)
+        e = row_err[i:i + chunk_rows]
+        floor = kth - RESCORE_REL * kth.abs() - 2 * e  # lo(p_(width)) − e_n: hi(p) ≥ lo(p_(width)) ⟺ p ≥ t
+        t = torch.where(floor >= 0, floor / (1 + RESCORE_REL), floor / (1 - RESCORE_REL))  # (R,)
+        need = (key >= t[:, None]).sum(1).tolist()  # candidates each row needs: the host read
+        # All rows take as many as 99% of them need; the widest 1% (rows with many near-ties, which would set the
+        # width for the whole chunk) take theirs in a second, narrower pass.
+        common = max(width, sorted(need)[(99 * (len(need) - 1)) // 100])
+        vals, idx = _rescored_rows(rows, key, W, b, common, width, by_magnitude)
+        wide = [r for r, c in enumerate(need) if c > common]
+        if wide:
+            at = torch.tensor(wide, device=rows.device)
+            vals[at], idx[at] = _rescored_rows(rows[at], key[at], W, b, max(need[r] for r in wide), width,
+                                               by_magnitude)
+        values.append(vals)
+        indices.append(idx)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _rescored_rows(rows: Tensor, key: Tensor, W: Tensor, b: Tensor, c: int, width: int,
+                   by_magnitude: bool) -> tuple[Tensor, Tensor]:
+    """The exact top `width` (values, ascending indices) of rows·W + b among each row's c best bf16 keys (N, d_sae),
+    computed in fp32 at those pairs only; by the fp32 product whole when c is too close to the row's width for
+    that to pay."""
+    if 2 * c >= W.shape[1]:
+        full = torch.addmm(b, rows, W)  # (R, d_sae) fp32
+        idx = (full.abs() if by_magnitude else full).topk(width, dim=1, sorted=False).indices.sort(dim=1).values
+        return full.gather(1, idx), idx
+    cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values  # (R, c) ascending: the CSR order
+    exact = _sampled_product(rows, W, cand) + b[cand]  # (R, c) fp32
+    pos = (exact.abs() if by_magnitude else exact).topk(width, dim=1, sorted=False).indices.sort(dim=1).values
+    return exact.gather(1, pos), cand.gather(1, pos)  # ascending positions of ascending candidates
+
+
+@contextlib.contextmanager
+def _exact_bf16_accumulation(t: Tensor) -> Iterator[None]:
+    """On CUDA, keep cuBLAS from reducing a bf16 product's split-K partial sums in bf16 (which torch allows by
+    default and the bound of `bf16_rescored_topk` does not cover); elsewhere nothing."""
+    if not t.is_cuda:
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    before, flags.allow_bf16_reduced_precision_reduction = flags.allow_bf16_reduced_precision_reduction, False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = before
+
+
+def _sampled_product(rows: Tensor, W: Tensor, cols: Tensor) -> Tensor:
+    """(rows · W)[r, cols[r, j]] (R, C) in fp32 for ascending cols (R, C), without the dense product."""
+    r, c = cols.shape
+    if USE_TRITON and rows.is_cuda and triton_kernels.available() and W.stride(0) == 1:  # W.T row-major
+        return triton_kernels.sampled_dot(rows.contiguous(), W.T, cols)
+    itype = torch.int32 if r * c < 2**31 and W.shape[1] < 2**31 else torch.int64
+    mask = _csr(torch.arange(0, r * c + 1, c, dtype=itype, device=rows.device), cols.reshape(-1).to(itype),
+                torch.zeros(r * c, dtype=W.dtype, device=rows.device), (r, W.shape[1]))
+    return torch.sparse.sampled_addmm(mask, rows, W, beta=0.0).values().view(r, c)
 
 
 class SparsePattern(NamedTuple):

@@ -33,6 +33,7 @@ from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCode
 from sae_kit.sae.kernels import (
     SparsePattern,
     bf16_preselect_usable,
+    bf16_rescored_topk,
     bf16_topk,
     gather_pre_acts,
     scratch,
@@ -133,16 +134,20 @@ class TopKSAE(SparseCoder):
         """The `width` best latents of each row of encoder inputs xc (N, d_in) with their pre-activations (values,
         ascending indices), and the AuxK slots; no autograd, a chunk of rows at a time.
 
-        With AMX, through the exact bf16 preselection (`kernels.bf16_topk`). Otherwise the chunk's matmul skips
+        With AMX, through the exact bf16 preselection (`kernels.bf16_topk`); on CUDA, opted in, through its torch
+        counterpart (`kernels.bf16_rescored_topk`). Otherwise the chunk's matmul skips
         b_enc and the top-k adds it while reading the chunk, which saves a full pass over it.
         """
+        narrow = BF16_MAX_WIDTH_FRACTION * self.cfg.d_sae >= width
         if self.encoder_dtype is not None or xc.is_cuda:
+            if self.encoder_dtype is None and narrow and bf16_preselect_usable(xc, self.W_enc):
+                return self._row_topk_rescored(xc, dead, width)
             return self._row_topk_device(xc, dead, width)
         b_enc = self.b_enc.detach()
         step = max(1, CHUNK_ELEMENTS // self.cfg.d_sae)
         # The bf16 bound leaves ~1.7·width candidates per row to recompute; past ~1/32 of the latents (BatchTopK's
         # widened candidate lists on narrow SAEs) the fp32 product is faster.
-        if BF16_MAX_WIDTH_FRACTION * self.cfg.d_sae >= width and bf16_preselect_usable(xc, self.W_enc):
+        if narrow and bf16_preselect_usable(xc, self.W_enc):
             got = bf16_topk(xc, self.W_enc, b_enc, width, step, self.by_magnitude)
             if got is not None:  # None: a non-finite row; the fp32 path below handles it
                 dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None
@@ -160,6 +165,15 @@ class TopKSAE(SparseCoder):
         if len(parts) == 1:
             return parts[0]
         return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
+
+    def _row_topk_rescored(self, xc: Tensor, dead: Tensor | None, width: int) -> Selection:
+        """`row_topk` in fp32 through a bf16 product on any device (`kernels.bf16_rescored_topk`): the exact
+        selection and fp32 values; the AuxK slots from an fp32 product over the dead latents' columns alone."""
+        step = max(1, (CUDA_CHUNK_ELEMENTS if xc.is_cuda else CHUNK_ELEMENTS) // self.cfg.d_sae)
+        values, idx = bf16_rescored_topk(xc, self.W_enc, self.b_enc, width, step, self.by_magnitude)
+        b_enc = self.b_enc.detach()
+        dead_pre = torch.addmm(b_enc[dead], xc, self.W_enc.detach()[:, dead]) if dead is not None else None
+        return Selection(values, idx, None, *self._aux_selection(dead_pre, dead))
 
     def _row_topk_device(self, xc: Tensor, dead: Tensor | None, width: int) -> Selection:
         """`row_topk` from plain torch ops: on CUDA, and wherever the encoder runs in a lower precision.
