@@ -187,6 +187,8 @@ def bf16_rescored_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, width: int, chu
     """
     n, d_in = xc.shape
     d_sae = W_enc.shape[1]
+    if n == 0:
+        return xc.new_empty((0, width)), torch.empty((0, width), dtype=torch.long, device=xc.device)
     W, b, xc = W_enc.detach(), b_enc.detach(), xc.detach()
     w_bf, b_bf, x_bf = W.to(torch.bfloat16), b.to(torch.bfloat16), xc.to(torch.bfloat16)
     gamma = 2.1 * d_in * 2.0**-24
