@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_topk import train_step  # noqa: E402
+from bench.bench_topk import preselect_switch, train_step  # noqa: E402
 from sae_kit.sae.native import bf16_matmul_units  # noqa: E402
 
 LR = 1e-4
@@ -109,25 +109,6 @@ def triton_on(step: Callable[[], None]) -> Callable[[], None]:
             step()
         finally:
             kernels.USE_TRITON = False
-
-    return run
-
-
-def preselect_on(step: Callable[[], None]) -> Callable[[], None]:
-    """The same step with SAE_KIT_BF16_PRESELECT=1: on CUDA an fp32 encoder runs as a bf16 product on the tensor
-    cores and exact fp32 rescoring of the candidates (kernels.bf16_rescored_topk)."""
-    from sae_kit.sae.kernels import BF16_SWITCH
-
-    def run() -> None:
-        before = os.environ.get(BF16_SWITCH)
-        os.environ[BF16_SWITCH] = "1"
-        try:
-            step()
-        finally:
-            if before is None:
-                del os.environ[BF16_SWITCH]
-            else:
-                os.environ[BF16_SWITCH] = before
 
     return run
 
@@ -226,7 +207,7 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 builders["saelens"] = ("SAELens", lambda x=x, d_sae=d_sae, k=k: saelens(x, d_sae, k))
             if cuda:  # last, so that a section's time cap never costs the peers' figures (on CPU AMX already does it)
                 builders["ours-fp32-exact"] = ("ours fp32 exact, tensor cores (BF16_PRESELECT=1)",
-                                               lambda x=x, d_sae=d_sae, k=k: preselect_on(ours(x, d_sae, k, None)))
+                                               lambda x=x, d_sae=d_sae, k=k: preselect_switch(ours(x, d_sae, k, None), "1"))
             builders = {key: b for key, b in builders.items() if key in contenders}
             print(f"\n{d_in} × {d_sae}, k {k}")
             print(f"  {'contender':58s} {'ms/step':>9s} {'tokens/s':>12s} {'peak GB':>8s}")

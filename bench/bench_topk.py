@@ -76,13 +76,14 @@ def saelens(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], None]:
     return train_step(lambda: sae.training_forward_pass(inp).loss, torch.optim.Adam(sae.parameters(), lr=LR))
 
 
-def fp32_encoder(step: Callable[[], None]) -> Callable[[], None]:
-    """The same step with the bf16 preselection switched off (the encoder product in fp32)."""
+def preselect_switch(step: Callable[[], None], value: str) -> Callable[[], None]:
+    """The same step with SAE_KIT_BF16_PRESELECT set to `value` while it runs (0: the encoder product in fp32; 1: on
+    CUDA, the fp32 selection through the tensor cores)."""
     from sae_kit.sae.kernels import BF16_SWITCH
 
     def run() -> None:
         before = os.environ.get(BF16_SWITCH)
-        os.environ[BF16_SWITCH] = "0"
+        os.environ[BF16_SWITCH] = value
         try:
             step()
         finally:
@@ -92,6 +93,11 @@ def fp32_encoder(step: Callable[[], None]) -> Callable[[], None]:
                 os.environ[BF16_SWITCH] = before
 
     return run
+
+
+def fp32_encoder(step: Callable[[], None]) -> Callable[[], None]:
+    """The same step with the bf16 preselection switched off (the encoder product in fp32)."""
+    return preselect_switch(step, "0")
 
 
 def matmul(x: torch.Tensor, d_sae: int, dtype: torch.dtype = torch.float32) -> Callable[[], None]:
