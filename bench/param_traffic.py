@@ -14,14 +14,17 @@ d_in, d_sae and batch alike, so the passes are those of the full shape.
     python bench/param_traffic.py                  # TopK at 4096 × 131072 / 16, ours against sparsify
     python bench/param_traffic.py --arch all --ops  # every architecture, with the ops behind each total
     python bench/param_traffic.py --device cuda --dtype bfloat16 --ops  # the CUDA path at full size
+    python bench/param_traffic.py --exact          # also the exact fp32 selection through a bf16 product
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,16 +108,41 @@ def step_traffic(step: Callable[[], None], d_in: int, d_sae: int, warmup: int = 
     return counter.traffic
 
 
-def ours(arch: str, d_in: int, d_sae: int, k: int, batch: int, dtype: str = "float32", device: str = "cpu") -> Traffic:
-    """Traffic of the trainer's step for `arch` on one resident batch."""
+def ours(arch: str, d_in: int, d_sae: int, k: int, batch: int, dtype: str = "float32", device: str = "cpu",
+         exact: bool = False) -> Traffic:
+    """Traffic of the trainer's step for `arch` on one resident batch; `exact`: the TopK family's fp32 selection
+    through a bf16 product (`kernels.bf16_rescored_topk`, CUDA's path under SAE_KIT_BF16_PRESELECT=1)."""
     from sae_kit.sae import SparseCoder
 
     torch.manual_seed(0)
     x = torch.randn(batch, d_in, device=device)
     extra = {"sparsity_coefficient": 1e-3} if SparseCoder.REGISTRY[arch].uses_sparsity_coefficient else {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _rescored_selection(exact):
         step, _ = loop_step(x, d_sae, k, dtype, Path(tmp), architecture=arch, **extra)
         return step_traffic(step, d_in, d_sae)
+
+
+@contextlib.contextmanager
+def _rescored_selection(on: bool) -> Iterator[None]:
+    """With `on`, every TopK-family selection takes the CUDA route of an fp32 encoder on any device (on CUDA the
+    switch alone would; elsewhere the CPU's own routes are swapped out for the count)."""
+    if not on:
+        yield
+        return
+    from sae_kit.sae.kernels import BF16_SWITCH
+    from sae_kit.sae.topk import TopKSAE
+
+    before_switch, before_route = os.environ.get(BF16_SWITCH), TopKSAE.row_topk
+    os.environ[BF16_SWITCH] = "1"
+    TopKSAE.row_topk = TopKSAE._row_topk_rescored
+    try:
+        yield
+    finally:
+        TopKSAE.row_topk = before_route
+        if before_switch is None:
+            del os.environ[BF16_SWITCH]
+        else:
+            os.environ[BF16_SWITCH] = before_switch
 
 
 def theirs(d_in: int, d_sae: int, k: int, batch: int, device: str = "cpu") -> Traffic:
@@ -141,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="topk", help="an architecture, or 'all'")
     ap.add_argument("--dtype", default="float32", help="the trainer's --dtype (bfloat16: the GPU's encoder)")
     ap.add_argument("--ops", action="store_true", help="list the ops behind each total")
+    ap.add_argument("--exact", action="store_true", help="also the TopK family's exact fp32 selection through a bf16 "
+                    "product (SAE_KIT_BF16_PRESELECT=1 on CUDA)")
     args = ap.parse_args(argv)
     from sae_kit.sae import SparseCoder
 
@@ -157,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         report(f"sae-kit {arch} ({args.dtype})", ours(arch, dtype=args.dtype, device=args.device, **small),
                full_unit, args.ops)
+        if args.exact and args.dtype == "float32" and SparseCoder.REGISTRY[arch].has_k:
+            report(f"sae-kit {arch} (fp32 exact)",
+                   ours(arch, dtype=args.dtype, device=args.device, exact=True, **small), full_unit, args.ops)
     try:
         import sparsify as _  # noqa: F401
     except ImportError:

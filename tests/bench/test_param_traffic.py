@@ -1,6 +1,8 @@
 """bench/param_traffic.py: the counter counts what ops move, and the trainer's step stays within its passes."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -37,3 +39,21 @@ def test_the_report_runs_for_every_architecture(capsys):
     assert pt.main(["--shape", "256x4096x8", "--scale", "4", "--arch", "all"]) == 0
     out = capsys.readouterr().out
     assert "sae-kit topk" in out and "sae-kit jumprelu" in out and "passes" in out
+
+
+def test_the_exact_route_is_counted_and_then_put_back(monkeypatch):
+    """`--exact` counts the step through kernels.bf16_rescored_topk (its bf16 copy, norms and threshold count come on
+    top), and leaves the CPU's own route and the switch as they were."""
+    from sae_kit.sae import kernels
+    from sae_kit.sae.topk import TopKSAE
+
+    monkeypatch.delenv(kernels.BF16_SWITCH, raising=False)
+    calls = []
+    real = kernels.bf16_rescored_topk
+    monkeypatch.setattr("sae_kit.sae.topk.bf16_rescored_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    route = TopKSAE.row_topk
+    plain = pt.ours("topk", d_in=128, d_sae=4096, k=16, batch=128)
+    assert not calls
+    exact = pt.ours("topk", d_in=128, d_sae=4096, k=16, batch=128, exact=True)
+    assert calls and exact.passes() > plain.passes() + 5
+    assert TopKSAE.row_topk is route and kernels.BF16_SWITCH not in os.environ
