@@ -135,8 +135,8 @@ class TopKSAE(SparseCoder):
         ascending indices), and the AuxK slots; no autograd, a chunk of rows at a time.
 
         With AMX, through the exact bf16 preselection (`kernels.bf16_topk`); on CUDA, opted in, through its torch
-        counterpart (`kernels.bf16_rescored_topk`). Otherwise the chunk's matmul skips
-        b_enc and the top-k adds it while reading the chunk, which saves a full pass over it.
+        counterpart (`kernels.bf16_rescored_topk`). Otherwise the chunk's matmul skips b_enc and the top-k adds it
+        while reading the chunk, which saves a full pass over it.
         """
         narrow = BF16_MAX_WIDTH_FRACTION * self.cfg.d_sae >= width
         if self.encoder_dtype is not None or xc.is_cuda:
