@@ -154,3 +154,18 @@ def test_cuda_training_through_the_tensor_cores_matches_the_cpu_fp32_training(ar
     cpu, cuda = weights
     for name in cpu:
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_cuda_selection_is_the_exact_top_k(sampled, by_magnitude):
+    """cuBLAS's bf16 product within the bound: the exact top k against fp64, on operands where bf16 alone misranks
+    (near-ties) and at a width where the candidates, not the fp32 product, decide."""
+    for near_ties in (False, True):
+        x, W_enc, b = operands(1024, 16384, 768, seed=9, near_ties=near_ties)
+        values, indices = kernels.bf16_rescored_topk(x.cuda(), W_enc.cuda(), b.cuda(), 32, chunk_rows=512,
+                                                     by_magnitude=by_magnitude)
+        pre, want = reference(x, W_enc, b, 32, by_magnitude)
+        assert torch.equal(indices.cpu(), want)
+        torch.testing.assert_close(values.cpu().double(), pre.gather(1, want), rtol=1e-5, atol=1e-5)
+    assert sum(rows for rows, _ in sampled) >= 2 * 1024
