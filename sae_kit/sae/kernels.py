@@ -232,11 +232,11 @@ def _rescored_rows(rows: Tensor, key: Tensor, W: Tensor, b: Tensor, c: int, widt
     that to pay."""
     if 2 * c >= W.shape[1]:
         full = torch.addmm(b, rows, W)  # (R, d_sae) fp32
-        idx = (full.abs() if by_magnitude else full).topk(width, dim=1, sorted=False).indices.sort(dim=1).values
+        idx = topk_indices(full, width, by_magnitude)
         return full.gather(1, idx), idx
     cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values  # (R, c) ascending: the CSR order
     exact = _sampled_product(rows, W, cand) + b[cand]  # (R, c) fp32
-    pos = (exact.abs() if by_magnitude else exact).topk(width, dim=1, sorted=False).indices.sort(dim=1).values
+    pos = topk_indices(exact, width, by_magnitude)
     return exact.gather(1, pos), cand.gather(1, pos)  # ascending positions of ascending candidates
 
 

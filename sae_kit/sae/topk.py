@@ -150,8 +150,7 @@ class TopKSAE(SparseCoder):
         if narrow and bf16_preselect_usable(xc, self.W_enc):
             got = bf16_topk(xc, self.W_enc, b_enc, width, step, self.by_magnitude)
             if got is not None:  # None: a non-finite row; the fp32 path below handles it
-                dead_pre = torch.mm(xc, self.W_enc[:, dead]) + b_enc[dead] if dead is not None else None
-                return Selection(*got, None, *self._aux_selection(dead_pre, dead))
+                return Selection(*got, None, *self._aux_selection(self._dead_pre_acts(xc, dead), dead))
         parts = []
         for i in range(0, xc.shape[0], step):
             rows = xc[i:i + step]  # (C, d_in)
@@ -171,9 +170,13 @@ class TopKSAE(SparseCoder):
         selection and fp32 values; the AuxK slots from an fp32 product over the dead latents' columns alone."""
         step = max(1, (CUDA_CHUNK_ELEMENTS if xc.is_cuda else CHUNK_ELEMENTS) // self.cfg.d_sae)
         values, idx = bf16_rescored_topk(xc, self.W_enc, self.b_enc, width, step, self.by_magnitude)
-        b_enc = self.b_enc.detach()
-        dead_pre = torch.addmm(b_enc[dead], xc, self.W_enc.detach()[:, dead]) if dead is not None else None
-        return Selection(values, idx, None, *self._aux_selection(dead_pre, dead))
+        return Selection(values, idx, None, *self._aux_selection(self._dead_pre_acts(xc, dead), dead))
+
+    def _dead_pre_acts(self, xc: Tensor, dead: Tensor | None) -> Tensor | None:
+        """fp32 pre-activations (N, n_dead) of the dead latents alone, for the paths whose product is bf16."""
+        if dead is None:
+            return None
+        return torch.addmm(self.b_enc.detach()[dead], xc, self.W_enc.detach()[:, dead])
 
     def _row_topk_device(self, xc: Tensor, dead: Tensor | None, width: int) -> Selection:
         """`row_topk` from plain torch ops: on CUDA, and wherever the encoder runs in a lower precision.
