@@ -7,12 +7,16 @@ training loop against its own bare step; caching against the bare forward. Ratio
    (`loop._step`: also gradient clipping, the decoder-norm fix-ups, dead-latent counters, metrics). Peers when
    installed. ms/step (median), tokens/s, peak memory (CUDA), next to the bf16 and fp32 matmul rooflines (the dense
    encoder product alone). Shapes: the three of the GPU issue on CUDA; small ones on CPU.
+   Host time: the same steps (ours, the loop's, sparsify's) at a shape so small that the device's work is negligible,
+   so their time is the host's (Python, dispatch, kernel launches), with the aten ops each step issues. A GPU step
+   whose kernels take less than this waits on the host.
 2. Pipeline: tokens/s of `train()` on in-memory tensors and of `sae-kit train --activations` (an on-disk store),
    each as the marginal rate of two runs of different length (start-up and publishing cancel out), against the
    loop's bare step on batches already on the device.
 3. Caching: `sae-kit cache` tokens/s against the bare forward of the same model (bench/bench_cache.py).
 
-Usage: python bench/bench_gpu.py [--quick] [--rounds N] [--threads 2] [--skip-peers] [--skip-step] [--skip-pipeline]
+Usage: python bench/bench_gpu.py [--quick] [--rounds N] [--threads 2] [--skip-peers] [--skip-step] [--skip-host]
+                                 [--skip-pipeline]
                                  [--skip-store] [--skip-cache] [--shapes 0,2] [--contenders ours,sparsify] [--json F]
 `--shapes` and `--contenders` pick parts of section 1, so that each shape (or peer) can run in a process of its own
 (bench/h200/run.sh does that on the H200); `--json F` appends one JSON object per measurement to F as it is made.
@@ -36,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.bench_topk import preselect_switch, train_step  # noqa: E402
 from sae_kit.sae.native import bf16_matmul_units  # noqa: E402
@@ -46,6 +51,9 @@ CPU_SHAPES = ((256, 1024, 8), (512, 8192, 32))
 QUICK_SHAPES = ((64, 256, 4),)
 GPU_ROUNDS = 20
 """Timed steps per contender on CUDA (the largest shape's slowest contender, SAELens, takes well under a second)."""
+HOST_SHAPE = (64, 256, 4)
+"""d_in, d_sae, k of the host-time measurement, at batch HOST_BATCH: a few µs of device work per kernel."""
+HOST_BATCH = 256
 CONTENDERS = ("ours", "ours-triton", "ours-fp32", "ours-fp32-exact", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
 
@@ -132,7 +140,7 @@ def loop_step(x: torch.Tensor, d_sae: int, k: int, dtype: str, tmp: Path, **cfg_
         if t.log_file is not None:
             t.log_file.close()
             t.log_file = None
-    halt = loop._Halt(x.device)
+    halt = loop._Halt(x.device, len(trainees), cfg.micro_batches)
     batch = {"h": x}
     counter = [0]
 
@@ -255,6 +263,61 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
     return errors
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched (after autograd, so the backward's too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(step: Callable[[], object]) -> int:
+    """The aten ops one call of `step` dispatches: each a kernel launch on a GPU (Triton kernels not counted)."""
+    with _OpCount() as count:
+        step()
+    return count.n
+
+
+def bench_host(device: torch.device, rounds: int, peers: bool, contenders: tuple[str, ...] = CONTENDERS) -> None:
+    """Host time per step (module docstring, section 1): µs/step at HOST_SHAPE and the aten ops of one step."""
+    d_in, d_sae, k = HOST_SHAPE
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    x = torch.randn(HOST_BATCH, d_in, device=device)
+    precision = torch.bfloat16 if cuda else None
+    print(f"\nhost time per step: {d_in} × {d_sae}, k {k}, batch {HOST_BATCH} (device work negligible), {device}")
+    print(f"  {'contender':58s} {'µs/step':>9s} {'aten ops':>9s} {'µs/op':>7s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        builders: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
+            "ours": ("ours (SAE step)", lambda: ours(x, d_sae, k, precision)),
+            "loop": ("ours loop step", lambda: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
+        }
+        if peers:
+            builders["sparsify"] = ("sparsify", lambda: sparsify(x, d_sae, k))
+        got: dict[str, float] = {}
+        for key, (name, build) in builders.items():
+            if key not in contenders:
+                continue
+            try:
+                step = build()
+                t = statistics.median(_time(step, device, rounds, warmup=10))
+                ops = aten_ops(step)
+            except ImportError as err:
+                print(f"  {name:58s} not installed ({err.name})")
+                continue
+            got[key] = t
+            print(f"  {name:58s} {1e6 * t:9.0f} {ops:9d} {1e6 * t / ops:7.1f}")
+            record("host", d_in=d_in, d_sae=d_sae, k=k, batch=HOST_BATCH, device=str(device), contender=key,
+                   name=name, us=1e6 * t, aten_ops=ops, rounds=rounds)
+        for key in ("ours", "loop"):  # sparsify's step here is its SAE's alone, with no trainer's bookkeeping
+            if key in got and "sparsify" in got:
+                print(f"  {builders[key][0]} / sparsify {got[key] / got['sparsify']:6.2f}× the host time")
+
+
 # -- 2. the pipeline ----------------------------------------------------------------------------------------------
 
 def _marginal_rate(run: Callable[[int], None], short: int, long: int) -> float:
@@ -372,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"section 1's contenders, comma-separated, of {','.join(CONTENDERS)}")
     ap.add_argument("--skip-peers", action="store_true", help="do not try sparsify / SAELens")
     ap.add_argument("--skip-step", action="store_true", help="skip the step comparison (section 1)")
+    ap.add_argument("--skip-host", action="store_true", help="skip section 1's host time per step (also skipped with --skip-step)")
     ap.add_argument("--skip-pipeline", action="store_true", help="skip section 2 (train() and train --activations)")
     ap.add_argument("--skip-store", action="store_true", help="skip `train --activations` (no store is cached)")
     ap.add_argument("--skip-cache", action="store_true", help="skip the caching measurement (section 3)")
@@ -419,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_step:
         errors += bench_steps(_shapes(args.shapes, shapes), batch, device, rounds, peers=not args.skip_peers,
                               contenders=contenders)
+    if not args.skip_step and not args.skip_host and {"ours", "loop", "sparsify"} & set(contenders):
+        bench_host(device, 20 if args.quick else 200, peers=not args.skip_peers, contenders=contenders)
     if args.skip_pipeline and args.skip_cache:
         return 1 if errors else 0
     with tempfile.TemporaryDirectory() as tmp:

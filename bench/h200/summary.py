@@ -60,8 +60,8 @@ def main() -> None:
     path = Path(sys.argv[1])
     xml = Path(sys.argv[2]) if len(sys.argv) > 2 else None
     records = load(path) if path.exists() else []
-    by = {s: [r for r in records if r.get("section") == s] for s in ("env", "run", "step", "pipeline", "cache",
-                                                                       "status")}
+    by = {s: [r for r in records if r.get("section") == s] for s in ("env", "run", "step", "host", "pipeline",
+                                                                       "cache", "status")}
     junit = tests(xml)
     goals: dict[str, object] = {}
 
@@ -108,6 +108,12 @@ def main() -> None:
                   f" | Triton backward/torch {fmt(ratio(tok.get('ours-triton'), tok.get('ours')), '.2f', '×')}"
                   f" | fp32 exact/fp32 {fmt(ratio(tok.get('ours-fp32-exact'), tok.get('ours-fp32')), '.2f', '×')}")
 
+    if by["host"]:
+        r0 = by["host"][0]
+        print(f"\nhost time per step at {r0['d_in']} × {r0['d_sae']}, k {r0['k']}, batch {r0['batch']} (device work "
+              "negligible): " + " | ".join(f"{r['name']} {r['us']:,.0f} µs, {r['aten_ops']} aten ops" for r in by["host"]))
+        host = {r["contender"]: r["us"] for r in by["host"]}
+        goals["host_loop_over_sparsify"] = ratio(host.get("loop"), host.get("sparsify"))
     if by["pipeline"]:
         print("\npipeline (tokens/s; ratio to the loop's bare step):")
         for r in by["pipeline"]:

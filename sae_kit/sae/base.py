@@ -362,7 +362,7 @@ class SparseCoder(nn.Module):
         """Renormalise every decoder row to unit L2 norm (unless `skip`, a 0-d bool on the device, is set)."""
         norm = self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # (d_sae, 1)
         if skip is not None:
-            norm = torch.where(skip, torch.ones_like(norm), norm)  # dividing by 1 leaves the rows bit-identical
+            norm.masked_fill_(skip, 1.0)  # dividing by 1 leaves the rows bit-identical
         self.W_dec.data /= norm
 
     @torch.no_grad()

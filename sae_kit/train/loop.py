@@ -42,7 +42,7 @@ from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import BatchFeed
 from sae_kit.train.geometric_median import geometric_median
 from sae_kit.train.max_acts import MAX_ACTS_ROWS, latent_max_acts
-from sae_kit.train.optim import clip_factor, grad_norm, make_optimizer, masked_step
+from sae_kit.train.optim import grad_norm, grad_scale, make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
 
@@ -79,7 +79,6 @@ class Trainee:
     owner: bool  # this rank writes its files
     log_file: TextIO | None = None
     recent: list[tuple[int, Tensor]] = field(default_factory=list)  # (step, (len(WINDOW_KEYS),) values), on device
-    fault: Tensor | None = None  # (4,) first non-finite event: step, micro-batch, loss, gradient norm (-1: none)
 
     @property
     def hook(self) -> str:
@@ -276,8 +275,6 @@ def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Tra
     """The SAEs this rank trains, restored from the latest checkpoint when there is one; and the step to start at."""
     owner = plan.comm.is_main or not plan.data_parallel
     trainees = [_build(cfg, plan.specs[i], source, plan.device, owner) for i in plan.mine]
-    for t in trainees:
-        t.fault = torch.full((4,), -1.0, dtype=torch.float64, device=plan.device)
     last = ckpt.latest_checkpoint(plan.out)
     step = 0
     if last is not None:
@@ -318,34 +315,27 @@ def _init_from_first_batch(trainees: list[Trainee], batch: dict[str, Tensor], de
 # -- 3. the step --------------------------------------------------------------------------------------------------
 
 class _Halt:
-    """The first step at which any rank saw a non-finite value, kept on the device (-1: none yet)."""
+    """The first step at which any rank saw a non-finite value (-1: none yet), and what every SAE of this rank
+    recorded at that step; kept on the device, read at sync points only."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, n_saes: int, micro_batches: int):
         self.at = torch.full((), -1, dtype=torch.long, device=device)
+        self.records = torch.zeros(n_saes, micro_batches + 1, device=device)
+        """(n_saes, micro_batches + 1) at the halting step: each SAE's micro-batch losses, then its gradient norm."""
 
-    @property
-    def on(self) -> Tensor:
-        """0-d bool: updates are skipped from now on."""
+    def note(self, records: Tensor, step: int, comm: SingleProcess) -> Tensor:
+        """Halt at `step` if any entry of records (n_saes, micro_batches + 1) is non-finite on any rank and no earlier
+        step halted; return the 0-d bool "halted" (now or before), the same on every rank."""
+        bad = (records * 0).ne(0).any()  # x·0 is NaN exactly when x is ±inf or NaN: 3 ops where isfinite takes 5
+        if comm.world_size > 1:
+            flag = bad.to(torch.uint8)
+            comm.all_reduce_max_(flag)
+            bad = flag.bool()
+        fresh = bad & (self.at < 0)
+        # Scalars and device values only: a tensor made from a Python number would be a host-to-device copy.
+        self.at.copy_(torch.where(fresh, step, self.at))
+        self.records.copy_(torch.where(fresh, records.float(), self.records))
         return self.at >= 0
-
-    def note(self, bad_now: Tensor, step: int) -> None:
-        """Halt at `step` if bad_now (a 0-d bool, the same on every rank) and not halted already."""
-        self.at.copy_(torch.where(self.on | ~bad_now, self.at, step))
-
-
-def _note_fault(t: Trainee, bad: Tensor, halt: _Halt, step: int, micro: int, loss: Tensor | None = None,
-                norm: Tensor | None = None) -> None:
-    """Record (step, micro-batch, loss, gradient norm) as t's first fault, if `bad` and no fault came before.
-
-    Built on the device from fills and device values: a tensor made from a Python number would be a host-to-device
-    copy, which synchronises.
-    """
-    fresh = bad & ~halt.on & (t.fault[0] < 0)
-    fill = t.fault[0]
-    event = torch.stack([torch.full_like(fill, step), torch.full_like(fill, micro),
-                         torch.full_like(fill, -1.0) if loss is None else loss.to(fill.dtype),
-                         torch.full_like(fill, -1.0) if norm is None else norm.to(fill.dtype)])
-    t.fault.copy_(torch.where(fresh, event, t.fault))
 
 
 def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: TrainConfig, plan: Plan,
@@ -357,10 +347,10 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
     micro = per_rank // cfg.micro_batches
     rank = plan.dp.rank
     saved: list[dict[str, Tensor]] = []
-    sums: list[Tensor] = []
+    metrics: list[Tensor] = []
     fired: list[Tensor] = []
-    bad_now = torch.zeros((), dtype=torch.bool, device=plan.device)
-    # Forward + backward of every SAE; no parameter changes yet.
+    # Forward + backward of every SAE; no parameter changes yet. Every op here costs host time on a GPU too (a
+    # kernel launch), so the bookkeeping is a few ops per SAE and step, not per value.
     for t in trainees:
         lr = lr_at(step, plan.n_steps, t.peak_lr, plan.warmup, cfg.decay_start, cfg.lr_decay, cfg.lr_final_fraction)
         for group in t.opt.param_groups:
@@ -371,54 +361,52 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
         # None, not zeros: autograd then adopts each fresh gradient instead of adding it to a zeroed one (a write
         # and an add: 4 passes over every parameter's size per step).
         t.opt.zero_grad(set_to_none=True)
-        total = torch.zeros(len(METRIC_KEYS), device=plan.device)
-        hit = torch.zeros(t.sae.d_sae, dtype=torch.bool, device=plan.device)
+        per_micro: list[Tensor] = []
+        hit: Tensor | None = None
         for m in range(cfg.micro_batches):
             x = x_all[m * micro:(m + 1) * micro]  # (micro, d_in)
             y = y_all[m * micro:(m + 1) * micro] if y_all is not None else None
             with t.sae.training_precision(plan.precision):
                 o = t.sae(x, target=y, dead_latents=t.dead.dead_latents,
                           sparsity_coefficient=t.spec.sparsity_coefficient * lam_frac)
-            bad = ~torch.isfinite(o.loss.detach())
-            _note_fault(t, bad, halt, step, m, loss=o.loss.detach())
-            bad_now |= bad
-            (o.loss / cfg.micro_batches).backward()
-            total += torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float()
-            hit |= fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
+            (o.loss if cfg.micro_batches == 1 else o.loss / cfg.micro_batches).backward()
+            per_micro.append(torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float())
+            now = fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
+            hit = now if hit is None else hit | now
         for p in t.sae.parameters():
             if p.grad is None and t.opt.state.get(p):  # unused this step but trained before: Adam still moves it
                 p.grad = torch.zeros_like(p)
-        sums.append(total / cfg.micro_batches)
+        metrics.append(torch.stack(per_micro))  # (micro_batches, len(METRIC_KEYS))
         fired.append(hit)
-    # Average over ranks, fix the decoder gradient, clip; a non-finite gradient also halts.
-    clips: list[Tensor | None] = []
-    for t, s, hit in zip(trainees, sums, fired):
+    # Average over ranks, fix the decoder gradient, clip; a non-finite loss or gradient norm halts.
+    sums: list[Tensor] = []
+    scales: list[Tensor | None] = []
+    records: list[Tensor] = []
+    for t, per_micro_metrics, hit in zip(trainees, metrics, fired):
         params = [p for p in t.sae.parameters() if p.grad is not None]
-        plan.dp.all_reduce_mean_([p.grad for p in params] + [s] + [b for b in t.sae.buffers() if b.is_floating_point()])
-        hit_int = hit.to(torch.uint8)
-        plan.dp.all_reduce_max_(hit_int)
-        hit.copy_(hit_int.bool())
+        s = per_micro_metrics.mean(0)  # (len(METRIC_KEYS),)
+        if plan.dp.world_size > 1:
+            plan.dp.all_reduce_mean_([p.grad for p in params] + [s] + [b for b in t.sae.buffers()
+                                                                       if b.is_floating_point()])
+            hit_int = hit.to(torch.uint8)
+            plan.dp.all_reduce_max_(hit_int)
+            hit.copy_(hit_int.bool())
         if t.sae.unit_norm_decoder:
             t.sae.remove_gradient_parallel_to_decoder_directions_()
         norm = grad_norm(params)
-        clips.append(clip_factor(norm, cfg.grad_clip))  # applied inside the update
-        bad = ~torch.isfinite(norm)
-        _note_fault(t, bad, halt, step, -1, norm=norm)
-        bad_now |= bad
-    flag = bad_now.to(torch.uint8)
-    plan.comm.all_reduce_max_(flag)  # every rank halts at the same step
-    halt.note(flag.bool(), step)
-    halted = halt.on
+        scales.append(grad_scale(norm, cfg.grad_clip))  # applied inside the update
+        records.append(torch.cat([per_micro_metrics[:, 0], norm.reshape(1)]))  # losses, then the gradient norm
+        sums.append(s)
+    halted = halt.note(torch.stack(records), step, plan.comm)  # every rank halts at the same step
     # Update, skipped on the device when halted: the parameters keep the last good state.
-    for t, s, hit, buffers, clip in zip(trainees, sums, fired, saved, clips):
-        masked_step(t.opt, halted, clip)
+    for t, s, hit, buffers, scale in zip(trainees, sums, fired, saved, scales):
+        masked_step(t.opt, halted, scale)
         if t.sae.unit_norm_decoder:
             t.sae.set_decoder_norm_to_unit_norm_(skip=halted)
         for name, b in t.sae.named_buffers():
             b.copy_(torch.where(halted, buffers[name], b))
         t.dead.update(fired=hit, n_tokens=cfg.batch_size, skip=halted)
-        dead_frac = t.dead.dead_mask.float().mean().reshape(1)  # (1,)
-        t.recent.append((step + 1, torch.cat([s, dead_frac])))
+        t.recent.append((step + 1, torch.cat([s, t.dead.dead_mask.float().mean(0, keepdim=True)])))
 
 
 # -- 4. sync points: logs, checkpoints, dead-latent refresh, the non-finite check -----------------------------------
@@ -443,15 +431,14 @@ def _raise_if_halted(trainees: list[Trainee], halt: _Halt, cfg: TrainConfig, pla
     per_rank = cfg.batch_size // plan.dp.world_size
     micro = per_rank // cfg.micro_batches
     what = []
-    for t in trainees:
-        s, m, loss, norm = t.fault.tolist()
-        if s != first:
-            continue
-        if m >= 0:
-            row = first * cfg.batch_size + plan.dp.rank * per_rank + int(m) * micro
-            what.append(f"SAE {t.spec.name}: loss {loss} at step {first} (batch index {first}, rows "
+    for t, record in zip(trainees, halt.records.tolist()):
+        *losses, norm = record
+        bad = [m for m, loss in enumerate(losses) if not math.isfinite(loss)]
+        if bad:
+            row = first * cfg.batch_size + plan.dp.rank * per_rank + bad[0] * micro
+            what.append(f"SAE {t.spec.name}: loss {losses[bad[0]]} at step {first} (batch index {first}, rows "
                         f"{row}..{row + micro - 1} of the data stream)")
-        else:
+        elif not math.isfinite(norm):
             what.append(f"SAE {t.spec.name}: gradient norm {norm} at step {first} (batch index {first})")
     for t in trainees:
         t.recent = [(s, v) for s, v in t.recent if s <= first][-FINAL_WINDOW:]  # s counts the steps done
@@ -623,7 +610,7 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     trainees, step = _build_trainees(cfg, plan, source)
     if cfg.dtype == "bfloat16" and device.type != "cuda":
         log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
-    halt = _Halt(device)
+    halt = _Halt(device, len(trainees), cfg.micro_batches)
     logger = _Logger(cfg, plan, step, progress)
     feed = BatchFeed(source.batches(plan.hooks, cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
                                     start_batch=step), device)

@@ -17,7 +17,7 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
 
     bench_gpu.main(["--quick", "--skip-peers"])
     out = capsys.readouterr().out
-    for expected in ("ms/step", "ours / fp32 matmul", "ours loop step",
+    for expected in ("ms/step", "ours / fp32 matmul", "ours loop step", "host time per step", "aten ops",
                      "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward"):
         assert expected in out, expected
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
@@ -32,19 +32,24 @@ def test_bench_gpu_parts_write_json_that_the_h200_summary_reads(tmp_path, capsys
 
     from bench import bench_gpu
 
+    with_host = tmp_path / "with_host.jsonl"
+    args = ["--skip-pipeline", "--skip-cache", "--shapes", "32x64x4", "--contenders", "ours,fp32mm", "--rounds", "1",
+            "--threads", "1", "--json"]
+    assert bench_gpu.main([*args, str(with_host)]) == 0
+    records = [json.loads(line) for line in with_host.read_text().splitlines()]
+    assert [r["section"] for r in records] == ["run", "step", "step", "host"]  # host: of the contenders, ours
+    assert records[-1]["contender"] == "ours" and records[-1]["aten_ops"] > 10 and records[-1]["us"] > 0
     results = tmp_path / "results.jsonl"
-    code = bench_gpu.main(["--skip-pipeline", "--skip-cache", "--shapes", "32x64x4", "--contenders", "ours,fp32mm",
-                           "--rounds", "1", "--threads", "1", "--json", str(results)])
-    assert code == 0
+    assert bench_gpu.main(["--skip-host", *args, str(results)]) == 0
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["section"] for r in records] == ["run", "step", "step"]
     assert [(r["contender"], r["status"], r["d_sae"]) for r in records[1:]] == [("ours", "ok", 64), ("fp32mm", "ok", 64)]
     capsys.readouterr()
-    out = subprocess.run([sys.executable, "bench/h200/summary.py", str(results)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "bench/h200/summary.py", str(with_host)], capture_output=True, text=True,
                          cwd=Path(bench_gpu.__file__).parents[1], check=True).stdout
-    assert "32 × 64, k 4" in out and "ours/sparsify" in out
+    assert "32 × 64, k 4" in out and "ours/sparsify" in out and "host time per step" in out
     grouped = json.loads((tmp_path / "results.json").read_text())
-    assert len(grouped["step"]) == 2 and "32x64" in grouped["goals"]
+    assert len(grouped["step"]) == 2 and len(grouped["host"]) == 1 and "32x64" in grouped["goals"]
     for script in ("run.sh", "fetch_wheels.sh"):  # the device call's script must at least parse
         subprocess.run(["bash", "-n", str(Path(bench_gpu.__file__).parent / "h200" / script)], check=True)
 

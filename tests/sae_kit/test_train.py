@@ -278,6 +278,64 @@ def test_nan_loss_stops_with_step_and_checkpoint_of_last_good_state(tmp_path):
     assert train(c, TensorSource({HOOK: x}), resume=True, progress=False) == tmp_path / "topk"
 
 
+class PoisonedRow(TensorSource):
+    """Row `row` of batch `bad_at` of the stream is NaN."""
+
+    def __init__(self, tensors, bad_at, row):
+        super().__init__(tensors)
+        self.bad_at, self.row = bad_at, row
+
+    def batches(self, *a, start_batch=0, **k):
+        for i, b in enumerate(super().batches(*a, start_batch=start_batch, **k), start=start_batch):
+            if i == self.bad_at:
+                b = {h: t.clone() for h, t in b.items()}
+                b[HOOK][self.row] = float("nan")
+            yield b
+
+
+def test_nan_in_a_later_micro_batch_names_its_rows_and_only_the_sae_it_reached(tmp_path):
+    """Two SAEs of a sweep, the second reading another hook: only the one whose rows hold the NaN is named, with
+    the rows of the micro-batch that went wrong."""
+    x, _ = synthetic(n=2048)
+    c = cfg(tmp_path, n_tokens=2048, lr=1e-3, micro_batches=2, hook_points=[HOOK, "clean"])
+    with pytest.raises(FloatingPointError) as err:
+        train_all(c, PoisonedRow({HOOK: x, "clean": x.clone()}, bad_at=3, row=200), progress=False)
+    message = str(err.value)
+    assert "loss nan at step 3 (batch index 3, rows 896..1023" in message  # micro-batch 1 of 2: rows 128..255
+    assert message.count("SAE ") == 1 and "clean" not in message.split(". The last")[0]
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and load_part(ckpt, "state.pt")["step"] == 3
+
+
+def test_non_finite_gradient_with_finite_loss_halts_and_saves_the_last_good_state(tmp_path, monkeypatch):
+    import sae_kit.train.loop as loop
+
+    calls = [0]
+    real = loop.grad_norm
+
+    def norm_overflowing_at_step_1(params):
+        calls[0] += 1
+        norm = real(params)
+        return norm * math.inf if calls[0] == 2 else norm
+
+    monkeypatch.setattr(loop, "grad_norm", norm_overflowing_at_step_1)
+    x, _ = synthetic(n=2048)
+    c = cfg(tmp_path, n_tokens=2048, lr=1e-3)
+    with pytest.raises(FloatingPointError, match=r"SAE topk: gradient norm inf at step 1 \(batch index 1\)"):
+        train(c, TensorSource({HOOK: x}), progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and load_part(ckpt, "state.pt")["step"] == 1
+    # The saved weights are a clean run's after 1 step: neither the step with the bad norm nor the 3 steps run
+    # before the sync point that saw it (log_every 5) changed anything.
+    monkeypatch.setattr(loop, "grad_norm", real)
+    clean: dict[int, dict] = {}
+    monkeypatch.setattr(loop, "after_checkpoint",
+                        lambda step, path: clean.setdefault(step, load_part(path, "sae-topk.pt")["sae"]))
+    train(c.replace(out=str(tmp_path / "clean"), checkpoint_every=256), TensorSource({HOOK: x}), progress=False)
+    for name, value in load_part(ckpt, "sae-topk.pt")["sae"].items():
+        assert torch.equal(value, clean[1][name]), name
+
+
 def test_nan_from_cli_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import sae_kit.train.loop as loop
     from sae_kit.cli import main
