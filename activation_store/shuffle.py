@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from activation_store.buffers import BatchBuffers, gather_rows
+
 ShardLoader = Callable[[int], dict[str, Tensor]]
 """Loads one shard: shard index → {hook point: (rows, d)}."""
 
@@ -79,10 +81,11 @@ def shard_order(n_shards: int, epochs: int, shuffle: bool, seed: int) -> list[in
 def mixed_batches(
     shard_rows: Sequence[int], load: ShardLoader, batch_size: int, shuffle: bool = True, seed: int = 0,
     epochs: int = 1, start_batch: int = 0, buffer_rows: int = 262_144, dtype: torch.dtype = torch.float32,
-    prefetch: int = 2, workers: int = 1,
+    prefetch: int = 2, workers: int = 1, buffers: BatchBuffers | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Batches {hook point: (batch_size, d)} over all shards; deterministic given seed; the last partial batch of
-    the final epoch is dropped. `prefetch` shards are loaded ahead on `workers` threads (0: load in line)."""
+    the final epoch is dropped. `prefetch` shards are loaded ahead on `workers` threads (0: load in line). With
+    `buffers`, batches are gathered into the tensors their consumer handed back there (else each is a new one)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if epochs <= 0:
@@ -142,10 +145,7 @@ def mixed_batches(
                     if pool is None:
                         pool, perm = materialize(ids), None  # gathered in the permuted order already
                     rows = slice(b * batch_size, (b + 1) * batch_size)
-                    if perm is None:
-                        yield {h: a[rows].to(dtype, copy=True) for h, a in pool.items()}
-                    else:
-                        yield {h: a.index_select(0, perm[rows]).to(dtype) for h, a in pool.items()}
+                    yield {h: gather_rows(a, rows if perm is None else perm[rows], dtype, buffers) for h, a in pool.items()}
                 emitted += 1
             kept = len(ids) - n_emit * batch_size
             if pool is not None:

@@ -36,6 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from activation_store.buffers import BatchBuffers
 from activation_store.capture import check_finite, kept_indices, n_contexts, select_rows, to_host, token_batches
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
@@ -689,13 +690,14 @@ class ActivationStore:
     def batches(
         self, hook_points: Sequence[str], batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
         start_batch: int = 0, dtype: torch.dtype = torch.float32, buffer_rows: int | None = None,
-        prefetch: int = 4, workers: int | None = None,
+        prefetch: int = 4, workers: int | None = None, buffers: BatchBuffers | None = None,
     ) -> Iterator[dict[str, Tensor]]:
         """Row-aligned batches {hook_point: (batch_size, d)}; deterministic given seed, and start_batch skips
         ahead so a resumed trainer sees exactly the batches an uninterrupted run would have seen next.
 
         Memory is bounded by `buffer_rows` (default: four of the largest shards) plus `prefetch` shards, read ahead
-        on `workers` threads (default: one per core, at most 4). Neither changes which batches come out.
+        on `workers` threads (default: one per core, at most 4). Neither changes which batches come out. With
+        `buffers`, batches are gathered into the tensors the consumer handed back there.
         """
         if isinstance(hook_points, str):
             hook_points = [hook_points]
@@ -709,7 +711,7 @@ class ActivationStore:
             workers = min(4, os.cpu_count() or 1)
         return mixed_batches(rows, lambda i: self.load_shard(i, hooks), batch_size, shuffle=shuffle, seed=seed,
                              epochs=epochs, start_batch=start_batch, buffer_rows=buffer_rows, dtype=dtype,
-                             prefetch=prefetch, workers=workers)
+                             prefetch=prefetch, workers=workers, buffers=buffers)
 
     def row_tokens(self) -> TokenRows:
         """Token id, document index and position of every stored row, in store row order."""

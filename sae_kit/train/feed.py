@@ -8,6 +8,10 @@ device before the step asks for it and the step never waits for a host-to-device
 
 An error or a KeyboardInterrupt raised by the source surfaces in the training thread at the same position in the
 stream, after the batches made before it, exactly as a synchronous read would raise it.
+
+Given `buffers` (the `BatchBuffers` the source gathers into), the feed hands each batch's host tensors back once
+they are no longer needed: on CUDA when the copy to the device has finished, on CPU when the consumer asks for the
+next batch (so a CPU consumer must not keep a batch's tensors past that; the training step does not).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from activation_store.buffers import BatchBuffers
+
 Batch = dict[str, Tensor]
 
 DEPTH = 3
@@ -30,10 +36,13 @@ _POLL_S = 0.1
 class BatchFeed:
     """Iterate `batches` through a background thread `depth` items ahead; tensors arrive on `device`."""
 
-    def __init__(self, batches: Iterable[Batch], device: torch.device | str = "cpu", depth: int = DEPTH):
+    def __init__(self, batches: Iterable[Batch], device: torch.device | str = "cpu", depth: int = DEPTH,
+                 buffers: BatchBuffers | None = None):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.device = torch.device(device)
+        self.buffers = buffers
+        self._lent: Batch | None = None  # CPU: the batch the consumer holds, handed back when it asks for the next
         self._source = iter(batches)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -49,12 +58,17 @@ class BatchFeed:
             with torch.cuda.stream(stream) if cuda else nullcontext():
                 for batch in self._source:
                     if cuda:
+                        host = batch
+                        # pin_memory() returns a tensor gathered into pinned buffers as it is: no copy.
                         batch = {h: (a.pin_memory() if a.device.type == "cpu" else a).to(self.device, non_blocking=True)
-                                 for h, a in batch.items()}
+                                 for h, a in host.items()}
                         # Blocks this thread only; the batch is whole before it is queued. An event, not
                         # stream.synchronize(): torch's sync debug mode is process-wide and flags stream syncs from
                         # any thread, so the step's no-sync check would trip on this wait.
                         stream.record_event().synchronize()
+                        if self.buffers is not None:
+                            self.buffers.give(host.values())
+                        del host
                     elif self.device.type != "cpu":
                         batch = {h: a.to(self.device) for h, a in batch.items()}
                     if not self._put(("batch", batch)):
@@ -90,6 +104,10 @@ class BatchFeed:
                 current = torch.cuda.current_stream(self.device)
                 for a in value.values():
                     a.record_stream(current)  # made on the side stream, freed after the step's kernels ran
+            elif self.device.type == "cpu" and self.buffers is not None:
+                if self._lent is not None:
+                    self.buffers.give(self._lent.values())
+                self._lent = value
             return value
         self._done = True
         self.close()

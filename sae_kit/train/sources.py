@@ -6,6 +6,7 @@ seed, with `start_batch` skipping ahead exactly (that is what makes resume exact
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from activation_store.buffers import BatchBuffers, gather_rows
 from activation_store.store import ActivationStore, NormStats
 from sae_kit.train.config import TrainConfig
 
@@ -52,9 +54,10 @@ class TensorSource:
 
     def batches(
         self, hook_points: Sequence[str], batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
-        start_batch: int = 0, dtype: torch.dtype = torch.float32,
+        start_batch: int = 0, dtype: torch.dtype = torch.float32, buffers: BatchBuffers | None = None,
     ) -> Iterator[dict[str, Tensor]]:
-        """Full batches of each epoch's seeded permutation; start_batch skips ahead exactly."""
+        """Full batches of each epoch's seeded permutation; start_batch skips ahead exactly; rows in host memory go
+        into the tensors handed back to `buffers` when it is given."""
         data = {h: self._get(h) for h in hook_points}
         per_epoch = self.n_rows // batch_size
         if per_epoch == 0:
@@ -67,7 +70,17 @@ class TensorSource:
                 order = torch.randperm(self.n_rows, generator=gen) if shuffle else torch.arange(self.n_rows)
                 order_epoch = epoch
             rows = order[within * batch_size : (within + 1) * batch_size]  # (batch_size,)
-            yield {h: t.index_select(0, rows.to(t.device)).to(dtype) for h, t in data.items()}
+            yield {h: gather_rows(t, rows.to(t.device), dtype, buffers) for h, t in data.items()}
+
+
+def source_batches(source: Any, hook_points: Sequence[str], batch_size: int, buffers: BatchBuffers,
+                   **kwargs: Any) -> Iterator[dict[str, Tensor]]:
+    """`source.batches(...)`, gathering into `buffers` where the source's `batches` takes them (a source of
+    another kind, e.g. one a user wrote, is called as before)."""
+    params = inspect.signature(source.batches).parameters
+    if "buffers" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs["buffers"] = buffers
+    return source.batches(hook_points, batch_size, **kwargs)
 
 
 def open_source(cfg: TrainConfig) -> Any:

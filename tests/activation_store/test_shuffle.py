@@ -65,3 +65,24 @@ def test_stored_dtype_is_converted_and_batches_are_their_own():
     got[0][H].fill_(7.0)  # writing into one batch leaves the others (and the source shards) alone
     assert all(not torch.equal(g[H], got[0][H]) for g in got[1:])
     assert not (torch.cat([s[H] for s in shards]).float() == 7.0).all(1).any()
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_batches_gathered_into_handed_back_tensors_follow_the_plan(stored):
+    """A consumer that hands each batch back once done with it gets the plan's batches, gathered into a few reused
+    tensors (their number bounded by how many batches it holds at once, here one)."""
+    from activation_store.buffers import BatchBuffers
+
+    shards = _shards([40, 97, 13, 60, 41, 5], dtype=stored)
+    want = _planned(shards, 16, True, seed=3, epochs=3, buffer_rows=100)
+    pool = BatchBuffers()
+    seen, n = set(), 0
+    for start in (0, len(want) // 2):  # also going live mid-plan (a resumed reader)
+        for g, w in zip(mixed_batches([len(s[H]) for s in shards], lambda i: shards[i], 16, seed=3, epochs=3,
+                                      buffer_rows=100, start_batch=start, prefetch=2, buffers=pool), want[start:]):
+            assert all(g[h].dtype == torch.float32 and torch.equal(g[h], w[h].float()) for h in (H, G))
+            seen |= {g[h].data_ptr() for h in (H, G)}
+            n += 1
+            pool.give(g.values())
+    assert n == len(want) + len(want) - len(want) // 2
+    assert len(seen) == 2  # one tensor per hook point, refilled every batch

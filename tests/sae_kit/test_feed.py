@@ -50,6 +50,61 @@ def test_feed_yields_the_synchronous_readers_batches(start_batch):
     assert len(synchronous) >= 2 * per_epoch - 1 - start_batch  # the second epoch is really there
 
 
+@pytest.mark.parametrize("start_batch", [0, 13])
+def test_a_feed_recycling_batches_yields_the_same_and_never_refills_the_batch_in_use(start_batch):
+    """With buffers, a CPU feed hands a batch back only when the next is asked for: the batch the consumer holds
+    stays intact however far the feed thread runs ahead, and every batch is the in-line read's."""
+    import time
+
+    from activation_store.buffers import BatchBuffers
+
+    shards = _shards()
+    kw = dict(batch_size=128, epochs=2, seed=3, buffer_rows=900, start_batch=start_batch)
+    synchronous = list(_read(shards, prefetch=0, workers=1, **kw))
+    pool = BatchBuffers()
+    seen = set()
+    with BatchFeed(_read(shards, prefetch=4, workers=3, buffers=pool, **kw), "cpu", depth=2, buffers=pool) as feed:
+        for i, batch in enumerate(feed):
+            time.sleep(0.01)  # the feed thread fills its queue meanwhile
+            _assert_same([batch], [synchronous[i]])
+            seen.add(batch[HOOK].data_ptr())
+    assert i == len(synchronous) - 1
+    assert len(seen) <= 2 + 2  # the queue's depth, the batch in use and the one being made: not one per batch
+    assert len(synchronous) > 8
+
+
+def test_training_gathers_into_recycled_buffers_and_a_source_without_them_still_trains(tmp_path, monkeypatch):
+    """`train` hands the feed a BatchBuffers the source gathers into; a source whose `batches` takes no such argument
+    (one a user wrote) is called as before and trains to the same weights."""
+    import activation_store.buffers as buffers
+
+    x = torch.randn(2048, 16)
+    made: list[torch.Tensor] = []  # every tensor handed out, kept alive so that ids stay distinct
+    real_take = buffers.BatchBuffers.take
+    monkeypatch.setattr(buffers.BatchBuffers, "take", lambda self, *a: made.append(real_take(self, *a)) or made[-1])
+    cfg = TrainConfig(hook_points=HOOK, k=4, d_sae=64, batch_size=128, n_tokens=128 * 24, out=str(tmp_path / "a"),
+                      log_every=100)
+    a = SparseCoder.load(train(cfg, TensorSource({HOOK: x}), progress=False))
+    assert len(made) >= 24  # every batch gathered into a pool tensor...
+    assert len({id(t) for t in made}) <= 5  # ...of a few, refilled: the feed's depth, the one in use, the next
+
+    class Plain:  # only the documented source interface: no `buffers`, no **kwargs
+        def __init__(self, inner):
+            self.inner = inner
+            self.hook_points, self.n_rows, self.model = inner.hook_points, inner.n_rows, inner.model
+            self.d_in, self.norm_stats = inner.d_in, inner.norm_stats
+
+        def batches(self, hook_points, batch_size, shuffle=True, seed=0, epochs=1, start_batch=0):
+            return self.inner.batches(hook_points, batch_size, shuffle=shuffle, seed=seed, epochs=epochs,
+                                      start_batch=start_batch)
+
+    made.clear()
+    b = SparseCoder.load(train(cfg.replace(out=str(tmp_path / "b")), Plain(TensorSource({HOOK: x})), progress=False))
+    assert made == []  # no buffers asked for
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+
+
 def test_tensor_source_batches_unchanged_by_the_per_epoch_permutation():
     """One permutation per epoch gives the batches the per-batch permutation gave (the resume contract)."""
     x = torch.randn(1000, 4)
@@ -170,6 +225,39 @@ def test_cuda_branch_copies_pinned_batches_and_waits_on_an_event(monkeypatch):
     assert feeder == [("enter", "side"), *per_batch * 5, ("exit", "side"), ("put", "end")]
     trainer = [e[1:] for e in fake.log if e[0] != "sae-kit-batch-feed"]
     assert trainer == [("record_stream", "main")] * 10
+
+
+def test_cuda_branch_hands_host_batches_back_once_their_copy_has_finished(monkeypatch):
+    """With buffers, the feed thread hands each batch's host tensors back right after the event behind their copies
+    (never before: the copy reads them), and the training thread hands back nothing."""
+    from activation_store.buffers import BatchBuffers, gather_rows
+
+    fake = _CudaStandIns(monkeypatch)
+    pool = BatchBuffers()
+    real_give = BatchBuffers.give
+    given: list[int] = []
+
+    def give(self, tensors):
+        tensors = list(tensors)
+        given.extend(id(t) for t in tensors)
+        fake.log.append((threading.current_thread().name, "give", len(tensors)))
+        real_give(self, tensors)
+
+    monkeypatch.setattr(BatchBuffers, "give", give)
+    shards = [{HOOK: torch.randn(4, 3), "y": torch.randn(4, 2)} for _ in range(5)]
+
+    def source():
+        for s in shards:
+            yield {h: gather_rows(a, slice(0, 4), torch.float32, pool) for h, a in s.items()}
+
+    got = list(BatchFeed(source(), "cuda", depth=2, buffers=pool))
+    _assert_same(got, shards)
+    feeder = [e[1:] for e in fake.log if e[0] == "sae-kit-batch-feed"]
+    per_batch = [("pin",), ("copy", True, True)] * 2 + [("record_event", "side"), ("event_sync", "side"),
+                                                        ("give", 2), ("put", "batch")]
+    assert feeder == [("enter", "side"), *per_batch * 5, ("exit", "side"), ("put", "end")]
+    assert all(e[1] != "give" for e in fake.log if e[0] != "sae-kit-batch-feed")
+    assert len(set(given)) <= 4  # the host tensors were reused, not one pair per batch
 
 
 # -- kills: nothing is lost ---------------------------------------------------------------------------------------
@@ -391,3 +479,20 @@ def test_cuda_feed_delivers_the_batches_without_a_flagged_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert all(a.is_cuda for batch in got for a in batch.values())
     _assert_same([{h: a.cpu() for h, a in batch.items()} for batch in got], shards)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_feed_gathers_into_pinned_buffers_and_reuses_them():
+    """On CUDA the batches are gathered straight into pinned host tensors (so pin_memory() copies nothing), which the
+    feed reuses once their copy has finished; the device batches are the synchronous reader's."""
+    from activation_store.buffers import BatchBuffers
+
+    pool = BatchBuffers(pin_memory=True)
+    src = TensorSource({HOOK: torch.randn(4096, 32), "y": torch.randn(4096, 8)})
+    want = list(src.batches([HOOK, "y"], 256, seed=1, epochs=2))
+    got = [{h: a.cpu() for h, a in b.items()}
+           for b in BatchFeed(src.batches([HOOK, "y"], 256, seed=1, epochs=2, buffers=pool), "cuda", buffers=pool)]
+    _assert_same(got, want)
+    free = [t for ts in pool._free.values() for t in ts]
+    assert free and all(t.is_pinned() for t in free)
+    assert len(pool._made) <= 2 * 5  # two hook points, at most depth + 2 batches in flight
