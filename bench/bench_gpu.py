@@ -387,6 +387,32 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
         record("pipeline", **{**where, "d_in": d_store}, what="bare step at the store width", tok_s=bare_store)
         record("pipeline", **{**where, "d_in": d_store}, what="sae-kit train --activations", tok_s=from_store,
                ratio=from_store / bare_store, store_tokens=store_tokens, store_hook=store_hook, cached_s=cached_s)
+        # What the step is fed at: when this is near the bare step's rate, the reader is what holds training back.
+        reader = batch * _marginal_rate(lambda n: _read_store(str(store), store_hook, batch, n, device),
+                                        max(2, steps // 4), steps)
+        print(f"  {'store reader + feed alone (no step)':58s} {reader:12,.0f} tokens/s  "
+              f"{reader / bare_store:5.2f} of the bare step")
+        record("pipeline", **{**where, "d_in": d_store}, what="store reader alone", tok_s=reader,
+               ratio=reader / bare_store)
+
+
+def _read_store(store: str, hook: str, batch: int, n_batches: int, device: torch.device) -> None:
+    """The first n_batches batches of the store as `train --activations` reads them (shuffled, recycled host
+    tensors, the feed's copy to the device), with no step."""
+    from activation_store.buffers import BatchBuffers
+    from activation_store.store import ActivationStore
+    from sae_kit.train.feed import BatchFeed
+    from sae_kit.train.sources import source_batches
+
+    source = ActivationStore.open(store)
+    epochs = -(-n_batches * batch // source.n_rows) + 1
+    buffers = BatchBuffers(pin_memory=device.type == "cuda")
+    with BatchFeed(source_batches(source, [hook], batch, buffers, shuffle=True, seed=0, epochs=epochs), device,
+                   buffers=buffers) as feed:
+        for i, _ in enumerate(feed, start=1):
+            if i == n_batches:
+                break
+    _sync(device)
 
 
 def gpt2_small_like(folder: Path, n_layer: int = 12, d_model: int = 768) -> str:
