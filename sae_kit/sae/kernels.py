@@ -291,12 +291,13 @@ def sparse_pattern(indices: Tensor, d_sae: int) -> SparsePattern:
         ktype = np.int32 if n * d_sae < 2**31 else np.int64
         rows = np.repeat(np.arange(n, dtype=ktype), k)
         order = torch.from_numpy(np.argsort(flat.numpy().astype(ktype) * n + rows))
+        ordered = flat[order]
     else:
-        order = torch.sort(flat, stable=True).indices
-    # Not bincount: it sizes its output from the data (a host sync on CUDA); a scatter into d_sae slots does not.
-    counts = torch.zeros(d_sae, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-    latent_ptr = torch.zeros(d_sae + 1, dtype=itype, device=flat.device)
-    latent_ptr[1:] = counts.cumsum(0)
+        ordered, order = torch.sort(flat, stable=True)
+    # Each latent's first slot in latent order. Not bincount: it sizes its output from the data (a host sync on
+    # CUDA); and 2 ops where a scatter of counts and their running sum take 7 (each a kernel launch on a GPU).
+    latent_ptr = torch.searchsorted(ordered, torch.arange(d_sae + 1, dtype=flat.dtype, device=flat.device),
+                                    out_int32=itype == torch.int32)  # (d_sae + 1,)
     row_ptr = torch.arange(0, n * k + 1, k, dtype=itype, device=flat.device)  # (N + 1,)
     return SparsePattern(indices, row_ptr, flat.to(itype), order, latent_ptr, (order // k).to(itype), d_sae)
 

@@ -170,6 +170,18 @@ def test_kernels_against_autograd_directly():
         torch.testing.assert_close(a, b)
 
 
+def test_latent_pointers_count_each_latents_slots():
+    """latent_ptr is the running count of slots per latent, latents without any slot included (the CSR rows of
+    the latent-major layout)."""
+    gen = torch.Generator().manual_seed(0)
+    d_sae = 300
+    idx = torch.randint(0, d_sae // 3, (64, 8), generator=gen).sort(dim=1).values * 3  # 2 of 3 latents unused
+    p = sparse_pattern(idx, d_sae)
+    counts = torch.bincount(idx.reshape(-1), minlength=d_sae)
+    assert p.latent_ptr.tolist() == [0, *counts.cumsum(0).tolist()]
+    assert p.latent_ptr.dtype == torch.int32
+
+
 def test_sparse_pattern_layouts():
     idx = torch.tensor([[0, 3], [1, 3], [0, 2]])
     p = sparse_pattern(idx, 4)
