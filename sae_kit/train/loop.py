@@ -340,8 +340,7 @@ class _Halt:
             comm.all_reduce_max_(flag)
             bad = flag.bool()
         fresh = bad & (self.at < 0)
-        # Scalars and device values only: a tensor made from a Python number would be a host-to-device copy.
-        self.at.copy_(torch.where(fresh, step, self.at))
+        self.at.masked_fill_(fresh, step)  # a Python scalar: no tensor made from host data, so no copy to the device
         self.records.copy_(torch.where(fresh, records.float(), self.records))
         return self.at >= 0
 

@@ -2,7 +2,8 @@
 
 Every source offers `hook_points`, `d_in(h)`, `norm_stats(h)` and `batches(hook_points, batch_size, shuffle,
 seed, epochs, start_batch)` yielding row-aligned {hook point: (batch_size, d)} dicts, deterministic given the
-seed, with `start_batch` skipping ahead exactly (that is what makes resume exact).
+seed, with `start_batch` skipping ahead exactly (that is what makes resume exact). A `batches` that also takes
+`buffers` (a `BatchBuffers`) gathers into the tensors the trainer hands back there.
 """
 from __future__ import annotations
 
@@ -75,10 +76,9 @@ class TensorSource:
 
 def source_batches(source: Any, hook_points: Sequence[str], batch_size: int, buffers: BatchBuffers,
                    **kwargs: Any) -> Iterator[dict[str, Tensor]]:
-    """`source.batches(...)`, gathering into `buffers` where the source's `batches` takes them (a source of
-    another kind, e.g. one a user wrote, is called as before)."""
-    params = inspect.signature(source.batches).parameters
-    if "buffers" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    """`source.batches(...)`, gathering into `buffers` where the source's `batches` names such a parameter (a
+    source of another kind, e.g. one a user wrote, is called as before)."""
+    if "buffers" in inspect.signature(source.batches).parameters:
         kwargs["buffers"] = buffers
     return source.batches(hook_points, batch_size, **kwargs)
 
