@@ -399,16 +399,12 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
 def _read_store(store: str, hook: str, batch: int, n_batches: int, device: torch.device) -> None:
     """The first n_batches batches of the store as `train --activations` reads them (shuffled, recycled host
     tensors, the feed's copy to the device), with no step."""
-    from activation_store.buffers import BatchBuffers
     from activation_store.store import ActivationStore
-    from sae_kit.train.feed import BatchFeed
-    from sae_kit.train.sources import source_batches
+    from sae_kit.train.feed import training_feed
 
     source = ActivationStore.open(store)
     epochs = -(-n_batches * batch // source.n_rows) + 1
-    buffers = BatchBuffers(pin_memory=device.type == "cuda")
-    with BatchFeed(source_batches(source, [hook], batch, buffers, shuffle=True, seed=0, epochs=epochs), device,
-                   buffers=buffers) as feed:
+    with training_feed(source, [hook], batch, device, shuffle=True, seed=0, epochs=epochs) as feed:
         for i, _ in enumerate(feed, start=1):
             if i == n_batches:
                 break

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from activation_store.buffers import BatchBuffers
+from sae_kit.train.sources import source_batches
 
 Batch = dict[str, Tensor]
 
@@ -132,3 +133,11 @@ class BatchFeed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def training_feed(source: Any, hook_points: list[str], batch_size: int, device: torch.device | str,
+                  **kwargs: Any) -> BatchFeed:
+    """The feed `train` reads: `source.batches(hook_points, batch_size, **kwargs)` gathered into recycled host
+    tensors (pinned on CUDA) that the feed hands back once done with them."""
+    buffers = BatchBuffers(pin_memory=torch.device(device).type == "cuda")
+    return BatchFeed(source_batches(source, hook_points, batch_size, buffers, **kwargs), device, buffers=buffers)

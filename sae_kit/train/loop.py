@@ -34,25 +34,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activation_store.buffers import BatchBuffers
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import checkpoint as ckpt
 from sae_kit.train.config import SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
-from sae_kit.train.feed import BatchFeed
+from sae_kit.train.feed import training_feed
 from sae_kit.train.geometric_median import geometric_median
 from sae_kit.train.max_acts import MAX_ACTS_ROWS, latent_max_acts
 from sae_kit.train.optim import grad_norm, grad_scale, make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
-from sae_kit.train.sources import (
-    dataset_record,
-    default_hook,
-    model_name,
-    open_source,
-    source_batches,
-    source_rows,
-)
+from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
 
 log = logging.getLogger(__name__)
 
@@ -619,9 +611,8 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
         log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
     halt = _Halt(device, len(trainees), cfg.micro_batches)
     logger = _Logger(cfg, plan, step, progress)
-    buffers = BatchBuffers(pin_memory=device.type == "cuda")  # batch tensors recycled: no fresh memory per batch
-    feed = BatchFeed(source_batches(source, plan.hooks, cfg.batch_size, buffers, shuffle=True, seed=cfg.seed,
-                                    epochs=plan.epochs, start_batch=step), device, buffers=buffers)
+    feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
+                         start_batch=step)
     last_ckpt_tokens = step * cfg.batch_size
     try:
         for batch in feed:
