@@ -648,6 +648,11 @@ class ActivationStore:
         """Activation width at a stored hook point."""
         return int(self.manifest["hook_points"][self._hook(hook_point)]["d_in"])
 
+    def stored_dtype(self, hook_point: str) -> torch.dtype:
+        """The dtype rows are stored in at a hook point."""
+        self._hook(hook_point)
+        return getattr(torch, self.manifest["dtype"])
+
     def norm_stats(self, hook_point: str) -> NormStats:
         """Per-dimension mean and E‖x‖² over all stored rows (computed in float64 while caching)."""
         s = self.manifest["norm_stats"][self._hook(hook_point)]

@@ -12,6 +12,10 @@ stream, after the batches made before it, exactly as a synchronous read would ra
 Given `buffers` (the `BatchBuffers` the source gathers into), the feed hands each batch's host tensors back once
 they are no longer needed: on CUDA when the copy to the device has finished, on CPU when the consumer asks for the
 next batch (so a CPU consumer must not keep a batch's tensors past that; the training step does not).
+
+Given `dtype`, each tensor is converted to it on the training device, after its copy: a bfloat16 store's rows then
+cross to a GPU in bfloat16, half the bytes of gathering and copying them in float32, and arrive as the same float32
+values (the conversion is exact).
 """
 from __future__ import annotations
 
@@ -38,11 +42,12 @@ class BatchFeed:
     """Iterate `batches` through a background thread `depth` items ahead; tensors arrive on `device`."""
 
     def __init__(self, batches: Iterable[Batch], device: torch.device | str = "cpu", depth: int = DEPTH,
-                 buffers: BatchBuffers | None = None):
+                 buffers: BatchBuffers | None = None, dtype: torch.dtype | None = None):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.device = torch.device(device)
         self.buffers = buffers
+        self.dtype = dtype
         self._lent: Batch | None = None  # CPU: the batch the consumer holds, handed back when it asks for the next
         self._source = iter(batches)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -61,8 +66,8 @@ class BatchFeed:
                     if cuda:
                         host = batch
                         # pin_memory() returns a tensor gathered into pinned buffers as it is: no copy.
-                        batch = {h: (a.pin_memory() if a.device.type == "cpu" else a).to(self.device, non_blocking=True)
-                                 for h, a in host.items()}
+                        batch = {h: self._convert((a.pin_memory() if a.device.type == "cpu" else a)
+                                                  .to(self.device, non_blocking=True)) for h, a in host.items()}
                         # Blocks this thread only; the batch is whole before it is queued. An event, not
                         # stream.synchronize(): torch's sync debug mode is process-wide and flags stream syncs from
                         # any thread, so the step's no-sync check would trip on this wait.
@@ -70,9 +75,13 @@ class BatchFeed:
                         if self.buffers is not None:
                             self.buffers.give(host.values())
                         del host
-                    elif self.device.type != "cpu":
-                        batch = {h: a.to(self.device) for h, a in batch.items()}
-                    if not self._put(("batch", batch)):
+                    elif self.device.type != "cpu" or self.dtype is not None:
+                        host = batch
+                        batch = {h: self._convert(a.to(self.device)) for h, a in host.items()}
+                        if self.buffers is not None:  # the copied ones: the consumer never sees them
+                            self.buffers.give([host[h] for h, a in batch.items() if a is not host[h]])
+                        del host
+                    if not self._put(("batch", batch)) or self._stop.is_set():
                         return
             self._put(("end", None))
         except BaseException as err:  # noqa: BLE001  (KeyboardInterrupt from a source is data for the consumer)
@@ -81,6 +90,9 @@ class BatchFeed:
             close = getattr(self._source, "close", None)
             if close is not None:
                 close()  # a generator source is closed in the thread that ran it
+
+    def _convert(self, a: Tensor) -> Tensor:
+        return a if self.dtype is None else a.to(self.dtype)
 
     def _put(self, item: tuple[str, Any]) -> bool:
         """Queue an item unless the feed was closed; False once closed."""
@@ -99,6 +111,9 @@ class BatchFeed:
     def __next__(self) -> Batch:
         if self._done:
             raise StopIteration
+        if self._lent is not None:  # before waiting: the thread may refill it while this one waits
+            self.buffers.give(self._lent.values())
+            self._lent = None
         kind, value = self._queue.get()
         if kind == "batch":
             if self.device.type == "cuda":
@@ -106,8 +121,6 @@ class BatchFeed:
                 for a in value.values():
                     a.record_stream(current)  # made on the side stream, freed after the step's kernels ran
             elif self.device.type == "cpu" and self.buffers is not None:
-                if self._lent is not None:
-                    self.buffers.give(self._lent.values())
                 self._lent = value
             return value
         self._done = True
@@ -138,6 +151,21 @@ class BatchFeed:
 def training_feed(source: Any, hook_points: list[str], batch_size: int, device: torch.device | str,
                   **kwargs: Any) -> BatchFeed:
     """The feed `train` reads: `source.batches(hook_points, batch_size, **kwargs)` gathered into recycled host
-    tensors (pinned on CUDA) that the feed hands back once done with them."""
-    buffers = BatchBuffers(pin_memory=torch.device(device).type == "cuda")
-    return BatchFeed(source_batches(source, hook_points, batch_size, buffers, **kwargs), device, buffers=buffers)
+    tensors (pinned on CUDA) that the feed hands back once done with them. On CUDA, rows stored in 16 bits cross
+    in their stored dtype and become the float32 asked for on the device."""
+    device = torch.device(device)
+    buffers = BatchBuffers(pin_memory=device.type == "cuda")
+    wire = _wire_dtype(source, hook_points, device) if kwargs.get("dtype", torch.float32) == torch.float32 else None
+    if wire is not None:
+        kwargs["dtype"] = wire
+    return BatchFeed(source_batches(source, hook_points, batch_size, buffers, **kwargs), device, buffers=buffers,
+                     dtype=torch.float32 if wire is not None else None)
+
+
+def _wire_dtype(source: Any, hook_points: list[str], device: torch.device) -> torch.dtype | None:
+    """The 16-bit dtype every hook point is stored in, when batches for `device` should be copied in it."""
+    stored_dtype = getattr(source, "stored_dtype", None)
+    if device.type != "cuda" or stored_dtype is None:
+        return None
+    dtypes = {stored_dtype(h) for h in hook_points}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else None

@@ -48,6 +48,10 @@ class TensorSource:
         """Width at a hook point."""
         return self._get(hook_point).shape[1]
 
+    def stored_dtype(self, hook_point: str) -> torch.dtype:
+        """The dtype of the rows at a hook point."""
+        return self._get(hook_point).dtype
+
     def norm_stats(self, hook_point: str) -> NormStats:
         """Mean and E‖x‖² of the rows (float64 accumulation)."""
         x = self._get(hook_point).double()

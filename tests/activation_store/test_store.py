@@ -165,6 +165,7 @@ def test_bfloat16_and_memory_storage(ref_store, tiny_model):
                          "hook_points": (H0,)})
     cache_activations(cfg, progress=False, model=tiny_model)
     store = ActivationStore.open(cfg.out)
+    assert store.stored_dtype(H0) == torch.bfloat16 and ActivationStore.open(ref_store.out).stored_dtype(H0) == torch.float32
     (whole,) = list(store.batches([H0], batch_size=store.n_rows, shuffle=False, dtype=torch.bfloat16))
     assert torch.equal(whole[H0], direct_rows(tiny_model, ref_store)[H0].bfloat16())
     # float32 in memory:// is byte-identical to the local store

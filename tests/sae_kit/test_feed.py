@@ -86,7 +86,9 @@ def test_training_gathers_into_recycled_buffers_and_a_source_without_them_still_
                       log_every=100)
     a = SparseCoder.load(train(cfg, TensorSource({HOOK: x}), progress=False))
     assert len(made) >= 24  # every batch gathered into a pool tensor...
-    assert len({id(t) for t in made}) <= 5  # ...of a few, refilled: the feed's depth, the one in use, the next
+    # ...of a few, refilled: the feed's depth, the one in use, the next, and one the thread may be filling as
+    # the loop stops and closes the feed (its queue is then dropped, not handed back)
+    assert len({id(t) for t in made}) <= 6
 
     class Plain:  # only the documented source interface: no `buffers`, no **kwargs
         def __init__(self, inner):
@@ -496,3 +498,47 @@ def test_cuda_feed_gathers_into_pinned_buffers_and_reuses_them():
     free = [t for ts in pool._free.values() for t in ts]
     assert free and all(t.is_pinned() for t in free)
     assert len(pool._made) <= 2 * 5  # two hook points, at most depth + 2 batches in flight
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_cuda_feed_copies_16_bit_rows_as_stored_and_converts_them_on_the_device(monkeypatch, stored):
+    """A 16-bit source's rows cross to the GPU in their stored dtype (half the bytes of float32) and arrive as the
+    float32 batches a synchronous float32 read gives, in the same order; the host tensors are still recycled."""
+    from activation_store.buffers import BatchBuffers
+    from sae_kit.train import feed as feed_module
+
+    _CudaStandIns(monkeypatch)
+    stand_in_to, crossed = torch.Tensor.to, []
+
+    def to(t, *args, **kwargs):
+        if any(isinstance(a, torch.device) and a.type == "cuda" for a in args):
+            crossed.append(t.dtype)
+        return stand_in_to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    made = []
+    monkeypatch.setattr(feed_module, "BatchBuffers", lambda pin_memory: made.append(BatchBuffers()) or made[-1])
+    gen = torch.Generator().manual_seed(0)
+    source = TensorSource({HOOK: torch.randn(64, 5, generator=gen).to(stored),
+                           "y": torch.randn(64, 3, generator=gen).to(stored)})
+    kw = dict(shuffle=True, seed=3, epochs=2, start_batch=1)
+    got = list(feed_module.training_feed(source, [HOOK, "y"], 16, "cuda", **kw))
+    want = list(source.batches([HOOK, "y"], 16, **kw))  # float32 gathered on the host
+    _assert_same(got, want)
+    assert crossed == [stored] * 2 * len(want)
+    assert 0 < len(made[0]._made) <= 2 * (feed_module.DEPTH + 3)  # recycled: not a pair per batch
+
+
+def test_cuda_feed_keeps_float32_and_mixed_sources_as_they_are(monkeypatch):
+    """Only a source stored wholly in 16 bits crosses in 16 bits; an explicit dtype is honoured as given."""
+    from sae_kit.train.feed import _wire_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16 = TensorSource({HOOK: torch.zeros(4, 2, dtype=torch.bfloat16), "y": torch.zeros(4, 2, dtype=torch.bfloat16)})
+    mixed = TensorSource({HOOK: torch.zeros(4, 2, dtype=torch.bfloat16), "y": torch.zeros(4, 2)})
+    assert _wire_dtype(bf16, [HOOK, "y"], cuda) == torch.bfloat16
+    assert _wire_dtype(bf16, [HOOK, "y"], cpu) is None  # on a CPU the rows are converted once, while gathered
+    assert _wire_dtype(mixed, [HOOK, "y"], cuda) is None
+    assert _wire_dtype(mixed, [HOOK], cuda) == torch.bfloat16
+    assert _wire_dtype(TensorSource({HOOK: torch.zeros(4, 2)}), [HOOK], cuda) is None
+    assert _wire_dtype(object(), [HOOK], cuda) is None  # a source of the user's own, without stored_dtype
