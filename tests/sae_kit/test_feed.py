@@ -500,6 +500,18 @@ def test_cuda_feed_gathers_into_pinned_buffers_and_reuses_them():
     assert len(pool._made) <= 2 * 5  # two hook points, at most depth + 2 batches in flight
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_feed_of_a_bfloat16_source_gives_the_float32_batches():
+    """A bfloat16 source crosses in bfloat16 and arrives as the float32 batches a host float32 read gives."""
+    from sae_kit.train.feed import training_feed
+
+    src = TensorSource({HOOK: torch.randn(4096, 32).bfloat16(), "y": torch.randn(4096, 8).bfloat16()})
+    want = list(src.batches([HOOK, "y"], 256, seed=1, epochs=2))
+    got = [{h: a.cpu() for h, a in b.items()}
+           for b in training_feed(src, [HOOK, "y"], 256, "cuda", seed=1, epochs=2)]
+    _assert_same(got, want)
+
+
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
 def test_cuda_feed_copies_16_bit_rows_as_stored_and_converts_them_on_the_device(monkeypatch, stored):
     """A 16-bit source's rows cross to the GPU in their stored dtype (half the bytes of float32) and arrive as the
