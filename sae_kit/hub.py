@@ -109,6 +109,10 @@ def model_card(coder: Any, repo_id: str, format: str = "sae-kit", path_in_repo: 
     return "\n".join(lines)
 
 
+class PushError(RuntimeError):
+    """The hub refused or could not be reached; the message says which repo and what to check."""
+
+
 def push_to_hub(coder: Any, repo_id: str, format: str = "sae-kit", path_in_repo: str | None = None,
                 metrics: str | Path | dict[str, Any] | None = None, private: bool | None = None,
                 token: str | None = None, revision: str | None = None, commit_message: str | None = None) -> str:
@@ -123,8 +127,12 @@ def push_to_hub(coder: Any, repo_id: str, format: str = "sae-kit", path_in_repo:
             (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(coder, repo_id, format, path_in_repo, record))
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo,
-                                 revision=revision, repo_type="model",
-                                 commit_message=commit_message or f"Upload {coder.cfg.architecture} SAE with sae-kit")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, path_in_repo=path_in_repo,
+                                     revision=revision, repo_type="model", commit_message=commit_message
+                                     or f"Upload {coder.cfg.architecture} SAE with sae-kit")
+        except Exception as err:  # noqa: BLE001  (the transport's errors differ across huggingface_hub versions)
+            raise PushError(f"could not upload to hub repo {repo_id!r}: {type(err).__name__}: {err}. Check the "
+                            f"network, and log in (`hf auth login`) or pass a token with write access") from err
     return str(getattr(info, "commit_url", info))

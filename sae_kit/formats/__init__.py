@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sae_kit.formats import dictionary_learning, gemma_scope, llama_scope, native, openai, saelens, sparsify
-from sae_kit.formats.common import FormatError, check_options
+from sae_kit.formats.common import DTYPES, FormatError, check_options
 
 READERS: tuple[ModuleType, ...] = (native, saelens, sparsify, gemma_scope, llama_scope, dictionary_learning, openai)
 """In detection order: the first whose `detect` accepts the path reads it."""
@@ -59,10 +59,14 @@ def read_path(path: str | Path, device: str | torch.device = "cpu", format: str 
             raise FileNotFoundError(f"no SAE at {str(path)!r}: the path does not exist")
     else:
         reader = detect_format(path)
-    if dtype is not None and not hasattr(torch, str(dtype).removeprefix("torch.")):
-        raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16, float64")
+    if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {list(DTYPES)}")
     cfg, state, source = reader.read(path, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
                                      trust_remote_pickle=trust_remote_pickle, options=options)
+    if "norm_scaling_factor" in options and cfg.normalize_activations != "expected_average_only_in":
+        raise ValueError(f"norm_scaling_factor={options['norm_scaling_factor']} applies only to an SAE normalised "
+                         f"with 'expected_average_only_in'; {str(path)!r} is normalised with "
+                         f"{cfg.normalize_activations!r}, which would ignore it (leave the factor out)")
     coder = build_coder(cfg, state, source, device=device)
     coder.source_path = path  # where it came from (push_to_hub looks for metrics.json beside it)
     return coder
@@ -82,8 +86,16 @@ def load(spec: str | Path, device: str | torch.device = "cpu", subfolder: str | 
     if local.exists():
         return read_path(local / subfolder if subfolder else local, device=device, **options)
     release, sep, sae_id = text.partition(":")
-    if sep and release in registry.releases():
-        return registry.from_pretrained(release, sae_id, device=device, **options)
+    if sep and "/" not in release and not release.startswith((".", "~")):  # "release:sae_id"
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r} goes with a hub id or a local path; {text!r} names one SAE "
+                             f"of a release already")
+        try:
+            registry.resolve(release, sae_id)
+        except ValueError as err:  # an unknown release or id: name the close ones
+            raise ValueError(f"{err} ({text!r} is not a local path either)") from None
+        return registry.from_pretrained(release, sae_id, device=device,
+                                        **({"revision": revision} if revision else {}), **options)
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "/", "~")):
         parts = text.split("/")
         repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sae_kit.formats.cli_convert import add_loading_arguments, load_from_args
 
@@ -21,8 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Push; returns the exit code."""
+    from sae_kit.hub import PushError
+
     coder = load_from_args(args, args.src)
-    url = coder.push_to_hub(args.repo_id, format=args.format, path_in_repo=args.path_in_repo, metrics=args.metrics,
-                            private=args.private or None)
+    try:
+        url = coder.push_to_hub(args.repo_id, format=args.format, path_in_repo=args.path_in_repo, metrics=args.metrics,
+                                private=args.private or None)
+    except PushError as err:
+        print(f"sae-kit push: error: {err}", file=sys.stderr)
+        return 1
     print(f"pushed to {url}")
     return 0

@@ -35,11 +35,13 @@ def guess_origin(path: Path) -> dict[str, str]:
     """model_name and hook_point from a Gemma Scope repo and layer folder in the path, where present."""
     text = path.resolve().as_posix()
     out: dict[str, str] = {}
-    repo = re.search(r"gemma-scope-(\d+b)(-it)?-pt-(res|mlp|att)", text)
+    repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)", text)  # the -it- repos: SAEs of gemma-2-*-it
     layer = re.search(r"layer_(\d+)", text)
     if repo:
-        out["model_name"] = f"google/gemma-2-{repo.group(1)}{repo.group(2) or ''}"
-        if layer:
+        out["model_name"] = f"google/gemma-2-{repo.group(1)}{'-it' if repo.group(2) == 'it' else ''}"
+        if re.search(r"/embedding/", text):
+            out["hook_point"] = "hook_embed"
+        elif layer:
             out["hook_point"] = HOOKS[repo.group(3)].format(layer=layer.group(1))
     return out
 

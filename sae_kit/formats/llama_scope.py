@@ -41,13 +41,18 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         raise FormatError(f"{hp_path} needs d_model, d_sae, jump_relu_threshold and dataset_average_activation_norm"
                           f".in (a positive number)") from None
+    given = (options or {}).get("norm_scaling_factor")
+    if given is not None and not math.isclose(float(given), scale, rel_tol=1e-6):
+        raise FormatError(f"{hp_path} fixes norm_scaling_factor = √d_model / dataset_average_activation_norm.in = "
+                          f"{scale:.6g} (its threshold is scaled by it too); got {given}: leave it out")
     file = load_safetensors(weights)
     fmt = "Llama Scope"
     w_enc = take(file, "encoder.weight", (d_sae, d_in), weights, fmt).T
     state = {"W_enc": w_enc, "b_enc": take(file, "encoder.bias", (d_sae,), weights, fmt),
              "W_dec": take(file, "decoder.weight", (d_in, d_sae), weights, fmt).T,
              "b_dec": take(file, "decoder.bias", (d_in,), weights, fmt),
-             "threshold": torch.full((d_sae,), max(theta, 0.0), dtype=w_enc.dtype)}
+             # float32 until the coder is cast: a bfloat16 file read as float32 keeps SAELens's exact threshold
+             "threshold": torch.full((d_sae,), max(theta, 0.0), dtype=torch.float32)}
     fields: dict[str, Any] = {
         "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False,
         "normalize_activations": "expected_average_only_in", "norm_scaling_factor": scale,

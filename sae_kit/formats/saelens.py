@@ -64,6 +64,8 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {  # SAELens name → (ours, 
     "jumprelu_transcoder": ("jumprelu", True, False),
     "jumprelu_skip_transcoder": ("jumprelu", True, True),
 }
+BATCHTOPK_FAMILY = ("batchtopk", "matryoshka_batchtopk")
+"""SAELens training checkpoints; SAELens writes them for inference as JumpReLU with their one threshold, as we do."""
 NORMALIZATIONS = {"none": "none", "expected_average_only_in": "expected_average_only_in",
                   "constant_norm_rescale": "constant_norm_rescale", "layer_norm": "layer_norm"}
 FOLDED_AT_SAVE = ("covariance_whitening",)
@@ -85,10 +87,24 @@ def _get(raw: dict[str, Any], meta: dict[str, Any], *names: str) -> Any:
     return None
 
 
-def _architecture(raw: dict[str, Any], cfg_path: Path) -> tuple[str, bool, bool]:
+def _pre_6(raw: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Whether SAELens reads this config through its pre-6.0 path (no version, or one below 6)."""
+    version = raw.get("sae_lens_version") or meta.get("sae_lens_version")
+    try:
+        return not version or int(str(version).split(".")[0]) < 6
+    except ValueError:
+        return True
+
+
+def _architecture(raw: dict[str, Any], meta: dict[str, Any], cfg_path: Path) -> tuple[str, bool, bool]:
     name = raw.get("architecture")
-    if name is None:  # pre-6.0: the activation function named the architecture
-        name = "topk" if raw.get("activation_fn_str", raw.get("activation_fn")) == "topk" else "standard"
+    activation = raw.get("activation_fn_str", raw.get("activation_fn"))
+    if name is None:  # pre-6.0 without the field: the activation function named the architecture
+        name = "topk" if activation == "topk" else "standard"
+    elif _pre_6(raw, meta) and activation == "topk" and (raw.get("activation_fn_kwargs") or {}).get("k") is not None:
+        # 5.x wrote TopK SAEs as "standard" with activation_fn topk (SAEBench's TopK releases among them); SAELens
+        # reads them as TopK, and so do we.
+        name = "topk"
     if name not in ARCHITECTURES:
         raise FormatError(f"{cfg_path}: SAELens architecture {name!r} is not supported; supported: "
                           f"{sorted(ARCHITECTURES)}")
@@ -117,7 +133,9 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
     cfg_path, weights = path / CFG, path / WEIGHTS
     raw = read_json(cfg_path)
     meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    arch, transcoder, skip = _architecture(raw, cfg_path)
+    arch, transcoder, skip = _architecture(raw, meta, cfg_path)
+    ours = meta.get("sae_kit") if isinstance(meta.get("sae_kit"), dict) else {}
+    our_cfg = ours.get("config") if isinstance(ours.get("config"), dict) else {}
     try:
         d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     except (KeyError, TypeError, ValueError):
@@ -154,6 +172,14 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
             state["threshold"] = torch.tensor(theta, dtype=state["W_enc"].dtype)
         else:  # SAELens infers with JumpReLU at θ ≤ 0: a plain ReLU
             arch = "relu"
+    restored = {}
+    if arch == "jumprelu" and not transcoder and our_cfg.get("architecture") in BATCHTOPK_FAMILY:
+        theta = state["threshold"]
+        if len(theta) and bool((theta == theta[0]).all()) and float(theta[0]) > 0:
+            # Our BatchTopK written as SAELens's JumpReLU with its one threshold: restore the BatchTopK.
+            arch, state["threshold"], k = our_cfg["architecture"], theta[0].clone(), our_cfg.get("k", k)
+            if our_cfg.get("matryoshka_widths"):
+                restored["matryoshka_widths"] = tuple(our_cfg["matryoshka_widths"])
     if skip:
         state["W_skip"] = need("W_skip", (d_out, d_in)).T
         used.add("W_skip")
@@ -175,14 +201,13 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
     if normalization == "expected_average_only_in" and factor is None:
         log.warning("%s: normalize_activations='expected_average_only_in' without a factor; like SAELens's "
                     "load_from_disk, no scaling is applied (pass norm_scaling_factor=... to apply one)", cfg_path)
-    ours = meta.get("sae_kit") if isinstance(meta.get("sae_kit"), dict) else {}
-    knobs = {k: v for k, v in (ours.get("config") or {}).items() if k in TRAINING_KNOBS}
+    knobs = {k: v for k, v in our_cfg.items() if k in TRAINING_KNOBS}
     metadata = ours.get("metadata") if isinstance(ours.get("metadata"), dict) else {}
     fields: dict[str, Any] = {
         "architecture": arch, "d_in": d_in, "d_sae": d_sae, "d_out": d_out if transcoder else None,
         "transcoder": transcoder, "skip_connection": skip,
         # BatchTopK's k may be fractional (an average); ours needs it only before θ exists.
-        "k": max(1, round(float(k))) if arch in ("topk", "abstopk", "batchtopk") and k is not None else None,
+        "k": max(1, round(float(k))) if arch in ("topk", "abstopk", *BATCHTOPK_FAMILY) and k is not None else None,
         "hook_point": _get(raw, meta, "hook_name", "hook_point") or "",
         "target_hook_point": _get(raw, meta, "hook_name_out") if transcoder else None,
         "hook_head_index": _get(raw, meta, "hook_head_index", "hook_point_head_index"),
@@ -191,35 +216,41 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
         "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)) and not transcoder,
         "normalize_activations": normalization, "norm_scaling_factor": factor,
         "metadata": {**metadata, "source_format": NAME, "source_config": raw},
-        **knobs, **options,
+        **restored, **knobs, **options,
     }
     if arch == "batchtopk" and fields["k"] is None:
         raise FormatError(f"{cfg_path}: a batchtopk SAE needs k (average active latents per token)")
     return make_config(cfg_path, **fields), state, weights
 
 
-def _export(coder: SparseCoder) -> tuple[str, dict[str, Tensor], str]:
-    """SAELens architecture name, its state dict and normalisation for our coder; ValueError where none fits."""
+def export_name(coder: SparseCoder) -> str:
+    """The SAELens architecture our coder is written as; ValueError where SAELens has none that fits."""
     cfg = coder.cfg
-    state = {k: v.detach().cpu().clone() for k, v in coder.inference_state_dict().items()}
     arch = cfg.architecture
-    if arch == "batchtopk":
-        theta = float(state.pop("threshold"))
-        if theta > 0:  # SAELens saves BatchTopK as JumpReLU with its one threshold: our inference rule
-            arch, state["threshold"] = "jumprelu", torch.full((cfg.d_sae,), theta, dtype=state["W_enc"].dtype)
-        else:
-            arch = "topk"
+    if arch in BATCHTOPK_FAMILY:  # SAELens saves BatchTopK as JumpReLU with its one threshold: our inference rule
+        arch = "jumprelu" if float(coder.threshold) > 0 else "topk"
     if cfg.transcoder:
         names = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
                  ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
         if (arch, cfg.skip_connection) not in names:
             raise ValueError(f"SAELens has no {cfg.architecture} transcoder; write this one with format='sae-kit' "
                              f"or 'sparsify' (TopK transcoders), or train a relu / jumprelu transcoder")
-        name = names[(arch, cfg.skip_connection)]
-    else:
-        name = {"relu": "standard"}.get(arch, arch)
-        if name not in ARCHITECTURES:
-            raise ValueError(f"SAELens has no {arch!r} architecture; write this coder with format='sae-kit'")
+        return names[(arch, cfg.skip_connection)]
+    name = {"relu": "standard"}.get(arch, arch)
+    if name not in ARCHITECTURES or name in BATCHTOPK_FAMILY:  # SAELens infers with neither
+        raise ValueError(f"SAELens has no {arch!r} architecture; write this coder with format='sae-kit'")
+    return name
+
+
+def _export(coder: SparseCoder) -> tuple[str, dict[str, Tensor], str]:
+    """SAELens architecture name, its state dict and normalisation for our coder; ValueError where none fits."""
+    cfg = coder.cfg
+    name = export_name(coder)
+    state = {k: v.detach().cpu().clone() for k, v in coder.inference_state_dict().items()}
+    if cfg.architecture in BATCHTOPK_FAMILY:
+        theta = float(state.pop("threshold"))
+        if name.startswith("jumprelu"):
+            state["threshold"] = torch.full((cfg.d_sae,), theta, dtype=state["W_enc"].dtype)
     if "W_skip" in state:
         state["W_skip"] = state["W_skip"].T  # SAELens: (d_out, d_in)
     norm = cfg.normalize_activations

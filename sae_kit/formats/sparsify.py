@@ -124,6 +124,17 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
     return make_config(cfg_path, **fields), state, weights
 
 
+def _other_formats(coder: SparseCoder) -> str:
+    """The formats that can hold a coder sparsify cannot."""
+    from sae_kit.formats import saelens
+
+    try:
+        saelens.export_name(coder)
+    except ValueError:
+        return "format='sae-kit'"
+    return "format='saelens' or 'sae-kit'"
+
+
 def write(coder: SparseCoder, folder: Path) -> None:
     """A sparsify hook-point folder that `sparsify.SparseCoder.load_from_disk` loads with the same outputs."""
     from safetensors.torch import save_file
@@ -131,7 +142,7 @@ def write(coder: SparseCoder, folder: Path) -> None:
     cfg = coder.cfg
     if cfg.architecture != "topk":
         raise ValueError(f"sparsify holds TopK coders only; this one is {cfg.architecture!r}: write it with "
-                         f"format='saelens' or 'sae-kit'")
+                         f"{_other_formats(coder)}")
     if cfg.d_target != cfg.d_in:
         raise ValueError(f"sparsify transcoders map d_in to d_in; this one maps {cfg.d_in} to {cfg.d_target}: write it "
                          f"with format='sae-kit'")
@@ -139,7 +150,7 @@ def write(coder: SparseCoder, folder: Path) -> None:
     scale = cfg.norm_scaling_factor if norm == "expected_average_only_in" else None
     if norm in ("layer_norm", "constant_norm_rescale"):
         raise ValueError(f"sparsify cannot normalise inputs per row (normalize_activations={norm!r}); write this "
-                         f"coder with format='saelens' or 'sae-kit'")
+                         f"coder with {_other_formats(coder)}")
     state = {k: v.detach().cpu().clone() for k, v in coder.inference_state_dict().items()}
     w_enc, b_enc, w_dec, b_dec = state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]
     if scale is not None:  # encoder sees s·x; an SAE's output is divided by s

@@ -19,6 +19,7 @@ from foreign_files import (
     write_llama_scope,
     write_openai,
 )
+from safetensors.torch import save_file
 
 from sae_kit import SAE
 from sae_kit.formats import FormatError, detect_format
@@ -45,6 +46,23 @@ def test_gemma_scope(tmp_path: Path) -> None:
     assert SAE.load(folder, hook_point="blocks.0.hook_resid_post").cfg.hook_point == "blocks.0.hook_resid_post"
 
 
+@pytest.mark.parametrize("where, model, hook", [
+    ("gemma-scope-9b-it-res/layer_20/width_16k/average_l0_91", "google/gemma-2-9b-it", "blocks.20.hook_resid_post"),
+    ("gemma-scope-2b-pt-att/layer_3/width_16k/average_l0_9", "google/gemma-2-2b", "blocks.3.attn.hook_z"),
+    ("gemma-scope-2b-pt-res/embedding/width_4k/average_l0_6", "google/gemma-2-2b", "hook_embed"),
+])
+def test_gemma_scope_origin_from_the_repo_path(tmp_path: Path, where: str, model: str, hook: str) -> None:
+    write_gemma_scope(tmp_path / where, d_in=16, d_sae=40)
+    sae = SAE.load(tmp_path / where)
+    assert (sae.cfg.model_name, sae.cfg.hook_point) == (model, hook)
+
+
+def test_unknown_dtype_is_named(tmp_path: Path) -> None:
+    write_gemma_scope(tmp_path / "g", d_in=16, d_sae=40)
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8'; valid: \['float32', 'float64', 'bfloat16', 'float16'\]"):
+        SAE.load(tmp_path / "g", dtype="int8")
+
+
 def test_llama_scope(tmp_path: Path) -> None:
     hp, w = write_llama_scope(tmp_path / "Llama3_1-8B-Base-L4R-8x", d_in=16, d_sae=40)
     sae = SAE.load(tmp_path / "Llama3_1-8B-Base-L4R-8x")
@@ -53,6 +71,22 @@ def test_llama_scope(tmp_path: Path) -> None:
     assert sae.cfg.normalize_activations == "expected_average_only_in"
     assert sae.cfg.norm_scaling_factor == pytest.approx(4.0 / 3.0)
     assert sae.cfg.hook_point == "blocks.4.hook_resid_post"
+
+
+def test_llama_scope_bfloat16_file_read_as_float32_keeps_the_exact_threshold(tmp_path: Path) -> None:
+    """The released files are bfloat16; read as float32 (as SAELens reads them by default) the threshold is
+    jump_relu_threshold·s in float32, not that product rounded to bfloat16 first."""
+    folder = tmp_path / "Llama3_1-8B-Base-L4R-8x"
+    hp, w = write_llama_scope(folder, d_in=16, d_sae=40)
+    save_file({k: v.bfloat16() for k, v in w.items()}, str(folder / "checkpoints" / "final.safetensors"))
+    sae = SAE.load(folder, dtype="float32")
+    want = torch.tensor(hp["jump_relu_threshold"] * 16 ** 0.5 / 3.0, dtype=torch.float32)
+    assert sae.threshold.dtype == torch.float32  # kept as log θ: exact to float32 rounding, where bf16 is 2e-3 off
+    torch.testing.assert_close(sae.threshold.detach(), want.expand(40), rtol=1e-6, atol=0)
+    assert SAE.load(folder).threshold.dtype == torch.bfloat16  # the file's dtype unless one is asked for
+    with pytest.raises(FormatError, match=r"fixes norm_scaling_factor .* = 1.33333 .*; got 2.0: leave it out"):
+        SAE.load(folder, norm_scaling_factor=2.0)
+    assert SAE.load(folder, norm_scaling_factor=4 / 3).cfg.norm_scaling_factor == pytest.approx(4 / 3)
 
 
 @pytest.mark.parametrize("k", [4, None])

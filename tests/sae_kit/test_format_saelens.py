@@ -109,6 +109,45 @@ def test_pre_6_config(tmp_path: Path) -> None:
     check(sae, z, out, x)
 
 
+@pytest.mark.parametrize("version", [None, "5.9.1", "6.1.0"])
+def test_pre_6_topk_written_as_standard_with_a_topk_activation(tmp_path: Path, version: str | None) -> None:
+    """SAELens 5.x wrote TopK SAEs (SAEBench's releases among them) as architecture "standard" with activation_fn
+    topk and its k; SAELens reads those as TopK, and so do we. A 6.x config means what its architecture says."""
+    w = saelens_weights("topk", D_IN, D_SAE, D_IN)
+    cfg = {**saelens_cfg("standard", D_IN, D_SAE, D_IN), "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5}}
+    cfg.pop("metadata", None)
+    if version is not None:
+        cfg["sae_lens_version"] = version
+    sae = SAE.load(write_saelens(tmp_path / "old", cfg, w))
+    x = inputs(10, D_IN)
+    if version == "6.1.0":
+        assert sae.cfg.architecture == "relu"
+        check(sae, *saelens_forward({**cfg, "architecture": "standard"}, w, x), x)
+    else:
+        assert (sae.cfg.architecture, sae.cfg.k) == ("topk", 5)
+        check(sae, *saelens_forward({**cfg, "architecture": "topk", "k": 5}, w, x), x)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_family_written_as_jumprelu_comes_back_whole(tmp_path: Path, arch: str) -> None:
+    """SAELens infers BatchTopK (and Matryoshka) as JumpReLU with one threshold, so that is what is written; our
+    config in the metadata brings the architecture, k and the nested widths back on reading."""
+    widths = {"matryoshka_widths": (16, D_SAE)} if arch == "matryoshka_batchtopk" else {}
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=5, **widths)).eval()
+    sae.threshold.fill_(0.05)
+    sae.save(tmp_path / "lens", format="saelens")
+    written = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert written["architecture"] == "jumprelu"
+    back = SAE.load(tmp_path / "lens")
+    assert (back.cfg.architecture, back.cfg.k, back.threshold.shape) == (arch, 5, torch.Size([]))
+    assert back.cfg.matryoshka_widths == widths.get("matryoshka_widths")
+    x = inputs(10, D_IN).float()
+    torch.testing.assert_close(back.decode(back.encode(x), x), sae.decode(sae.encode(x), x), atol=1e-6, rtol=0)
+    written["metadata"].pop("sae_kit")  # a JumpReLU of SAELens's own stays one
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(written))
+    assert SAE.load(tmp_path / "lens").cfg.architecture == "jumprelu"
+
+
 def test_expected_average_without_factor_is_kept_but_not_applied(tmp_path: Path, caplog) -> None:
     cfg = saelens_cfg("standard", D_IN, D_SAE, D_IN, normalize_activations="expected_average_only_in")
     w = saelens_weights("standard", D_IN, D_SAE, D_IN)
@@ -117,6 +156,19 @@ def test_expected_average_without_factor_is_kept_but_not_applied(tmp_path: Path,
     assert "norm_scaling_factor" in caplog.text
     x = inputs(10, D_IN)
     check(sae, *saelens_forward({**cfg, "normalize_activations": "none"}, w, x), x)  # SAELens's load_from_disk
+
+
+def test_a_scaling_factor_that_would_be_ignored_is_refused(tmp_path: Path) -> None:
+    """norm_scaling_factor means something only with expected_average_only_in; elsewhere it is an error, not a
+    config field that changes nothing."""
+    w = saelens_weights("standard", D_IN, D_SAE, D_IN)
+    plain = write_saelens(tmp_path / "plain", saelens_cfg("standard", D_IN, D_SAE, D_IN), w)
+    with pytest.raises(ValueError, match=r"norm_scaling_factor=3.0 applies only to an SAE normalised with "
+                                         r"'expected_average_only_in'; .* is normalised with 'none'"):
+        SAE.load(plain, norm_scaling_factor=3.0)
+    avg = write_saelens(tmp_path / "avg", saelens_cfg("standard", D_IN, D_SAE, D_IN,
+                                                      normalize_activations="expected_average_only_in"), w)
+    assert SAE.load(avg, norm_scaling_factor=3.0).cfg.norm_scaling_factor == 3.0
 
 
 def test_bad_files_name_the_file_and_the_fix(tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def test_ours_written_as_sparsify(tmp_path: Path) -> None:
         torch.testing.assert_close(back.encode(x), sae.encode(x), atol=1e-6, rtol=0)
         torch.testing.assert_close(back.decode(back.encode(x), x), sae.decode(sae.encode(x), x), atol=1e-6, rtol=0)
     for cfg, message in [
-        (SAEConfig(architecture="relu", d_in=8, d_sae=16), "sparsify holds TopK coders only"),
+        (SAEConfig(architecture="relu", d_in=8, d_sae=16), "TopK coders only; .* format='saelens' or 'sae-kit'"),
+        (SAEConfig(architecture="kron", d_in=8, d_sae=16, k=2), "TopK coders only; .* with format='sae-kit'$"),
         (SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2, transcoder=True, d_out=4), "map d_in to d_in"),
         (SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2, normalize_activations="layer_norm"), "per row"),
     ]:

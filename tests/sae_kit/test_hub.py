@@ -73,6 +73,28 @@ def test_from_pretrained_registry_releases(hub_cache) -> None:
         SAE.from_pretrained("gemma-scope-2b-res", "x")
 
 
+def test_release_spec_passes_revision_and_refuses_a_subfolder(hub_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load("release:sae_id", revision=...)` downloads that revision; a subfolder cannot apply to a release's SAE;
+    a mistyped release or id through `load` names the close ones, as `from_pretrained` does."""
+    from sae_kit import hub
+
+    asked: list = []
+    monkeypatch.setattr(hub, "download", lambda repo_id, sub=None, revision=None: asked.append(revision) or 1 / 0)
+    spec = "gemma-scope-2b-pt-res-canonical:layer_3/width_16k/canonical"
+    for revision, want in (("deadbeef", "deadbeef"), (None, None)):
+        with pytest.raises(ZeroDivisionError):  # the stand-in download, reached with the revision asked for
+            SAE.load(spec, revision=revision)
+        assert asked.pop() == want
+    with pytest.raises(ValueError, match="subfolder='layer_3' goes with a hub id or a local path"):
+        SAE.load(spec, subfolder="layer_3")
+    with pytest.raises(ValueError, match=r"unknown release 'gemma-scope-2b-pt-res-canonicl'; close: "
+                                         r"\['gemma-scope-2b-pt-res-canonical'.*is not a local path either"):
+        SAE.load("gemma-scope-2b-pt-res-canonicl:layer_3/width_16k/canonical")
+    with pytest.raises(ValueError, match=r"has no SAE 'layer_3/width_16k/canonicl'; close: \['layer_3/width_16k/canonical'"):
+        SAE.load("gemma-scope-2b-pt-res-canonical:layer_3/width_16k/canonicl")
+    assert asked == []
+
+
 def _trained_like(tmp_path: Path) -> SparseCoder:
     cfg = SAEConfig(architecture="topk", d_in=8, d_sae=32, k=4, hook_point="blocks.1.hook_resid_post",
                     model_name="reference", metadata={"tokens_seen": 2_000_000})
@@ -130,3 +152,16 @@ def test_push_cli_in_saelens_format(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "pushed to https://huggingface.co/me/x" in capsys.readouterr().out
     assert uploaded["path_in_repo"] == "l1" and "sae_weights.safetensors" in uploaded["files"]
     assert 'SAE.from_pretrained(release="me/x", sae_id="l1")' in uploaded["card"]
+
+
+def test_push_failure_is_one_line_naming_the_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """No network or no write access: `sae-kit push` prints one error line naming the repo and what to check."""
+    def refused(self, repo_id, **kw):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refused)
+    _trained_like(tmp_path)
+    assert main(["push", str(tmp_path / "sae"), "me/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not upload to hub repo 'me/x': OSError: Name or service not known" in err
+    assert "hf auth login" in err and "Traceback" not in err
