@@ -93,7 +93,7 @@ def latent_max_activations(
     check_compatible(model, sae)
     cfg = dataset if dataset is not None else DatasetConfig(context_size=context_size, split="eval")
     rows = _TextRows(model, cfg, n_tokens, batch_size)
-    return latent_max_acts([(sae, sae.cfg.hook_point)], rows, n_rows=n_tokens)[0]
+    return latent_max_acts([(sae, sae.cfg.hook_point)], rows, n_rows=n_tokens)[0][0]
 
 
 def latent_scales(

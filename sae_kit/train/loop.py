@@ -41,10 +41,10 @@ from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import training_feed
 from sae_kit.train.geometric_median import geometric_median
-from sae_kit.train.max_acts import MAX_ACTS_ROWS, latent_max_acts
+from sae_kit.train.max_acts import latent_max_acts
 from sae_kit.train.optim import grad_norm, grad_scale, make_optimizer, masked_step
 from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_for
-from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, source_rows
+from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, sample_rows, source_rows
 
 log = logging.getLogger(__name__)
 
@@ -541,13 +541,16 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
         t.sae.fold_scaling_(t.s_in, t.s_out)
     calibrated: dict[int, dict[str, Any]] = {}
     needing = [(t, i) for t, i in owned if t.sae.calibrates_after_training]
+    # A stream (no row count) drops its last partial batch: read it in batches of the training's size, which it
+    # filled at least once, where a store is read in one batch.
+    read_batch = None if source_rows(source) else cfg.batch_size
     if needing:  # one shared sample for every SAE that calibrates, like the max-activation pass below
-        n_rows = min(CALIBRATION_ROWS, source_rows(source) or CALIBRATION_ROWS)
-        sample = next(iter(source.batches(list(dict.fromkeys(t.hook for t, _ in needing)), n_rows, shuffle=True,
-                                          seed=cfg.seed + 2, epochs=1)))
+        sample = sample_rows(source, list(dict.fromkeys(t.hook for t, _ in needing)), CALIBRATION_ROWS,
+                             seed=cfg.seed + 2, batch_size=read_batch)
         for t, i in needing:
             calibrated[i] = t.sae.calibrate_(sample[t.hook].to(plan.device, t.sae.W_enc.dtype))
-    all_max_acts = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1) if owned else []
+    all_max_acts, max_acts_rows = latent_max_acts([(t.sae, t.hook) for t, _ in owned], source, seed=cfg.seed + 1,
+                                                  batch_size=min(4096, read_batch or 4096)) if owned else ([], 0)
     for (t, i), max_acts in zip(owned, all_max_acts):
         window = t.recent_dict()
         final_metrics = {k: sum(v) / len(v) for k, v in window.items() if v}
@@ -561,7 +564,7 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
             "final_metrics": final_metrics, "final_metrics_window_steps": len(window["fvu"]),
             "peak_lr": t.peak_lr, "train_config": cfg.to_dict(),
             "latent_max_acts": [round(v, 6) for v in max_acts.tolist()],
-            "latent_max_acts_rows": min(MAX_ACTS_ROWS, source_rows(source) or MAX_ACTS_ROWS),
+            "latent_max_acts_rows": max_acts_rows,
             **calibrated.get(i, {}),
         })
         t.sae.save(plan.partials[i])

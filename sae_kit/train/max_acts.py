@@ -18,11 +18,13 @@ MAX_ACTS_ROWS = 65_536
 
 @torch.no_grad()
 def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: int = MAX_ACTS_ROWS, seed: int = 0,
-                    batch_size: int = 4096) -> list[torch.Tensor]:
-    """(d_sae,) max |activation| of each (SAE, input hook) over up to n_rows shuffled raw rows, in one shared read.
+                    batch_size: int = 4096) -> tuple[list[torch.Tensor], int]:
+    """(d_sae,) max |activation| of each (SAE, input hook) over up to n_rows shuffled raw rows, in one shared read,
+    and the number of rows read; ValueError when the source gives none.
 
     `source` is any row source (`batches(hooks, batch_size, shuffle=, seed=, epochs=)` yielding {hook: (rows, d)});
-    batches may be shorter than batch_size, and empty ones are skipped.
+    batches may be shorter than batch_size, and empty ones are skipped. A stream (no row count) drops its last
+    partial batch, so its batch_size must be one it fills.
     """
     rows = source_rows(source)
     batch_size = min(batch_size, n_rows, rows) if rows else min(batch_size, n_rows)
@@ -39,4 +41,6 @@ def latent_max_acts(saes: list[tuple[SparseCoder, str]], source: Any, n_rows: in
         seen += n
         if seen >= n_rows:
             break
-    return [b.cpu() for b in best]
+    if seen == 0:
+        raise ValueError(f"the source gave no rows in batches of {batch_size} to measure the latents' max activations")
+    return [b.cpu() for b in best], seen

@@ -117,6 +117,22 @@ def source_rows(source: Any) -> int | None:
     return getattr(source, "n_rows", None)
 
 
+def sample_rows(source: Any, hook_points: list[str], n_rows: int, seed: int,
+                batch_size: int | None = None) -> dict[str, Tensor]:
+    """Up to n_rows shuffled rows {hook point: (rows, d)}: one batch of min(n_rows, the source's rows), or, given
+    `batch_size`, batches of that size until n_rows or the source ends; ValueError when it gives none."""
+    rows = source_rows(source)
+    size = min(n_rows, rows or n_rows) if batch_size is None else min(batch_size, n_rows)
+    parts: list[dict[str, Tensor]] = []
+    for batch in source.batches(hook_points, size, shuffle=True, seed=seed, epochs=1):
+        parts.append(batch)
+        if sum(len(p[hook_points[0]]) for p in parts) >= n_rows:
+            break
+    if not parts:
+        raise ValueError(f"the source gave no batch of {size} rows to calibrate on")
+    return {h: torch.cat([p[h] for p in parts])[:n_rows] for h in hook_points}
+
+
 def model_name(source: Any, cfg: TrainConfig) -> str:
     """Name of the model the activations came from, for provenance."""
     name = getattr(source, "model", None)

@@ -237,7 +237,9 @@ def test_latent_max_activations_estimates_from_text(tiny_model):
     rows = torch.cat(rows)
     torch.testing.assert_close(best, sae.encode(rows).abs().amax(dim=0), rtol=1e-6, atol=1e-6)
     # the estimator training records in the metadata, on the same rows
-    [recorded] = latent_max_acts([(sae, HOOK)], TensorSource({HOOK: rows}), n_rows=len(rows), batch_size=len(rows))
+    [recorded], seen = latent_max_acts([(sae, HOOK)], TensorSource({HOOK: rows}), n_rows=len(rows),
+                                       batch_size=len(rows))
+    assert seen == len(rows)
     torch.testing.assert_close(best, recorded, rtol=1e-6, atol=1e-6)
 
 

@@ -171,6 +171,37 @@ def test_saved_sae_records_latent_max_acts_for_steering(tmp_path):
     assert latent_scales(None, sae, [live]) == {live: pytest.approx(float(expected[live]), rel=1e-4)}
 
 
+class ShortStream:
+    """A stream like StreamingActivations: no row count, one pass, and its last partial batch dropped."""
+
+    def __init__(self, x):
+        self.inner, self.hook_points, self.model = TensorSource({HOOK: x}), [HOOK], "stream"
+        self.d_in, self.norm_stats = self.inner.d_in, self.inner.norm_stats
+
+    def batches(self, hook_points, batch_size, shuffle=True, seed=0, epochs=1, start_batch=0, **kw):
+        if batch_size > self.inner.n_rows:
+            return iter(())
+        return self.inner.batches(hook_points, batch_size, shuffle=shuffle, seed=seed, epochs=1,
+                                  start_batch=start_batch)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_short_stream_calibrates_and_records_max_acts_on_the_rows_it_has(tmp_path, arch):
+    """A stream holding fewer rows than the calibration and max-activation passes ask for in one batch (a short
+    streaming run): BatchTopK still calibrates, and every latent's max |activation| comes from the rows there are,
+    with their count recorded (not zeros over a planned count)."""
+    x, _ = synthetic(n=1536)
+    sae = SparseCoder.load(train(cfg(tmp_path, architecture=arch, n_tokens=256 * 4), ShortStream(x), progress=False))
+    meta = sae.cfg.metadata
+    assert meta["latent_max_acts_rows"] == 1536
+    with torch.no_grad():
+        expected = sae.encode(x).abs().amax(dim=0)
+    torch.testing.assert_close(torch.tensor(meta["latent_max_acts"]), expected, rtol=1e-4, atol=1e-4)
+    assert (expected > 0).any()
+    if arch == "batchtopk":
+        assert float(sae.threshold) > 0
+
+
 def test_sweep_trains_several_saes_on_shared_batches(tmp_path):
     x, _ = synthetic(n=4096)
     source = Counting({HOOK: x, "g": x.flip(1)})
