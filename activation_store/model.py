@@ -129,6 +129,12 @@ class LoadedModel:
                 return int(getattr(cfg, attr))
         return 2048
 
+    def check_context_size(self, context_size: int) -> None:
+        """ValueError when contexts of this many tokens are longer than the model's position embeddings reach."""
+        if context_size > self.n_ctx:
+            raise ValueError(f"context_size {context_size} exceeds {self.name!r}'s maximum context of {self.n_ctx} "
+                             f"tokens; choose a context size of at most {self.n_ctx}")
+
     @property
     def bos_token_id(self) -> int | None:
         """Token the model expects at the start of a document, if any."""

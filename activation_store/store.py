@@ -513,6 +513,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                          f"for {cfg.model!r} ({cfg.backend} backend)")
     for h in cfg.hook_points:
         model.validate_hook_point(h)
+    model.check_context_size(cfg.dataset.context_size)
     header = _header(cfg, model)
     if existing is not None:
         diff = _differences({k: existing.get(k) for k in ("model", "tokenizer", "dataset", "hook_points")},

@@ -34,6 +34,7 @@ class StreamingActivations:
             raise ValueError("StreamingActivations needs at least one hook point")
         self.model = load_model(model) if isinstance(model, str) else model
         self.hook_points: list[str] = [self.model.validate_hook_point(h) for h in dict.fromkeys(hook_points)]
+        self.model.check_context_size(dataset.context_size)
         self.dataset, self.n_tokens = dataset, n_tokens
         self.batch_size_contexts, self.buffer_rows = batch_size_contexts, buffer_rows
         self.seed, self.exclude_special = seed, exclude_special

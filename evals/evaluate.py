@@ -297,8 +297,7 @@ def eval_token_batches(model: LoadedModel, dcfg: DatasetConfig, n_tokens: int, b
     """Held-out token batches (B, P) totalling n_tokens rounded up to whole contexts (tokens are small)."""
     if dcfg.split != "eval":
         raise ValueError(f"evaluation uses held-out tokens only; got split={dcfg.split!r}")
-    if dcfg.context_size > model.n_ctx:
-        raise ValueError(f"context_size {dcfg.context_size} exceeds the model's maximum context {model.n_ctx}")
+    model.check_context_size(dcfg.context_size)
     n_ctx_needed = -(-n_tokens // dcfg.context_size)
     out: list[Tensor] = []
     have = 0

@@ -508,6 +508,15 @@ def test_bad_inputs(ref_store, tiny_model, tmp_path, docs):
         cache_activations(CacheConfig(**{**base, "dataset": DatasetConfig(path=str(nocol), context_size=16),
                                          "out": str(tmp_path / "b")}), progress=False, model=tiny_model)
     assert not (tmp_path / "b" / "manifest.json").exists()
+    # Contexts longer than the model's 128 positions: refused before anything is written, so the same --out can be
+    # used again with a size that fits; a stream refuses them too.
+    long = dataclasses.replace(base["dataset"], context_size=256)
+    with pytest.raises(ValueError, match="context_size 256 exceeds .* maximum context of 128 tokens"):
+        cache_activations(CacheConfig(**{**base, "dataset": long, "out": str(tmp_path / "c")}), progress=False,
+                          model=tiny_model)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    with pytest.raises(ValueError, match="context_size 256 exceeds"):
+        StreamingActivations(tiny_model, [H0], long, 1000)
     # A folder holding a different run names the differing fields; a complete one is left alone.
     with pytest.raises(ValueError, match="different run") as err:
         cache_activations(CacheConfig(**{**base, "n_tokens": 2000, "dtype": "float16"}), progress=False)
