@@ -142,6 +142,15 @@ def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, A
             for k in sorted(set(filled) | set(new)) if k not in neutral and filled.get(k) != new.get(k)]
 
 
+def _published_by(final: Path, cfg: TrainConfig) -> bool:
+    """Whether `final` is a complete SAE this very config trained (a pass interrupted while publishing)."""
+    try:
+        saved = json.loads((final / "cfg.json").read_text())["metadata"]["train_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (final / MARKER).exists() and not _differences(saved, cfg.to_dict(), TrainConfig().to_dict())
+
+
 def _field_defaults(cls: type) -> dict[str, Any]:
     """Defaults of a config dataclass's fields that have one."""
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
@@ -174,10 +183,12 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
         if comm.is_main:
             ckpt.remove_checkpoints(out)
         return None
-    if done or any(p.exists() for p in finals):
-        existing = done or [p for p in finals if p.exists()]
-        raise FileExistsError(f"{existing[0]} already exists (a trained SAE); choose another --out/--name or delete it")
     last = ckpt.latest_checkpoint(out)
+    existing = [p for p in finals if p.exists()]
+    # A pass killed while publishing left some SAEs published and its checkpoints in place: resuming retrains to
+    # the same weights and publishes the rest.
+    if existing and not (resume and last is not None and all(_published_by(p, cfg) for p in existing)):
+        raise FileExistsError(f"{existing[0]} already exists (a trained SAE); choose another --out/--name or delete it")
     if last is not None and not resume:
         raise FileExistsError(f"{out} holds checkpoints of an unfinished run ({last.name}); pass --resume to "
                               f"continue it, or delete {ckpt.checkpoint_root(out)}")
@@ -567,6 +578,8 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
             "latent_max_acts_rows": max_acts_rows,
             **calibrated.get(i, {}),
         })
+        if (plan.finals[i] / MARKER).exists():  # published before an interruption; retrained to the same weights
+            continue
         t.sae.save(plan.partials[i])
         (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")
         os.replace(plan.partials[i], plan.finals[i])

@@ -266,6 +266,42 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
 
 
+def test_a_pass_killed_while_publishing_resumes_and_publishes_the_rest(tmp_path, monkeypatch):
+    """Killed between publishing one SAE of a sweep and the next: --resume keeps the published one, retrains from
+    the checkpoint and publishes the rest, all equal to an uninterrupted pass; without --resume, or with another
+    config, the published SAE is not touched."""
+    from sae_kit.train import loop
+
+    x, _ = synthetic(n=4096)
+    kw = dict(n_tokens=256 * 30, checkpoint_every=256 * 10, sweep={"k": [2, 3]})
+    full = train_all(cfg(tmp_path / "a", **kw), TensorSource({HOOK: x}), progress=False)
+    real_replace = loop.os.replace
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        if str(src).endswith(".partial"):
+            raise KeyboardInterrupt  # the process dies right after the first rename
+
+    monkeypatch.setattr(loop.os, "replace", replace_then_die)
+    killed = cfg(tmp_path / "b", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(killed, TensorSource({HOOK: x}), progress=False)
+    monkeypatch.setattr(loop.os, "replace", real_replace)
+    published = (tmp_path / "b" / "topk_k2" / "sae_weights.safetensors").read_bytes()
+    assert not (tmp_path / "b" / "topk_k3").exists() and latest_checkpoint(tmp_path / "b") is not None
+    with pytest.raises(FileExistsError, match="topk_k2 already exists"):
+        train_all(killed, TensorSource({HOOK: x}), progress=False)
+    with pytest.raises(FileExistsError, match="topk_k2 already exists"):
+        train_all(killed.replace(lr=1e-3), TensorSource({HOOK: x}), resume=True, progress=False)
+    resumed = train_all(killed, TensorSource({HOOK: x}), resume=True, progress=False)
+    assert (tmp_path / "b" / "topk_k2" / "sae_weights.safetensors").read_bytes() == published
+    assert not (tmp_path / "b" / ".checkpoints").exists()
+    for a_path, b_path in zip(full, resumed):
+        a, b = SparseCoder.load(a_path), SparseCoder.load(b_path)
+        for name, p in a.state_dict().items():
+            assert torch.equal(p, b.state_dict()[name]), (b_path.name, name)
+
+
 def test_resume_with_different_config_is_refused(tmp_path):
     x, _ = synthetic(n=2048)
     c = cfg(tmp_path, n_tokens=2048 * 2, checkpoint_every=256 * 4)
