@@ -258,11 +258,26 @@ class TrainConfig(ArchitectureKnobs):
             if self.d_sae is not None and not (self.sweep.d_sae or self.sweep.expansion) and widths[-1] != self.d_sae:
                 raise ValueError(f"matryoshka_widths must end at d_sae={self.d_sae} (the whole dictionary), got "
                                  f"{list(widths)}")
-        if self.architecture == "gated":
-            lams = self.sweep.sparsity_coefficient or (self.sparsity_coefficient,)
+        cls = SparseCoder.REGISTRY[self.architecture]
+        # A sweep over a value the architecture never reads trains identical SAEs under different names.
+        if self.sweep.k and not cls.has_k:
+            raise ValueError(f"{self.architecture} has no k, so a sweep over k {list(self.sweep.k)} would train "
+                             f"identical SAEs; sweep k with {', '.join(TOPK_FAMILY)}")
+        if self.sweep.sparsity_coefficient and not cls.uses_sparsity_coefficient:
+            raise ValueError(f"{self.architecture} has no sparsity penalty, so a sweep over sparsity_coefficient "
+                             f"{list(self.sweep.sparsity_coefficient)} would train identical SAEs; it applies to "
+                             f"{', '.join(n for n, c in SparseCoder.REGISTRY.items() if c.uses_sparsity_coefficient)}")
+        lams = self.sweep.sparsity_coefficient or (self.sparsity_coefficient,)
+        if self.architecture == "gated" and any(lam <= 0 for lam in lams):
+            raise ValueError(f"gated needs a sparsity coefficient λ > 0 (the L1 on the gate's activations), got "
+                             f"{list(lams)}; e.g. --sparsity-coefficient 0.01")
+        if self.target_l0 is not None:
+            if self.architecture != "jumprelu":
+                raise ValueError(f"target_l0 is JumpReLU's L0 target; {self.architecture} does not read it")
             if any(lam <= 0 for lam in lams):
-                raise ValueError(f"gated needs a sparsity coefficient λ > 0 (the L1 on the gate's activations), got "
-                                 f"{list(lams)}; e.g. --sparsity-coefficient 0.01")
+                raise ValueError(f"target_l0 {self.target_l0} is reached through the penalty λ·(L0/target_l0 − 1)², "
+                                 f"which λ = {min(lams)} switches off; pass a sparsity coefficient, e.g. "
+                                 f"--sparsity-coefficient 1")
         if not 0.0 <= self.mp_residual_threshold < 1.0:
             raise ValueError(f"mp_residual_threshold must lie in [0, 1), got {self.mp_residual_threshold}")
         for name in ("kron_m", "kron_n"):

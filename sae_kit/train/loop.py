@@ -623,6 +623,10 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     if plan is None:
         return [Path(cfg.out) / s.name for s in cfg.specs(default_hook(source))]
     trainees, step = _build_trainees(cfg, plan, source)
+    if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
+            cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
+        log.warning("%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
+                    "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
     if cfg.dtype == "bfloat16" and device.type != "cuda":
         log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
     halt = _Halt(device, len(trainees), cfg.micro_batches)

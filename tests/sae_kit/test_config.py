@@ -52,3 +52,34 @@ def test_toml_config_files_read_through_tomli_before_python_3_11(tmp_path, monke
     monkeypatch.setitem(sys.modules, "tomli", tomli)
     (tmp_path / "c.toml").write_text('architecture = "abstopk"\nk = 5\n')
     assert read_config_file(str(tmp_path / "c.toml")) == {"architecture": "abstopk", "k": 5} and len(calls) == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(architecture="jumprelu", sweep={"k": [8, 16]}), r"jumprelu has no k, so a sweep over k \[8, 16\] would "
+                                                         r"train identical SAEs; sweep k with topk"),
+    (dict(architecture="topk", sweep={"sparsity_coefficient": [0.1, 0.5]}), r"topk has no sparsity penalty, so a "
+                                                                              r"sweep .* applies to gated, jumprelu, relu"),
+    (dict(architecture="jumprelu", target_l0=8.0), r"target_l0 8.0 is reached through the penalty .* which λ = 0.0 "
+                                                   r"switches off; pass .* --sparsity-coefficient 1"),
+    (dict(architecture="jumprelu", target_l0=8.0, sweep={"sparsity_coefficient": [1.0, 0.0]}), r"λ = 0.0 switches off"),
+    (dict(architecture="topk", target_l0=8.0), "target_l0 is JumpReLU's L0 target; topk does not read it"),
+])
+def test_settings_the_architecture_would_ignore_are_refused(kw, match):
+    """A sweep axis the architecture never reads (identical SAEs under different names), and a target L0 that
+    nothing pulls toward, are errors naming the value and what would apply."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(hook_points="h", **kw)
+    TrainConfig(hook_points="h", architecture="jumprelu", target_l0=8.0, sparsity_coefficient=1.0)
+    TrainConfig(hook_points="h", architecture="relu", sweep={"sparsity_coefficient": [1e-3, 1e-2]})
+
+
+def test_a_dense_penalty_free_architecture_is_warned_about(tmp_path, caplog):
+    """jumprelu / relu with λ = 0 train dense: allowed, with a warning that says what to pass."""
+    import logging
+
+    from sae_kit.train import TensorSource, train
+
+    c = TrainConfig(hook_points="h", architecture="relu", d_sae=32, n_tokens=512, batch_size=256, out=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        train(c, TensorSource({"h": torch.randn(512, 8)}), progress=False)
+    assert "relu with sparsity coefficient λ = 0: nothing pushes its L0 down" in caplog.text
