@@ -41,7 +41,7 @@ from activation_store.capture import check_finite, kept_indices, n_contexts, sel
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
 from activation_store.stages import Stages
-from activation_store.storage import Storage, file_sha256, is_disk_full, sha256, temporary_name
+from activation_store.storage import Storage, file_sha256, head_and_tail, is_disk_full, sha256, temporary_name
 from activation_store.tokens import DatasetConfig, TokenBatch, describe_source
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ def model_fingerprint(name: str) -> dict[str, Any]:
             h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin", ".pt"):
             size = f.stat().st_size
-            with open(f, "rb") as fh:
-                head = fh.read(1 << 20)
-                fh.seek(max(0, size - (1 << 20)))
-                tail = fh.read()
-            h.update(f"{f.name}:{size}".encode() + head + tail)
+            h.update(f"{f.name}:{size}".encode() + head_and_tail(f, size))
     return {"weights_fingerprint": h.hexdigest()}
 
 
