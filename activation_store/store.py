@@ -172,14 +172,14 @@ def _tokenizer_info(model: LoadedModel) -> dict[str, Any]:
     return info
 
 
-def _header(cfg: CacheConfig, model: LoadedModel) -> dict[str, Any]:
+def _header(cfg: CacheConfig, model: LoadedModel, dataset: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": cfg.content_dict(),
         "model": {"name": cfg.model, "backend": model.backend, **_model_fingerprint(model)},
         "tokenizer": _tokenizer_info(model),
-        "dataset": describe_source(cfg.dataset),
+        "dataset": dataset,
         "context_size": cfg.dataset.context_size,
         "dtype": cfg.dtype,
         "exclude_special": cfg.exclude_special,
@@ -502,6 +502,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                      cfg.out, existing["n_rows"], len(existing["shards"]))
             return cfg.out
 
+    dataset = describe_source(cfg.dataset)  # a missing data file is named before a slow model load
     if model is None:
         model = load_model(cfg.model, backend=cfg.backend, device=cfg.device)
     elif model.name != cfg.model or (cfg.backend != "auto" and model.backend != cfg.backend):
@@ -509,7 +510,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                          f"for {cfg.model!r} ({cfg.backend} backend)")
     for h in cfg.hook_points:
         model.validate_hook_point(h)
-    header = _header(cfg, model)
+    header = _header(cfg, model, dataset)
     if existing is not None:
         diff = _differences({k: existing.get(k) for k in ("model", "tokenizer", "dataset", "hook_points")},
                             {k: header[k] for k in ("model", "tokenizer", "dataset", "hook_points")})

@@ -24,6 +24,9 @@ T = TypeVar("T")
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A missing path that ends so or starts so was meant as a local file, not a hub dataset name.
+LOCAL_SUFFIXES = (*LOCAL_BUILDERS, ".csv", ".tsv", ".arrow", ".gz", ".zst")
+LOCAL_PREFIXES = ("./", "../", "/", "~")
 SPLITS = ("train", "eval")
 BOS_MODES = ("document", "context", "none")
 
@@ -104,6 +107,17 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def _local_path(path: str) -> Path | None:
+    """The local file or folder `path` names, or None for a hub dataset name."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if path.startswith(LOCAL_PREFIXES) or local.suffix in LOCAL_SUFFIXES:
+        raise ValueError(f"no such file or folder {path!r}; a local dataset is an existing {'/'.join(LOCAL_BUILDERS)} "
+                         "file or a folder of them (hub datasets are named like 'owner/name')")
+    return None
+
+
 def iter_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
     """Yield (document index, text) of one split, in a deterministic order (seeded shuffle if asked)."""
     if cfg.path == STDLIB:
@@ -135,19 +149,31 @@ def buffer_shuffle(items: Iterable[T], buffer: int, seed: int) -> Iterator[T]:
     yield from held
 
 
-def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
-    """(document index, text) of one split of a hub or local dataset, in source order."""
+def _open_dataset(cfg: DatasetConfig) -> Any:
+    """The `datasets` dataset (streamed where it can be) of local files or a hub name."""
     import datasets
 
-    local = Path(cfg.path)
-    if local.exists():
+    local = _local_path(cfg.path)
+    if local is not None:
         builder, files = _local_files(local)
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    else:
-        ds = datasets.load_dataset(
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    try:
+        return datasets.load_dataset(
             cfg.path, cfg.name, split=cfg.hf_split, revision=cfg.revision, streaming=cfg.streaming
         )
+    except (OSError, datasets.exceptions.DatasetsError) as err:  # ConnectionError, DatasetNotFoundError, hub HTTP
+        reason = next(iter(str(err).splitlines()), "")
+        raise ValueError(
+            f"dataset {cfg.path!r} is no local file or folder, and loading it from the Hugging Face hub failed "
+            f"({type(err).__name__}: {reason}); give a local {'/'.join(LOCAL_BUILDERS)} file or folder, or check "
+            "the hub name, the network and HF_HUB_OFFLINE"
+        ) from err
+
+
+def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
+    """(document index, text) of one split of a hub or local dataset, in source order."""
+    ds = _open_dataset(cfg)
     columns = getattr(ds, "column_names", None)
     if columns is not None and cfg.text_column not in columns:
         raise ValueError(f"dataset {cfg.path!r} has no text column {cfg.text_column!r}; its columns are {columns}")
@@ -172,8 +198,8 @@ def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
 
         info["python"] = sys.version.split()[0]
         info["n_files"] = len(stdlib_files("heldout" if cfg.split == "eval" else "train"))
-    elif Path(cfg.path).exists():
-        info["files"] = _local_files(Path(cfg.path))[1]
+    elif (local := _local_path(cfg.path)) is not None:
+        info["files"] = _local_files(local)[1]
     return info
 
 

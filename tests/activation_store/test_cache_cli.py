@@ -70,3 +70,11 @@ def test_cache_disk_full_exits_cleanly(tiny_gpt2_path, docs, tmp_path, capsys, m
                      "--hook", "blocks.0.hook_resid_post")) == 1
     assert "No space left" in capsys.readouterr().err
     assert not list((tmp_path / "s").rglob("*")) if (tmp_path / "s").exists() else True
+
+
+def test_cache_mistyped_dataset_path_is_one_line(tiny_gpt2_path, tmp_path, capsys):
+    typo = tmp_path / "data" / "typo.jsonl"
+    assert main(args(tiny_gpt2_path, typo, tmp_path / "s", "--hook", "blocks.0.hook_resid_post")) == 2
+    err = capsys.readouterr().err  # named before the model loads: no progress bar precedes it
+    assert err.strip() == (f"sae-kit cache: error: no such file or folder '{typo}'; a local dataset is an existing "
+                           ".txt/.jsonl/.json/.parquet file or a folder of them (hub datasets are named like 'owner/name')")

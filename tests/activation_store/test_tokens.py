@@ -182,3 +182,33 @@ def test_source_description_unchanged_without_shuffle():
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         DatasetConfig(**bad)
+
+
+@pytest.mark.parametrize("path", ["data/typo.jsonl", "./corpus", "~/no_such_corpus_dir", "/no/such/file.txt",
+                                  "notes.csv"])
+def test_missing_local_path_is_named_without_trying_the_hub(path, monkeypatch):
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise AssertionError("a local-looking path went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ValueError, match=f"no such file or folder '{path}'"):
+        list(iter_documents(DatasetConfig(path=path)))
+    with pytest.raises(ValueError, match="no such file or folder"):
+        describe_source(DatasetConfig(path=path))
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Couldn't reach 'someone/corpus' on the Hub (OfflineModeIsEnabled)"),
+                                   FileNotFoundError("Dataset 'someone/corpus' doesn't exist on the Hub\nmore")])
+def test_hub_load_errors_become_one_clear_value_error(error, monkeypatch):
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ValueError, match="dataset 'someone/corpus' is no local file or folder") as caught:
+        list(iter_documents(DatasetConfig(path="someone/corpus")))
+    message = str(caught.value)
+    assert type(error).__name__ in message and "HF_HUB_OFFLINE" in message and "\n" not in message
