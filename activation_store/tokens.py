@@ -27,6 +27,8 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 # A missing path that ends so or starts so was meant as a local file, not a hub dataset name.
 LOCAL_SUFFIXES = (*LOCAL_BUILDERS, ".csv", ".tsv", ".arrow", ".gz", ".zst")
 LOCAL_PREFIXES = ("./", "../", "/", "~")
+# Text files are cut at blank lines, so even a single file has enough documents for the hashed train/eval split.
+TEXT_SAMPLE_BY = "paragraph"
 SPLITS = ("train", "eval")
 BOS_MODES = ("document", "context", "none")
 
@@ -156,7 +158,7 @@ def _open_dataset(cfg: DatasetConfig) -> Any:
     local = _local_path(cfg.path)
     if local is not None:
         builder, files = _local_files(local)
-        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        kwargs: dict[str, Any] = {"sample_by": TEXT_SAMPLE_BY} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     try:
         return datasets.load_dataset(
@@ -177,15 +179,31 @@ def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
     columns = getattr(ds, "column_names", None)
     if columns is not None and cfg.text_column not in columns:
         raise ValueError(f"dataset {cfg.path!r} has no text column {cfg.text_column!r}; its columns are {columns}")
+    n_docs = n_kept = 0  # non-empty documents seen, and of them in the asked split
     for index, row in enumerate(ds):
         if cfg.text_column not in row:
             raise ValueError(
                 f"dataset {cfg.path!r} has no text column {cfg.text_column!r}; its columns are {sorted(row)}"
             )
+        text = row[cfg.text_column]
+        if not (isinstance(text, str) and text):
+            continue
+        n_docs += 1
         if _is_eval_doc(index, cfg.eval_percent) == (cfg.split == "eval"):
-            text = row[cfg.text_column]
-            if isinstance(text, str) and text:
-                yield index, text
+            n_kept += 1
+            yield index, text
+    if n_docs and not n_kept:
+        raise ValueError(_empty_split_message(cfg, n_docs))
+
+
+def _empty_split_message(cfg: DatasetConfig, n_docs: int) -> str:
+    """Why a source with documents yields none in the asked split, and what to change."""
+    if cfg.split == "train":
+        return (f"all {n_docs} document(s) of dataset {cfg.path!r} fell in the held-out 'eval' split "
+                f"(eval_percent={cfg.eval_percent}), so the 'train' split is empty; give more documents (text files "
+                "are cut at blank lines) or lower eval_percent (sae-kit cache --eval-percent 0)")
+    return (f"none of the {n_docs} document(s) of dataset {cfg.path!r} fell in the held-out 'eval' split "
+            f"(eval_percent={cfg.eval_percent}); give more documents or raise eval_percent")
 
 
 def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
@@ -199,7 +217,9 @@ def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
         info["python"] = sys.version.split()[0]
         info["n_files"] = len(stdlib_files("heldout" if cfg.split == "eval" else "train"))
     elif (local := _local_path(cfg.path)) is not None:
-        info["files"] = _local_files(local)[1]
+        builder, info["files"] = _local_files(local)
+        if builder == "text":  # stores started when a text file was one document hold no such field
+            info["text_sample_by"] = TEXT_SAMPLE_BY
     return info
 
 
