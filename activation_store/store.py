@@ -210,6 +210,16 @@ def _comparable(content: dict[str, Any]) -> dict[str, Any]:
     return content
 
 
+def _unfingerprinted_note(manifest: dict[str, Any]) -> str:
+    """A note for stores of local files started before their fingerprints were recorded: their files cannot be
+    checked, so a resume is refused rather than risking rows of two datasets in one store."""
+    dataset = manifest.get("dataset")
+    if isinstance(dataset, dict) and "files" in dataset and "file_fingerprints" not in dataset:
+        return (" (the store was started before sae-kit recorded a fingerprint of each data file, so an unchanged "
+                "file cannot be told from an edited one)")
+    return ""
+
+
 def _kill_point(point: str, shard: int) -> None:
     """Seam for the crash tests, called where a kill must lose nothing: "mid_shard" (one file of the shard written),
     "before_manifest" (all its files written, not yet listed), "after_shard" (listed). Does nothing."""
@@ -516,7 +526,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                             {k: header[k] for k in ("model", "tokenizer", "dataset", "hook_points")})
         if diff:
             raise ValueError(f"cannot resume {cfg.out!r}: the model or data changed since it was started: "
-                             f"{'; '.join(diff)}. Use a new --out")
+                             f"{'; '.join(diff)}{_unfingerprinted_note(existing)}. Use a new --out")
         _remove_temporaries(storage, cfg)
         _verify_listed(storage, existing, check_hash=False)
         manifest = existing

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from activation_store.corpus import read_stdlib_text, stdlib_files
+from activation_store.storage import head_and_tail, sha256
 
 T = TypeVar("T")
 
@@ -218,9 +219,17 @@ def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
         info["n_files"] = len(stdlib_files("heldout" if cfg.split == "eval" else "train"))
     elif (local := _local_path(cfg.path)) is not None:
         builder, info["files"] = _local_files(local)
+        info["file_fingerprints"] = {f: file_fingerprint(f) for f in info["files"]}
         if builder == "text":  # stores started when a text file was one document hold no such field
             info["text_sample_by"] = TEXT_SAMPLE_BY
     return info
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Size and sha256 of the first and last MiB of a data file: catches edits, appends and regenerated files
+    without reading gigabytes at every start, and, unlike the mtime, survives a copy of the same file."""
+    size = Path(path).stat().st_size
+    return {"bytes": size, "head_tail_sha256": sha256(head_and_tail(path, size))}
 
 
 def iter_token_batches(
