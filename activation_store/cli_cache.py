@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=dd.path, help="'stdlib' (default), a hub dataset or local files")
     parser.add_argument("--text-column", default=dd.text_column, help="column holding the text (default: text)")
     parser.add_argument("--split", default=dd.split, choices=("train", "eval"), help="document split (default: train)")
+    parser.add_argument("--eval-percent", type=int, default=dd.eval_percent,
+                        help=f"share of documents held out for --split eval (default: {dd.eval_percent}); "
+                             "the stdlib's split is fixed")
     parser.add_argument("--tokens", type=int, default=d.n_tokens, help=f"tokens to run (default: {d.n_tokens})")
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="read documents in an order shuffled with this seed, so the tokens sample the whole "
@@ -36,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
     """The CacheConfig the flags describe."""
     dataset = DatasetConfig(path=args.dataset, text_column=args.text_column, split=args.split,
-                            context_size=args.context_size, shuffle_seed=args.shuffle_seed)
+                            eval_percent=args.eval_percent, context_size=args.context_size, shuffle_seed=args.shuffle_seed)
     return CacheConfig(
         model=args.model, backend=args.backend, hook_points=tuple(args.hooks or CacheConfig().hook_points),
         dataset=dataset, n_tokens=args.tokens, batch_size=args.batch_size, shard_tokens=args.shard_tokens,

@@ -46,6 +46,15 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def head_and_tail(path: str | os.PathLike[str], size: int, part: int = 1 << 20) -> bytes:
+    """The first and last `part` bytes of a file of `size` bytes (overlapping when it is small): a cheap stand-in
+    for its content that still notices appends, truncation and regenerated files."""
+    with open(path, "rb") as f:
+        head = f.read(part)
+        f.seek(max(0, size - part))
+        return head + f.read()
+
+
 def _write_all(f: Any, data: bytes) -> None:
     """Write every byte to an open file (a seam so tests can simulate a full disk)."""
     f.write(data)

@@ -41,7 +41,7 @@ from activation_store.capture import check_finite, kept_indices, n_contexts, sel
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
 from activation_store.stages import Stages
-from activation_store.storage import Storage, file_sha256, is_disk_full, sha256, temporary_name
+from activation_store.storage import Storage, file_sha256, head_and_tail, is_disk_full, sha256, temporary_name
 from activation_store.tokens import DatasetConfig, TokenBatch, describe_source
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ def model_fingerprint(name: str) -> dict[str, Any]:
             h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin", ".pt"):
             size = f.stat().st_size
-            with open(f, "rb") as fh:
-                head = fh.read(1 << 20)
-                fh.seek(max(0, size - (1 << 20)))
-                tail = fh.read()
-            h.update(f"{f.name}:{size}".encode() + head + tail)
+            h.update(f"{f.name}:{size}".encode() + head_and_tail(f, size))
     return {"weights_fingerprint": h.hexdigest()}
 
 
@@ -176,14 +172,14 @@ def _tokenizer_info(model: LoadedModel) -> dict[str, Any]:
     return info
 
 
-def _header(cfg: CacheConfig, model: LoadedModel) -> dict[str, Any]:
+def _header(cfg: CacheConfig, model: LoadedModel, dataset: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": cfg.content_dict(),
         "model": {"name": cfg.model, "backend": model.backend, **_model_fingerprint(model)},
         "tokenizer": _tokenizer_info(model),
-        "dataset": describe_source(cfg.dataset),
+        "dataset": dataset,
         "context_size": cfg.dataset.context_size,
         "dtype": cfg.dtype,
         "exclude_special": cfg.exclude_special,
@@ -212,6 +208,16 @@ def _comparable(content: dict[str, Any]) -> dict[str, Any]:
         dataset = {k: v for k, v in dataset.items() if k not in ("shuffle_seed", "shuffle_buffer")}
         content = {**content, "dataset": dataset}
     return content
+
+
+def _unfingerprinted_note(manifest: dict[str, Any]) -> str:
+    """A note for stores of local files started before their fingerprints were recorded: their files cannot be
+    checked, so a resume is refused rather than risking rows of two datasets in one store."""
+    dataset = manifest.get("dataset")
+    if isinstance(dataset, dict) and "files" in dataset and "file_fingerprints" not in dataset:
+        return (" (the store was started before sae-kit recorded a fingerprint of each data file, so an unchanged "
+                "file cannot be told from an edited one)")
+    return ""
 
 
 def _kill_point(point: str, shard: int) -> None:
@@ -506,6 +512,7 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
                      cfg.out, existing["n_rows"], len(existing["shards"]))
             return cfg.out
 
+    dataset = describe_source(cfg.dataset)  # a missing data file is named before a slow model load
     if model is None:
         model = load_model(cfg.model, backend=cfg.backend, device=cfg.device)
     elif model.name != cfg.model or (cfg.backend != "auto" and model.backend != cfg.backend):
@@ -514,13 +521,13 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     for h in cfg.hook_points:
         model.validate_hook_point(h)
     model.check_context_size(cfg.dataset.context_size)
-    header = _header(cfg, model)
+    header = _header(cfg, model, dataset)
     if existing is not None:
         diff = _differences({k: existing.get(k) for k in ("model", "tokenizer", "dataset", "hook_points")},
                             {k: header[k] for k in ("model", "tokenizer", "dataset", "hook_points")})
         if diff:
             raise ValueError(f"cannot resume {cfg.out!r}: the model or data changed since it was started: "
-                             f"{'; '.join(diff)}. Use a new --out")
+                             f"{'; '.join(diff)}{_unfingerprinted_note(existing)}. Use a new --out")
         _remove_temporaries(storage, cfg)
         _verify_listed(storage, existing, check_hash=False)
         manifest = existing

@@ -19,11 +19,17 @@ import torch
 from torch import Tensor
 
 from activation_store.corpus import read_stdlib_text, stdlib_files
+from activation_store.storage import head_and_tail, sha256
 
 T = TypeVar("T")
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A missing path that ends so or starts so was meant as a local file, not a hub dataset name.
+LOCAL_SUFFIXES = (*LOCAL_BUILDERS, ".csv", ".tsv", ".arrow", ".gz", ".zst")
+LOCAL_PREFIXES = ("./", "../", "/", "~")
+# Text files are cut at blank lines, so even a single file has enough documents for the hashed train/eval split.
+TEXT_SAMPLE_BY = "paragraph"
 SPLITS = ("train", "eval")
 BOS_MODES = ("document", "context", "none")
 
@@ -104,6 +110,17 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def _local_path(path: str) -> Path | None:
+    """The local file or folder `path` names, or None for a hub dataset name."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if path.startswith(LOCAL_PREFIXES) or local.suffix in LOCAL_SUFFIXES:
+        raise ValueError(f"no such file or folder {path!r}; a local dataset is an existing {'/'.join(LOCAL_BUILDERS)} "
+                         "file or a folder of them (hub datasets are named like 'owner/name')")
+    return None
+
+
 def iter_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
     """Yield (document index, text) of one split, in a deterministic order (seeded shuffle if asked)."""
     if cfg.path == STDLIB:
@@ -135,31 +152,59 @@ def buffer_shuffle(items: Iterable[T], buffer: int, seed: int) -> Iterator[T]:
     yield from held
 
 
-def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
-    """(document index, text) of one split of a hub or local dataset, in source order."""
+def _open_dataset(cfg: DatasetConfig) -> Any:
+    """The `datasets` dataset (streamed where it can be) of local files or a hub name."""
     import datasets
 
-    local = Path(cfg.path)
-    if local.exists():
+    local = _local_path(cfg.path)
+    if local is not None:
         builder, files = _local_files(local)
-        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    else:
-        ds = datasets.load_dataset(
+        kwargs: dict[str, Any] = {"sample_by": TEXT_SAMPLE_BY} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    try:
+        return datasets.load_dataset(
             cfg.path, cfg.name, split=cfg.hf_split, revision=cfg.revision, streaming=cfg.streaming
         )
+    except (OSError, datasets.exceptions.DatasetsError) as err:  # ConnectionError, DatasetNotFoundError, hub HTTP
+        reason = next(iter(str(err).splitlines()), "")
+        raise ValueError(
+            f"dataset {cfg.path!r} is no local file or folder, and loading it from the Hugging Face hub failed "
+            f"({type(err).__name__}: {reason}); give a local {'/'.join(LOCAL_BUILDERS)} file or folder, or check "
+            "the hub name, the network and HF_HUB_OFFLINE"
+        ) from err
+
+
+def _iter_dataset_documents(cfg: DatasetConfig) -> Iterator[tuple[int, str]]:
+    """(document index, text) of one split of a hub or local dataset, in source order."""
+    ds = _open_dataset(cfg)
     columns = getattr(ds, "column_names", None)
     if columns is not None and cfg.text_column not in columns:
         raise ValueError(f"dataset {cfg.path!r} has no text column {cfg.text_column!r}; its columns are {columns}")
+    n_docs = n_kept = 0  # non-empty documents seen, and of them in the asked split
     for index, row in enumerate(ds):
         if cfg.text_column not in row:
             raise ValueError(
                 f"dataset {cfg.path!r} has no text column {cfg.text_column!r}; its columns are {sorted(row)}"
             )
+        text = row[cfg.text_column]
+        if not (isinstance(text, str) and text):
+            continue
+        n_docs += 1
         if _is_eval_doc(index, cfg.eval_percent) == (cfg.split == "eval"):
-            text = row[cfg.text_column]
-            if isinstance(text, str) and text:
-                yield index, text
+            n_kept += 1
+            yield index, text
+    if n_docs and not n_kept:
+        raise ValueError(_empty_split_message(cfg, n_docs))
+
+
+def _empty_split_message(cfg: DatasetConfig, n_docs: int) -> str:
+    """Why a source with documents yields none in the asked split, and what to change."""
+    if cfg.split == "train":
+        return (f"all {n_docs} document(s) of dataset {cfg.path!r} fell in the held-out 'eval' split "
+                f"(eval_percent={cfg.eval_percent}), so the 'train' split is empty; give more documents (text files "
+                "are cut at blank lines) or lower eval_percent (sae-kit cache --eval-percent 0)")
+    return (f"none of the {n_docs} document(s) of dataset {cfg.path!r} fell in the held-out 'eval' split "
+            f"(eval_percent={cfg.eval_percent}); give more documents or raise eval_percent")
 
 
 def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
@@ -172,9 +217,19 @@ def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
 
         info["python"] = sys.version.split()[0]
         info["n_files"] = len(stdlib_files("heldout" if cfg.split == "eval" else "train"))
-    elif Path(cfg.path).exists():
-        info["files"] = _local_files(Path(cfg.path))[1]
+    elif (local := _local_path(cfg.path)) is not None:
+        builder, info["files"] = _local_files(local)
+        info["file_fingerprints"] = {f: file_fingerprint(f) for f in info["files"]}
+        if builder == "text":  # stores started when a text file was one document hold no such field
+            info["text_sample_by"] = TEXT_SAMPLE_BY
     return info
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Size and sha256 of the first and last MiB of a data file: catches edits, appends and regenerated files
+    without reading gigabytes at every start, and, unlike the mtime, survives a copy of the same file."""
+    size = Path(path).stat().st_size
+    return {"bytes": size, "head_tail_sha256": sha256(head_and_tail(path, size))}
 
 
 def iter_token_batches(

@@ -70,3 +70,38 @@ def test_cache_disk_full_exits_cleanly(tiny_gpt2_path, docs, tmp_path, capsys, m
                      "--hook", "blocks.0.hook_resid_post")) == 1
     assert "No space left" in capsys.readouterr().err
     assert not list((tmp_path / "s").rglob("*")) if (tmp_path / "s").exists() else True
+
+
+def test_cache_mistyped_dataset_path_is_one_line(tiny_gpt2_path, tmp_path, capsys):
+    typo = tmp_path / "data" / "typo.jsonl"
+    assert main(args(tiny_gpt2_path, typo, tmp_path / "s", "--hook", "blocks.0.hook_resid_post")) == 2
+    err = capsys.readouterr().err  # named before the model loads: no progress bar precedes it
+    assert err.strip() == (f"sae-kit cache: error: no such file or folder '{typo}'; a local dataset is an existing "
+                           ".txt/.jsonl/.json/.parquet file or a folder of them (hub datasets are named like 'owner/name')")
+
+
+def test_cache_single_text_file_and_eval_percent(tiny_gpt2_path, tmp_path, capsys):
+    text = tmp_path / "one.txt"
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(40)) + "\n")
+    hook = ("--text-column", "text", "--hook", "blocks.0.hook_resid_post", "--tokens", "64")
+    assert main(args(tiny_gpt2_path, text, tmp_path / "train", *hook)) == 0
+    assert main(args(tiny_gpt2_path, text, tmp_path / "all", *hook, "--eval-percent", "0")) == 0
+    assert ActivationStore.open(str(tmp_path / "all")).manifest["config"]["dataset"]["eval_percent"] == 0
+    train, everything = (ActivationStore.open(str(tmp_path / s)).row_tokens().doc_ids for s in ("train", "all"))
+    assert not torch.equal(train, everything)  # some paragraphs are held out only by default
+
+
+def test_cache_refuses_to_resume_a_text_store_cut_the_old_way(tiny_gpt2_path, tmp_path, capsys):
+    """A store started when a text file was one document would resume with other documents."""
+    text = tmp_path / "one.txt"
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(40)) + "\n")
+    argv = args(tiny_gpt2_path, text, tmp_path / "s", "--text-column", "text", "--hook", "blocks.0.hook_resid_post",
+                "--tokens", "128")
+    assert main(argv) == 0
+    storage = storage_mod.Storage(str(tmp_path / "s"))
+    manifest = storage.read_json("manifest.json")
+    manifest["complete"] = False
+    del manifest["dataset"]["text_sample_by"]
+    storage.write_json_atomic("manifest.json", manifest)
+    assert main(argv) == 2
+    assert "dataset.text_sample_by: stored None, requested 'paragraph'" in capsys.readouterr().err

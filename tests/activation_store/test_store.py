@@ -610,3 +610,58 @@ def test_tensors_in_hands_malformed_files_to_safetensors(damage):
         blob[8:8 + n] = text
     with pytest.raises(safetensors.SafetensorError):  # safetensors' own diagnosis, never garbage tensors
         tensors_in(blob)
+
+
+def crash_after_first_shard(cfg: CacheConfig, model, monkeypatch) -> None:
+    """Start a cache and stop it once shard 0 is listed, as a kill would."""
+    def crash(point, shard):
+        if (point, shard) == ("after_shard", 0):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_kill_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cfg, progress=False, model=model)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("edit", ["rewrite", "append", "same_size"])
+def test_resume_refuses_an_edited_data_file(ref_store, tiny_model, docs, tmp_path, monkeypatch, edit):
+    data = tmp_path / "docs.jsonl"
+    shutil.copy(docs, data)
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s"),
+                         "dataset": dataclasses.replace(ref_store.dataset, path=str(data))})
+    crash_after_first_shard(cfg, tiny_model, monkeypatch)
+    text = data.read_text()
+    edited = {"rewrite": text.upper(), "append": text + json.dumps({"text": "x = 1\n"}) + "\n",
+              "same_size": text.replace("def", "fed", 1)}[edit]
+    data.write_text(edited)
+    with pytest.raises(ValueError, match=rf"cannot resume .*dataset\.file_fingerprints\.{data}\.head_tail_sha256"):
+        cache_activations(cfg, progress=False, model=tiny_model)
+    data.write_text(text)  # the same bytes again: the resume goes on
+    cache_activations(cfg, progress=False, model=tiny_model)
+    assert len(shard_hashes(cfg.out)) == len(shard_hashes(ref_store.out))
+
+
+def test_stores_from_before_data_fingerprints(ref_store, tiny_model, tmp_path):
+    """A manifest without file fingerprints reads as before, and its finished store needs no data file; only a
+    resume of an unfinished one is refused, as its files cannot be checked."""
+    out = tmp_path / "old"
+    shutil.copytree(ref_store.out, out)
+    storage = store_mod.Storage(str(out))
+    manifest = storage.read_json(store_mod.MANIFEST)
+    del manifest["dataset"]["file_fingerprints"]
+    gone = str(tmp_path / "moved_away.jsonl")
+    manifest["config"]["dataset"]["path"] = manifest["dataset"]["path"] = gone
+    manifest["dataset"]["files"] = [gone]
+    storage.write_json_atomic(store_mod.MANIFEST, manifest)
+    store = ActivationStore.open(str(out))  # verifies every shard
+    assert store.n_rows == ActivationStore.open(ref_store.out).n_rows
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(out),
+                         "dataset": dataclasses.replace(ref_store.dataset, path=gone)})
+    assert cache_activations(cfg, progress=False, model=tiny_model) == str(out)  # complete: nothing to do
+    manifest["complete"] = False
+    manifest["config"]["dataset"]["path"] = manifest["dataset"]["path"] = ref_store.dataset.path
+    manifest["dataset"]["files"] = [ref_store.dataset.path]
+    storage.write_json_atomic(store_mod.MANIFEST, manifest)
+    with pytest.raises(ValueError, match=r"dataset\.file_fingerprints: stored None.*started before sae-kit recorded"):
+        cache_activations(CacheConfig(**{**ref_store.__dict__, "out": str(out)}), progress=False, model=tiny_model)

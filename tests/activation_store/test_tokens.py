@@ -182,3 +182,57 @@ def test_source_description_unchanged_without_shuffle():
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         DatasetConfig(**bad)
+
+
+@pytest.mark.parametrize("path", ["data/typo.jsonl", "./corpus", "~/no_such_corpus_dir", "/no/such/file.txt",
+                                  "notes.csv"])
+def test_missing_local_path_is_named_without_trying_the_hub(path, monkeypatch):
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise AssertionError("a local-looking path went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ValueError, match=f"no such file or folder '{path}'"):
+        list(iter_documents(DatasetConfig(path=path)))
+    with pytest.raises(ValueError, match="no such file or folder"):
+        describe_source(DatasetConfig(path=path))
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Couldn't reach 'someone/corpus' on the Hub (OfflineModeIsEnabled)"),
+                                   FileNotFoundError("Dataset 'someone/corpus' doesn't exist on the Hub\nmore")])
+def test_hub_load_errors_become_one_clear_value_error(error, monkeypatch):
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ValueError, match="dataset 'someone/corpus' is no local file or folder") as caught:
+        list(iter_documents(DatasetConfig(path="someone/corpus")))
+    message = str(caught.value)
+    assert type(error).__name__ in message and "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_single_text_file_is_split_at_blank_lines(tmp_path):
+    path = tmp_path / "one.txt"
+    paragraphs = [f"paragraph {i}\nsecond line of {i}" for i in range(40)]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    cfg = DatasetConfig(path=str(path), eval_percent=25)
+    train, held = list(iter_documents(cfg)), list(iter_documents(cfg.replace(split="eval")))
+    assert train and held and list(iter_documents(cfg)) == train  # both splits non-empty, deterministic
+    assert sorted(i for i, _ in train + held) == list(range(40))  # disjoint, together every paragraph
+    assert all(text.rstrip("\n") == paragraphs[i] for i, text in train + held)
+    assert [i for i, _ in iter_documents(cfg.replace(eval_percent=5))]  # the default share leaves training text
+    assert describe_source(cfg)["text_sample_by"] == "paragraph"
+
+
+def test_an_empty_split_says_why(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "a single document"}) + "\n")  # document 0 hashes into the 5% eval split
+    with pytest.raises(ValueError, match=r"all 1 document\(s\) of dataset .* fell in the held-out 'eval' split "
+                                         r"\(eval_percent=5\).*--eval-percent 0"):
+        list(iter_documents(DatasetConfig(path=str(path))))
+    assert list(iter_documents(DatasetConfig(path=str(path), eval_percent=0))) == [(0, "a single document")]
+    with pytest.raises(ValueError, match=r"none of the 1 document\(s\) .* fell in the held-out 'eval' split"):
+        list(iter_documents(DatasetConfig(path=str(path), eval_percent=0, split="eval")))
