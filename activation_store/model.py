@@ -61,6 +61,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; ValueError naming it when this machine has no such accelerator."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device here (torch "
+                         f"{torch.__version__}); use cpu, or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but MPS is not available here; use cpu")
+    return dev
+
+
 def closest_names(name: str, valid: Sequence[str], n: int = 5) -> list[str]:
     """The valid names most similar to `name`, for error messages."""
     close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
@@ -175,6 +191,8 @@ class LoadedModel:
         With stop_early the forward ends right after the deepest requested hook point fires, so later layers
         cost nothing; the captured values are identical either way.
         """
+        if isinstance(hook_points, str):  # one hook point, not its characters
+            hook_points = [hook_points]
         names = [self.validate_hook_point(h) for h in dict.fromkeys(hook_points)]
         if not names:
             raise ValueError("capture needs at least one hook point")
@@ -376,7 +394,7 @@ def load_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = usable_device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from activation_store.model import usable_device
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import checkpoint as ckpt
 from sae_kit.train.config import SAESpec, TrainConfig
@@ -157,7 +158,7 @@ def _field_defaults(cls: type) -> dict[str, Any]:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = usable_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     return device

@@ -182,3 +182,29 @@ def test_generate_logits_equal_the_full_forward(fixture, request):
     stepped = torch.stack(gen.logits, dim=1)  # (1, T, V)
     full = model(gen.sequences)[:, n - 1:-1]  # (1, T, V)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    """Asking for CUDA (or an out-of-range GPU, or a misspelt device) is a ValueError naming it, not an assertion
+    from deep inside torch."""
+    from activation_store.model import usable_device
+
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'; valid: cpu, cuda"):
+        usable_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but torch sees no CUDA device here"):
+        usable_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="device 'cuda:2' asked for, but there are 2 CUDA devices"):
+        usable_device("cuda:2")
+
+
+def test_capture_takes_one_hook_point_as_a_string(tiny_model):
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    one = tiny_model.capture(tokens, "blocks.0.hook_resid_post")
+    assert list(one) == ["blocks.0.hook_resid_post"]
+    assert torch.equal(one["blocks.0.hook_resid_post"],
+                       tiny_model.capture(tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"])
