@@ -280,7 +280,8 @@ class InterventionScorer(_Common):
     prompt_tokens: int = 8
     new_tokens: int = 16
     strength: float = 4.0
-    """'add' strength: the latent's unit decoder direction times strength × its typical max activation."""
+    """'add' strength: the latent's decoder row times strength × its typical max activation (the latent's own
+    output at that multiple of its max)."""
     scales: Mapping[int, float] | Tensor | None = None
     """Typical max activation per latent; None: the SAE's metadata["latent_max_acts"], else an estimate on
     n_scale_tokens of held-out text, else (latent silent there, or no estimate) the record's max activation."""

@@ -1,7 +1,8 @@
 """Steer a model with SAE latents or raw directions: context managers over the model adapter's `intervene`.
 
-add:    h ← h + S·a_f·d̂_f, with d̂_f the unit decoder row of latent f and a_f its typical max activation
-        (`latent_scales`), so one strength means the same push for every latent.
+add:    h ← h + S·a_f·W_dec[f], with a_f latent f's typical max activation (`latent_scales`): what the latent
+        adds to the output when it fires at S times that, so strength 1 is the latent at its max, for every latent
+        and however an SAE's weights split a latent's scale between z and W_dec.
 clamp:  h ← h + (x̂_clamped − x̂) = h + (S − z_f)·W_dec[f]: decode with latent f set to S (activation units)
         while keeping the SAE's error term, so every untouched latent and the error stay exact.
 ablate: clamp to 0.
@@ -244,11 +245,16 @@ def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int
             # The decoder is linear in z, so x̂_clamped − x̂ = Δz·W_dec: the error term and the other latents are
             # untouched exactly, not just up to the rounding of a second decode.
             out = out + ((dz @ w_dec) * gain).to(act.dtype)
+        if adds:
+            # What the latent adds to the output at strength × its typical max activation: a_f·W_dec[f], through the
+            # output normalisation like a clamp's Δz. Unlike a push along the unit direction, this does not depend
+            # on how an SAE's weights split a latent's scale between z and W_dec (ours fold the input scale in).
+            gain = sae.decoder_gain(act.reshape(B * P, -1).to(w_dec.dtype))  # transcoders: 1, x never read
+            gain = gain.view(B, P, 1).to(act.dtype) if isinstance(gain, Tensor) else gain
         for iv in adds:
             where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]  # (1, P, 1)
-            row = w_dec[iv.feature]
-            delta = (iv.strength * scale[iv.feature]) * row / row.norm().clamp_min(1e-12)  # (d_out,)
-            out = out + where * delta.to(act.device, act.dtype)
+            delta = (iv.strength * scale[iv.feature]) * w_dec[iv.feature]  # (d_out,)
+            out = out + where * delta.to(act.device, act.dtype) * gain
         return out
 
     edits: list[tuple[str, Edit]] = []

@@ -86,10 +86,11 @@ def test_add_with_zero_strength_is_noop_and_positions_restrict(tiny_model, token
     assert not torch.allclose(steered[:, 5:], clean[:, 5:], atol=1e-3)
 
 
-def test_add_moves_the_residual_by_strength_times_scale_along_the_unit_decoder_row(tiny_model, tokens):
+def test_add_moves_the_residual_by_what_the_latent_writes_at_strength_times_its_max(tiny_model, tokens):
+    """add S with scale a_f adds S·a_f·W_dec[f]: the latent's own output at S times its max (here a non-unit row)."""
     sae = make_sae()
     with torch.no_grad():
-        sae.W_dec[3] *= 7.0  # a non-unit row: add must still use the unit direction
+        sae.W_dec[3] *= 7.0
     x = tiny_model.capture(tokens, [HOOK])[HOOK]
     seen = {}
     with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 2.0, "last")], scales={3: 1.5}):
@@ -97,8 +98,29 @@ def test_add_moves_the_residual_by_strength_times_scale_along_the_unit_decoder_r
             tiny_model(tokens)
     delta = seen["h"] - x
     torch.testing.assert_close(delta[:, :-1], torch.zeros_like(delta[:, :-1]))  # "last": only the final token
-    unit = sae.W_dec[3] / sae.W_dec[3].norm()
-    torch.testing.assert_close(delta[:, -1], (3.0 * unit).expand(2, -1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta[:, -1], (3.0 * sae.W_dec[3]).expand(2, -1).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_add_does_not_depend_on_how_the_weights_split_a_latents_scale(tiny_model, tokens):
+    """The same SAE written with latent f's z scaled by n and W_dec[f] by 1/n (as folding a training scale does) has
+    a_f scaled by n: add at one strength steers both identically."""
+    def relu() -> SparseCoder:  # ReLU(n·pre) = n·ReLU(pre): the rescaled twin is the same function
+        torch.manual_seed(0)
+        return SparseCoder.from_config(SAEConfig(architecture="relu", d_in=32, d_sae=64, hook_point=HOOK))
+
+    sae, twin = relu(), relu()
+    n = 5.0
+    with torch.no_grad():
+        twin.W_enc[:, 3] *= n
+        twin.b_enc[3] *= n
+        twin.W_dec[3] /= n
+    x = tiny_model.capture(tokens, [HOOK])[HOOK].reshape(-1, 32)
+    torch.testing.assert_close(twin.decode(twin.encode(x)), sae.decode(sae.encode(x)), atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 4.0)], scales={3: 1.5}):
+        a = tiny_model(tokens)
+    with torch.no_grad(), steer(tiny_model, twin, [Intervention(3, "add", 4.0)], scales={3: 1.5 * n}):
+        b = tiny_model(tokens)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_hooks_removed_after_exception(tiny_model, tokens):
@@ -196,7 +218,7 @@ def test_direction_steering_matches_sae_add(tiny_model, tokens):
     unit = (sae.W_dec[3] / sae.W_dec[3].norm()).detach()
     with torch.no_grad(), steer(tiny_model, sae, [Intervention(3, "add", 4.0, "2:")], scales={3: 2.5}):
         via_sae = tiny_model(tokens)
-    with torch.no_grad(), steer_direction(tiny_model, HOOK, 2.5 * unit, 4.0, "2:"):
+    with torch.no_grad(), steer_direction(tiny_model, HOOK, 2.5 * sae.W_dec[3].detach(), 4.0, "2:"):
         via_direction = tiny_model(tokens)
     torch.testing.assert_close(via_sae, via_direction)
     with torch.no_grad(), steer_direction(tiny_model, HOOK, unit, 0.0):
