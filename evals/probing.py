@@ -11,7 +11,9 @@ For each binary task (`evals.tasks`), on its balanced train split:
 3. report accuracy and F1 (positive class) on the task's balanced test split.
 
 Features of an example are its activations averaged over the example's positions (one token for the code concepts;
-a text's tokens for hub datasets): SAE latents are encoded per token, then averaged, as SAEBench does.
+a text's tokens for hub datasets): SAE latents are encoded per token, then averaged, as SAEBench does. SAE latents
+are read with the decoder norms folded in (z_i·‖d_i‖, `evals.tasks.fold_decoder_norms`), as SAEBench requires of
+its SAEs, so the ranking and the L2 probe see the SAE's function, not how it splits scale between z and W_dec.
 
 Baselines, on the same examples: the same top-k probe on the raw activations (SAEBench's `llm_top_k`), a probe on
 all raw dimensions (SAEBench's `llm_test_accuracy`; we fit it with the same scikit-learn regression rather than
@@ -34,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evals.controls import random_directions_like
-from evals.tasks import ProbeTask, TaskSet, check_reads, pooled, pooled_latents
+from evals.tasks import ProbeTask, TaskSet, check_reads, fold_decoder_norms, pooled, pooled_latents
 
 DEFAULT_KS = (1, 2, 5, 10, 20)
 
@@ -149,7 +151,10 @@ def probe_raw(task: ProbeTask, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]
 
 def probe_sae(task: ProbeTask, sae: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
     """Top-k probes of one task on an SAE's latents (averaged over each example's positions)."""
-    z_tr, z_te = pooled_latents(sae, task.train), pooled_latents(sae, task.test)
+    # unit-decoder units: the ranking and the L2 probe would otherwise depend on how the SAE splits scale between
+    # z and W_dec (averaging over positions commutes with the per-latent factor)
+    z_tr = fold_decoder_norms(sae, pooled_latents(sae, task.train)).z
+    z_te = fold_decoder_norms(sae, pooled_latents(sae, task.test)).z
     scores, top = sparse_probe(z_tr, task.train.labels, z_te, task.test.labels, ks)
     return {**_scores_record(scores), "top_latents": top.tolist()}
 
