@@ -20,7 +20,7 @@ all raw dimensions (SAEBench's `llm_test_accuracy`; we fit it with the same scik
 SAEBench's Adam loop with early stopping on the test set), and the control: the same protocol on an SAE with
 random directions of the same per-latent norms (`evals.controls.random_directions_like`). The trained SAE beats the
 control when the mean top-1 accuracy over tasks is higher; `paired_difference_ci` gives a percentile bootstrap CI
-of that difference over tasks (scipy.stats.bootstrap).
+of that difference over tasks (scipy.stats.bootstrap), with NaN bounds when fewer than two tasks ran.
 """
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def sparse_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
 
 def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 10_000,
                          confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """mean(a − b) over paired items and its percentile bootstrap CI (resampling the pairs)."""
+    """mean(a − b) over paired items and its percentile bootstrap CI (resampling the pairs); NaN bounds with fewer
+    than 2 finite pairs."""
     from scipy.stats import bootstrap
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -131,8 +132,10 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_resamples: in
         res = bootstrap((d,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                         random_state=np.random.default_rng(seed))
         out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    elif len(d) >= 1:  # every pair differs by the same amount: the interval is that point
+    elif len(d) >= 2:  # every pair differs by the same amount: each resample's mean is that point
         out["ci_low"] = out["ci_high"] = out["difference"]
+    # one pair (or none): no spread to resample, so no interval; the bounds stay NaN (null in metrics.json,
+    # n/a in the report), never a zero-width interval that reads as "excludes 0"
     return out
 
 

@@ -58,6 +58,19 @@ def test_paired_difference_ci():
     assert same["ci_low"] == pytest.approx(0.1) and same["ci_high"] == pytest.approx(0.1)
 
 
+def test_one_task_has_no_confidence_interval():
+    # one pair: nothing to resample, so no interval (was the zero-width [x, x], which reads as "excludes 0")
+    one = paired_difference_ci([0.9], [0.6])
+    assert one["difference"] == pytest.approx(0.3) and one["n"] == 1
+    assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"])
+    assert np.isnan(paired_difference_ci([], [])["ci_low"])
+    tasks, dirs = planted_tasks(n_tasks=1, d=16)
+    vs = run_probing(tasks, [("planted", planted_sae(dirs, k=1))], ProbingConfig(ks=(1,), n_resamples=100))
+    vs = vs["saes"][0]["vs_control"]
+    assert vs["n"] == 1 and np.isfinite(vs["difference"]) and np.isnan(vs["ci_low"]) and np.isnan(vs["ci_high"])
+    assert not vs["ci_low"] > 0  # nothing reads a missing bound as "above 0"
+
+
 def test_planted_sae_beats_its_random_control_and_raw_top1():
     tasks, dirs = planted_tasks(n_tasks=4, d=32)
     sae = planted_sae(dirs, k=4)
