@@ -11,18 +11,22 @@ labelled by the identifier's first letter. Everything after the examples follows
    activations, BCE with positive-class weights, Adam, lr 1e-2 decaying exponentially to 1e-5 over 100 epochs,
    weight decay 1e-6, batch 4096 (SAEBench's `train_multi_probe`). A letter is evaluated only when this probe's
    test F1 exceeds `min_probe_f1` (0.6) and it has test examples.
-3. **Main latents** (`k_sparse_probes`, `split_features`): an L1-penalised (0.01) multi-probe on all SAE latents
+3. **Unit-norm decoder** (`evals.tasks.fold_decoder_norms`): as SAEBench does (its `fold_W_dec_norm`), every
+   latent is read as z_i·‖d_i‖ with unit direction d_i/‖d_i‖, so the SAE's function decides the scores and its
+   parametrisation does not (sae-kit's saved SAEs have ‖d_i‖ = 1/input_scale; JumpReLU's vary per latent). Below,
+   z means these folded latents.
+4. **Main latents** (`k_sparse_probes`, `split_features`): an L1-penalised (0.01) multi-probe on all SAE latents
    (50 epochs), then for each letter the top-k latents by that probe's weight (signed, not |·|) for k = 1..10, a
    balanced scikit-learn logistic regression on them, and its test F1. The main latents are the top-k set at the
    last k whose F1 beat the best so far by more than 0.03 (SAEBench's feature-splitting rule).
-4. **Per test token** of letter ℓ on which the ground-truth probe fires (logit > 0), with p the unit probe
+5. **Per test token** of letter ℓ on which the ground-truth probe fires (logit > 0), with p the unit probe
    direction, a = x·p the activation's projection, and each latent's projection z_i·cos(p, d_i) (`absorption_of`):
    - absorption fraction: 0 when the main latents' projection reaches a or the top ≤ 3 other latents with
      cos ≥ 0.1 and positive projection cover less than 0.4·a; 1 when the main latents' projection is ≤ 0;
      otherwise min(absorbers, a − main) / (that + main);
    - full absorption: every main latent is silent (activation < 1e-8), a ≥ 0, and the latent with the largest
      projection has cos ≥ 0.025 and a projection ≥ 0.4·a.
-5. **Scores**: per letter, the absorption rate (mean absorption fraction over its probe true positives) and the
+6. **Scores**: per letter, the absorption rate (mean absorption fraction over its probe true positives) and the
    fraction fully absorbed (full absorptions / probe true positives); overall, their means over the evaluated
    letters (SAEBench's `mean_absorption_fraction_score` and `mean_full_absorption_score`). SAEBench reports
    nothing with fewer than 20 evaluated letters; here the scores are always written, with `letters_evaluated`
@@ -42,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evals.concepts import LETTERS
-from evals.tasks import LabelledTokens, check_reads
+from evals.tasks import LabelledTokens, check_reads, fold_decoder_norms
 
 EPS = 1e-8
 
@@ -207,7 +211,8 @@ def absorption_of(x: Tensor, z: Tensor, probe_dir: Tensor, dec_cos: Tensor, main
                   cfg: AbsorptionConfig = AbsorptionConfig()) -> TokenAbsorption:
     """Absorption fraction and full absorption of one activation x (d,) with latents z (d_sae,) (module docstring).
 
-    probe_dir: (d,) unit probe direction; dec_cos: (d_sae,) cosine of each decoder direction with it.
+    probe_dir: (d,) unit probe direction; dec_cos: (d_sae,) cosine of each decoder direction with it. z must be in
+    unit-decoder units (`evals.tasks.fold_decoder_norms`): z_i·cos_i is latent i's projection on the probe only then.
     """
     act_proj = float(x.double() @ probe_dir.double())
     proj = z.double() * dec_cos.double()  # (d_sae,) each latent's projection on the probe
@@ -265,8 +270,8 @@ def run_absorption(x: Tensor, data: LetterData, saes: Sequence[tuple[str, Any]],
     letters_test = letters[test]
     for label, sae in tqdm(saes, desc="absorption", unit="SAE", disable=not progress):
         with torch.no_grad():
-            z_all = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu()  # (N, d_sae)
-            w_dec = sae.W_dec.detach().float().cpu()
+            # z_i·‖d_i‖ and unit d_i: projections in x·p units, probes on scale-free latents (module docstring)
+            z_all, unit_dec = fold_decoder_norms(sae, sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)))
         z_train, z_test = z_all[train], z_all[test]
         sparse = k_sparse_probes(z_train, letters[train], z_test, letters_test, good, cfg) if good else {}
         per_letter = {}
@@ -275,7 +280,7 @@ def run_absorption(x: Tensor, data: LetterData, saes: Sequence[tuple[str, Any]],
                 continue
             main = split_features(sparse[ell], cfg.f1_jump_threshold)
             direction = w[j] / w[j].norm()
-            dec_cos = torch.nn.functional.cosine_similarity(w_dec, direction[None, :], dim=-1)  # (d_sae,)
+            dec_cos = unit_dec @ direction  # (d_sae,) cosines: both are unit vectors
             tp = torch.nonzero((letters_test == ell) & (scores_test[:, j] > 0)).flatten()
             results = [absorption_of(x_test[i], z_test[i], direction, dec_cos, main, cfg) for i in tp.tolist()]
             n_tp = len(results)

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(valid 0..{sae_cfg.d_sae - 1})")
 
     from evals.steering import (
+        check_generation_fits,
         diff_in_means_direction,
         embedding_concept_scorer,
         logit_lens,
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(model_to_use(sae_cfg, args.model), backend=args.backend)
     check_compatible(model, sae_cfg, args.sae)
+    check_generation_fits(model, model.to_tokens(args.prompt).shape[1], args.max_new_tokens)  # before the scales
     sae = SparseCoder.load(args.sae, device=model.device)
     adds = args.feature if args.mode == "add" else []
     scales = latent_scales(model, sae, adds, n_tokens=args.scale_tokens) if adds else {}

@@ -22,8 +22,8 @@ flat record per SAE. Keys (NaN written as null):
 - KL(clean ‖ spliced) per position, mean in nats: `kl_sae`, `kl_zero_ablation`, `kl_mean_ablation`;
   `kl_score` = (KL_zero − KL_sae)/KL_zero and `kl_score_mean_ablation` likewise.
 - Geometry: `max_decoder_cosine_mean` (mean over latents of the largest cosine with another decoder
-  direction), `enc_dec_cosine_mean` (mean cosine between a latent's encoder and decoder vectors; null when
-  d_in ≠ d_out).
+  direction), `enc_dec_cosine_mean` (mean cosine between a latent's encoder and decoder vectors; null for a
+  transcoder, whose encoder reads one space and decoder writes another even when the widths agree).
 """
 from __future__ import annotations
 
@@ -261,12 +261,13 @@ def evaluate_sae(
 
 
 def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
-    """max_decoder_cosine_mean and enc_dec_cosine_mean (NaN when encoder and decoder spaces differ, or when a latent
-    has no encoder column of its own, as in KronSAE)."""
+    """max_decoder_cosine_mean and enc_dec_cosine_mean (NaN when encoder and decoder spaces differ: a transcoder,
+    whatever its widths, or d_in ≠ d_out; or when a latent has no encoder column of its own, as in KronSAE)."""
     out = {"max_decoder_cosine_mean": math.nan, "enc_dec_cosine_mean": math.nan}
     if sae.cfg.d_sae >= 2:
         out["max_decoder_cosine_mean"] = float(M.max_decoder_cosine(sae.W_dec, chunk_size).mean())
-    if sae.cfg.d_in == sae.cfg.d_target and tuple(sae.W_enc.shape) == (sae.cfg.d_in, sae.cfg.d_sae):
+    same_space = not sae.cfg.transcoder and sae.cfg.d_in == sae.cfg.d_target
+    if same_space and tuple(sae.W_enc.shape) == (sae.cfg.d_in, sae.cfg.d_sae):
         out["enc_dec_cosine_mean"] = float(M.encoder_decoder_cosine(sae.W_enc, sae.W_dec).mean())
     return out
 

@@ -11,14 +11,16 @@ For each binary task (`evals.tasks`), on its balanced train split:
 3. report accuracy and F1 (positive class) on the task's balanced test split.
 
 Features of an example are its activations averaged over the example's positions (one token for the code concepts;
-a text's tokens for hub datasets): SAE latents are encoded per token, then averaged, as SAEBench does.
+a text's tokens for hub datasets): SAE latents are encoded per token, then averaged, as SAEBench does. SAE latents
+are read with the decoder norms folded in (z_i·‖d_i‖, `evals.tasks.fold_decoder_norms`), as SAEBench requires of
+its SAEs, so the ranking and the L2 probe see the SAE's function, not how it splits scale between z and W_dec.
 
 Baselines, on the same examples: the same top-k probe on the raw activations (SAEBench's `llm_top_k`), a probe on
 all raw dimensions (SAEBench's `llm_test_accuracy`; we fit it with the same scikit-learn regression rather than
 SAEBench's Adam loop with early stopping on the test set), and the control: the same protocol on an SAE with
 random directions of the same per-latent norms (`evals.controls.random_directions_like`). The trained SAE beats the
 control when the mean top-1 accuracy over tasks is higher; `paired_difference_ci` gives a percentile bootstrap CI
-of that difference over tasks (scipy.stats.bootstrap).
+of that difference over tasks (scipy.stats.bootstrap), with NaN bounds when fewer than two tasks ran.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evals.controls import random_directions_like
-from evals.tasks import ProbeTask, TaskSet, check_reads, pooled, pooled_latents
+from evals.tasks import ProbeTask, TaskSet, check_reads, fold_decoder_norms, pooled, pooled_latents
 
 DEFAULT_KS = (1, 2, 5, 10, 20)
 
@@ -118,7 +120,8 @@ def sparse_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
 
 def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 10_000,
                          confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """mean(a − b) over paired items and its percentile bootstrap CI (resampling the pairs)."""
+    """mean(a − b) over paired items and its percentile bootstrap CI (resampling the pairs); NaN bounds with fewer
+    than 2 finite pairs."""
     from scipy.stats import bootstrap
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -129,8 +132,10 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_resamples: in
         res = bootstrap((d,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                         random_state=np.random.default_rng(seed))
         out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    elif len(d) >= 1:  # every pair differs by the same amount: the interval is that point
+    elif len(d) >= 2:  # every pair differs by the same amount: each resample's mean is that point
         out["ci_low"] = out["ci_high"] = out["difference"]
+    # one pair (or none): no spread to resample, so no interval; the bounds stay NaN (null in metrics.json,
+    # n/a in the report), never a zero-width interval that reads as "excludes 0"
     return out
 
 
@@ -149,7 +154,10 @@ def probe_raw(task: ProbeTask, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]
 
 def probe_sae(task: ProbeTask, sae: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
     """Top-k probes of one task on an SAE's latents (averaged over each example's positions)."""
-    z_tr, z_te = pooled_latents(sae, task.train), pooled_latents(sae, task.test)
+    # unit-decoder units: the ranking and the L2 probe would otherwise depend on how the SAE splits scale between
+    # z and W_dec (averaging over positions commutes with the per-latent factor)
+    z_tr = fold_decoder_norms(sae, pooled_latents(sae, task.train)).z
+    z_te = fold_decoder_norms(sae, pooled_latents(sae, task.test)).z
     scores, top = sparse_probe(z_tr, task.train.labels, z_te, task.test.labels, ks)
     return {**_scores_record(scores), "top_latents": top.tolist()}
 

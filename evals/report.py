@@ -78,6 +78,8 @@ def frontier_figure(labels: Sequence[str], records: Sequence[dict[str, Any]], ke
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a NaN read back from metrics.json
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.4g}"
     return html.escape(str(value))

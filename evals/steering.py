@@ -129,6 +129,16 @@ def _sampling(temperature: float) -> dict[str, Any]:
     return {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
 
 
+def check_generation_fits(model: LoadedModel, n_prompt: int, max_new_tokens: int) -> None:
+    """ValueError when a prompt of n_prompt tokens plus max_new_tokens generated ones exceeds the model's context."""
+    total = n_prompt + max_new_tokens
+    if total > model.n_ctx:
+        fix = (f"ask for at most {model.n_ctx - n_prompt} new tokens" if n_prompt < model.n_ctx
+               else "shorten the prompt")
+        raise ValueError(f"the prompt ({n_prompt} tokens) plus max_new_tokens {max_new_tokens} makes {total} tokens, "
+                         f"more than the maximum context of {model.n_ctx} tokens of model {model.name!r}; {fix}")
+
+
 def side_by_side(
     model: LoadedModel, prompt: str, steerings: Sequence[Steering], seeds: Sequence[int],
     max_new_tokens: int = 30, temperature: float = 0.0,
@@ -137,6 +147,7 @@ def side_by_side(
     tokens = model.to_tokens(prompt)  # (1, n)
     sampling = _sampling(temperature)
     n = tokens.shape[1]
+    check_generation_fits(model, n, max_new_tokens)
     out = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -168,6 +179,8 @@ def strength_sweep(
     for s in strengths:
         check_strength(s)
     sampling = _sampling(temperature)
+    for prompt in prompts:  # before any generation
+        check_generation_fits(model, model.to_tokens(prompt).shape[1], max_new_tokens)
     if probe is not None:
         probe_sae, probe_feature = probe
         if not 0 <= probe_feature < probe_sae.cfg.d_sae:

@@ -105,6 +105,27 @@ def pooled_latents(sae: Any, ex: ExampleSet, max_rows: int = 8192) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, sae.cfg.d_sae)
 
 
+class UnitNormLatents(NamedTuple):
+    """Latents and decoder directions with the decoder norms folded into the latents (z_i·d_i unchanged)."""
+
+    z: Tensor  # (N, d_sae) z_i·‖d_i‖: the length of latent i's contribution to the output
+    directions: Tensor  # (d_sae, d_out) d_i / ‖d_i‖ (a zero row stays zero)
+
+
+def fold_decoder_norms(sae: Any, z: Tensor) -> UnitNormLatents:
+    """z (N, d_sae) of `sae` in the units of a unit-norm decoder (SAEBench folds decoder norms before its evals).
+
+    An SAE's function is unchanged when latent i is scaled by c_i > 0 and its decoder row by 1/c_i (sae-kit saves
+    ‖d_i‖ = 1/input_scale; JumpReLU and imported SAEs vary per latent), but raw z then is not: anything that ranks
+    latents by activation, fits probes on them or reads z_i·cos(d_i, p) as a projection must use these instead.
+    Float32 on the CPU, like `pooled_latents`.
+    """
+    w_dec = sae.W_dec.detach().float().cpu()  # (d_sae, d_out)
+    norms = w_dec.norm(dim=1)  # (d_sae,)
+    directions = w_dec / norms.clamp_min(torch.finfo(w_dec.dtype).tiny)[:, None]
+    return UnitNormLatents(z.float().cpu() * norms, directions)
+
+
 def balanced_sample(pos: np.ndarray, neg: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Up to n/2 of each pool, the same number from both (the smaller pool sets it)."""
     half = min(n // 2, len(pos), len(neg))

@@ -185,7 +185,7 @@ def l0_figure(saes: Sequence[dict[str, Any]]) -> go.Figure:
 
 
 def l0_varies(sparsity: Any) -> bool:
-    """Whether tokens differ in their number of active latents (not so for TopK)."""
+    """Whether tokens differ in their number of active latents (AbsTopK: no; TopK: when its ReLU zeroes a kept value)."""
     return sparsity is not None and int((sparsity.l0_counts > 0).sum()) > 1
 
 

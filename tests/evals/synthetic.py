@@ -1,6 +1,8 @@
 """Synthetic concept data for the suite tests: planted directions, SAEs that read them, tasks built from them."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -12,10 +14,10 @@ from sae_kit.sae.base import SAEConfig, SparseCoder
 HOOK = "blocks.0.hook_resid_post"
 
 
-def planted_sae(directions: torch.Tensor, k: int, hook: str = HOOK) -> SparseCoder:
-    """A TopK SAE whose latent i reads and writes the unit direction directions[i] (no biases)."""
+def planted_sae(directions: torch.Tensor, k: int, hook: str = HOOK, architecture: str = "topk") -> SparseCoder:
+    """An SAE (TopK by default) whose latent i reads and writes the unit direction directions[i] (no biases)."""
     d_sae, d_in = directions.shape
-    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_point=hook))
+    sae = SparseCoder.from_config(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, k=k, hook_point=hook))
     with torch.no_grad():
         unit = directions / directions.norm(dim=1, keepdim=True)
         sae.W_dec.copy_(unit)
@@ -23,6 +25,20 @@ def planted_sae(directions: torch.Tensor, k: int, hook: str = HOOK) -> SparseCod
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
+
+
+def rescaled(sae: SparseCoder, scale: torch.Tensor) -> SparseCoder:
+    """The same function with latent i scaled by scale[i] > 0: W_enc[:, i], b_enc[i] (and JumpReLU's θ_i)
+    × scale[i], W_dec[i] ÷ scale[i]. Decoding is unchanged; ReLU and JumpReLU decisions too (TopK's ranking only
+    when the scale is the same for every latent)."""
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.W_enc.mul_(scale[None, :])
+        out.b_enc.mul_(scale)
+        out.W_dec.div_(scale[:, None])
+        if hasattr(out, "log_threshold"):  # JumpReLU's θ
+            out.log_threshold.add_(scale.log())
+    return out
 
 
 def orthonormal(n: int, d: int, seed: int = 100) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import HOOK, letters_world, orthonormal, planted_sae
+from synthetic import HOOK, letters_world, orthonormal, planted_sae, rescaled
 
 from evals.absorption import (
     AbsorptionConfig,
@@ -70,6 +70,39 @@ def test_letter_latents_do_not_absorb_and_token_latents_do():
     assert by["clean"]["enough_letters"] and by["clean"]["letters_evaluated"] == 3
     for s in out["saes"]:
         assert s["letters"]["b"]["probe_true_positives"] == 4 * 4  # 4 unseen b-tokens, 4 occurrences each
+
+
+@pytest.mark.parametrize("decoder_norm", [5.0, 0.2])
+def test_known_answers_hold_when_decoder_rows_are_not_unit(decoder_norm):
+    # sae-kit saves ‖d_i‖ = 1/input_scale: the same SAEs as above, every decoder row `decoder_norm` long and every
+    # latent 1/decoder_norm as large (a constant scale keeps TopK's choice). Projections must be read as z_i·‖d_i‖.
+    x, data, letter_dirs, token_dirs, token_letter = letters_world()
+    scale = torch.full((letter_dirs.shape[0] + token_dirs.shape[0],), 1 / decoder_norm)
+    clean = rescaled(planted_sae(torch.cat([letter_dirs, token_dirs]), k=2), scale)
+    absorbing = rescaled(planted_sae(2 * letter_dirs[token_letter] + token_dirs, k=1), scale[:len(token_dirs)])
+    assert clean.W_dec.norm(dim=1).allclose(torch.tensor(decoder_norm))
+    out = run_absorption(x, data, [("clean", clean), ("absorbing", absorbing)], HOOK, CFG)
+    by = {s["sae_path"]: s for s in out["saes"]}
+    assert by["clean"]["absorption_rate"] < 0.05 and by["clean"]["full_absorption_fraction"] == 0.0
+    assert by["absorbing"]["absorption_rate"] > 0.9 and by["absorbing"]["full_absorption_fraction"] > 0.9
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_absorption_is_invariant_to_per_latent_rescaling(architecture):
+    # z_i·n_i with W_dec[i]/n_i (W_enc, b_enc, θ × n_i) is the same SAE: every score must be the same
+    x, data, letter_dirs, token_dirs, token_letter = letters_world()
+    sae = planted_sae(2 * letter_dirs[token_letter] + token_dirs + 0.3 * letter_dirs[(token_letter + 1) % 3], k=1,
+                      architecture=architecture)
+    n = torch.exp(torch.empty(sae.cfg.d_sae).uniform_(-2, 2, generator=torch.Generator().manual_seed(3)))
+    twin = rescaled(sae, n)
+    torch.testing.assert_close(twin.decode(twin.encode(x), x), sae.decode(sae.encode(x), x), rtol=1e-4, atol=1e-4)
+    out = run_absorption(x, data, [("sae", sae), ("twin", twin)], HOOK, CFG)
+    a, b = out["saes"]
+    for key in ("absorption_rate", "full_absorption_fraction", "mean_main_latents", "letters_evaluated"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert 0 < a["absorption_rate"] < 1  # the case is not trivially 0 or 1
+    for letter, rec in a["letters"].items():
+        assert rec["main_latents"] == b["letters"][letter]["main_latents"]
 
 
 def test_sae_on_another_hook_point_is_refused():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import planted_sae, planted_tasks
+from synthetic import planted_sae, planted_tasks, rescaled
 
 from evals.controls import random_directions_like
 from evals.probing import (
@@ -58,6 +58,19 @@ def test_paired_difference_ci():
     assert same["ci_low"] == pytest.approx(0.1) and same["ci_high"] == pytest.approx(0.1)
 
 
+def test_one_task_has_no_confidence_interval():
+    # one pair: nothing to resample, so no interval (was the zero-width [x, x], which reads as "excludes 0")
+    one = paired_difference_ci([0.9], [0.6])
+    assert one["difference"] == pytest.approx(0.3) and one["n"] == 1
+    assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"])
+    assert np.isnan(paired_difference_ci([], [])["ci_low"])
+    tasks, dirs = planted_tasks(n_tasks=1, d=16)
+    vs = run_probing(tasks, [("planted", planted_sae(dirs, k=1))], ProbingConfig(ks=(1,), n_resamples=100))
+    vs = vs["saes"][0]["vs_control"]
+    assert vs["n"] == 1 and np.isfinite(vs["difference"]) and np.isnan(vs["ci_low"]) and np.isnan(vs["ci_high"])
+    assert not vs["ci_low"] > 0  # nothing reads a missing bound as "above 0"
+
+
 def test_planted_sae_beats_its_random_control_and_raw_top1():
     tasks, dirs = planted_tasks(n_tasks=4, d=32)
     sae = planted_sae(dirs, k=4)
@@ -74,6 +87,22 @@ def test_planted_sae_beats_its_random_control_and_raw_top1():
     assert out["raw"]["mean_accuracy"][0] < rec["sae"]["mean_accuracy"][0]
     assert out["raw"]["mean_full_accuracy"] > 0.95
     assert out["raw"]["tasks_full_accuracy_at_least_0.9"] == 4
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_probing_is_invariant_to_per_latent_rescaling(architecture):
+    # z_i·n_i with W_dec[i]/n_i (W_enc, b_enc, θ × n_i) is the same SAE: rankings and probes must not change
+    tasks, dirs = planted_tasks(n_tasks=3, d=24, strength=1.0)
+    sae = planted_sae(dirs + 0.5 * dirs.roll(1, dims=0), k=4, architecture=architecture)
+    n = torch.exp(torch.empty(sae.cfg.d_sae).uniform_(-2, 2, generator=torch.Generator().manual_seed(3)))
+    cfg = ProbingConfig(ks=(1, 2), n_resamples=100)
+    a, b = (run_probing(tasks, [(label, s)], cfg)["saes"][0] for label, s in (("sae", sae), ("twin", rescaled(sae, n))))
+    for key in ("sae", "control"):
+        for name, rec in a[key]["by_task"].items():
+            other = b[key]["by_task"][name]
+            assert rec["top_latents"] == other["top_latents"], (key, name)
+            assert rec["accuracy"] == pytest.approx(other["accuracy"], abs=1e-9), (key, name)
+    assert a["vs_control"]["difference"] == pytest.approx(b["vs_control"]["difference"], abs=1e-9)
 
 
 def test_control_keeps_norms_and_changes_directions():

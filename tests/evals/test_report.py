@@ -12,7 +12,7 @@ from synthetic import letters_world, pair_world, planted_sae, planted_tasks
 
 from evals import metrics as M
 from evals.evaluate import SAEEvalResult
-from evals.report import TABLE_KEYS, build_report
+from evals.report import TABLE_KEYS, build_report, scoreboard_table
 
 
 def fake_results(n: int) -> list[SAEEvalResult]:
@@ -81,6 +81,14 @@ def test_report_has_a_scoreboard_and_a_figure_per_suite():
     assert board.count("<tr>") == 3  # header, sae_0 and sae_1 (the consistency partner is core's second SAE)
     only_suites = build_report([], {"consistency": sections["consistency"]})
     assert len(plot_divs(only_suites)) == 1 and "<h2>Metrics</h2>" not in only_suites
+
+
+def test_scoreboard_shows_a_missing_ci_as_n_a():
+    # one probing task: the CI bounds are NaN in memory and null once read back from metrics.json
+    for bounds in ([float("nan"), float("nan")], [None, None]):
+        html = scoreboard_table([{"sae_path": "runs/sae", "probe_top1_minus_control": 0.3,
+                                  "probe_top1_minus_control_ci": bounds}])
+        assert "[n/a, n/a]" in html and "nan" not in html.lower() and "None" not in html
 
 
 ERROR_COLLECTOR = """<script>

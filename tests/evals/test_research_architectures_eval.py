@@ -33,3 +33,15 @@ def test_evaluate_every_new_architecture(tiny_model, arch):
     assert record["max_abs_logit_diff_with_error"] < 1e-3
     geometry = geometry_metrics(sae)
     assert math.isnan(geometry["enc_dec_cosine_mean"]) == (arch == "kron")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_has_no_encoder_decoder_cosine(skip):
+    # a transcoder reads ln2.hook_normalized and writes hook_mlp_out: same width, different spaces
+    torch.manual_seed(0)
+    tc = SparseCoder.from_config(SAEConfig(
+        architecture="topk", d_in=32, d_sae=64, k=4, hook_point="blocks.0.ln2.hook_normalized", transcoder=True,
+        skip_connection=skip, target_hook_point="blocks.0.hook_mlp_out"))
+    geometry = geometry_metrics(tc)
+    assert math.isnan(geometry["enc_dec_cosine_mean"]) and math.isfinite(geometry["max_decoder_cosine_mean"])
+    assert math.isfinite(geometry_metrics(make("gated"))["enc_dec_cosine_mean"])  # an SAE of the same width has one

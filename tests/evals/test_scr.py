@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import HOOK, pair_world, planted_sae, planted_tasks
+from synthetic import HOOK, pair_world, planted_sae, planted_tasks, rescaled
 
 from evals.controls import random_directions_like
 from evals.scr import (
@@ -14,6 +14,7 @@ from evals.scr import (
     ScrConfig,
     ablate,
     hub_pair,
+    mean_difference,
     node_effects,
     pair_rows,
     quadrant_sets,
@@ -57,6 +58,25 @@ def test_node_effects_and_top_latents():
     # outranks a negative one)
     assert top_latents(tpp, 5).tolist() == [0, 2]
     assert top_latents(torch.zeros(4), 2).numel() == 0
+
+
+def test_effects_and_ablation_do_not_depend_on_latent_scale():
+    # SCR/TPP read latents only as z_i·d_i (effects: mean difference × w·d_i; ablation: z_i d_i), so an SAE rewritten
+    # with latent i × n_i and W_dec[i] / n_i chooses and removes the same latents without folding decoder norms
+    sae = SparseCoder.from_config(SAEConfig(architecture="relu", d_in=16, d_sae=32, hook_point=HOOK))
+    n = torch.exp(torch.empty(32).uniform_(-2, 2, generator=torch.Generator().manual_seed(1)))
+    twin = rescaled(sae, n)
+    x, y = torch.randn(40, 16, generator=torch.Generator().manual_seed(2)), torch.arange(40) % 2
+    from evals.scr import Probe
+
+    probe = Probe(torch.randn(16, generator=torch.Generator().manual_seed(3)), 0.0)
+    for mode in ("scr", "tpp"):
+        e = [node_effects(mean_difference(s.encode(x).detach(), y), probe, s.W_dec.detach(), mode) for s in (sae, twin)]
+        torch.testing.assert_close(e[0], e[1], rtol=1e-4, atol=1e-6)
+        assert top_latents(e[0], 5).tolist() == top_latents(e[1], 5).tolist()
+    latents = top_latents(e[0], 5)
+    torch.testing.assert_close(ablate(x, sae.encode(x).detach(), sae.W_dec.detach(), latents),
+                               ablate(x, twin.encode(x).detach(), twin.W_dec.detach(), latents), rtol=1e-4, atol=1e-5)
 
 
 def test_tpp_of_planted_latents_is_large_and_of_random_ones_small():

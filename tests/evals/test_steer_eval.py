@@ -69,6 +69,18 @@ def test_side_by_side_same_seed_and_zero_strength(tiny_model):
     assert rows[0].steered != rows[0].unsteered
 
 
+def test_generation_past_the_models_context_is_a_clear_error(tiny_model):
+    # the tiny GPT-2 has 128 positions; "class A" is a few tokens: 200 new ones cannot fit
+    sae = make_sae()
+    n = tiny_model.to_tokens("class A").shape[1]
+    steer = [SAESteering(sae, (Intervention(3, "add", 1.0),), {3: 1.0})]
+    with pytest.raises(ValueError, match=rf"prompt \({n} tokens\) plus max_new_tokens 200 .*maximum context of 128"):
+        side_by_side(tiny_model, "class A", steer, seeds=[0], max_new_tokens=200)
+    with pytest.raises(ValueError, match=rf"at most {128 - n} new tokens"):
+        strength_sweep(tiny_model, ["class A"], [0.0], lambda s: steer, max_new_tokens=200)
+    assert len(side_by_side(tiny_model, "class A", steer, seeds=[0], max_new_tokens=128 - n)) == 1  # exactly fits
+
+
 def test_strength_sweep_measures(tiny_model):
     sae = make_sae()
     calls = []
@@ -206,6 +218,15 @@ def test_cli_sweep_with_baseline(tiny_gpt2_path, sae_dir, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "diff-in-means" in out and (tmp_path / "out" / "sweep.html").exists()
+
+
+def test_cli_generation_past_the_models_context(tiny_gpt2_path, sae_dir, capsys):
+    from sae_kit.cli import main
+
+    assert main(["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--feature", "3",
+                 "--prompt", "import os", "--max-new-tokens", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens 300" in err and "maximum context of 128" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("extra,message", [

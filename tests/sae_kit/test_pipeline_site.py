@@ -73,6 +73,18 @@ def test_sections_follow_the_sweep_and_l0(tmp_path):
     assert l0_varies(fake_saes(1, (0,))[0]["sparsity"]) and not l0_varies(fake_saes(1)[0]["sparsity"])
 
 
+def test_topk_whose_relu_zeroes_kept_values_gets_its_l0_histogram():
+    # TopK's L0 is at most k, not k (docs/metrics.md): the ReLU after top-k zeroes kept pre-activations ≤ 0
+    from sae_kit.sae import SAEConfig, SparseCoder
+
+    torch.manual_seed(0)
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=16, d_sae=32, k=16))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)
+        st = M.sparsity_stats(sae.encode(torch.randn(200, 16)))
+    assert M.sparsity_metrics(st)["l0"] < 16 and l0_varies(st)
+
+
 def test_self_contained_linked_explained_and_deterministic(tmp_path):
     saes = fake_saes(2)
     page = build_site(config(tmp_path), saes)
