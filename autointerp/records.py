@@ -211,7 +211,7 @@ def firing_counts(model: Any, sae: Any, dataset: Any, cfg: RecordConfig, n_token
     for batch in _iter_batches(model, dataset, cfg, n_tokens):
         x = model.capture(batch.tokens, [hook])[hook]  # (B, C, d_in)
         keep = ~special_token_mask(batch.tokens, model.tokenizer).flatten() if cfg.exclude_special else None
-        z = sae.encode(x.flatten(0, 1).float())  # (B·C, d_sae): one batch only
+        z = sae.encode(x.flatten(0, 1).to(sae.W_enc.dtype))  # (B·C, d_sae): one batch; imported SAEs may be bf16
         if keep is not None:
             z = z[keep]
         counts += (z > 0).sum(0).float()
