@@ -56,8 +56,8 @@ def explanation_examples(record: LatentRecord, n_top: int = 10, n_sampled: int =
 
 
 def peak_index(example: Example) -> int:
-    """Position of the largest activation in an example."""
-    return max(range(len(example.acts)), key=example.acts.__getitem__)
+    """Position of the activation of largest magnitude in an example (AbsTopK latents fire negatively too)."""
+    return example.peak
 
 
 def word_at(tokens: list[str], i: int) -> str:
@@ -107,8 +107,8 @@ class BaselineExplainer:
         for ex in examples:
             p = peak_index(ex)
             word = word_at(ex.tokens, p) or describe_whitespace(ex.tokens[p])
-            if ex.acts[p] > 0:
-                weights[word] += ex.acts[p]
+            if ex.acts[p] != 0:
+                weights[word] += abs(ex.acts[p])
             left = "".join(ex.tokens[max(0, p - self.context_tokens): p + 1]).strip()
             if left:
                 contexts[" ".join(left.split())] += 1
@@ -122,15 +122,22 @@ class BaselineExplainer:
         return Explanation(record.latent, text + ".", self.name)
 
 
+NEGATIVE_NOTE = ("Note: negative values mean the latent fires negatively there (as a signed, AbsTopK latent can); "
+                 "the magnitude is the strength.")
+
+
 def format_explainer_examples(examples: list[Example]) -> str:
-    """Numbered excerpts with <<marked>> activating tokens and their activation values."""
+    """Numbered excerpts with <<marked>> activating (non-zero) tokens and their signed activation values."""
     blocks = []
     for i, ex in enumerate(examples, 1):
-        marked = [a > 0 for a in ex.acts]
+        marked = [a != 0 for a in ex.acts]
         acts = ", ".join(
-            f"{t.strip() or repr(t)} ({a:.2f})" for t, a in zip(ex.tokens, ex.acts, strict=True) if a > 0
+            f"{t.strip() or repr(t)} ({a:.2f})" for t, a in zip(ex.tokens, ex.acts, strict=True) if a != 0
         )
         blocks.append(f"Example {i}: {highlight(ex.tokens, marked)}\nActivations: {acts}")
+    # Only when negatives occur, so prompts of non-negative SAEs (and their cached replies) stay as they were.
+    if any(a < 0 for ex in examples for a in ex.acts):
+        blocks.append(NEGATIVE_NOTE)
     return "\n\n".join(blocks)
 
 

@@ -160,9 +160,9 @@ class FuzzingScorer(_LLMJudge):
         """Binary metrics of the LLM's judgements of correctly vs randomly marked contexts."""
         s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
         rng = random.Random(self.seed * 7 + record.latent)
-        counts = sorted(sum(a > 0 for a in e.acts) for e in s.positives)
+        counts = sorted(sum(a != 0 for a in e.acts) for e in s.positives)
         n_marks = max(1, counts[len(counts) // 2])  # as many marks as a typical activating context has
-        items = [(highlight(e.tokens, [a > 0 for a in e.acts]), 1) for e in s.positives]
+        items = [(highlight(e.tokens, [a != 0 for a in e.acts]), 1) for e in s.positives]
         for e in s.negatives:
             chosen = set(rng.sample(range(len(e.tokens)), min(n_marks, len(e.tokens))))
             items.append((highlight(e.tokens, [i in chosen for i in range(len(e.tokens))]), 0))
