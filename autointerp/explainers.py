@@ -14,6 +14,10 @@ from autointerp.prompting import ParseError, call_llm, highlight, render_message
 from autointerp.records import Example, LatentRecord
 
 EXPLAINERS = ("baseline", "llm")
+N_TOP = 10
+"""Strongest contexts an explainer is shown by default."""
+N_SAMPLED = 5
+"""Quantile-sampled contexts an explainer is shown as well by default."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,11 @@ class Explainer(Protocol):
     def explain(self, record: LatentRecord) -> Explanation: ...
 
 
-def explanation_examples(record: LatentRecord, n_top: int = 10, n_sampled: int = 5) -> list[Example]:
-    """Examples shown to explainers: the strongest contexts plus a few from lower quantiles."""
+def explanation_examples(record: LatentRecord, n_top: int = N_TOP, n_sampled: int = N_SAMPLED) -> list[Example]:
+    """Examples shown to explainers: the strongest contexts plus a few from lower quantiles.
+
+    The one definition of what an explainer sees: scorers hold exactly these out (`scorers.scoring_set`).
+    """
     shown = record.top[:n_top]
     seen = {tuple(e.token_ids) for e in shown}
     extra = [e for e in reversed(record.samples) if tuple(e.token_ids) not in seen][:n_sampled]
@@ -95,11 +102,15 @@ class BaselineExplainer:
     """Typical contexts to quote."""
     context_tokens: int = 4
     """Tokens of left context quoted with each peak token."""
+    n_top: int = N_TOP
+    """Strongest contexts read."""
+    n_sampled: int = N_SAMPLED
+    """Quantile-sampled contexts read as well."""
     name: str = "baseline"
 
     def explain(self, record: LatentRecord) -> Explanation:
         """One sentence naming the latent's typical peak words and contexts."""
-        examples = explanation_examples(record)
+        examples = explanation_examples(record, self.n_top, self.n_sampled)
         if not examples:
             return Explanation(record.latent, "", self.name, ok=False, error="latent never fired in the records")
         weights: Counter[str] = Counter()
@@ -166,9 +177,9 @@ class LLMExplainer:
     """Ask an LLM for a one-sentence explanation of highlighted top examples."""
 
     client: Any
-    n_top: int = 10
+    n_top: int = N_TOP
     """Strongest contexts shown."""
-    n_sampled: int = 5
+    n_sampled: int = N_SAMPLED
     """Lower-quantile contexts shown as well (so the explanation is not only about the extremes)."""
     max_tokens: int = 128
     name: str = "llm"

@@ -130,7 +130,7 @@ def bootstrap_diff_ci(
 
 def aggregate(per_latent: Sequence[dict[str, float]], seed: int = 0) -> dict[str, dict[str, float]]:
     """For each metric name: mean, bootstrap 95% CI and the number of latents with a finite value."""
-    names = sorted({k for row in per_latent for k in row if k not in ("n", "n_positive")})
+    names = sorted({k for row in per_latent for k in row if k not in ("n", "n_positive", "positives_short")})
     out: dict[str, dict[str, float]] = {}
     for name in names:
         vals = finite([row.get(name) for row in per_latent])

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 
 CONTROLS = ("none", "random-directions")
 LLM_SCORERS = ("detection", "fuzzing")
-RESULTS_FORMAT = 1
-"""Bump when results of the same settings change meaning: run.json then refuses to resume older folders."""
+RESULTS_FORMAT = 2
+"""Bump when results of the same settings change meaning: run.json then refuses to resume older folders.
+2: scorers hold out every context the explainer was shown (quantile samples too) and never fall back to them;
+AbsTopK's negative activations count as firing."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,9 @@ def run_interp(
     if "intervention" in cfg.scorers and model is None:
         model = _load_model(cfg, model_name, sae)
     explainer = make_explainer(cfg.explainer, client)
-    scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed)
+    # The scorers hold out exactly the contexts the explainer is shown.
+    scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed,
+                           n_explained=explainer.n_top, n_sampled=explainer.n_sampled)
     plan = _resume_plan(out, records, scorers, cfg.retry_failed)
     # LLM-bound runs overlap latents; offline ones gain nothing, and steering hooks the one shared model.
     workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
