@@ -298,6 +298,7 @@ def _records(cfg: InterpConfig, out: Path, sae: Any, model: Any, model_name: str
     loaded = load_records(out / "records", meta)
     if loaded is None:
         model = model or _load_model(cfg, model_name, sae)
+        model.check_context_size(cfg.records.context_size)  # a clear error, not an IndexError deep in the pass
         latents = _select_latents(cfg, spec, model, sae, dataset)
         state = collect_records(model, sae, dataset, latents, cfg.records, progress=cfg.progress)
         save_records(out / "records", state, model.tokenizer, meta)

@@ -211,3 +211,13 @@ def test_every_llm_scorer_records_failures_and_keeps_finished_latents(tmp_path, 
     rescored = [r for r in after if "error" not in r["scores"][scorer]]
     assert rescored and summary["scorers"][scorer]["n_scored"] == len(rescored)
     assert summary["scorers"][scorer]["n_failed"] == 8 - len(rescored)
+
+
+def test_context_longer_than_the_model_is_refused_before_records(tmp_path, sae, tiny_model, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("records were built")
+
+    monkeypatch.setattr("autointerp.pipeline.collect_records", never)
+    too_long = dataclasses.replace(RECORDS, context_size=tiny_model.n_ctx + 1)
+    with pytest.raises(ValueError, match=f"context_size {tiny_model.n_ctx + 1} exceeds .* at most {tiny_model.n_ctx}"):
+        run_interp(_cfg(tmp_path, records=too_long), sae=sae, model=tiny_model, embedder=FakeEmbedder())
