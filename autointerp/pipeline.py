@@ -113,8 +113,7 @@ class InterpConfig:
             raise ValueError(f"unknown or no scorers {bad or list(self.scorers)}; valid: {list(SCORERS)}")
         if self.control not in CONTROLS:
             raise ValueError(f"unknown control {self.control!r}; valid: {list(CONTROLS)}")
-        needs_llm = self.explainer == "llm" or any(s in LLM_SCORERS for s in self.scorers)
-        if needs_llm and not self.llm:
+        if needs_llm(self) and not self.llm:
             raise ValueError(
                 f"explainer {self.explainer!r} with scorers {list(self.scorers)} needs an LLM: pass --llm SPEC "
                 "(e.g. openai:gpt-4o-mini), or use --explainer baseline --scorers embedding offline"
@@ -232,6 +231,8 @@ def run_interp(
     The steps: the SAE and the output folder's fingerprint; select latents → records (`_records`); the resume
     plan (`_resume_plan`); explain and score (`_explain_and_score`); write the summary and dashboard (`_write`).
     """
+    if client is None:
+        check_llm(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sae = _load_sae(cfg, sae)
@@ -259,6 +260,25 @@ def run_interp(
     workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
     _explain_and_score(cfg, out, _LatentWork(explainer, scorers, records, plan), plan.todo, workers)
     return _write(cfg, out, records, [s.name for s in scorers], client)
+
+
+def needs_llm(cfg: InterpConfig) -> bool:
+    """Whether the run's explainer or a scorer asks an LLM."""
+    return cfg.explainer == "llm" or any(s in LLM_SCORERS for s in cfg.scorers)
+
+
+def check_llm(cfg: InterpConfig) -> None:
+    """ValueError when the run needs an LLM that cannot be used now, before anything is loaded or computed."""
+    from autointerp.llm.check import endpoint_problem
+
+    if cfg.llm and needs_llm(cfg) and (problem := endpoint_problem(cfg.llm)):
+        raise ValueError(f"the LLM {cfg.llm!r} is not reachable: {problem}; start the server or fix the spec / API "
+                         "key, or run offline with --explainer baseline --scorers embedding")
+
+
+def nothing_scored(summary: dict[str, Any]) -> bool:
+    """True when latents were selected but not one was scored by any scorer (every one failed)."""
+    return summary["n_latents"] > 0 and not any(s["n_scored"] for s in summary["scorers"].values())
 
 
 def _load_sae(cfg: InterpConfig, sae: Any) -> Any:
