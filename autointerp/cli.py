@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from autointerp.explainers import EXPLAINERS
-from autointerp.pipeline import CONTROLS, InterpConfig, run_interp
+from autointerp.pipeline import CONTROLS, InterpConfig, nothing_scored, run_interp
 from autointerp.records import RecordConfig
 from autointerp.scorers import SCORERS
 
@@ -62,4 +63,9 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"n_latents": summary["n_latents"], "n_explained": summary["n_explained"], "scores": brief},
                      indent=2, default=str))
     print(f"wrote {args.out}/explanations.jsonl, scores.jsonl, summary.json, dashboard.html")
+    if nothing_scored(summary):  # an LLM outage or a dead SAE must not pass for a finished run in scripts
+        print(f"sae-kit interp: error: every one of the {summary['n_latents']} latents failed to be explained or "
+              f"scored ({summary['n_explanation_failures']} explanation failures); see {args.out}/explanations.jsonl "
+              "and scores.jsonl for the errors", file=sys.stderr)
+        return 1
     return 0

@@ -34,11 +34,13 @@ def _fmt(v: Any) -> str:
 
 
 def render_example(ex: Example, scale: float) -> str:
-    """One context as spans whose background alpha is the token's activation / the latent's max."""
+    """One context as spans whose background alpha is |activation| / the latent's max magnitude: orange where
+    the latent fires positively, blue where it fires negatively (AbsTopK)."""
     parts = []
     for tok, act in zip(ex.tokens, ex.acts, strict=True):
-        alpha = min(1.0, max(0.0, act / scale)) if scale > 0 else 0.0
-        style = f' style="background:rgba(255,90,0,{alpha:.2f})"' if alpha > 0 else ""
+        alpha = min(1.0, abs(act) / scale) if scale > 0 else 0.0
+        rgb = "255,90,0" if act > 0 else "0,110,255"
+        style = f' style="background:rgba({rgb},{alpha:.2f})"' if alpha > 0 else ""
         parts.append(f'<span title="{act:.3f}"{style}>{html.escape(tok)}</span>')
     return f'<div class="ctx">{"".join(parts)}</div>'
 

@@ -14,6 +14,10 @@ from autointerp.prompting import ParseError, call_llm, highlight, render_message
 from autointerp.records import Example, LatentRecord
 
 EXPLAINERS = ("baseline", "llm")
+N_TOP = 10
+"""Strongest contexts an explainer is shown by default."""
+N_SAMPLED = 5
+"""Quantile-sampled contexts an explainer is shown as well by default."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,11 @@ class Explainer(Protocol):
     def explain(self, record: LatentRecord) -> Explanation: ...
 
 
-def explanation_examples(record: LatentRecord, n_top: int = 10, n_sampled: int = 5) -> list[Example]:
-    """Examples shown to explainers: the strongest contexts plus a few from lower quantiles."""
+def explanation_examples(record: LatentRecord, n_top: int = N_TOP, n_sampled: int = N_SAMPLED) -> list[Example]:
+    """Examples shown to explainers: the strongest contexts plus a few from lower quantiles.
+
+    The one definition of what an explainer sees: scorers hold exactly these out (`scorers.scoring_set`).
+    """
     shown = record.top[:n_top]
     seen = {tuple(e.token_ids) for e in shown}
     extra = [e for e in reversed(record.samples) if tuple(e.token_ids) not in seen][:n_sampled]
@@ -56,8 +63,8 @@ def explanation_examples(record: LatentRecord, n_top: int = 10, n_sampled: int =
 
 
 def peak_index(example: Example) -> int:
-    """Position of the largest activation in an example."""
-    return max(range(len(example.acts)), key=example.acts.__getitem__)
+    """Position of the activation of largest magnitude in an example (AbsTopK latents fire negatively too)."""
+    return example.peak
 
 
 def word_at(tokens: list[str], i: int) -> str:
@@ -95,11 +102,15 @@ class BaselineExplainer:
     """Typical contexts to quote."""
     context_tokens: int = 4
     """Tokens of left context quoted with each peak token."""
+    n_top: int = N_TOP
+    """Strongest contexts read."""
+    n_sampled: int = N_SAMPLED
+    """Quantile-sampled contexts read as well."""
     name: str = "baseline"
 
     def explain(self, record: LatentRecord) -> Explanation:
         """One sentence naming the latent's typical peak words and contexts."""
-        examples = explanation_examples(record)
+        examples = explanation_examples(record, self.n_top, self.n_sampled)
         if not examples:
             return Explanation(record.latent, "", self.name, ok=False, error="latent never fired in the records")
         weights: Counter[str] = Counter()
@@ -107,8 +118,8 @@ class BaselineExplainer:
         for ex in examples:
             p = peak_index(ex)
             word = word_at(ex.tokens, p) or describe_whitespace(ex.tokens[p])
-            if ex.acts[p] > 0:
-                weights[word] += ex.acts[p]
+            if ex.acts[p] != 0:
+                weights[word] += abs(ex.acts[p])
             left = "".join(ex.tokens[max(0, p - self.context_tokens): p + 1]).strip()
             if left:
                 contexts[" ".join(left.split())] += 1
@@ -122,15 +133,22 @@ class BaselineExplainer:
         return Explanation(record.latent, text + ".", self.name)
 
 
+NEGATIVE_NOTE = ("Note: negative values mean the latent fires negatively there (as a signed, AbsTopK latent can); "
+                 "the magnitude is the strength.")
+
+
 def format_explainer_examples(examples: list[Example]) -> str:
-    """Numbered excerpts with <<marked>> activating tokens and their activation values."""
+    """Numbered excerpts with <<marked>> activating (non-zero) tokens and their signed activation values."""
     blocks = []
     for i, ex in enumerate(examples, 1):
-        marked = [a > 0 for a in ex.acts]
+        marked = [a != 0 for a in ex.acts]
         acts = ", ".join(
-            f"{t.strip() or repr(t)} ({a:.2f})" for t, a in zip(ex.tokens, ex.acts, strict=True) if a > 0
+            f"{t.strip() or repr(t)} ({a:.2f})" for t, a in zip(ex.tokens, ex.acts, strict=True) if a != 0
         )
         blocks.append(f"Example {i}: {highlight(ex.tokens, marked)}\nActivations: {acts}")
+    # Only when negatives occur, so prompts of non-negative SAEs (and their cached replies) stay as they were.
+    if any(a < 0 for ex in examples for a in ex.acts):
+        blocks.append(NEGATIVE_NOTE)
     return "\n\n".join(blocks)
 
 
@@ -159,9 +177,9 @@ class LLMExplainer:
     """Ask an LLM for a one-sentence explanation of highlighted top examples."""
 
     client: Any
-    n_top: int = 10
+    n_top: int = N_TOP
     """Strongest contexts shown."""
-    n_sampled: int = 5
+    n_sampled: int = N_SAMPLED
     """Lower-quantile contexts shown as well (so the explanation is not only about the extremes)."""
     max_tokens: int = 128
     name: str = "llm"

@@ -103,10 +103,10 @@ def _check_confidence(confidence: float) -> None:
 def bootstrap_ci(
     values: Sequence[float | None], n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of the finite values (NaN, NaN if none)."""
+    """Percentile bootstrap confidence interval of the mean of the finite values (NaN, NaN with fewer than two)."""
     _check_confidence(confidence)
     vals = finite(values)
-    if not vals:
+    if len(vals) < 2:  # one value resamples to itself: a zero-width interval would pass for certainty
         return NAN, NAN
     rng = random.Random(seed)
     n = len(vals)
@@ -130,7 +130,7 @@ def bootstrap_diff_ci(
 
 def aggregate(per_latent: Sequence[dict[str, float]], seed: int = 0) -> dict[str, dict[str, float]]:
     """For each metric name: mean, bootstrap 95% CI and the number of latents with a finite value."""
-    names = sorted({k for row in per_latent for k in row if k not in ("n", "n_positive")})
+    names = sorted({k for row in per_latent for k in row if k not in ("n", "n_positive", "positives_short")})
     out: dict[str, dict[str, float]] = {}
     for name in names:
         vals = finite([row.get(name) for row in per_latent])

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 
 CONTROLS = ("none", "random-directions")
 LLM_SCORERS = ("detection", "fuzzing")
-RESULTS_FORMAT = 1
-"""Bump when results of the same settings change meaning: run.json then refuses to resume older folders."""
+RESULTS_FORMAT = 2
+"""Bump when results of the same settings change meaning: run.json then refuses to resume older folders.
+2: scorers hold out every context the explainer was shown (quantile samples too) and never fall back to them;
+AbsTopK's negative activations count as firing."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,7 @@ class InterpConfig:
             raise ValueError(f"unknown or no scorers {bad or list(self.scorers)}; valid: {list(SCORERS)}")
         if self.control not in CONTROLS:
             raise ValueError(f"unknown control {self.control!r}; valid: {list(CONTROLS)}")
-        needs_llm = self.explainer == "llm" or any(s in LLM_SCORERS for s in self.scorers)
-        if needs_llm and not self.llm:
+        if needs_llm(self) and not self.llm:
             raise ValueError(
                 f"explainer {self.explainer!r} with scorers {list(self.scorers)} needs an LLM: pass --llm SPEC "
                 "(e.g. openai:gpt-4o-mini), or use --explainer baseline --scorers embedding offline"
@@ -230,6 +231,8 @@ def run_interp(
     The steps: the SAE and the output folder's fingerprint; select latents → records (`_records`); the resume
     plan (`_resume_plan`); explain and score (`_explain_and_score`); write the summary and dashboard (`_write`).
     """
+    if client is None:
+        check_llm(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sae = _load_sae(cfg, sae)
@@ -249,12 +252,33 @@ def run_interp(
     if "intervention" in cfg.scorers and model is None:
         model = _load_model(cfg, model_name, sae)
     explainer = make_explainer(cfg.explainer, client)
-    scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed)
+    # The scorers hold out exactly the contexts the explainer is shown.
+    scorers = make_scorers(list(cfg.scorers), client=client, embedder=embedder, model=model, sae=sae, seed=cfg.seed,
+                           n_explained=explainer.n_top, n_sampled=explainer.n_sampled)
     plan = _resume_plan(out, records, scorers, cfg.retry_failed)
     # LLM-bound runs overlap latents; offline ones gain nothing, and steering hooks the one shared model.
     workers = cfg.workers if client is not None and "intervention" not in cfg.scorers else 1
     _explain_and_score(cfg, out, _LatentWork(explainer, scorers, records, plan), plan.todo, workers)
     return _write(cfg, out, records, [s.name for s in scorers], client)
+
+
+def needs_llm(cfg: InterpConfig) -> bool:
+    """Whether the run's explainer or a scorer asks an LLM."""
+    return cfg.explainer == "llm" or any(s in LLM_SCORERS for s in cfg.scorers)
+
+
+def check_llm(cfg: InterpConfig) -> None:
+    """ValueError when the run needs an LLM that cannot be used now, before anything is loaded or computed."""
+    from autointerp.llm.check import endpoint_problem
+
+    if cfg.llm and needs_llm(cfg) and (problem := endpoint_problem(cfg.llm)):
+        raise ValueError(f"the LLM {cfg.llm!r} is not reachable: {problem}; start the server or fix the spec / API "
+                         "key, or run offline with --explainer baseline --scorers embedding")
+
+
+def nothing_scored(summary: dict[str, Any]) -> bool:
+    """True when latents were selected but not one was scored by any scorer (every one failed)."""
+    return summary["n_latents"] > 0 and not any(s["n_scored"] for s in summary["scorers"].values())
 
 
 def _load_sae(cfg: InterpConfig, sae: Any) -> Any:
@@ -294,6 +318,7 @@ def _records(cfg: InterpConfig, out: Path, sae: Any, model: Any, model_name: str
     loaded = load_records(out / "records", meta)
     if loaded is None:
         model = model or _load_model(cfg, model_name, sae)
+        model.check_context_size(cfg.records.context_size)  # a clear error, not an IndexError deep in the pass
         latents = _select_latents(cfg, spec, model, sae, dataset)
         state = collect_records(model, sae, dataset, latents, cfg.records, progress=cfg.progress)
         save_records(out / "records", state, model.tokenizer, meta)

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 NEG_INF = float("-inf")
 RECORDS_FILE = "records.pt"
 META_FILE = "meta.json"
+RECORDS_FORMAT = 2
+"""Bump when the same settings give other records (2: negative activations fire, contexts ranked by magnitude),
+so records saved by an older version are rebuilt rather than reused."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Example:
     tokens: list[str]
     """Token strings, in order."""
     acts: list[float]
-    """The latent's activation on each token (0 where it does not fire)."""
+    """The latent's signed activation on each token (0 where it does not fire; AbsTopK's may be negative)."""
     token_ids: list[int] = field(default_factory=list)
     """Token ids, for re-tokenisation-free steering prompts."""
     quantile: int | None = None
@@ -93,8 +96,13 @@ class Example:
 
     @property
     def max_act(self) -> float:
-        """Largest activation in the window."""
-        return max(self.acts) if self.acts else 0.0
+        """Largest activation magnitude in the window (a latent fires when non-zero, AbsTopK's negatively too)."""
+        return max(map(abs, self.acts)) if self.acts else 0.0
+
+    @property
+    def peak(self) -> int:
+        """Position of the activation of largest magnitude."""
+        return max(range(len(self.acts)), key=lambda i: abs(self.acts[i]))
 
     @property
     def text(self) -> str:
@@ -112,10 +120,11 @@ class LatentRecord:
 
     latent: int
     frequency: float
-    """Fraction of (non-special) tokens on which the latent fires."""
+    """Fraction of (non-special) tokens on which the latent fires (is non-zero)."""
     max_activation: float
+    """Largest activation magnitude seen."""
     top: list[Example]
-    """Top-activating contexts, strongest first."""
+    """Top-activating contexts, strongest (largest |activation|) first."""
     samples: list[Example]
     """Activating contexts stratified across activation quantiles."""
     random_negatives: list[Example]
@@ -211,10 +220,10 @@ def firing_counts(model: Any, sae: Any, dataset: Any, cfg: RecordConfig, n_token
     for batch in _iter_batches(model, dataset, cfg, n_tokens):
         x = model.capture(batch.tokens, [hook])[hook]  # (B, C, d_in)
         keep = ~special_token_mask(batch.tokens, model.tokenizer).flatten() if cfg.exclude_special else None
-        z = sae.encode(x.flatten(0, 1).float())  # (B·C, d_sae): one batch only
+        z = sae.encode(x.flatten(0, 1).to(sae.W_enc.dtype))  # (B·C, d_sae): one batch; imported SAEs may be bf16
         if keep is not None:
             z = z[keep]
-        counts += (z > 0).sum(0).float()
+        counts += (z != 0).sum(0).float()  # AbsTopK latents fire negatively too (docs/metrics.md)
     return counts
 
 
@@ -253,11 +262,13 @@ def collect_records(
             valid = ~special_token_mask(tokens, model.tokenizer)
             acts = acts * valid[..., None]
         n_seen += int(valid.sum())
-        counts += (acts > 0).sum((0, 1)).float()
-        row_max, row_arg = acts.max(dim=1)  # (B, L)
+        # A latent fires where it is non-zero: AbsTopK's negative activations count (docs/metrics.md), so
+        # contexts are ranked by magnitude while the windows keep the signed values.
+        counts += (acts != 0).sum((0, 1)).float()
+        row_max, row_arg = acts.abs().max(dim=1)  # (B, L) peak magnitude per context
         max_act = torch.maximum(max_act, row_max.max(0).values)
         fires = (row_max > 0).T  # (L, B)
-        # 1. top contexts: key = the context's peak activation.
+        # 1. top contexts: key = the context's peak activation magnitude.
         keys = torch.where(fires, row_max.T, NEG_INF)
         top.merge(*_windows(tokens, acts, keys, row_arg.T, cfg.n_top, w))
         # 2. a uniform reservoir of activating contexts (random keys), stratified at the end.
@@ -274,7 +285,7 @@ def collect_records(
         # 4. similar non-activating: contain a current top example's peak token but the latent stays at 0.
         if cfg.n_similar_negatives and cfg.n_similar_tokens:
             t = min(cfg.n_similar_tokens, cfg.n_top)
-            peak = top.acts[:, :t].argmax(-1, keepdim=True)  # (L, t, 1)
+            peak = top.acts[:, :t].abs().argmax(-1, keepdim=True)  # (L, t, 1)
             peak_tok = top.tokens[:, :t].gather(2, peak).squeeze(-1).long()  # (L, t)
             peak_tok = torch.where(top.keys[:, :t] > NEG_INF, peak_tok, -1)
             vocab = int(max(tokens.max(), peak_tok.max())) + 1
@@ -303,7 +314,8 @@ def save_records(path: str | Path, state: dict[str, Any], tokenizer: Any, meta: 
     """Write the record state and the token strings it needs to the folder `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    full = {**meta, "vocab": {str(k): v for k, v in _decode_table(tokenizer, state).items()}}
+    full = {**meta, "records_format": RECORDS_FORMAT,
+            "vocab": {str(k): v for k, v in _decode_table(tokenizer, state).items()}}
     # The meta goes first and comes back last: a run killed in between leaves records that never load, rather
     # than new records under the old meta (which a later run with the old settings would take as its own).
     (path / META_FILE).unlink(missing_ok=True)
@@ -329,7 +341,7 @@ def load_records(path: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Any]
     except (ValueError, AttributeError) as err:  # damaged by hand or by a crash of an older version: rebuild
         log.warning("unreadable %s in %s (%s); recomputing the records", META_FILE, path, err)
         return None
-    if saved != json.loads(json.dumps(meta)):
+    if saved != json.loads(json.dumps({**meta, "records_format": RECORDS_FORMAT})):
         log.info("records in %s were made with other settings; recomputing", path)
         return None
     return load_plain(path / RECORDS_FILE), {int(k): v for k, v in vocab.items()}
@@ -343,7 +355,7 @@ def _examples(keys: list[float], tokens: list[list[int]], acts: list[list[float]
 
 
 def _stratify(pool: list[Example], n_quantiles: int) -> list[Example]:
-    """Label pooled activating examples by activation quantile (equal-count bins of the pool)."""
+    """Label pooled activating examples by activation-magnitude quantile (equal-count bins of the pool)."""
     ranked = sorted(pool, key=lambda e: e.max_act)
     for rank, ex in enumerate(ranked):
         ex.quantile = min(n_quantiles - 1, rank * n_quantiles // max(1, len(ranked)))
@@ -375,7 +387,7 @@ class RecordSet(Mapping[int, LatentRecord]):
             return _examples(st[f"{name}_keys"][j].tolist(), toks, acts, self.vocab)
 
         top = ex("top")
-        peak_tokens = {e.tokens[max(range(len(e.acts)), key=e.acts.__getitem__)] for e in top[: self.cfg.n_similar_tokens]}
+        peak_tokens = {e.tokens[e.peak] for e in top[: self.cfg.n_similar_tokens]}
         # Similar negatives were chosen against the top tokens known at the time; keep those still matching.
         similar = [e for e in ex("sneg") if peak_tokens & set(e.tokens)]
         return LatentRecord(

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from autointerp.explainers import N_SAMPLED, N_TOP, explanation_examples
 from autointerp.metrics import auroc, binary_metrics, top_n_predictions
 from autointerp.prompting import call_llm, highlight, parse_binary_list, plain, render_messages
 from autointerp.records import Example, LatentRecord
@@ -51,15 +52,35 @@ class ScoringSet:
 
     positives: list[Example]
     negatives: list[Example]
+    positives_short: int = 0
+    """How many of the positives asked for were missing: too few activating contexts were left unshown."""
 
 
-def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explained: int, seed: int) -> ScoringSet:
-    """Positives: top contexts not shown to the explainer interleaved with quantile samples; negatives: half
-    similar (share top tokens), the rest random; all chosen with a per-latent seed."""
+def held_out(record: LatentRecord, n_explained: int = N_TOP, n_sampled: int = N_SAMPLED) -> tuple[list[Example],
+                                                                                                  list[Example]]:
+    """The record's top contexts and quantile samples that `explanation_examples` does not show the explainer.
+
+    Shown contexts are left out by position in the record, and so is any other window of the same tokens (the top
+    and the sample pools can both hold one context; a scorer shown the very text the explainer saw learns as much).
+    """
+    shown = explanation_examples(record, n_explained, n_sampled)
+    ids, texts = {id(e) for e in shown}, {tuple(e.token_ids) for e in shown}
+    unseen = [[e for e in pool if id(e) not in ids and tuple(e.token_ids) not in texts]
+              for pool in (record.top, record.samples)]
+    return unseen[0], unseen[1]
+
+
+def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explained: int = N_TOP, seed: int = 0,
+                n_sampled: int = N_SAMPLED) -> ScoringSet:
+    """Positives: top contexts not shown to the explainer interleaved with quantile samples not shown either (see
+    `held_out`; the explainer saw `explanation_examples(record, n_explained, n_sampled)`); negatives: half similar
+    (share top tokens), the rest random; all chosen with a per-latent seed.
+
+    Shown contexts are never reused: with fewer unshown activating contexts than n_positive, the set has fewer
+    positives and `positives_short` says how many are missing (scorers report it); with none, ValueError.
+    """
     rng = random.Random(seed * 1_000_003 + record.latent)
-    shown = {tuple(e.token_ids) for e in record.top[:n_explained]}
-    held_top = [e for e in record.top[n_explained:]]
-    samples = [e for e in record.samples if tuple(e.token_ids) not in shown]
+    held_top, samples = held_out(record, n_explained, n_sampled)
     rng.shuffle(samples)
     positives: list[Example] = []
     seen: set[tuple[int, ...]] = set()
@@ -68,8 +89,6 @@ def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explai
             if ex is not None and tuple(ex.token_ids) not in seen and len(positives) < n_positive:
                 seen.add(tuple(ex.token_ids))
                 positives.append(ex)
-    if not positives:  # tiny runs: fall back to the shown contexts rather than scoring nothing
-        positives = record.top[:n_positive]
     similar = list(record.similar_negatives)
     rng.shuffle(similar)
     negatives = similar[: n_negative // 2]
@@ -78,10 +97,11 @@ def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explai
     negatives += rand[: n_negative - len(negatives)]
     if not positives or not negatives:
         raise ValueError(
-            f"latent {record.latent}: need activating and non-activating contexts to score "
-            f"(have {len(positives)} and {len(negatives)}); read more tokens"
+            f"latent {record.latent}: need activating contexts the explainer was not shown and non-activating "
+            f"contexts to score (have {len(positives)} and {len(negatives)}; {len(record.top)} top contexts, "
+            f"{n_explained} of them shown); read more tokens or keep more top contexts (RecordConfig.n_top)"
         )
-    return ScoringSet(positives, negatives)
+    return ScoringSet(positives, negatives, n_positive - len(positives))
 
 
 @dataclass
@@ -90,9 +110,15 @@ class _Common:
     """Activating contexts per latent."""
     n_negative: int = 10
     """Non-activating contexts per latent."""
-    n_explained: int = 10
-    """Top contexts the explainer saw (held out from scoring)."""
+    n_explained: int = N_TOP
+    """Top contexts the explainer saw (held out from scoring): the explainer's n_top."""
+    n_sampled: int = N_SAMPLED
+    """Quantile-sampled contexts the explainer saw as well (held out too): the explainer's n_sampled."""
     seed: int = 0
+
+    def _scoring_set(self, record: LatentRecord) -> ScoringSet:
+        """This scorer's held-out contexts for the record."""
+        return scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed, self.n_sampled)
 
 
 @dataclass
@@ -128,10 +154,11 @@ class _LLMJudge(_Common):
             raise RuntimeError(f"every {template} prompt failed; first error: {errors[0]}")
         return preds, failed
 
-    def _metrics(self, preds: list[int | None], labels: list[int], failed: int) -> dict[str, Any]:
+    def _metrics(self, preds: list[int | None], labels: list[int], failed: int, s: ScoringSet) -> dict[str, Any]:
         kept = [(p, y) for p, y in zip(preds, labels, strict=True) if p is not None]
         out: dict[str, Any] = binary_metrics([p for p, _ in kept], [y for _, y in kept])
         out["failed_prompts"] = failed
+        out["positives_short"] = s.positives_short
         return out
 
 
@@ -143,11 +170,11 @@ class DetectionScorer(_LLMJudge):
 
     def score(self, record: LatentRecord, explanation: str) -> dict[str, Any]:
         """Binary metrics of the LLM's 0/1 judgements over shuffled positives and negatives."""
-        s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
+        s = self._scoring_set(record)
         items = [(plain(e.tokens), 1) for e in s.positives] + [(plain(e.tokens), 0) for e in s.negatives]
         random.Random(self.seed + record.latent).shuffle(items)
         preds, failed = self._judge("detection", explanation, [t for t, _ in items])
-        return self._metrics(preds, [y for _, y in items], failed)
+        return self._metrics(preds, [y for _, y in items], failed, s)
 
 
 @dataclass
@@ -158,17 +185,17 @@ class FuzzingScorer(_LLMJudge):
 
     def score(self, record: LatentRecord, explanation: str) -> dict[str, Any]:
         """Binary metrics of the LLM's judgements of correctly vs randomly marked contexts."""
-        s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
+        s = self._scoring_set(record)
         rng = random.Random(self.seed * 7 + record.latent)
-        counts = sorted(sum(a > 0 for a in e.acts) for e in s.positives)
+        counts = sorted(sum(a != 0 for a in e.acts) for e in s.positives)
         n_marks = max(1, counts[len(counts) // 2])  # as many marks as a typical activating context has
-        items = [(highlight(e.tokens, [a > 0 for a in e.acts]), 1) for e in s.positives]
+        items = [(highlight(e.tokens, [a != 0 for a in e.acts]), 1) for e in s.positives]
         for e in s.negatives:
             chosen = set(rng.sample(range(len(e.tokens)), min(n_marks, len(e.tokens))))
             items.append((highlight(e.tokens, [i in chosen for i in range(len(e.tokens))]), 0))
         rng.shuffle(items)
         preds, failed = self._judge("fuzzing", explanation, [t for t, _ in items])
-        return self._metrics(preds, [y for _, y in items], failed)
+        return self._metrics(preds, [y for _, y in items], failed, s)
 
 
 def default_embedder() -> SentenceEmbedder:
@@ -241,7 +268,7 @@ class EmbeddingScorer(_Common):
 
     def _texts(self, record: LatentRecord) -> tuple[list[str], list[int]]:
         """The scoring set's texts (positives first) and their 1/0 labels."""
-        s = scoring_set(record, self.n_positive, self.n_negative, self.n_explained, self.seed)
+        s = self._scoring_set(record)
         return [e.text for e in s.positives + s.negatives], [1] * len(s.positives) + [0] * len(s.negatives)
 
     def prefetch(self, items: Iterable[tuple[LatentRecord, str]]) -> None:
@@ -260,6 +287,7 @@ class EmbeddingScorer(_Common):
         sims = [float(v) for v in self._embedder().similarity(texts, explanation)]
         out: dict[str, Any] = binary_metrics(top_n_predictions(sims, labels.count(1)), labels)
         out["auroc"] = auroc(sims, labels)
+        out["positives_short"] = self.n_positive - labels.count(1)
         return out
 
 
@@ -401,8 +429,11 @@ def parse_choice(text: str) -> str | None:
 
 def make_scorers(
     names: list[str], *, client: Any = None, embedder: Any = None, model: Any = None, sae: Any = None, seed: int = 0,
+    n_explained: int = N_TOP, n_sampled: int = N_SAMPLED,
 ) -> list[Scorer]:
-    """Build scorers by name, checking each name and that LLM scorers have a client."""
+    """Build scorers by name, checking each name and that LLM scorers have a client; n_explained / n_sampled are
+    the explainer's n_top / n_sampled, so the scorers hold out exactly what it was shown."""
+    shown = {"n_explained": n_explained, "n_sampled": n_sampled}
     bad = [n for n in names if n not in SCORERS]
     if bad:
         raise ValueError(f"unknown scorers {bad}; valid: {list(SCORERS)}")
@@ -415,11 +446,11 @@ def make_scorers(
         if n in ("detection", "fuzzing") and client is None:
             raise ValueError(f"scorer {n!r} needs an LLM: pass --llm SPEC (e.g. openai:gpt-4o-mini)")
         if n == "detection":
-            out.append(DetectionScorer(client=client, seed=seed))
+            out.append(DetectionScorer(client=client, seed=seed, **shown))
         elif n == "fuzzing":
-            out.append(FuzzingScorer(client=client, seed=seed))
+            out.append(FuzzingScorer(client=client, seed=seed, **shown))
         elif n == "embedding":
-            out.append(EmbeddingScorer(embedder=embedder, seed=seed))
+            out.append(EmbeddingScorer(embedder=embedder, seed=seed, **shown))
         else:
             out.append(InterventionScorer(model=model, sae=sae, client=client, embedder=embedder, seed=seed))
     return out

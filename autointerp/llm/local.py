@@ -20,9 +20,14 @@ class LocalChatClient:
         self.model_name_or_path = str(model_name_or_path)
         self.name = name or f"local:{self.model_name_or_path}"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
         kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs).to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kwargs).to(self.device).eval()
+        except (OSError, ValueError) as err:  # transformers' reasons run to many lines: keep the first
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot load the local LLM {self.model_name_or_path!r} (local:PATH needs a folder "
+                             f"with a transformers causal LM, or a name in the Hugging Face cache): {reason}") from None
         self.stats = LLMStats()
         # One model, one forward at a time: generate() from several threads would only contend for the same cores.
         self._lock = threading.Lock()

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import os
 import re
-import socket
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ import yaml
 from activation_store.model import BACKENDS, REFERENCE_NAME
 from activation_store.store import CacheConfig
 from activation_store.tokens import DatasetConfig
+from autointerp.llm.check import endpoint_problem
 from sae_kit.pipeline.config import (
     DEFAULT_CONFIG,
     EXAMPLES,
@@ -45,7 +45,6 @@ TOP_LEVEL: dict[str, tuple[Any, str]] = {
     "device": (str | None, "cpu, cuda, cuda:1 ... (default: CUDA when present)"),
     "seed": (int, "seed of every stage"),
 }
-CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -468,39 +467,6 @@ def _sizes(c: Checker, cfg: RunConfig, widths: dict[str, int | None] | None) -> 
     if dupes:
         c.add("train", f"two training passes make SAEs of the same name {dupes}",
               "give each train entry its own `name:`")
-
-
-def endpoint_problem(spec: str) -> str | None:
-    """Why an LLM spec cannot be used right now (no key, nothing listening, no local model), or None."""
-    from urllib.parse import urlparse
-
-    from autointerp.llm import make_client
-
-    if spec.startswith("local:"):
-        path = spec.split(":", 1)[1]
-        if Path(path).exists():
-            return None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            if isinstance(try_to_load_from_cache(path, "config.json"), str):
-                return None
-        except Exception:  # not a valid repo name either
-            pass
-        return f"no local model at {path!r} (not a folder, not in the Hugging Face cache)"
-    try:
-        client = make_client(spec)
-    except ValueError as err:
-        return str(err)
-    url = urlparse(getattr(client, "base_url", ""))
-    if not url.hostname:
-        return None
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
-            return None
-    except OSError as err:
-        return f"cannot connect to {url.hostname}:{port} ({err.strerror or err})"
 
 
 def _llm(c: Checker, cfg: RunConfig) -> None:

@@ -83,3 +83,10 @@ def test_bootstrap_diff_ci_separates_shifted_samples_only():
     lo, hi = bootstrap_diff_ci(b, c)
     assert lo < 0 < hi
     assert all(math.isnan(v) for v in bootstrap_diff_ci([], [0.5]))
+
+
+def test_bootstrap_ci_of_fewer_than_two_values_is_undefined():
+    assert all(math.isnan(v) for v in bootstrap_ci([0.7]))
+    assert all(math.isnan(v) for v in bootstrap_ci([0.7, float("nan"), None]))
+    row = aggregate([{"auroc": 0.7}])["auroc"]
+    assert row["mean"] == 0.7 and row["n"] == 1 and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])

@@ -211,3 +211,57 @@ def test_every_llm_scorer_records_failures_and_keeps_finished_latents(tmp_path, 
     rescored = [r for r in after if "error" not in r["scores"][scorer]]
     assert rescored and summary["scorers"][scorer]["n_scored"] == len(rescored)
     assert summary["scorers"][scorer]["n_failed"] == 8 - len(rescored)
+
+
+def test_context_longer_than_the_model_is_refused_before_records(tmp_path, sae, tiny_model, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("records were built")
+
+    monkeypatch.setattr("autointerp.pipeline.collect_records", never)
+    too_long = dataclasses.replace(RECORDS, context_size=tiny_model.n_ctx + 1)
+    with pytest.raises(ValueError, match=f"context_size {tiny_model.n_ctx + 1} exceeds .* at most {tiny_model.n_ctx}"):
+        run_interp(_cfg(tmp_path, records=too_long), sae=sae, model=tiny_model, embedder=FakeEmbedder())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("spec", ["http://127.0.0.1:{port}/v1:m", "local:/nonexistent/model"])
+def test_unusable_llm_fails_before_anything_is_loaded_or_computed(tmp_path, monkeypatch, spec):
+    def never(*args, **kwargs):
+        raise AssertionError("the run went on past the LLM check")
+
+    for name in ("_load_sae", "_records", "collect_records"):
+        monkeypatch.setattr(f"autointerp.pipeline.{name}", never)
+    spec = spec.format(port=_free_port())
+    with pytest.raises(ValueError, match="is not reachable: (cannot connect|no local model)"):
+        run_interp(_cfg(tmp_path, explainer="llm", scorers=("detection",), llm=spec))
+
+
+def test_local_llm_that_does_not_load_is_a_one_line_error(tmp_path):
+    from autointerp.llm.local import LocalChatClient
+
+    with pytest.raises(ValueError, match="cannot load the local LLM '.*nothing'") as err:
+        LocalChatClient(str(tmp_path / "nothing"))
+    assert "\n" not in str(err.value)
+
+
+def test_cli_exits_non_zero_when_every_latent_failed(tmp_path, tiny_gpt2_path, sae, monkeypatch, capsys):
+    from sae_kit.cli import main
+
+    sae_dir = tmp_path / "sae"
+    sae.save(sae_dir)
+    monkeypatch.setattr("autointerp.llm.check.endpoint_problem", lambda spec: None)  # "reachable", then down
+    monkeypatch.setattr("autointerp.llm.make_client", lambda spec, cache_dir=None: FakeJudge(mode="down"))
+    monkeypatch.setattr("autointerp.scorers.default_embedder", FakeEmbedder)
+    argv = ["interp", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--backend", "transformer_lens",
+            "--tokens", "512", "--latents", "0:3", "--context-size", "32", "--window", "16", "--explainer", "llm",
+            "--llm", "http://127.0.0.1:1/v1:m", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sae-kit interp")]
+    assert len(err) == 1 and "every one of the 3 latents failed" in err[0]

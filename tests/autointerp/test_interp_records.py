@@ -1,12 +1,14 @@
 """Latent records on the tiny GPT-2 with a random TopK SAE, checked against brute-force recomputation."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fakes import make_sae
 
 from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
-from autointerp.records import RecordConfig, build_records, collect_records, load_records, save_records
+from autointerp.records import RECORDS_FORMAT, RecordConfig, build_records, collect_records, load_records, save_records
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -92,6 +94,16 @@ def test_save_load_roundtrip_and_build(setup, tiny_model, tmp_path):
             assert all(peak & set(e.tokens) and e.max_act == 0 for e in rec.similar_negatives)
 
 
+def test_records_of_an_older_format_are_rebuilt(setup, tiny_model, tmp_path):
+    _, cfg, _, state, _, _ = setup
+    meta = {"k": 1, "records": cfg.to_dict()}
+    save_records(tmp_path, state, tiny_model.tokenizer, meta)
+    saved = json.loads((tmp_path / "meta.json").read_text())
+    assert saved.pop("records_format") == RECORDS_FORMAT
+    (tmp_path / "meta.json").write_text(json.dumps(saved))  # as a version before negative activations counted
+    assert load_records(tmp_path, meta) is None
+
+
 class RunsCode:
     """Unpickling this creates the file `flag` (a stand-in for anything worse)."""
 
@@ -105,7 +117,7 @@ class RunsCode:
 def test_records_holding_a_pickled_object_are_refused(tmp_path):
     flag = tmp_path / "ran"
     torch.save({"counts": torch.zeros(3), "x": RunsCode(flag)}, tmp_path / "records.pt")
-    (tmp_path / "meta.json").write_text('{"k": 1}')
+    (tmp_path / "meta.json").write_text(json.dumps({"k": 1, "records_format": RECORDS_FORMAT}))
     with pytest.raises(ValueError, match="refusing to unpickle"):
         load_records(tmp_path, {"k": 1})
     assert not flag.exists()

@@ -21,7 +21,7 @@ from autointerp.records import RecordConfig, load_records, save_records
 
 HOOK = "blocks.0.hook_resid_post"
 # Wide and sparse enough that every latent has non-activating contexts, so each one can be scored.
-RECORDS = RecordConfig(n_tokens=2048, context_size=16, batch_size=8, window=16, n_top=12, n_sample_pool=8,
+RECORDS = RecordConfig(n_tokens=2048, context_size=16, batch_size=8, window=16, n_top=20, n_sample_pool=12,
                        n_random_negatives=6, n_similar_negatives=4)
 DEAD = 3
 """A latent that never fires (its encoder bias rules it out)."""
@@ -319,3 +319,15 @@ def test_cli_flags_reach_the_config(monkeypatch):
     assert seen["cfg"].retry_failed and not seen["cfg"].overwrite
     cli.run(parser.parse_args(["--sae", "s", "--out", "o", "--no-retry-failed", "--overwrite"]))
     assert not seen["cfg"].retry_failed and seen["cfg"].overwrite
+
+
+def test_results_of_an_older_format_are_refused_not_mixed(tmp_path, records_dir, sae):
+    from autointerp.pipeline import RESULTS_FORMAT
+
+    out = _fresh(tmp_path, records_dir)
+    run_interp(_cfg(out), sae=sae, embedder=FakeEmbedder())
+    run = json.loads((out / "run.json").read_text())
+    run["fingerprint"]["format"] = 1  # scored before shown contexts were held out
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=f"format: was 1, now {RESULTS_FORMAT}.*--overwrite"):
+        run_interp(_cfg(out), sae=sae, embedder=FakeEmbedder())

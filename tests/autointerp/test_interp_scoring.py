@@ -163,6 +163,7 @@ def _unbatched_scores(record, explanation: str, embedder) -> dict:
     sims = [float(v) for v in embedder.similarity(texts, explanation)]
     out = binary_metrics(top_n_predictions(sims, len(s.positives)), labels)
     out["auroc"] = auroc(sims, labels)
+    out["positives_short"] = 10 - len(s.positives)
     return out
 
 

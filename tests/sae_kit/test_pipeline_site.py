@@ -157,3 +157,18 @@ def test_site_renders_in_chromium_and_every_figure_draws(tmp_path):
         crop = img.crop((int(x) + 4, int(y) + 4, int(x + w) - 4, int(y + h) - 4))
         drawn = sum(1 for px in crop.getdata() if min(px) < 235)
         assert drawn > 0.01 * crop.size[0] * crop.size[1], f"figure {i} at {(x, y, w, h)} is blank ({drawn} px)"
+
+
+def test_undefined_interp_ci_reads_n_a_not_nan(tmp_path):
+    from autointerp.metrics import bootstrap_ci
+    from sae_kit.pipeline.summary import _stats
+
+    one = _stats([0.7], seed=0)  # one scored latent: no interval (bootstrap_ci gives NaN bounds)
+    assert all(v != v for v in bootstrap_ci([0.7])) and one["ci_low"] is None and one["ci_high"] is None
+    saes = fake_saes(2)
+    for s in saes:
+        s["interp"]["sae"] = one
+        s["interp"]["difference"] = {**s["interp"]["difference"], "ci_low": None, "ci_high": None}
+    page = build_site(config(tmp_path), saes)
+    text = re.sub(r"<script.*?</script>", "", page, flags=re.S)
+    assert "n/a" in text and not re.search(r"\bnan\b", text, flags=re.I)
