@@ -236,20 +236,24 @@ def test_check_names_the_mismatch(ref_store):
         store.check(hook_point=H0, d_in=64)
 
 
-@pytest.mark.parametrize("point,shard", [("mid_shard", 1), ("before_manifest", 2), ("after_shard", 0)])
-def test_resume_after_crash_in_process(ref_store, tiny_model, tmp_path, monkeypatch, point, shard):
-    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
-
+def crash_at(cfg: CacheConfig, model, monkeypatch, point: str, shard: int) -> None:
+    """Start a cache and stop it at a kill point of one shard (`store._kill_point`), as a kill would."""
     def crash(p, s):
         if (p, s) == (point, shard):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(store_mod, "_kill_point", crash)
     with pytest.raises(KeyboardInterrupt):
-        cache_activations(cfg, progress=False, model=tiny_model)
+        cache_activations(cfg, progress=False, model=model)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("point,shard", [("mid_shard", 1), ("before_manifest", 2), ("after_shard", 0)])
+def test_resume_after_crash_in_process(ref_store, tiny_model, tmp_path, monkeypatch, point, shard):
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+    crash_at(cfg, tiny_model, monkeypatch, point, shard)
     done = shard + (point == "after_shard")
     assert len(shard_hashes(cfg.out)) == done
-    monkeypatch.undo()
     calls = []
     real = store_mod.token_batches
     monkeypatch.setattr(store_mod, "token_batches", lambda *a, **k: calls.append(k) or real(*a, **k))
@@ -467,15 +471,7 @@ def test_a_foreign_folder_is_refused_untouched(ref_store, tiny_model, tmp_path):
 
 def test_resume_removes_only_its_own_temporaries(ref_store, tiny_model, tmp_path, monkeypatch):
     cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
-
-    def crash(point, shard):
-        if (point, shard) == ("after_shard", 1):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(store_mod, "_kill_point", crash)
-    with pytest.raises(KeyboardInterrupt):
-        cache_activations(cfg, progress=False, model=tiny_model)
-    monkeypatch.undo()
+    crash_at(cfg, tiny_model, monkeypatch, "after_shard", 1)
     out = Path(cfg.out)
     ours = [".manifest.json.tmp-abcd1234.tmp", f"{H0}/.shard_00002.safetensors.tmp-abcd1234.tmp",
             "tokens/.shard_00003.safetensors.tmp-x_1y2z3w.tmp"]
@@ -612,25 +608,13 @@ def test_tensors_in_hands_malformed_files_to_safetensors(damage):
         tensors_in(blob)
 
 
-def crash_after_first_shard(cfg: CacheConfig, model, monkeypatch) -> None:
-    """Start a cache and stop it once shard 0 is listed, as a kill would."""
-    def crash(point, shard):
-        if (point, shard) == ("after_shard", 0):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(store_mod, "_kill_point", crash)
-    with pytest.raises(KeyboardInterrupt):
-        cache_activations(cfg, progress=False, model=model)
-    monkeypatch.undo()
-
-
 @pytest.mark.parametrize("edit", ["rewrite", "append", "same_size"])
 def test_resume_refuses_an_edited_data_file(ref_store, tiny_model, docs, tmp_path, monkeypatch, edit):
     data = tmp_path / "docs.jsonl"
     shutil.copy(docs, data)
     cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s"),
                          "dataset": dataclasses.replace(ref_store.dataset, path=str(data))})
-    crash_after_first_shard(cfg, tiny_model, monkeypatch)
+    crash_at(cfg, tiny_model, monkeypatch, "after_shard", 0)
     text = data.read_text()
     edited = {"rewrite": text.upper(), "append": text + json.dumps({"text": "x = 1\n"}) + "\n",
               "same_size": text.replace("def", "fed", 1)}[edit]
