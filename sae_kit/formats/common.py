@@ -54,8 +54,15 @@ def load_pickle(path: Path, trust_remote_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch names the refused class ("Unsupported global: ..."); anything else is a damaged or foreign file,
+        # which full unpickling would not read either.
+        text = str(err)
+        detail = text[text.find("Unsupported"):].splitlines()[0].strip() if "Unsupported" in text else ""
+        if not detail.startswith("Unsupported global"):
+            raise FormatError(f"{path} is not a readable torch pickle ({detail or type(err).__name__}); the file is "
+                              f"damaged or not a .pt/.bin of weights: re-download it") from None
         if not trust_remote_pickle:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = detail.split(" Please use")[0]  # torch's advice next is the very step refused here
             raise FormatError(
                 f"{path} is a pickle that needs full unpickling, which can run arbitrary code ({reason}). Load it "
                 f"with trust_remote_pickle=True only if you trust where it came from, or convert it to safetensors"

@@ -163,6 +163,8 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
         state["threshold"] = (theta.exp() if key == "log_threshold" else theta).clamp_min(0)
         used.add(key)
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float))):
+        raise FormatError(f"{cfg_path}: k must be a number (active latents per token), got {k!r}")
     if k is None and arch in ("topk", "abstopk"):
         k = 100  # SAELens's TopKSAEConfig default
     if arch == "batchtopk":

@@ -142,6 +142,11 @@ def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
     x = inputs(5, 8)
     sae = SAE.load(tmp_path / "ae", trust_remote_pickle=True)
     torch.testing.assert_close(sae.encode(x), dictionary_learning_forward("AutoEncoder", sd, x)[0], atol=1e-6, rtol=0)
+    # a damaged file is named as damaged: no trust would make it load
+    (tmp_path / "ae" / "ae.pt").write_bytes(b"garbage\n")
+    for trust in (False, True):
+        with pytest.raises(FormatError, match=r"ae.pt is not a readable torch pickle \(Unsupported operand"):
+            SAE.load(tmp_path / "ae", trust_remote_pickle=trust)
 
 
 def test_folder_of_no_format_lists_what_was_looked_for(tmp_path: Path) -> None:

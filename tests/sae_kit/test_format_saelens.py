@@ -187,6 +187,10 @@ def test_bad_files_name_the_file_and_the_fix(tmp_path: Path) -> None:
     unknown = write_saelens(tmp_path / "arch", {**cfg, "architecture": "temporal"}, w)
     with pytest.raises(FormatError, match=r"architecture 'temporal' is not supported; supported: \["):
         SAE.load(unknown)
+    k_text = write_saelens(tmp_path / "k", {**saelens_cfg("topk", D_IN, D_SAE, D_IN), "k": "abc"},
+                           saelens_weights("topk", D_IN, D_SAE, D_IN))
+    with pytest.raises(FormatError, match=r"k/cfg.json: k must be a number \(active latents per token\), got 'abc'"):
+        SAE.load(k_text)
     norm = write_saelens(tmp_path / "norm", {**cfg, "normalize_activations": "whiten_twice"}, w)
     with pytest.raises(FormatError, match="unknown normalize_activations 'whiten_twice'; supported"):
         SAE.load(norm)
