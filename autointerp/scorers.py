@@ -365,7 +365,9 @@ class InterventionScorer(_Common):
         if self.model is None or self.sae is None:
             raise ValueError("the intervention scorer needs the model and the SAE")
         prompts = self._prompts(record)
-        steering = Intervention(record.latent, "add", self.strength)
+        # A latent that fires negatively (AbsTopK) is pushed the way it fires, not against it.
+        sign = -1.0 if record.top and record.top[0].acts[record.top[0].peak] < 0 else 1.0
+        steering = Intervention(record.latent, "add", sign * self.strength)
         with torch.no_grad():
             base = self._generate(prompts)
             steered = self._generate(prompts, steering, self.scale_of(record))

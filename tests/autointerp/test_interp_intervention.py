@@ -156,3 +156,18 @@ def test_random_directions_keep_norms_and_change_directions():
     assert cos.mean() < 0.5 and ctrl.W_enc.data_ptr() != sae.W_enc.data_ptr()
     # the SAE's max activations do not describe the random directions: the control must estimate its own
     assert "latent_max_acts" not in ctrl.cfg.metadata and "latent_max_acts" in sae.cfg.metadata
+
+
+def test_a_latent_that_fires_negatively_is_pushed_the_way_it_fires(tiny_model, monkeypatch):
+    """An AbsTopK latent whose strongest contexts are negative is steered with a negative strength: the direction the
+    latent itself writes when it fires, not the opposite one."""
+    sae = _sae(tiny_model)
+    scorer = _scorer(tiny_model, sae, strength=4.0)
+    used = []
+    monkeypatch.setattr(scorer, "_generate", lambda prompts, steering=None, scale=0.0: used.append(steering) or [""])
+    rec = _record_with_prompts(tiny_model)
+    scorer.generations(rec)
+    for ex in rec.top:
+        ex.acts = [-a for a in ex.acts]
+    scorer.generations(rec)
+    assert [s.strength for s in used if s is not None] == [4.0, -4.0]
