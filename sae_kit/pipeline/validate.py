@@ -382,6 +382,7 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
     from activation_store.model import closest_names
     from sae_kit.pipeline.hooks import n_layers
 
+    _context_sizes(c, cfg, hf_config)
     wanted = _hook_sources(c, cfg)
     layers = n_layers(hf_config)
     deepest = max((d for d in (_layer(h) for h in wanted) if d is not None), default=None)
@@ -405,6 +406,21 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
         c.add(keys[0], message, f"use one of {closest_names(hook, valid)} (`sae-kit hooks --model {cfg.model}` "
                                 f"lists them all)")
     return widths
+
+
+def _context_sizes(c: Checker, cfg: RunConfig, hf_config: Any) -> None:
+    """Every stage's context against the model's position embeddings (caught here, not after cache and train)."""
+    n_ctx = next((int(getattr(hf_config, a)) for a in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if getattr(hf_config, a, None)), None)
+    if n_ctx is None:
+        return
+    records = cfg.interp.get("records", {}) if isinstance(cfg.interp.get("records", {}), dict) else {}
+    for key, size in (("cache.dataset.context_size", cfg.cache.dataset.context_size),
+                      ("eval.context_size", cfg.eval.get("context_size")),  # None: the SAE's training context
+                      ("interp.records.context_size", records.get("context_size", 64))):
+        if isinstance(size, int) and size > n_ctx:
+            c.add(key, f"{size} tokens per context, but model {cfg.model!r} reads at most {n_ctx}",
+                  f"lower {key} to at most {n_ctx}")
 
 
 def _layer(hook: str) -> int | None:
@@ -448,20 +464,31 @@ def _sizes(c: Checker, cfg: RunConfig, widths: dict[str, int | None] | None) -> 
                 c.add(f"{key}.k", f"k = {spec.k} active latents needs more than d_sae = {d_sae} latents "
                       f"(SAE {spec.name})", f"lower k below {d_sae} or raise d_sae / expansion")
     latents = str(cfg.interp.get("latents", "0:64"))
-    if latents.startswith("random:") and d_saes:
-        n = int(latents.split(":", 1)[1])
-        if n > min(d_saes):
-            c.add("interp.latents", f"{n} latents per SAE, but the smallest SAE has {min(d_saes)}",
-                  f"lower interp.latents to at most {min(d_saes)}")
+    n_explained = None  # latents interp explains per SAE, when the spec and the SAE widths say
+    if d_saes:
+        from autointerp.spec import parse_latent_spec
+
+        try:
+            spec = parse_latent_spec(latents, min(d_saes))
+            n_explained = spec.n_random or len(spec.indices)
+        except ValueError as err:
+            c.add("interp.latents", f"{err} (the smallest SAE has {min(d_saes)} latents)",
+                  f"choose latents below {min(d_saes)}, e.g. random:{min(64, min(d_saes))}")
     records = cfg.interp.get("records", {})
     r_ctx = records.get("context_size", 64) if isinstance(records, dict) else 64
     r_tok = records.get("n_tokens", 100_000) if isinstance(records, dict) else 100_000
     if r_tok < r_ctx:
         c.add("interp.records.n_tokens", f"{r_tok} tokens is less than one context of {r_ctx}",
               f"raise interp.records.n_tokens to at least {r_ctx}")
-    if latents.startswith("random:") and cfg.steer.n_latents > int(latents.split(":", 1)[1]):
+    if n_explained is not None and cfg.steer.n_latents > n_explained:
         c.add("steer.n_latents", f"{cfg.steer.n_latents} latents to steer, but interp explains only "
-              f"{latents.split(':', 1)[1]} per SAE", "lower steer.n_latents or raise interp.latents")
+              f"{n_explained} per SAE", "lower steer.n_latents or raise interp.latents")
+    passes = [Path(t.out).name for t in cfg.train]
+    for key, name in zip(c.train_keys, passes):
+        if passes.count(name) > 1:  # one folder OUT/train/<name>/ each: the second would delete the first's SAEs
+            c.add(f"{key}.name", f"two training passes share the name {name!r} (and the folder train/{name}/)",
+                  "give each train entry its own `name:`")
+            break
     names = cfg.sae_names()
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -158,3 +158,21 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("out: x\ntrain: [\n  name: a\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+: \(file\): not valid YAML"):
         load_config(str(path), check_model=False)
+
+
+def test_passes_sharing_a_folder_latents_past_d_sae_and_contexts_past_the_model(tmp_path, tiny_gpt2_path):
+    """Caught before anything runs: two passes writing one train/<name>/ folder (the second would delete the
+    first's SAEs), a latent range beyond the SAEs, and contexts longer than the model's 128 positions."""
+    text = GOOD.replace("context_size: 32}}, batch_size", "context_size: 256}}, batch_size").replace(
+        "interp: {{latents: 4,", "interp: {{latents: '60:70',").replace(
+        "eval: {{n_tokens: 512, batch_size: 8}}", "eval: {{n_tokens: 512, batch_size: 8, context_size: 200}}").replace(
+        "    log_every: 2\n", "    log_every: 2\n  - {{name: tk, architecture: topk, hook_points: blocks.1.hook_resid_post, "
+                            "k: 3, d_sae: 64}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, text, out=tmp_path / "out", model=tiny_gpt2_path)))
+    by_key = {i.key: i for i in info.value.issues}
+    assert "two training passes share the name 'tk' (and the folder train/tk/)" in by_key["train[0].name"].message
+    assert "latent range '60:70' out of bounds" in by_key["interp.latents"].message
+    assert "256 tokens per context, but model" in by_key["cache.dataset.context_size"].message
+    assert "reads at most 128" in by_key["eval.context_size"].message
+    assert not (tmp_path / "out").exists()
