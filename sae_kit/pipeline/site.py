@@ -38,18 +38,27 @@ def gather(cfg: Any, saes: Sequence[Any]) -> list[dict[str, Any]]:
     root = Path(cfg.out)
     out = []
     for s in saes:
-        ev, it, st = (cfg.stage_dir(stage) / s.name for stage in ("eval", "interp", "steer"))
-        links = {"eval report": ev / REPORT_FILENAME, "feature dashboard": it / "sae" / "dashboard.html",
-                 "control dashboard": it / "control" / "dashboard.html", "steering": st / "sweep.html",
+        # Only what a stage made or verified in this run: a stage switched off (steer.n_latents: 0) or not run
+        # may have left the files of an earlier SAE of the same name.
+        made = getattr(s, "digests", None)
+        ev, it, st = (cfg.stage_dir(stage) / s.name if made is None or made.get(stage) else None
+                      for stage in ("eval", "interp", "steer"))
+
+        def read(folder: Path | None, name: str) -> Any:
+            return _read_json(folder / name) if folder is not None else None
+
+        links = {"eval report": ev and ev / REPORT_FILENAME, "feature dashboard": it and it / "sae" / "dashboard.html",
+                 "control dashboard": it and it / "control" / "dashboard.html", "steering": st and st / "sweep.html",
                  "SAE folder": s.folder}
+        sparsity = ev / SPARSITY_FILENAME if ev is not None else None
         out.append({
             "name": s.name,
-            "record": ((_read_json(ev / METRICS_FILENAME) or {}).get("core") or [{}])[0],
-            "sparsity": load_sparsity(ev / SPARSITY_FILENAME)[0] if (ev / SPARSITY_FILENAME).exists() else None,
-            "interp": _read_json(it / "comparison.json"),
-            "steer": _read_json(st / "latents.json"),
-            "sweep": _read_json(st / "sweep.json"),
-            "links": {k: os.path.relpath(p, root) for k, p in links.items() if p.exists()},
+            "record": ((read(ev, METRICS_FILENAME) or {}).get("core") or [{}])[0],
+            "sparsity": load_sparsity(sparsity)[0] if sparsity is not None and sparsity.exists() else None,
+            "interp": read(it, "comparison.json"),
+            "steer": read(st, "latents.json"),
+            "sweep": read(st, "sweep.json"),
+            "links": {k: os.path.relpath(p, root) for k, p in links.items() if p is not None and p.exists()},
         })
     return out
 

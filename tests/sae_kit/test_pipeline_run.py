@@ -73,6 +73,21 @@ def test_edits_redo_only_what_depends_on_them(first):
     assert (out / "interp/tk_k4/sae/dashboard.html").exists()
 
 
+def test_a_stage_switched_off_leaves_nothing_stale_on_the_site(first):
+    """steer.n_latents: 0 runs no steering; the site no longer shows the sweeps an earlier run left on disk."""
+    path, out, _ = first
+    path.write_text(path.read_text().replace("steer: {n_latents: 1,", "steer: {n_latents: 0,"))
+    _, actions, _ = run(path)
+    assert not any(label.startswith("steer") for label in actions)
+    assert (out / "steer/tk_k2/sweep.html").exists()  # left on disk, but not this run's
+    site = (out / "index.html").read_text()
+    assert "sweep.html" not in site and 'href="interp/tk_k2/sae/dashboard.html"' in site
+    path.write_text(path.read_text().replace("steer: {n_latents: 0,", "steer: {n_latents: 1,"))
+    _, actions, _ = run(path)  # back as the later tests expect it: the kept sweeps are verified, not redone
+    assert {label for label, a in actions.items() if a != "skip"} == {"site"}
+    assert "sweep.html" in (out / "index.html").read_text()
+
+
 def test_check_plans_without_computing(first, tmp_path):
     path, out, _ = first
     stream = io.StringIO()
