@@ -326,10 +326,26 @@ def _train(c: Checker, data: Any, top: dict[str, Any], cache: CacheConfig | None
 
 def _eval(c: Checker, data: Any) -> dict[str, Any]:
     from evals.evaluate import EvalConfig
+    from evals.suites import SuiteConfig
 
     values = c.mapping(data, "eval", fields_of(EvalConfig, skip=OWNED["eval"]), OWNED["eval"])
+    if "suite" in values:  # nested settings: checked key by key, and built, as the stage needs a SuiteConfig
+        values["suite"] = _dataclass(c, values["suite"], "eval.suite", SuiteConfig)
     c.build("eval", lambda: EvalConfig(sae_paths=("x",), out="x", **values))
     return values
+
+
+def _dataclass(c: Checker, data: Any, path: str, cls: type) -> Any:
+    """A config dataclass from a mapping, nested dataclass fields (optional ones too) built the same way; every
+    unknown key or wrong type is reported at its full path. The class's defaults where it cannot be built."""
+    fields = fields_of(cls)
+    values = c.mapping(data, path, fields)
+    for name, value in list(values.items()):
+        hint = fields[name][0]
+        inner = next((h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)), None)
+        if inner is not None and isinstance(value, dict):
+            values[name] = _dataclass(c, value, f"{path}.{name}", inner)
+    return c.build(path, lambda: cls(**values)) or cls()
 
 
 def _latents(value: Any) -> Any:

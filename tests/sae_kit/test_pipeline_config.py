@@ -176,3 +176,21 @@ def test_passes_sharing_a_folder_latents_past_d_sae_and_contexts_past_the_model(
     assert "256 tokens per context, but model" in by_key["cache.dataset.context_size"].message
     assert "reads at most 128" in by_key["eval.context_size"].message
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_suite_settings_are_checked_key_by_key_and_built(tmp_path, tiny_gpt2_path):
+    """eval.suite is a nested config: typos are reported at their full path, and good values reach the stage as a
+    SuiteConfig (a plain mapping used to pass the check and fail after cache and train)."""
+    from evals.suites import SuiteConfig
+
+    eval_line = "eval: {{n_tokens: 512, batch_size: 8}}"
+    bad = GOOD.replace(eval_line, "eval: {{n_tokens: 512, suite: {{probng: 1, absorption: {{absorber_coss: 0.2}}}}}}")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, bad, out=tmp_path / "out", model=tiny_gpt2_path)))
+    by_key = {i.key: i for i in info.value.issues}
+    assert "did you mean 'probing'" in by_key["eval.suite.probng"].message
+    assert "did you mean 'absorber_cos'" in by_key["eval.suite.absorption.absorber_coss"].message
+    good = GOOD.replace(eval_line, "eval: {{n_tokens: 512, suite: {{hub: null, absorption: {{absorber_cos: 0.2}}}}}}")
+    cfg = load_config(str(write(tmp_path, good, out=tmp_path / "out", model=tiny_gpt2_path)))
+    suite = cfg.eval_config(tmp_path / "sae", tmp_path / "ev").suite
+    assert isinstance(suite, SuiteConfig) and suite.absorption.absorber_cos == 0.2 and suite.hub is None
