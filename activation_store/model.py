@@ -61,6 +61,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest context a transformers config declares (None when it names none)."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return None
+
+
 def usable_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device; ValueError naming it when this machine has no such accelerator."""
     try:
@@ -139,11 +147,7 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         """Longest context the model accepts."""
-        cfg = self.hf_model().config
-        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-            if getattr(cfg, attr, None):
-                return int(getattr(cfg, attr))
-        return 2048
+        return max_positions(self.hf_model().config) or 2048
 
     def check_context_size(self, context_size: int) -> None:
         """ValueError when contexts of this many tokens are longer than the model's position embeddings reach."""

@@ -426,8 +426,9 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
 
 def _context_sizes(c: Checker, cfg: RunConfig, hf_config: Any) -> None:
     """Every stage's context against the model's position embeddings (caught here, not after cache and train)."""
-    n_ctx = next((int(getattr(hf_config, a)) for a in ("n_positions", "max_position_embeddings", "n_ctx")
-                  if getattr(hf_config, a, None)), None)
+    from activation_store.model import max_positions
+
+    n_ctx = max_positions(hf_config)
     if n_ctx is None:
         return
     records = cfg.interp.get("records", {}) if isinstance(cfg.interp.get("records", {}), dict) else {}
