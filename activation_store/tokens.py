@@ -207,6 +207,18 @@ def _empty_split_message(cfg: DatasetConfig, n_docs: int) -> str:
             f"(eval_percent={cfg.eval_percent}); give more documents or raise eval_percent")
 
 
+def recorded_dataset(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The DatasetConfig fields an SAE's metadata records for its training text ({} when it records none)."""
+    meta = metadata or {}
+    recorded = meta.get("dataset", meta.get("dataset_config"))
+    if isinstance(recorded, dict):
+        known = {f.name for f in dataclasses.fields(DatasetConfig)}
+        return {k: v for k, v in recorded.items() if k in known}
+    if isinstance(recorded, str) and recorded:
+        return {"path": recorded}
+    return {}
+
+
 def describe_source(cfg: DatasetConfig) -> dict[str, Any]:
     """Provenance of a dataset for manifests: its config plus files or revision."""
     info = cfg.to_dict()

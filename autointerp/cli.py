@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default=None, help="model name or path (default: the SAE's cfg.model_name)")
     parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"])
-    parser.add_argument("--dataset", default="stdlib", help="dataset: stdlib, a hub name or local files")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset: stdlib, a hub name or local files (default: the one the SAE was trained on, "
+                             "as recorded in its metadata, else stdlib)")
+    parser.add_argument("--text-column", default=None,
+                        help="column holding the text (default: the recorded one, else text)")
     parser.add_argument("--tokens", type=int, default=100_000, help="tokens read to build latent records")
     parser.add_argument("--latents", default="0:64", help="'START:STOP', 'I,J,K' or 'random:N' (live latents)")
     parser.add_argument("--explainer", default="baseline", choices=list(EXPLAINERS))
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the config from flags and run."""
     cfg = InterpConfig(
         sae_path=args.sae, out=args.out, model=args.model, backend=args.backend, dataset=args.dataset,
-        latents=args.latents, explainer=args.explainer,
+        text_column=args.text_column, latents=args.latents, explainer=args.explainer,
         scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()), llm=args.llm, control=args.control,
         records=RecordConfig(n_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
                              window=args.window, shuffle_documents=args.shuffle_documents, seed=args.seed),

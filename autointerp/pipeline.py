@@ -72,8 +72,11 @@ class InterpConfig:
     """Model name or path; None uses the SAE's cfg.model_name (or "reference")."""
     backend: str = "auto"
     """Model backend: "auto", "transformer_lens" or "hf"."""
-    dataset: str = "stdlib"
-    """Dataset path (see activation_store.tokens.DatasetConfig)."""
+    dataset: str | None = None
+    """Dataset path (see activation_store.tokens.DatasetConfig); None reads the text the SAE was trained on, as
+    recorded in its metadata (name, configuration, text column), else "stdlib"."""
+    text_column: str | None = None
+    """Column holding the text; None: the recorded one when `dataset` is None, else "text"."""
     latents: str = "0:64"
     """Latent selection: 'START:STOP', 'I,J,K' or 'random:N' (seeded sample of live latents)."""
     explainer: str = "baseline"
@@ -130,16 +133,45 @@ class InterpConfig:
         return dataclasses.asdict(self)
 
 
-def run_fingerprint(cfg: InterpConfig, sae_sha256: str, model_name: str, random_latents: bool) -> dict[str, Any]:
-    """The settings the run's results depend on, for run.json; execution settings (progress, workers,
-    embed_chunk, device, caches) are left out, so a resume may change them."""
+def interp_dataset(cfg: InterpConfig, sae_cfg: Any) -> Any:
+    """The DatasetConfig records are read from: `cfg.dataset`, else the SAE's recorded training text, else stdlib.
+
+    Its own split, eval share and context size come along only with the recorded dataset; the records' context
+    size and document shuffle are the RecordConfig's.
+    """
+    from activation_store.tokens import DatasetConfig, recorded_dataset
+
+    base = recorded_dataset(sae_cfg.metadata) if cfg.dataset is None else {"path": cfg.dataset}
+    if not base:
+        log.warning("the SAE records no training dataset and none was given (--dataset); reading 'stdlib'")
+    base = {k: v for k, v in base.items() if k not in ("context_size", "shuffle_seed", "shuffle_buffer")}
+    if cfg.text_column is not None:
+        base["text_column"] = cfg.text_column
+    return DatasetConfig(**{**base, "context_size": cfg.records.context_size})
+
+
+def dataset_key(dataset: Any) -> str | dict[str, Any]:
+    """How run.json names the records' text: the path alone when every other field has its default (so folders
+    written before the dataset was resolved still match), else the fields that differ."""
+    from activation_store.tokens import DatasetConfig
+
+    default = DatasetConfig(path=dataset.path, context_size=dataset.context_size)
+    changed = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(dataset)
+               if getattr(dataset, f.name) != getattr(default, f.name)}
+    return {"path": dataset.path, **changed} if changed else dataset.path
+
+
+def run_fingerprint(cfg: InterpConfig, sae_sha256: str, model_name: str, random_latents: bool,
+                    dataset: Any) -> dict[str, Any]:
+    """The settings the run's results depend on (`dataset`: the resolved DatasetConfig), for run.json; execution
+    settings (progress, workers, embed_chunk, device, caches) are left out, so a resume may change them."""
     llm_judge = {"llm": cfg.llm}
     return {
         "format": RESULTS_FORMAT,
         "sae": sae_sha256,
         "model": model_name,
         "backend": cfg.backend,  # TransformerLens folds and centres weights: other activations than HF's
-        "dataset": cfg.dataset,
+        "dataset": dataset_key(dataset),
         "latents": cfg.latents,
         "live_tokens": min(cfg.live_tokens, cfg.records.n_tokens) if random_latents else None,  # picks random:N
         "control": cfg.control,
@@ -239,11 +271,12 @@ def run_interp(
     spec = parse_latent_spec(cfg.latents, sae.cfg.d_sae)
     model_name = model_to_use(sae.cfg, cfg.model)
     # The folder holds no results, or results of these same settings (a retrained SAE counts as other ones).
-    fingerprint = run_fingerprint(cfg, sae_digest(sae), model_name, spec.is_random)
+    dataset = interp_dataset(cfg, sae.cfg)
+    fingerprint = run_fingerprint(cfg, sae_digest(sae), model_name, spec.is_random, dataset)
     prepare_out(out, fingerprint, overwrite=cfg.overwrite, sae_path=cfg.sae_path)
     if cfg.control == "random-directions":
         sae = random_directions_like(sae, seed=cfg.seed)
-    records, model = _records(cfg, out, sae, model, model_name, spec, fingerprint)
+    records, model = _records(cfg, out, sae, model, model_name, spec, fingerprint, dataset)
     # The LLM goes through an on-disk cache, so a rerun issues no requests.
     if client is None and cfg.llm:
         from autointerp.llm import make_client
@@ -307,12 +340,9 @@ def _select_latents(cfg: InterpConfig, spec: Any, model: Any, sae: Any, dataset:
 
 
 def _records(cfg: InterpConfig, out: Path, sae: Any, model: Any, model_name: str, spec: Any,
-             fingerprint: dict[str, Any]) -> tuple[dict[int, LatentRecord], Any]:
-    """The selected latents' records, reused from out/records when made with the same settings, else collected
-    (loading the model if none was given); returns them and the model (None when it was not needed)."""
-    from activation_store.tokens import DatasetConfig
-
-    dataset = DatasetConfig(path=cfg.dataset, context_size=cfg.records.context_size)
+             fingerprint: dict[str, Any], dataset: Any) -> tuple[dict[int, LatentRecord], Any]:
+    """The selected latents' records from `dataset`, reused from out/records when made with the same settings,
+    else collected (loading the model if none was given); returns them and the model (None when not needed)."""
     meta = {k: fingerprint[k] for k in ("sae", "model", "backend", "dataset", "latents", "live_tokens", "control",
                                         "seed", "records")}
     loaded = load_records(out / "records", meta)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from activation_store.model import LoadedModel, default_device, load_model
 from activation_store.storage import atomic_write_text
-from activation_store.tokens import DatasetConfig, iter_token_batches, special_token_mask
+from activation_store.tokens import DatasetConfig, iter_token_batches, recorded_dataset, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
 from evals.suites import MODEL_SUITES, SuiteConfig, parse_suites, run_model_suites, scoreboard
@@ -275,14 +275,7 @@ def geometry_metrics(sae: Any, chunk_size: int = 1024) -> dict[str, float]:
 # -- sources recorded in the SAE ------------------------------------------------------------------------------
 def dataset_config(sae_cfg: Any, cfg: EvalConfig) -> DatasetConfig:
     """The held-out DatasetConfig to evaluate on: CLI dataset, else the SAE's recorded one, else "stdlib"."""
-    meta = sae_cfg.metadata or {}
-    recorded = meta.get("dataset", meta.get("dataset_config"))
-    known = {f.name for f in dataclasses.fields(DatasetConfig)}
-    base: dict[str, Any] = {}
-    if isinstance(recorded, dict):
-        base = {k: v for k, v in recorded.items() if k in known}
-    elif isinstance(recorded, str) and recorded:
-        base = {"path": recorded}
+    base = recorded_dataset(sae_cfg.metadata)
     if cfg.dataset is not None:
         base = {"path": cfg.dataset, **({"context_size": base["context_size"]} if "context_size" in base else {})}
     elif not base:

@@ -119,7 +119,8 @@ def train_units(ctx: Context, cache_digest: str, saes: list[SAEInfo]) -> list[Un
         names = [s.name for s in t.specs(t.hook_points[0])]
         saes += [SAEInfo(n, out.name, out / n) for n in names]
         config = {k: v for k, v in t.to_dict().items()
-                  if k not in (*TRAIN_NEUTRAL, "activations", "out", "model", "dataset", "context_size")}
+                  if k not in (*TRAIN_NEUTRAL, "activations", "out", "model", "dataset", "dataset_name", "text_column",
+                                "context_size")}
 
         def products(outputs: dict[str, Any], out: Path = out, names: list[str] = names) -> dict[str, str]:
             rel = out.relative_to(ctx.root).as_posix()

@@ -317,7 +317,8 @@ def _train(c: Checker, data: Any, top: dict[str, Any], cache: CacheConfig | None
         cfg = c.build(path, lambda v=values, ds=ds: TrainConfig.from_dict({
             "seed": top["seed"], **v, "activations": str(Path(top["out"]) / "cache" / "activations"),
             "model": top["model"], "device": top["device"], "out": str(Path(top["out"]) / "train" / v["name"]),
-            "dataset": ds.path, "context_size": ds.context_size}))
+            "dataset": ds.path, "dataset_name": ds.name, "text_column": ds.text_column,
+            "context_size": ds.context_size}))
         if cfg is not None:
             out.append(cfg)
             c.train_keys.append(path)

@@ -17,7 +17,9 @@ from sae_kit.train.config import ARCHITECTURES, DTYPES, LR_DECAYS, TrainConfig
 
 # flag dest → TrainConfig field, where the names differ
 RENAMES = {"arch": "architecture", "hook": "hook_points", "target_hook": "target_hook_points", "tokens": "n_tokens",
-           "skip": "skip_connection"}
+           "skip": "skip_connection", "dataset_config": "dataset_name"}
+STREAM_ONLY = ("model", "dataset", "dataset_config", "text_column", "context_size")
+"""Flags (and config-file keys) that choose what streaming mode reads."""
 NOT_FIELDS = {"config", "resume", "command", "verbose", "no_progress", "seeds"}
 
 
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="input hook point; repeat or comma-separate for one SAE per hook point "
                            "(default: the store's only one; blocks.2.hook_resid_post when streaming)")
     data.add_argument("--dataset", help=f"text source for streaming mode (default: {d.dataset})")
+    data.add_argument("--dataset-config", help="hub dataset configuration name when streaming (e.g. wikitext-103-raw-v1)")
+    data.add_argument("--text-column", help=f"column holding the text when streaming (default: {d.text_column})")
     data.add_argument("--context-size", type=int, help=f"tokens per context when streaming (default: {d.context_size})")
     sae = parser.add_argument_group("SAE (comma-separated values of k, expansion, d-sae, lr, sparsity-coefficient sweep)")
     sae.add_argument("--arch", choices=ARCHITECTURES, help=f"architecture (default: {d.architecture})")
@@ -127,6 +131,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.seeds is not None:
         sweep = values.get("sweep") if isinstance(values.get("sweep"), dict) else {}
         values["sweep"] = {**sweep, "seed": args.seeds}
+    if values.get("activations") is not None:
+        # The store fixed these when it was cached; taking them silently would record a dataset never read.
+        given = [f"--{k.replace('_', '-')}" if getattr(args, k, None) is not None else RENAMES.get(k, k)
+                 for k in STREAM_ONLY if values.get(RENAMES.get(k, k)) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to streaming mode; with --activations the store's own "
+                             f"model and text are used (drop them, or drop --activations to stream)")
     return TrainConfig.from_dict(values)
 
 

@@ -116,7 +116,11 @@ class TrainConfig(ArchitectureKnobs):
     target_hook_points: tuple[str, ...] = ()
     """Transcoders: the target hook point paired with each input hook point (same length)."""
     dataset: str = "stdlib"
-    """Text source for streaming mode."""
+    """Text source for streaming mode: "stdlib", a hub dataset or local files (see DatasetConfig.path)."""
+    dataset_name: str | None = None
+    """Hub dataset configuration name in streaming mode (e.g. "wikitext-103-raw-v1")."""
+    text_column: str = "text"
+    """Column holding the text in streaming mode."""
     context_size: int = 128
     """Tokens per context in streaming mode."""
     # -- the SAEs -----------------------------------------------------------------------------------------

@@ -98,13 +98,20 @@ def open_source(cfg: TrainConfig) -> Any:
                 raise ValueError(f"hook point {h!r} is not in {cfg.activations}; it holds {store.hook_points}")
         return store
     from activation_store.streaming import StreamingActivations
-    from activation_store.tokens import DatasetConfig
 
     hooks = list(cfg.hook_points or (DEFAULT_STREAM_HOOK,)) + list(cfg.target_hook_points)
     return StreamingActivations(
-        cfg.model, hooks, DatasetConfig(path=cfg.dataset, context_size=cfg.context_size),
+        cfg.model, hooks, stream_dataset(cfg),
         n_tokens=math.ceil(cfg.n_tokens * STREAM_TOKEN_MARGIN) + cfg.batch_size, seed=cfg.seed,
     )
+
+
+def stream_dataset(cfg: TrainConfig) -> Any:
+    """The DatasetConfig streaming mode reads."""
+    from activation_store.tokens import DatasetConfig
+
+    return DatasetConfig(path=cfg.dataset, name=cfg.dataset_name, text_column=cfg.text_column,
+                         context_size=cfg.context_size)
 
 
 def default_hook(source: Any) -> str | None:
@@ -152,5 +159,7 @@ def dataset_record(cfg: TrainConfig, source: Any) -> dict[str, Any]:
                 "path", "name", "hf_split", "revision", "text_column", "split", "eval_percent", "context_size", "bos",
                 "streaming"}}
     if cfg.activations is None and not isinstance(source, TensorSource):
-        return {"path": cfg.dataset, "context_size": cfg.context_size, "split": "train"}
+        dataset = stream_dataset(cfg)
+        return {"path": dataset.path, "name": dataset.name, "text_column": dataset.text_column,
+                "context_size": dataset.context_size, "split": dataset.split}
     return {}

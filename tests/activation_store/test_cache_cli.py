@@ -105,3 +105,17 @@ def test_cache_refuses_to_resume_a_text_store_cut_the_old_way(tiny_gpt2_path, tm
     storage.write_json_atomic("manifest.json", manifest)
     assert main(argv) == 2
     assert "dataset.text_sample_by: stored None, requested 'paragraph'" in capsys.readouterr().err
+
+
+def test_dataset_config_flag_names_the_hub_configuration(monkeypatch):
+    """`--dataset-config` reaches DatasetConfig.name, the configuration `datasets.load_dataset` is asked for (a hub
+    dataset such as wikitext has several and none by default); before, only Python configs could set it."""
+    import argparse
+
+    from activation_store.cli_cache import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--dataset", "wikitext", "--dataset-config", "wikitext-103-raw-v1"]))
+    assert (cfg.dataset.path, cfg.dataset.name) == ("wikitext", "wikitext-103-raw-v1")
+    assert config_from_args(parser.parse_args([])).dataset.name is None

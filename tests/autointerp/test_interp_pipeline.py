@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import random
 
 import pytest
 from fakes import FakeEmbedder, FakeJudge, interp_config, make_sae, records_once, with_records
@@ -265,3 +266,48 @@ def test_cli_exits_non_zero_when_every_latent_failed(tmp_path, tiny_gpt2_path, s
     assert main(argv) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sae-kit interp")]
     assert len(err) == 1 and "every one of the 3 latents failed" in err[0]
+
+
+def test_records_come_from_the_dataset_the_sae_records(tmp_path, tiny_gpt2_path, sae, monkeypatch, capsys):
+    """With no --dataset, interp reads the SAE's own training text (path and text column from its metadata),
+    as evals do; before, it read the stdlib whatever the SAE was trained on."""
+    import activation_store.tokens as tokens
+    from sae_kit.cli import main
+
+    data = tmp_path / "docs.jsonl"
+    rng = random.Random(0)
+    words = "zebra okapi giraffe lion ant bee cat dog elk fox gnu hen ibis jay kiwi lynx mole newt owl pig".split()
+    data.write_text("".join(json.dumps({"content": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
+                            for _ in range(200)))
+    trained = dataclasses.replace(sae.cfg, metadata={"dataset": {
+        "path": str(data), "text_column": "content", "context_size": 128, "split": "train", "eval_percent": 10}})
+    sae_dir = tmp_path / "sae"
+    type(sae)(trained).save(sae_dir)
+    read: list = []
+    real = tokens.iter_token_batches
+    monkeypatch.setattr(tokens, "iter_token_batches", lambda tok, cfg, *a, **kw: read.append(cfg) or real(tok, cfg, *a, **kw))
+    monkeypatch.setattr("autointerp.scorers.default_embedder", FakeEmbedder)
+    out = tmp_path / "out"
+    argv = ["interp", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--backend", "transformer_lens",
+            "--tokens", "1024", "--latents", "0:4", "--context-size", "32", "--window", "16", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert read and {(c.path, c.text_column, c.eval_percent, c.context_size) for c in read} == {
+        (str(data), "content", 10, 32)}
+    recorded = json.loads((out / "run.json").read_text())["fingerprint"]["dataset"]
+    assert recorded == {"path": str(data), "text_column": "content", "eval_percent": 10}
+
+    # --dataset picks another text; the recorded column does not follow it, --text-column sets one
+    read.clear()
+    assert main([*argv[:-3], "--out", str(tmp_path / "std"), "--dataset", "stdlib", "--no-progress"]) == 0
+    assert {(c.path, c.text_column) for c in read} == {("stdlib", "text")}
+    assert json.loads((tmp_path / "std" / "run.json").read_text())["fingerprint"]["dataset"] == "stdlib"
+
+
+def test_an_sae_recording_no_dataset_reads_stdlib_with_a_warning(sae, caplog):
+    from autointerp.pipeline import interp_dataset
+
+    with caplog.at_level("WARNING"):
+        dataset = interp_dataset(_cfg("unused"), sae.cfg)
+    assert (dataset.path, dataset.context_size) == ("stdlib", RECORDS.context_size)
+    assert "records no training dataset" in caplog.text

@@ -542,6 +542,36 @@ def test_cli_trains_streaming_without_disk(tmp_path, tiny_gpt2_path):
     assert len(lines(tmp_path / "s" / "topk")) >= 1
 
 
+def test_cli_streams_a_local_dataset_by_its_text_column(tmp_path, tiny_gpt2_path, capsys):
+    """--text-column (and --dataset-config) reach the streamed dataset and its record, so evals and interp read the
+    same text; before, streaming read only a `text` column and recorded the dataset as a bare path."""
+    import json
+
+    from sae_kit.cli import main
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"content": f"zebra okapi giraffe {i} " * 12}) + "\n" for i in range(200)))
+    argv = ["train", "--model", str(tiny_gpt2_path), "--hook", "blocks.0.hook_resid_post", "--dataset", str(data),
+            "--context-size", "32", "--tokens", "1024", "--batch-size", "256", "--k", "4", "--expansion", "2",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "no-column")]) == 2  # the file has no `text` column
+    assert "text" in capsys.readouterr().err
+    assert main([*argv, "--text-column", "content", "--out", str(tmp_path / "s")]) == 0
+    recorded = SparseCoder.load(tmp_path / "s" / "topk").cfg.metadata["dataset"]
+    assert (recorded["path"], recorded["text_column"], recorded["name"]) == (str(data), "content", None)
+
+
+@pytest.mark.parametrize("flags", [["--model", "reference"], ["--context-size", "64"], ["--text-column", "body"],
+                                   ["--dataset", "stdlib", "--dataset-config", "x"]])
+def test_streaming_flags_with_a_store_are_refused_not_ignored(tmp_path, flags, capsys):
+    """With --activations the store fixed the model and text; a streaming flag would be silently ignored."""
+    from sae_kit.cli import main
+
+    assert main(["train", "--activations", str(tmp_path), *flags, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert flags[-2] in err and "streaming mode" in err
+
+
 @pytest.mark.parametrize("arch,extra", [
     ("batchtopk", {}), ("jumprelu", {"sparsity_coefficient": 1e-3, "k": 32}), ("relu", {"sparsity_coefficient": 1e-3}),
 ])
