@@ -94,26 +94,33 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+_UNSET = object()
+
+
+def _changes(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, old, new) of every leaf that differs; a section added or removed whole is one change, not one per
+    field inside it (which would crowd out the edit that matters)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [c for k in sorted(set(a) | set(b), key=str)
+                for c in _changes(a.get(k, _UNSET), b.get(k, _UNSET), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [(prefix, a, b)]
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    text = "(unset)" if value is _UNSET else repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def key_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
-    """'config.k: [16, 32] → [16, 32, 64]; input sae changed' for two keys."""
-    a, b = _flatten(old), _flatten(new)
-    parts = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) == b.get(k):
-            continue
-        if k.startswith("inputs."):
-            parts.append(f"input {k.removeprefix('inputs.')} changed")
+    """'input sae changed; config.k: [16, 32] → [16, 32, 64]' for two keys: changed inputs first (they say why
+    everything downstream changed), then config fields."""
+    inputs, config = [], []
+    for k, a, b in _changes(old, new):
+        if k.startswith("inputs.") or k == "inputs":
+            inputs.append(f"input {k.removeprefix('inputs').lstrip('.') or 'set'} changed")
         else:
-            parts.append(f"{k.removeprefix('config.')}: {a.get(k, '(unset)')!r} → {b.get(k, '(unset)')!r}")
+            config.append(f"{k.removeprefix('config.')}: {_shown(a)} → {_shown(b)}")
+    parts = inputs + config
     more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
     return "; ".join(parts[:limit]) + more if parts else "stage format changed"
 

@@ -95,3 +95,15 @@ def test_key_changes_lists_a_few_and_counts_the_rest():
     old = {"config": {f"f{i}": i for i in range(6)}}
     new = {"config": {f"f{i}": i + 1 for i in range(6)}}
     assert key_changes(old, new) == "f0: 0 → 1; f1: 1 → 2; f2: 2 → 3; f3: 3 → 4; and 2 more"
+
+
+def test_key_changes_puts_inputs_first_and_counts_a_new_section_once():
+    """A section added whole is one change, and a changed input leads: before, the fields of a new `suite` section
+    (or a dozen edited fields sorting before `inputs.`) filled the four places and hid the real edit."""
+    old = {"config": {"a": 1, "tokens": 100}, "inputs": {"sae": "x"}}
+    new = {"config": {"a": 1, "tokens": 200, "suite": {f"f{i}": i for i in range(8)}}, "inputs": {"sae": "y"}}
+    why = key_changes(old, new)
+    assert why.startswith("input sae changed; suite: (unset) → {'f0': 0,") and why.endswith("…; tokens: 100 → 200")
+    assert "more" not in why
+    long = key_changes({"config": {"x": "a" * 200}}, {"config": {"x": "b"}})
+    assert len(long) < 100 and long.endswith("→ 'b'")
