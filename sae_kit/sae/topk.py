@@ -308,5 +308,6 @@ class TopKSAE(SparseCoder):
         e_hat = None
         if sel.aux_indices is not None:
             z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
-            e_hat = z_aux @ self.W_dec  # (N, d_out)
+            # The residual is in the output's units: an imported SAE's normalisation scales the dead latents' part too.
+            e_hat = (z_aux @ self.W_dec) * self.decoder_gain(x)  # (N, d_out)
         return acts, sel.indices, y_hat, e_hat, None

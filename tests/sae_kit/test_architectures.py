@@ -153,6 +153,30 @@ def test_auxk_uses_only_dead_latents_and_scales_with_their_count():
         sae(x, dead_mask=torch.zeros(63, dtype=torch.bool))
 
 
+NORMALISED = [("layer_norm", None), ("constant_norm_rescale", None), ("expected_average_only_in", 0.2)]
+"""Input normalisations of imported SAEs, each undone on the output (with the factor that makes the last one act)."""
+
+
+@pytest.mark.parametrize("norm,factor", NORMALISED)
+def test_auxk_of_a_normalising_sae_predicts_the_residual_in_the_outputs_units(norm, factor):
+    # The dead latents' part of the output is what decode adds for them; ê was once left in normalised units.
+    torch.manual_seed(0)
+    sae = make("topk", d_in=16, d_sae=64, k_aux=8, normalize_activations=norm, norm_scaling_factor=factor)
+    x = torch.randn(64, 16) * 3 + 1
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    with torch.no_grad():
+        out = sae(x, dead_mask=dead)
+        pre = sae.pre_acts(x)[:, 32:]
+        top = pre.topk(8, dim=1).indices
+        z_aux = torch.zeros(64, 64)
+        z_aux[:, 32:] = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top).relu())
+        z = sae.encode(x)
+        e, e_hat = x - out.sae_out, sae.decode(z + z_aux, x) - sae.decode(z, x)
+        expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.auxk_loss, expected)
+
+
 def test_batchtopk_batch_budget_threshold_and_batch_independent_inference():
     torch.manual_seed(0)
     sae = make("batchtopk", d_sae=64)
