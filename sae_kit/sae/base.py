@@ -47,8 +47,11 @@ class ArchitectureKnobs:
     """Dead latents used by the AuxK loss; None means d_in // 2."""
     auxk_coefficient: float = 1 / 32
     """Weight of the AuxK loss (Gao et al.)."""
-    jumprelu_bandwidth: float = 0.001
-    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator."""
+    jumprelu_bandwidth: float = 0.05
+    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator. Gemma Scope's 0.001 is for inputs
+    of unit mean squared norm; the trainer scales them to E‖x‖² = d_in, where pre-activations are √d_in larger, so
+    0.05 is theirs at d_in ≈ 2500 (and SAELens's default). 0.001 is also below the bf16 spacing of pre-activations
+    near θ ~ 1 (2⁻⁸), so under bf16 autocast almost no pre-activation lands in the window."""
     jumprelu_init_threshold: float = 0.001
     """Initial θ of every JumpReLU latent."""
     target_l0: float | None = None

@@ -220,6 +220,23 @@ def test_jumprelu_straight_through_gradients():
     torch.testing.assert_close(theta.grad, torch.tensor([0.0, -1.0 / eps, -1.0 / eps, 0.0]))
 
 
+def test_jumprelu_default_bandwidth_keeps_the_threshold_gradient_under_bf16_autocast():
+    # At the trainer's scale (E‖x‖² = d_in) trained thresholds sit near 1, where bf16 pre-activations are 2⁻⁸ apart:
+    # the old default ε = 0.001 caught almost none of them (cosine 0.3 with the fp32 gradient).
+    torch.manual_seed(0)
+    sae = make("jumprelu", d_in=128, d_sae=512)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.empty(512).uniform_(0.3, 1.5).log())
+    x = torch.randn(2048, 128)
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        sae.zero_grad()
+        with sae.training_precision(dtype):
+            sae(x, sparsity_coefficient=1.0).sparsity_loss.backward()
+        grads.append(sae.log_threshold.grad.clone())
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_jumprelu_fused_with_its_count_has_the_separate_functions_values_and_gradients(dtype):
     """The training forward's one autograd function for z and the per-row L0 count against `jumprelu` and
