@@ -150,7 +150,7 @@ class AdaptiveKSAE(TopKSAE):
         """Sparse latents: each row's k(x) best (N, K; K the largest k(x), padding 0), and the pre-activations."""
         pre = self.pre_acts(x)  # (N, d_sae)
         budget = self.row_budget(self.complexity(x))
-        idx = topk_indices(pre.detach(), int(budget.max()))  # (N, K) ascending
+        idx = topk_indices(pre.detach(), int(budget.max()) if len(budget) else 1)  # (N, K) ascending
         sel = self._adaptive_selection(Selection(pre.detach().gather(1, idx), idx, None, None, None), budget)
         return EncoderOutput(self.activation(pre.gather(1, idx)) * sel.keep, idx, pre)
 

@@ -69,7 +69,7 @@ class ArchitectureKnobs:
     adaptivek_min_k: int | None = None
     """AdaptiveK: fewest active latents of a token; None means k // 4 (the paper's 20 for a budget of 80)."""
     adaptivek_max_k: int | None = None
-    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae − 1."""
+    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae."""
     adaptivek_probe_coefficient: float = 0.05
     """AdaptiveK: weight of the complexity probe's regression loss (the paper's probe_weight)."""
     adaptivek_l1_coefficient: float = 0.005

@@ -74,7 +74,7 @@ class GatedSAE(SparseCoder):
         """Active values and indices (N, K), K the largest active count of the batch (0-padded); pre_acts = π_gate."""
         pi_gate, pi_mag = self._paths(x)
         z = (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)  # (N, d_sae)
-        width = max(1, int((z != 0).sum(1).max()))
+        width = max(1, int((z != 0).sum(1).max())) if len(z) else 1  # an empty batch has no widest row
         idx = z.detach().topk(width, dim=1).indices.sort(dim=1).values  # (N, K) ascending
         return EncoderOutput(z.gather(1, idx), idx, pi_gate)
 

@@ -93,7 +93,8 @@ class MatchingPursuitSAE(TopKSAE):
         for _ in range(self.cfg.k):
             with torch.no_grad():
                 rd = r.detach()
-                j = torch.cat([(rd[i:i + step] @ u_fixed.T).argmax(dim=1) for i in range(0, len(rd), step)])  # (N,)
+                j = torch.cat([(rd[i:i + step] @ u_fixed.T).argmax(dim=1)
+                               for i in range(0, len(rd), step)] or [rd.new_empty(0, dtype=torch.long)])  # (N,)
             atom = u[j]  # (N, d_in)
             c = F.relu((r * atom).sum(dim=1)) * live  # (N,)
             r = r - c[:, None] * atom

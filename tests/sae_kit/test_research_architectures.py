@@ -419,6 +419,16 @@ def test_fold_scaling_keeps_latents(arch):
 
 
 @pytest.mark.parametrize("arch", NEW)
+def test_an_empty_batch_encodes_and_decodes_to_empty_outputs(arch):
+    # Gated's and AdaptiveK's encode_sparse and the pursuit once crashed reducing over zero rows.
+    sae = make(arch).eval()
+    x = torch.randn(0, 16)
+    enc = sae.encode_sparse(x)
+    assert sae.encode(x).shape == (0, 64) and enc.top_acts.shape[0] == enc.top_indices.shape[0] == 0
+    assert sae.decode_sparse(enc.top_acts, enc.top_indices, x).shape == (0, 16)
+
+
+@pytest.mark.parametrize("arch", NEW)
 def test_save_load_round_trip_is_exact(tmp_path, arch):
     torch.manual_seed(0)
     sae = perturb_(make(arch)).eval()
