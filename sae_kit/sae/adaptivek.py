@@ -189,8 +189,7 @@ class AdaptiveKSAE(TopKSAE):
                 midpoint = self.k_midpoint
             budget = self.row_budget(score, midpoint)  # (N,)
             width = self.k_max if self.training else int(budget.max())
-        # The fast path differentiates at raw x; a coder that normalises its inputs takes the dense reference (TopK's).
-        sparse = self.use_sparse_kernels and self.cfg.normalize_activations == "none"
+        sparse = self.sparse_path_usable()
         pre = None if sparse else self.pre_acts(x)  # (N, d_sae) on the dense reference path
         with torch.no_grad():
             if pre is None:

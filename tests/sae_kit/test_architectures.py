@@ -101,6 +101,21 @@ def test_skip_path_starts_at_zero():
     assert sae.W_skip.shape == (16, 24) and sae.W_skip.abs().sum() == 0
 
 
+@pytest.mark.parametrize("arch", REGISTERED_TOPK_FAMILY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_family_trains_with_half_precision_parameters_on_a_cpu(arch, dtype):
+    # An SAE loaded with dtype=bf16 once crashed in a training step on a CPU: numpy cannot hold bf16 (the batch cut)
+    # and the sparse backward's sparse_sampled_addmm takes fp32 / fp64 alone.
+    torch.manual_seed(0)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, k=4), dtype=dtype).train()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::2] = True
+    out = sae(torch.randn(32, 16, dtype=dtype), dead_mask=dead)
+    out.loss.backward()
+    assert out.loss.dtype == dtype and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
+
+
 def test_topk_keeps_k_largest_with_relu():
     sae = make("topk")
     x = torch.randn(20, 16)
