@@ -90,10 +90,14 @@ class GatedSAE(SparseCoder):
         recon_fvu = fvu(y, y_hat)
         gate = F.relu(pi_gate)
         l1 = gate.sum(-1).mean()
-        # Decoded as `decode` does (it is affine in z: gain·zW + its value at z = 0), with the decoder frozen; the
-        # gain undoes an imported SAE's input normalisation.
-        y_gate = (gate @ self.W_dec.detach()) * self.decoder_gain(x) + self._add_bias_and_skip(
-            torch.zeros_like(y_hat), x).detach()
+        y_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
+        if self.cfg.normalize_activations != "none" and not self.cfg.transcoder:
+            # Decoded as `decode` does (affine in z: gain·zW + its value at z = 0), with the decoder frozen: the gain
+            # undoes an imported SAE's input normalisation.
+            y_gate = (y_gate - self.b_dec.detach()) * self.decoder_gain(x) + self._add_bias_and_skip(
+                torch.zeros_like(y_hat), x).detach()
+        elif self.W_skip is not None:
+            y_gate = y_gate + x @ self.W_skip.detach()
         aux = fvu(y, y_gate)
         sparsity = self._sparsity_coefficient(sparsity_coefficient) * l1
         l0 = (z != 0).sum(-1, dtype=torch.float32).mean()
