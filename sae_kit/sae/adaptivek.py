@@ -150,7 +150,7 @@ class AdaptiveKSAE(TopKSAE):
         """Sparse latents: each row's k(x) best (N, K; K the largest k(x), padding 0), and the pre-activations."""
         pre = self.pre_acts(x)  # (N, d_sae)
         budget = self.row_budget(self.complexity(x))
-        idx = topk_indices(pre.detach(), int(budget.max()))  # (N, K) ascending
+        idx = topk_indices(pre.detach(), int(budget.max()) if len(budget) else 1)  # (N, K) ascending
         sel = self._adaptive_selection(Selection(pre.detach().gather(1, idx), idx, None, None, None), budget)
         return EncoderOutput(self.activation(pre.gather(1, idx)) * sel.keep, idx, pre)
 
@@ -189,7 +189,8 @@ class AdaptiveKSAE(TopKSAE):
                 midpoint = self.k_midpoint
             budget = self.row_budget(score, midpoint)  # (N,)
             width = self.k_max if self.training else int(budget.max())
-        pre = None if self.use_sparse_kernels else self.pre_acts(x)  # (N, d_sae) on the dense reference path
+        sparse = self.sparse_path_usable()
+        pre = None if sparse else self.pre_acts(x)  # (N, d_sae) on the dense reference path
         with torch.no_grad():
             if pre is None:
                 cand = self.row_topk(self.encoder_input(x), dead, width)

@@ -47,8 +47,11 @@ class ArchitectureKnobs:
     """Dead latents used by the AuxK loss; None means d_in // 2."""
     auxk_coefficient: float = 1 / 32
     """Weight of the AuxK loss (Gao et al.)."""
-    jumprelu_bandwidth: float = 0.001
-    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator."""
+    jumprelu_bandwidth: float = 0.05
+    """Rectangle-kernel bandwidth ε of the JumpReLU straight-through estimator. Gemma Scope's 0.001 is for inputs
+    of unit mean squared norm; the trainer scales them to E‖x‖² = d_in, where pre-activations are √d_in larger, so
+    0.05 is theirs at d_in ≈ 2500 (and SAELens's default). 0.001 is also below the bf16 spacing of pre-activations
+    near θ ~ 1 (2⁻⁸), so under bf16 autocast almost no pre-activation lands in the window."""
     jumprelu_init_threshold: float = 0.001
     """Initial θ of every JumpReLU latent."""
     target_l0: float | None = None
@@ -66,7 +69,7 @@ class ArchitectureKnobs:
     adaptivek_min_k: int | None = None
     """AdaptiveK: fewest active latents of a token; None means k // 4 (the paper's 20 for a budget of 80)."""
     adaptivek_max_k: int | None = None
-    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae − 1."""
+    """AdaptiveK: most active latents of a token; None means 4·k (the paper's 320), capped at d_sae."""
     adaptivek_probe_coefficient: float = 0.05
     """AdaptiveK: weight of the complexity probe's regression loss (the paper's probe_weight)."""
     adaptivek_l1_coefficient: float = 0.005

@@ -161,8 +161,9 @@ class BatchTopKSAE(TopKSAE):
 
 
 def _on_host(t: Tensor) -> bool:
-    """Whether t lives in host memory, where numpy's selection routines beat torch's and reading is free."""
-    return t.device.type == "cpu"
+    """Whether t lives in host memory, where numpy's selection routines beat torch's and reading is free (numpy has
+    no bfloat16: such values take torch's routines)."""
+    return t.device.type == "cpu" and t.dtype != torch.bfloat16
 
 
 def _largest(values: Tensor, rank: int) -> Tensor:

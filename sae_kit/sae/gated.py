@@ -74,7 +74,7 @@ class GatedSAE(SparseCoder):
         """Active values and indices (N, K), K the largest active count of the batch (0-padded); pre_acts = π_gate."""
         pi_gate, pi_mag = self._paths(x)
         z = (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)  # (N, d_sae)
-        width = max(1, int((z != 0).sum(1).max()))
+        width = max(1, int((z != 0).sum(1).max())) if len(z) else 1  # an empty batch has no widest row
         idx = z.detach().topk(width, dim=1).indices.sort(dim=1).values  # (N, K) ascending
         return EncoderOutput(z.gather(1, idx), idx, pi_gate)
 
@@ -91,7 +91,12 @@ class GatedSAE(SparseCoder):
         gate = F.relu(pi_gate)
         l1 = gate.sum(-1).mean()
         y_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
-        if self.W_skip is not None:
+        if self.cfg.normalize_activations != "none" and not self.cfg.transcoder:
+            # Decoded as `decode` does (affine in z: gain·zW + its value at z = 0), with the decoder frozen: the gain
+            # undoes an imported SAE's input normalisation.
+            y_gate = (y_gate - self.b_dec.detach()) * self.decoder_gain(x) + self._add_bias_and_skip(
+                torch.zeros_like(y_hat), x).detach()
+        elif self.W_skip is not None:
             y_gate = y_gate + x @ self.W_skip.detach()
         aux = fvu(y, y_gate)
         sparsity = self._sparsity_coefficient(sparsity_coefficient) * l1

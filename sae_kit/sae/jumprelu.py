@@ -8,7 +8,7 @@
     or, with cfg.target_l0 set:  FVU + λ · (L0 / target_l0 − 1)²
 
 H has zero derivative almost everywhere, so both JumpReLU and H get straight-through pseudo-derivatives in θ with
-the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε (cfg.jumprelu_bandwidth, default 0.001):
+the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε (cfg.jumprelu_bandwidth, default 0.05):
 
     ∂JumpReLU/∂θ = −(θ/ε) · K((pre − θ)/ε),    ∂H/∂θ = −(1/ε) · K((pre − θ)/ε),
 

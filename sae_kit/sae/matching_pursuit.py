@@ -93,7 +93,8 @@ class MatchingPursuitSAE(TopKSAE):
         for _ in range(self.cfg.k):
             with torch.no_grad():
                 rd = r.detach()
-                j = torch.cat([(rd[i:i + step] @ u_fixed.T).argmax(dim=1) for i in range(0, len(rd), step)])  # (N,)
+                j = torch.cat([(rd[i:i + step] @ u_fixed.T).argmax(dim=1)
+                               for i in range(0, len(rd), step)] or [rd.new_empty(0, dtype=torch.long)])  # (N,)
             atom = u[j]  # (N, d_in)
             c = F.relu((r * atom).sum(dim=1)) * live  # (N,)
             r = r - c[:, None] * atom
@@ -133,18 +134,21 @@ class MatchingPursuitSAE(TopKSAE):
         if target is not None and target is not x:
             raise ValueError("matching_pursuit is an SAE: it reconstructs its input, so target must be None")
         idx, c, r = self.pursue(x)
-        y_hat = x - r  # (N, d_in) = W_decᵀ z + b_dec
+        # W_decᵀ z = r⁰ − r^k; decoding it like `decode` adds b_dec and undoes an imported SAE's normalisation
+        # (x − r^k only when r⁰ = x − b_dec).
+        y_hat = self._add_bias_and_skip(self.encoder_input(x) - r, x)  # (N, d_in)
         recon_fvu = fvu(x, y_hat)
         auxk = recon_fvu.new_zeros(())
         dead = self._dead_latents(dead_mask, dead_latents)
         if dead is not None:
-            e = r.detach()  # (N, d_in) the residual the live atoms left
             u_dead = self.atoms()[dead]  # (n_dead, d_in)
-            corr = e @ u_dead.T  # (N, n_dead)
+            corr = r.detach() @ u_dead.T  # (N, n_dead) against the residual the live atoms left
             with torch.no_grad():
                 pos = self.select(corr.detach(), self._k_aux(dead.numel()))  # (N, k_aux)
                 keep = torch.zeros_like(corr).scatter_(1, pos, 1.0)
-            e_hat = (F.relu(corr) * keep) @ u_dead  # (N, d_in)
+            # Both in the output's units, as TopK's AuxK: the normalisation's inverse scales r^k and the atoms alike.
+            e = (x - y_hat).detach()  # (N, d_in)
+            e_hat = ((F.relu(corr) * keep) @ u_dead) * self.decoder_gain(x)  # (N, d_in)
             scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
             auxk = scale * fvu(e, e_hat)
         with torch.no_grad():

@@ -98,6 +98,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             inner = torch.stack([F.embedding_bag(idx, self.W_dec, mode="sum",
                                                  per_sample_weights=(acts * (idx < w)).to(self.W_dec.dtype))
                                  for w in self.widths[:-1]], dim=1)  # (N, M−1, d_out)
+        gain = self.decoder_gain(x)  # an imported SAE's output normalisation scales each prefix's z·W_dec too
+        if isinstance(gain, Tensor) or gain != 1.0:  # no extra pass over the prefixes when it is 1
+            inner = inner * (gain[:, None] if isinstance(gain, Tensor) else gain)  # (N, 1, 1) per row
         error = (y - self._add_bias_and_skip(torch.zeros_like(y), x))[:, None] - inner  # (N, M−1, d_out) y − ŷ_m
         centred = (y - y.mean(dim=0)).reshape(-1)
         total = torch.dot(centred, centred).clamp_min(torch.finfo(y.dtype).tiny)  # FVU's denominator

@@ -230,8 +230,7 @@ class TopKSAE(SparseCoder):
         entries waits for the device)."""
         y = x if target is None else target
         dead = self._dead_latents(dead_mask, dead_latents)
-        # The fast path reads raw x; a coder that normalises its inputs (an imported one) takes the dense reference.
-        if self.use_sparse_kernels and self.cfg.normalize_activations == "none":
+        if self.sparse_path_usable():
             acts, idx, y_hat, e_hat, parts = self._forward_sparse(x, dead)
         else:
             acts, idx, y_hat, e_hat, parts = self._forward_dense(x, dead)
@@ -240,6 +239,13 @@ class TopKSAE(SparseCoder):
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
         loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu) + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
+
+    def sparse_path_usable(self) -> bool:
+        """Whether a training forward may take the fast path of `kernels.py`, which reads raw x, so a coder that
+        normalises its inputs (an imported one) takes the dense reference; so do fp16 / bf16 parameters on a CPU,
+        whose sparse backward (`sparse_sampled_addmm`) takes fp32 and fp64 alone."""
+        half_on_host = self.W_dec.device.type == "cpu" and self.W_dec.dtype in (torch.float16, torch.bfloat16)
+        return self.use_sparse_kernels and self.cfg.normalize_activations == "none" and not half_on_host
 
     def _auxk_loss(self, y: Tensor, y_hat: Tensor, e_hat: Tensor | None, dead: Tensor | None) -> Tensor:
         """AuxK (module docstring): the dead latents' prediction e_hat of the residual, scaled down when fewer than
@@ -308,5 +314,6 @@ class TopKSAE(SparseCoder):
         e_hat = None
         if sel.aux_indices is not None:
             z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
-            e_hat = z_aux @ self.W_dec  # (N, d_out)
+            # The residual is in the output's units: an imported SAE's normalisation scales the dead latents' part too.
+            e_hat = (z_aux @ self.W_dec) * self.decoder_gain(x)  # (N, d_out)
         return acts, sel.indices, y_hat, e_hat, None

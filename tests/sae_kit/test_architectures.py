@@ -101,6 +101,21 @@ def test_skip_path_starts_at_zero():
     assert sae.W_skip.shape == (16, 24) and sae.W_skip.abs().sum() == 0
 
 
+@pytest.mark.parametrize("arch", REGISTERED_TOPK_FAMILY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_family_trains_with_half_precision_parameters_on_a_cpu(arch, dtype):
+    # An SAE loaded with dtype=bf16 once crashed in a training step on a CPU: numpy cannot hold bf16 (the batch cut)
+    # and the sparse backward's sparse_sampled_addmm takes fp32 / fp64 alone.
+    torch.manual_seed(0)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, k=4), dtype=dtype).train()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::2] = True
+    out = sae(torch.randn(32, 16, dtype=dtype), dead_mask=dead)
+    out.loss.backward()
+    assert out.loss.dtype == dtype and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
+
+
 def test_topk_keeps_k_largest_with_relu():
     sae = make("topk")
     x = torch.randn(20, 16)
@@ -153,6 +168,30 @@ def test_auxk_uses_only_dead_latents_and_scales_with_their_count():
         sae(x, dead_mask=torch.zeros(63, dtype=torch.bool))
 
 
+NORMALISED = [("layer_norm", None), ("constant_norm_rescale", None), ("expected_average_only_in", 0.2)]
+"""Input normalisations of imported SAEs, each undone on the output (with the factor that makes the last one act)."""
+
+
+@pytest.mark.parametrize("norm,factor", NORMALISED)
+def test_auxk_of_a_normalising_sae_predicts_the_residual_in_the_outputs_units(norm, factor):
+    # The dead latents' part of the output is what decode adds for them; ê was once left in normalised units.
+    torch.manual_seed(0)
+    sae = make("topk", d_in=16, d_sae=64, k_aux=8, normalize_activations=norm, norm_scaling_factor=factor)
+    x = torch.randn(64, 16) * 3 + 1
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    with torch.no_grad():
+        out = sae(x, dead_mask=dead)
+        pre = sae.pre_acts(x)[:, 32:]
+        top = pre.topk(8, dim=1).indices
+        z_aux = torch.zeros(64, 64)
+        z_aux[:, 32:] = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top).relu())
+        z = sae.encode(x)
+        e, e_hat = x - out.sae_out, sae.decode(z + z_aux, x) - sae.decode(z, x)
+        expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.auxk_loss, expected)
+
+
 def test_batchtopk_batch_budget_threshold_and_batch_independent_inference():
     torch.manual_seed(0)
     sae = make("batchtopk", d_sae=64)
@@ -194,6 +233,23 @@ def test_jumprelu_straight_through_gradients():
     heaviside(pre, theta, eps).sum().backward()
     assert pre.grad is None or pre.grad.abs().sum() == 0  # no gradient to pre through H
     torch.testing.assert_close(theta.grad, torch.tensor([0.0, -1.0 / eps, -1.0 / eps, 0.0]))
+
+
+def test_jumprelu_default_bandwidth_keeps_the_threshold_gradient_under_bf16_autocast():
+    # At the trainer's scale (E‖x‖² = d_in) trained thresholds sit near 1, where bf16 pre-activations are 2⁻⁸ apart:
+    # the old default ε = 0.001 caught almost none of them (cosine 0.3 with the fp32 gradient).
+    torch.manual_seed(0)
+    sae = make("jumprelu", d_in=128, d_sae=512)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.empty(512).uniform_(0.3, 1.5).log())
+    x = torch.randn(2048, 128)
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        sae.zero_grad()
+        with sae.training_precision(dtype):
+            sae(x, sparsity_coefficient=1.0).sparsity_loss.backward()
+        grads.append(sae.log_threshold.grad.clone())
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

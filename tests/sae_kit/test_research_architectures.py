@@ -119,6 +119,26 @@ def test_matryoshka_loss_is_the_mean_prefix_fvu_and_the_fast_path_matches_the_re
     assert abs(float((out.loss - out.fvu - fast.cfg.auxk_coefficient * out.auxk_loss).detach())) > 0.01  # prefixes
 
 
+NORMALISED = [("layer_norm", None), ("constant_norm_rescale", None), ("expected_average_only_in", 0.2)]
+"""Input normalisations of imported SAEs, each undone on the output (with the factor that makes the last one act)."""
+
+
+@pytest.mark.parametrize("norm,factor", NORMALISED)
+def test_matryoshka_prefixes_of_a_normalising_sae_decode_as_decode_does(norm, factor):
+    # Each prefix's ŷ_m is decode of its own latents; the inner ones once skipped the normalisation's gain.
+    torch.manual_seed(0)
+    sae = make("matryoshka_batchtopk", matryoshka_widths=[16, 64], normalize_activations=norm,
+               norm_scaling_factor=factor)
+    x = torch.randn(64, 16) * 3 + 1
+    with torch.no_grad():
+        out = sae(x)
+        z = torch.zeros(64, 64).scatter(1, out.latent_indices, out.latent_acts)
+        inner = z.clone()
+        inner[:, 16:] = 0
+        expected = (fvu(x, sae.decode(inner, x)) + fvu(x, sae.decode(z, x))) / 2
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_matryoshka_inference_uses_the_calibrated_threshold():
     torch.manual_seed(0)
     sae = make("matryoshka_batchtopk")
@@ -151,6 +171,20 @@ def test_gated_paths_loss_and_frozen_decoder_in_the_aux_term():
     out.fvu.backward()
     assert sae.b_gate.grad is None or sae.b_gate.grad.abs().sum() == 0  # the Heaviside passes nothing to the gate
     assert sae.r_mag.grad.abs().sum() > 0 and sae.b_mag.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm,factor", NORMALISED)
+def test_gated_aux_term_of_a_normalising_sae_decodes_the_gate_as_decode_does(norm, factor):
+    # ŷ_gate once stayed in normalised units while y was raw, so the aux FVU measured the wrong reconstruction.
+    torch.manual_seed(0)
+    sae = perturb_(make("gated", normalize_activations=norm, norm_scaling_factor=factor))
+    x = torch.randn(40, 16) * 3 + 1
+    out = sae(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out.auxk_loss, fvu(x, sae.decode(sae.pre_acts(x).relu(), x)))
+    out.auxk_loss.backward()
+    assert sae.W_dec.grad is None or sae.W_dec.grad.abs().sum() == 0  # still a frozen decoder
+    assert sae.b_dec.grad.abs().sum() > 0  # through the centred input alone
 
 
 def test_gated_saved_tensors_follow_the_saelens_names(tmp_path):
@@ -201,6 +235,33 @@ def test_matching_pursuit_error_never_grows_with_steps_and_the_threshold_stops_r
     assert stopped.float().mean() > 0.5 and float(out.l0) < 8  # most rows stop once below half their norm ...
     torch.testing.assert_close(error[~stopped], errors[-1][~stopped])  # ... the others pursue all 12 steps
     assert bool((error[stopped] >= errors[-1][stopped] - 1e-5).all())
+
+
+@pytest.mark.parametrize("norm,factor,centred", [("none", None, False), *[(*n, True) for n in NORMALISED]])
+def test_matching_pursuit_forward_reconstructs_as_decode_of_encode(norm, factor, centred):
+    # forward once returned x − r^k, right only for a centred, unnormalised input (SAELens files may be neither).
+    torch.manual_seed(0)
+    sae = perturb_(make("matching_pursuit", normalize_activations=norm, norm_scaling_factor=factor,
+                        apply_b_dec_to_input=centred))
+    x = torch.randn(32, 16) * 3 + 1
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    out = sae(x, dead_mask=dead)
+    with torch.no_grad():
+        y_hat = sae.decode(sae.encode(x), x)
+        torch.testing.assert_close(out.sae_out, y_hat)
+        torch.testing.assert_close(out.fvu, fvu(x, y_hat))
+        # AuxK in the output's units too: the dead atoms' part of decode against the residual
+        r = sae.pursue(x)[2]
+        u = sae.atoms()[32:]
+        corr = r @ u.T
+        top = corr.topk(8, dim=1).indices
+        c = torch.zeros_like(corr).scatter(1, top, corr.gather(1, top).relu())
+        z = sae.encode(x)
+        z_dead = torch.zeros_like(z)
+        z_dead[:, 32:] = c / sae.W_dec[32:].norm(dim=1)
+        e, e_hat = x - y_hat, sae.decode(z + z_dead, x) - sae.decode(z, x)
+        torch.testing.assert_close(out.auxk_loss, fvu(e, e_hat))
 
 
 def test_matching_pursuit_merges_an_atom_picked_twice():
@@ -289,6 +350,14 @@ def test_adaptivek_spends_the_budget_unevenly_and_infers_per_token():
         assert float((z != 0).sum(1).float().mean()) == pytest.approx(8, abs=0.5)
 
 
+@pytest.mark.parametrize("norm,factor", NORMALISED)
+def test_adaptivek_fast_path_of_a_normalising_sae_has_the_references_gradients(norm, factor):
+    # The sparse path differentiates the encoder at raw x, so a normalising coder must take the dense reference.
+    torch.manual_seed(0)
+    sae = perturb_(make("adaptivek", normalize_activations=norm, norm_scaling_factor=factor))
+    fast_and_reference(sae, torch.randn(64, 16) * 3 + 1)
+
+
 def test_adaptivek_midpoint_is_the_host_bisections_to_the_bit():
     """solve_midpoint bisects on the device (no host read per step) and lands exactly where a bisection over Python
     floats, reading each mean back, lands."""
@@ -347,6 +416,16 @@ def test_fold_scaling_keeps_latents(arch):
         y = sae.decode(z, x_raw)
     torch.testing.assert_close(z, z_train, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, y_train / s, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_an_empty_batch_encodes_and_decodes_to_empty_outputs(arch):
+    # Gated's and AdaptiveK's encode_sparse and the pursuit once crashed reducing over zero rows.
+    sae = make(arch).eval()
+    x = torch.randn(0, 16)
+    enc = sae.encode_sparse(x)
+    assert sae.encode(x).shape == (0, 64) and enc.top_acts.shape[0] == enc.top_indices.shape[0] == 0
+    assert sae.decode_sparse(enc.top_acts, enc.top_indices, x).shape == (0, 16)
 
 
 @pytest.mark.parametrize("arch", NEW)
