@@ -116,6 +116,12 @@ class LoadedModel:
         raise NotImplementedError
         yield
 
+    @contextmanager
+    def _edit_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        """Attach edits to hook points so each rewrites what the model reads there; remove them on exit."""
+        with self._raw_hooks(fns):
+            yield
+
     def hf_model(self) -> nn.Module:
         """The underlying `transformers` model (for `generate` and the config)."""
         raise NotImplementedError
@@ -224,7 +230,8 @@ class LoadedModel:
     def intervene(self, edits: dict[str, Edit]) -> Iterator[LoadedModel]:
         """Inside the block, each edit rewrites the activation (batch, pos, width) at its hook point.
 
-        Edits see hook_z flattened over heads, like `capture`; hooks are removed on exit even after an error.
+        Edits see hook_z flattened over heads, like `capture`; an edit of hook_resid_mid changes the residual stream
+        (as in TransformerLens), not only ln2's input. Hooks are removed on exit even after an error.
         """
         for name in edits:
             self.validate_hook_point(name)
@@ -235,7 +242,7 @@ class LoadedModel:
                 return None if new is None else self._unflatten(name, new).to(act.dtype)
             return fn
 
-        with self._raw_hooks({n: make(n, e) for n, e in edits.items()}):
+        with self._edit_hooks({n: make(n, e) for n, e in edits.items()}):
             yield self
 
     def generate(self, tokens: Tensor, max_new_tokens: int = 20, **kwargs: Any) -> Tensor:
@@ -292,6 +299,7 @@ class TransformerLensModel(LoadedModel):
         bridge.eval()
         super().__init__(name, bridge.tokenizer, device)
         self.bridge = bridge
+        self._mid_parts: dict[str, tuple[str, str]] = {}  # hook_resid_mid → (its hook_resid_pre, hook_attn_out)
         self._probe()
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
@@ -300,6 +308,7 @@ class TransformerLensModel(LoadedModel):
         tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
         with torch.no_grad():
             _, cache = self.bridge.run_with_cache(tokens)
+        self._mid_parts = _resid_mid_parts(cache)
         return {name: tuple(act.shape) for name, act in cache.items()}
 
     def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -313,8 +322,59 @@ class TransformerLensModel(LoadedModel):
         with self.bridge.hooks(fwd_hooks=hooks):
             yield
 
+    @contextmanager
+    def _edit_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        # The bridge's hook_resid_mid is ln2's input: an edit there reaches the MLP but not the residual the block
+        # adds the MLP's output to. HookedTransformer's edits the residual itself, so the edit is made on the
+        # attention output instead, as edit(pre + attn_out) − pre, which both the residual and ln2 then read.
+        hooks = [(name, fn) for name, fn in fns.items() if not _RESID_MID.fullmatch(name)]
+        for name, fn in fns.items():
+            if not _RESID_MID.fullmatch(name):
+                continue
+            if name not in self._mid_parts:
+                raise ValueError(f"cannot edit {name!r} of {self.name!r}: its block's residual after attention is not "
+                                 "hook_resid_pre + hook_attn_out, so an edit there would not reach the residual "
+                                 "stream; edit the hook_attn_out or hook_resid_pre of that block instead")
+            pre_name, attn_name = self._mid_parts[name]
+            # After every direct edit, so pre and attn_out are the values the block adds.
+            hooks += _resid_mid_edit(pre_name, attn_name, fn)
+        with self.bridge.hooks(fwd_hooks=[(name, _tl_adapter(fn)) for name, fn in hooks]):
+            yield
+
     def hf_model(self) -> nn.Module:
         return self.bridge.original_model
+
+
+_RESID_MID = re.compile(r"blocks\.(\d+)\.hook_resid_mid")
+
+
+def _resid_mid_parts(cache: Any) -> dict[str, tuple[str, str]]:
+    """Each hook_resid_mid in a probe forward's cache that equals its block's hook_resid_pre + hook_attn_out."""
+    parts = {}
+    for name in cache.keys():
+        if not (m := _RESID_MID.fullmatch(name)):
+            continue
+        pre, attn = f"blocks.{m.group(1)}.hook_resid_pre", f"blocks.{m.group(1)}.hook_attn_out"
+        if pre in cache and attn in cache and torch.allclose(cache[pre] + cache[attn], cache[name],
+                                                             rtol=1e-3, atol=1e-5):
+            parts[name] = (pre, attn)
+    return parts
+
+
+def _resid_mid_edit(pre_name: str, attn_name: str, fn: Callable[[Tensor], Tensor | None]
+                    ) -> list[tuple[str, Callable[[Tensor], Tensor | None]]]:
+    """Hooks that apply `fn` to pre + attn_out and hand the block edit(pre + attn_out) − pre as its attn_out."""
+    seen: dict[str, Tensor] = {}
+
+    def keep_pre(act: Tensor) -> None:
+        seen["pre"] = act
+
+    def edit(attn_out: Tensor) -> Tensor | None:
+        pre = seen.pop("pre")
+        new = fn(pre + attn_out)
+        return None if new is None else new.to(attn_out.dtype) - pre
+
+    return [(pre_name, keep_pre), (attn_name, edit)]
 
 
 def _tl_adapter(fn: Callable[[Tensor], Tensor | None]) -> Callable[[Tensor, Any], Tensor | None]:

@@ -208,3 +208,20 @@ def test_capture_takes_one_hook_point_as_a_string(tiny_model):
     assert list(one) == ["blocks.0.hook_resid_post"]
     assert torch.equal(one["blocks.0.hook_resid_post"],
                        tiny_model.capture(tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"])
+
+
+def test_intervene_on_resid_mid_edits_the_residual_stream(tiny_model, tokens):
+    """As in TransformerLens, an edit of hook_resid_mid is the residual the block adds its MLP output to, not only
+    ln2's input (the bridge's alias): resid_post = edited resid_mid + the MLP's output on it."""
+    hooks = ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    clean = tiny_model.capture(tokens, hooks)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 10
+    with tiny_model.intervene({"blocks.0.hook_resid_mid": lambda x: x + v}):
+        edited = tiny_model.capture(tokens, hooks)
+    torch.testing.assert_close(edited["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_mid"] + v)
+    assert not torch.allclose(edited["blocks.0.hook_mlp_out"], clean["blocks.0.hook_mlp_out"])
+    torch.testing.assert_close(edited["blocks.0.hook_resid_post"],
+                               clean["blocks.0.hook_resid_mid"] + v + edited["blocks.0.hook_mlp_out"])
+    clean_logits = tiny_model(tokens)
+    with tiny_model.intervene({"blocks.1.hook_resid_mid": lambda x: x.clone()}):
+        torch.testing.assert_close(tiny_model(tokens), clean_logits)
