@@ -7,6 +7,7 @@ point needed, `intervene({hook_point: fn})` to edit activations inside a `with` 
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -83,6 +84,11 @@ def usable_device(device: str | torch.device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but MPS is not available here; use cpu")
     return dev
+
+
+def _on(mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """An attention mask on the model's device, like the tokens it goes with."""
+    return None if mask is None else mask.to(device)
 
 
 def closest_names(name: str, valid: Sequence[str], n: int = 5) -> list[str]:
@@ -182,7 +188,7 @@ class LoadedModel:
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits (batch, pos, vocab) for token ids (batch, pos)."""
-        return self._forward(tokens.to(self.device), attention_mask)
+        return self._forward(tokens.to(self.device), _on(attention_mask, self.device))
 
     def _flatten(self, name: str, act: Tensor) -> Tensor:
         # hook_z arrives as (batch, pos, n_heads, d_head); SAEs read it concatenated over heads.
@@ -218,7 +224,7 @@ class LoadedModel:
 
         try:
             with self._raw_hooks({n: make(n) for n in names}):
-                self._forward(tokens.to(self.device), attention_mask)
+                self._forward(tokens.to(self.device), _on(attention_mask, self.device))
         except StopForward:
             pass
         missing = [n for n in names if n not in out]
@@ -398,6 +404,7 @@ class HFModel(LoadedModel):
         super().__init__(name, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path), device)
         self.model = model
         self._modules = dict(model.named_modules())
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self._probe()
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
@@ -414,7 +421,12 @@ class HFModel(LoadedModel):
         return shapes
 
     def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits
+        extra = {}
+        if attention_mask is not None and self._takes_position_ids:
+            # Positions count real tokens only, as TransformerLens and `generate` count them: without them a model
+            # with absolute position embeddings (GPT-2) reads a left-padded row at shifted positions.
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, **extra).logits
 
     @contextmanager
     def _raw_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:

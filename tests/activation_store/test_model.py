@@ -225,3 +225,18 @@ def test_intervene_on_resid_mid_edits_the_residual_stream(tiny_model, tokens):
     clean_logits = tiny_model(tokens)
     with tiny_model.intervene({"blocks.1.hook_resid_mid": lambda x: x.clone()}):
         torch.testing.assert_close(tiny_model(tokens), clean_logits)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])
+def test_a_left_padded_row_reads_as_the_row_alone(fixture, request, tokens):
+    """With its attention mask, a left-padded row gives the activations of the unpadded row on both backends: the
+    positions of GPT-2's absolute embeddings count real tokens only, as TransformerLens and `generate` count them."""
+    model = request.getfixturevalue(fixture)
+    hook = "blocks.1.hook_resid_post" if model.backend == "transformer_lens" else "transformer.h.1"
+    row = tokens[:1, :7]
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1)
+    alone = model.capture(row, [hook])[hook]
+    torch.testing.assert_close(model.capture(padded, [hook], attention_mask=mask)[hook][:, 4:], alone,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(padded, attention_mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
