@@ -269,14 +269,16 @@ class LoadedModel:
         return int(m.group(1)) if m else None
 
     _PROBE_LEN = 7  # odd length so (batch, pos, heads, d_head) is not confused with attention patterns
+    # Two rows, so tensors shared by the batch (rotary cos/sin, shape (1, pos, d)) are not taken for activations.
+    _PROBE_BATCH = 2
 
     def _probe(self) -> None:
         """Record each hook point's width and firing order with a short dry forward pass."""
         seq = self._PROBE_LEN
         for order, (name, shape) in enumerate(self._probe_shapes(seq).items()):
-            if len(shape) == 3 and shape[:2] == (1, seq) and shape[2] > 1:
+            if len(shape) == 3 and shape[:2] == (self._PROBE_BATCH, seq) and shape[2] > 1:
                 self._widths[name] = shape[2]
-            elif len(shape) == 4 and shape[:2] == (1, seq) and not re.search(r"pattern|scores", name):
+            elif len(shape) == 4 and shape[:2] == (self._PROBE_BATCH, seq) and not re.search(r"pattern|scores", name):
                 self._widths[name] = shape[2] * shape[3]
                 self._head_shapes[name] = (shape[2], shape[3])
             else:
@@ -284,7 +286,7 @@ class LoadedModel:
             self._order[name] = order
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of every candidate activation on a (1, seq) input, in firing order."""
+        """Shapes of every candidate activation on a (_PROBE_BATCH, seq) input, in firing order."""
         raise NotImplementedError
 
 
@@ -311,7 +313,7 @@ class TransformerLensModel(LoadedModel):
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
         # The cache holds canonical names and TransformerLens aliases (hook_resid_post, attn.hook_z, ...),
         # in the order the forward reaches them; researchers know the aliases, so both are valid.
-        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(self._PROBE_BATCH, seq, dtype=torch.long, device=self.device)
         with torch.no_grad():
             _, cache = self.bridge.run_with_cache(tokens)
         self._mid_parts = _resid_mid_parts(cache)
@@ -415,7 +417,7 @@ class HFModel(LoadedModel):
                 shapes.setdefault(name, tuple(act.shape))
             return fn
 
-        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(self._PROBE_BATCH, seq, dtype=torch.long, device=self.device)
         with torch.no_grad(), self._raw_hooks({n: recorder(n) for n in self._modules if n}):
             self._forward(tokens, None)
         return shapes

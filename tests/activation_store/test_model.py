@@ -240,3 +240,14 @@ def test_a_left_padded_row_reads_as_the_row_alone(fixture, request, tokens):
     torch.testing.assert_close(model.capture(padded, [hook], attention_mask=mask)[hook][:, 4:], alone,
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model(padded, attention_mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "hf"])
+def test_every_hook_point_has_one_row_per_token(tiny_llama_path, backend):
+    """Each listed hook point captures (batch, pos, width): tensors the batch shares, such as rotary cos/sin
+    (1, pos, d_head), are no hook points (their rows did not line up with the tokens, and the cache crashed)."""
+    model = load_model(str(tiny_llama_path), backend=backend, device="cpu")
+    tokens = torch.randint(0, len(model.tokenizer), (3, 5))
+    acts = model.capture(tokens, model.list_hook_points(), stop_early=False)
+    wrong = {h: tuple(a.shape) for h, a in acts.items() if tuple(a.shape) != (3, 5, model.hook_points[h])}
+    assert wrong == {}
