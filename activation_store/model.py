@@ -481,6 +481,11 @@ def load_model(
         return _load(name_or_path, backend, dev, dtype)
     except ModelNotAvailable:
         raise
+    except ValueError as err:
+        unknown = _unknown_family(name_or_path, err)
+        if unknown is None:
+            raise
+        raise unknown from err
     except OSError as err:  # transformers' "not a local folder, not on the hub, offline" all arrive as OSError
         if name_or_path == REFERENCE_NAME and isinstance(err, FileNotFoundError):
             raise  # the embedded model is missing: its own message says how to rebuild it
@@ -509,6 +514,20 @@ def _not_available(name: str, err: OSError) -> ModelNotAvailable:
                              f"or use --model {REFERENCE_NAME} (the embedded model)")
 
 
+def _unknown_family(name: str, err: Exception) -> ValueError | None:
+    """The one-line error for a config whose model_type transformers has no class for; None for other errors."""
+    m = re.search(r"model type `([^`]+)` but Transformers does not recognize", str(err))
+    if m is None:
+        return None
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return ValueError(f"could not load model {name!r}: its config names model_type {m.group(1)!r}, which transformers "
+                      f"{transformers.__version__} has no class for; closest known causal LM types: "
+                      f"{closest_names(m.group(1), known)} ({len(known)} in all); a newer transformers may know it")
+
+
 def _load(name_or_path: str, backend: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     if backend == "hf":
         return HFModel(name_or_path, dev, dtype)
@@ -520,7 +539,7 @@ def _load(name_or_path: str, backend: str, dev: torch.device, dtype: torch.dtype
         log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
         return HFModel(name_or_path, dev, dtype)
     except Exception as err:  # architectures TransformerLens does not know raise assorted errors
-        if backend == "transformer_lens":
-            raise
+        if backend == "transformer_lens" or _unknown_family(name_or_path, err) is not None:
+            raise  # nor would transformers' own classes load a model_type it does not know
         log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
         return HFModel(name_or_path, dev, dtype)

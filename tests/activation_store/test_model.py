@@ -251,3 +251,22 @@ def test_every_hook_point_has_one_row_per_token(tiny_llama_path, backend):
     acts = model.capture(tokens, model.list_hook_points(), stop_early=False)
     wrong = {h: tuple(a.shape) for h, a in acts.items() if tuple(a.shape) != (3, 5, model.hook_points[h])}
     assert wrong == {}
+
+
+def test_an_unknown_model_family_is_one_line_naming_known_ones(tiny_gpt2_path, tmp_path, caplog):
+    """A config whose model_type transformers has no class for fails once, in one line naming the type and the
+    closest known ones, on every backend (not the fallback's warning and then transformers' multi-line text)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gtp2"
+    shutil.copytree(tiny_gpt2_path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gtp2"}))
+    for backend in ("auto", "transformer_lens", "hf"):
+        caplog.clear()
+        with pytest.raises(ValueError, match=r"model_type 'gtp2', which transformers \S+ has no class for; closest "
+                                             r"known causal LM types: \[[^]]*'gpt2'") as err:
+            load_model(str(folder), backend=backend, device="cpu")
+        assert "\n" not in str(err.value)
+        assert "using plain forward hooks" not in caplog.text
