@@ -29,7 +29,7 @@ def test_sparsify_folder_gives_sparsify_outputs(tmp_path: Path, transcode: bool,
     assert c.model_name == "tiny-model"  # from the run's config.json one level up
     assert c.metadata["sparsify_hookpoint"] == "layers.6.mlp"
     if transcode:
-        assert (c.hook_point, c.target_hook_point) == ("blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out")
+        assert (c.hook_point, c.target_hook_point) == ("blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out")
     else:
         assert c.hook_point == "blocks.6.hook_mlp_out"
     sae.save(tmp_path / "again", format="sparsify")
@@ -90,3 +90,30 @@ def test_unsupported_and_broken_sparsify_files(tmp_path: Path) -> None:
     save_file({**w, "encoder.bias": w["encoder.bias"][:10].clone()}, str(folder / "sae.safetensors"))
     with pytest.raises(FormatError, match=r"'encoder.bias' has shape \(10,\) but the config gives \(16,\)"):
         SAE.load(folder)
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The embedded model: trained, so its norms' weights and biases are far from 1 and 0."""
+    from activation_store import load_model
+
+    return load_model("reference", backend="transformer_lens", device="cpu")
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_a_transcoders_input_is_what_sparsify_read(reference_model, module: str) -> None:
+    """sparsify trains a transcoder on `h.1.mlp` (or `.attn`) with the module's input, the norm's output; the hook
+    point the reader gives must capture that tensor (ln2.hook_normalized is before the norm's weight and bias)."""
+    model = reference_model
+    hook_in, _ = hook_points(f"h.1.{module}", transcoder=True)
+    seen = {}
+
+    def keep(mod, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = getattr(model.hf_model().transformer.h[1], module).register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        got = model.capture(model.to_tokens("def f(x):\n    return x + 1\n"), [hook_in], stop_early=False)[hook_in]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, seen["x"])
