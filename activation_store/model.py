@@ -7,6 +7,7 @@ point needed, `intervene({hook_point: fn})` to edit activations inside a `with` 
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -85,6 +86,11 @@ def usable_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _on(mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """An attention mask on the model's device, like the tokens it goes with."""
+    return None if mask is None else mask.to(device)
+
+
 def closest_names(name: str, valid: Sequence[str], n: int = 5) -> list[str]:
     """The valid names most similar to `name`, for error messages."""
     close = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
@@ -115,6 +121,12 @@ class LoadedModel:
         """Attach fns to hook points (raw backend tensors); remove them on exit, whatever happens."""
         raise NotImplementedError
         yield
+
+    @contextmanager
+    def _edit_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        """Attach edits to hook points so each rewrites what the model reads there; remove them on exit."""
+        with self._raw_hooks(fns):
+            yield
 
     def hf_model(self) -> nn.Module:
         """The underlying `transformers` model (for `generate` and the config)."""
@@ -176,7 +188,7 @@ class LoadedModel:
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits (batch, pos, vocab) for token ids (batch, pos)."""
-        return self._forward(tokens.to(self.device), attention_mask)
+        return self._forward(tokens.to(self.device), _on(attention_mask, self.device))
 
     def _flatten(self, name: str, act: Tensor) -> Tensor:
         # hook_z arrives as (batch, pos, n_heads, d_head); SAEs read it concatenated over heads.
@@ -212,7 +224,7 @@ class LoadedModel:
 
         try:
             with self._raw_hooks({n: make(n) for n in names}):
-                self._forward(tokens.to(self.device), attention_mask)
+                self._forward(tokens.to(self.device), _on(attention_mask, self.device))
         except StopForward:
             pass
         missing = [n for n in names if n not in out]
@@ -224,7 +236,8 @@ class LoadedModel:
     def intervene(self, edits: dict[str, Edit]) -> Iterator[LoadedModel]:
         """Inside the block, each edit rewrites the activation (batch, pos, width) at its hook point.
 
-        Edits see hook_z flattened over heads, like `capture`; hooks are removed on exit even after an error.
+        Edits see hook_z flattened over heads, like `capture`; an edit of hook_resid_mid changes the residual stream
+        (as in TransformerLens), not only ln2's input. Hooks are removed on exit even after an error.
         """
         for name in edits:
             self.validate_hook_point(name)
@@ -235,7 +248,7 @@ class LoadedModel:
                 return None if new is None else self._unflatten(name, new).to(act.dtype)
             return fn
 
-        with self._raw_hooks({n: make(n, e) for n, e in edits.items()}):
+        with self._edit_hooks({n: make(n, e) for n, e in edits.items()}):
             yield self
 
     def generate(self, tokens: Tensor, max_new_tokens: int = 20, **kwargs: Any) -> Tensor:
@@ -256,14 +269,16 @@ class LoadedModel:
         return int(m.group(1)) if m else None
 
     _PROBE_LEN = 7  # odd length so (batch, pos, heads, d_head) is not confused with attention patterns
+    # Two rows, so tensors shared by the batch (rotary cos/sin, shape (1, pos, d)) are not taken for activations.
+    _PROBE_BATCH = 2
 
     def _probe(self) -> None:
         """Record each hook point's width and firing order with a short dry forward pass."""
         seq = self._PROBE_LEN
         for order, (name, shape) in enumerate(self._probe_shapes(seq).items()):
-            if len(shape) == 3 and shape[:2] == (1, seq) and shape[2] > 1:
+            if len(shape) == 3 and shape[:2] == (self._PROBE_BATCH, seq) and shape[2] > 1:
                 self._widths[name] = shape[2]
-            elif len(shape) == 4 and shape[:2] == (1, seq) and not re.search(r"pattern|scores", name):
+            elif len(shape) == 4 and shape[:2] == (self._PROBE_BATCH, seq) and not re.search(r"pattern|scores", name):
                 self._widths[name] = shape[2] * shape[3]
                 self._head_shapes[name] = (shape[2], shape[3])
             else:
@@ -271,7 +286,7 @@ class LoadedModel:
             self._order[name] = order
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of every candidate activation on a (1, seq) input, in firing order."""
+        """Shapes of every candidate activation on a (_PROBE_BATCH, seq) input, in firing order."""
         raise NotImplementedError
 
 
@@ -292,14 +307,16 @@ class TransformerLensModel(LoadedModel):
         bridge.eval()
         super().__init__(name, bridge.tokenizer, device)
         self.bridge = bridge
+        self._mid_parts: dict[str, tuple[str, str]] = {}  # hook_resid_mid → (its hook_resid_pre, hook_attn_out)
         self._probe()
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
         # The cache holds canonical names and TransformerLens aliases (hook_resid_post, attn.hook_z, ...),
         # in the order the forward reaches them; researchers know the aliases, so both are valid.
-        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(self._PROBE_BATCH, seq, dtype=torch.long, device=self.device)
         with torch.no_grad():
             _, cache = self.bridge.run_with_cache(tokens)
+        self._mid_parts = _resid_mid_parts(cache)
         return {name: tuple(act.shape) for name, act in cache.items()}
 
     def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -313,8 +330,59 @@ class TransformerLensModel(LoadedModel):
         with self.bridge.hooks(fwd_hooks=hooks):
             yield
 
+    @contextmanager
+    def _edit_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
+        # The bridge's hook_resid_mid is ln2's input: an edit there reaches the MLP but not the residual the block
+        # adds the MLP's output to. HookedTransformer's edits the residual itself, so the edit is made on the
+        # attention output instead, as edit(pre + attn_out) − pre, which both the residual and ln2 then read.
+        hooks = [(name, fn) for name, fn in fns.items() if not _RESID_MID.fullmatch(name)]
+        for name, fn in fns.items():
+            if not _RESID_MID.fullmatch(name):
+                continue
+            if name not in self._mid_parts:
+                raise ValueError(f"cannot edit {name!r} of {self.name!r}: its block's residual after attention is not "
+                                 "hook_resid_pre + hook_attn_out, so an edit there would not reach the residual "
+                                 "stream; edit the hook_attn_out or hook_resid_pre of that block instead")
+            pre_name, attn_name = self._mid_parts[name]
+            # After every direct edit, so pre and attn_out are the values the block adds.
+            hooks += _resid_mid_edit(pre_name, attn_name, fn)
+        with self.bridge.hooks(fwd_hooks=[(name, _tl_adapter(fn)) for name, fn in hooks]):
+            yield
+
     def hf_model(self) -> nn.Module:
         return self.bridge.original_model
+
+
+_RESID_MID = re.compile(r"blocks\.(\d+)\.hook_resid_mid")
+
+
+def _resid_mid_parts(cache: Any) -> dict[str, tuple[str, str]]:
+    """Each hook_resid_mid in a probe forward's cache that equals its block's hook_resid_pre + hook_attn_out."""
+    parts = {}
+    for name in cache.keys():
+        if not (m := _RESID_MID.fullmatch(name)):
+            continue
+        pre, attn = f"blocks.{m.group(1)}.hook_resid_pre", f"blocks.{m.group(1)}.hook_attn_out"
+        if pre in cache and attn in cache and torch.allclose(cache[pre] + cache[attn], cache[name],
+                                                             rtol=1e-3, atol=1e-5):
+            parts[name] = (pre, attn)
+    return parts
+
+
+def _resid_mid_edit(pre_name: str, attn_name: str, fn: Callable[[Tensor], Tensor | None]
+                    ) -> list[tuple[str, Callable[[Tensor], Tensor | None]]]:
+    """Hooks that apply `fn` to pre + attn_out and hand the block edit(pre + attn_out) − pre as its attn_out."""
+    seen: dict[str, Tensor] = {}
+
+    def keep_pre(act: Tensor) -> None:
+        seen["pre"] = act
+
+    def edit(attn_out: Tensor) -> Tensor | None:
+        pre = seen.pop("pre")
+        new = fn(pre + attn_out)
+        return None if new is None else new.to(attn_out.dtype) - pre
+
+    return [(pre_name, keep_pre), (attn_name, edit)]
 
 
 def _tl_adapter(fn: Callable[[Tensor], Tensor | None]) -> Callable[[Tensor, Any], Tensor | None]:
@@ -338,6 +406,7 @@ class HFModel(LoadedModel):
         super().__init__(name, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path), device)
         self.model = model
         self._modules = dict(model.named_modules())
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self._probe()
 
     def _probe_shapes(self, seq: int) -> dict[str, tuple[int, ...]]:
@@ -348,13 +417,18 @@ class HFModel(LoadedModel):
                 shapes.setdefault(name, tuple(act.shape))
             return fn
 
-        tokens = torch.zeros(1, seq, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(self._PROBE_BATCH, seq, dtype=torch.long, device=self.device)
         with torch.no_grad(), self._raw_hooks({n: recorder(n) for n in self._modules if n}):
             self._forward(tokens, None)
         return shapes
 
     def _forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits
+        extra = {}
+        if attention_mask is not None and self._takes_position_ids:
+            # Positions count real tokens only, as TransformerLens and `generate` count them: without them a model
+            # with absolute position embeddings (GPT-2) reads a left-padded row at shifted positions.
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, **extra).logits
 
     @contextmanager
     def _raw_hooks(self, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
@@ -407,6 +481,11 @@ def load_model(
         return _load(name_or_path, backend, dev, dtype)
     except ModelNotAvailable:
         raise
+    except ValueError as err:
+        unknown = _unknown_family(name_or_path, err)
+        if unknown is None:
+            raise
+        raise unknown from err
     except OSError as err:  # transformers' "not a local folder, not on the hub, offline" all arrive as OSError
         if name_or_path == REFERENCE_NAME and isinstance(err, FileNotFoundError):
             raise  # the embedded model is missing: its own message says how to rebuild it
@@ -435,6 +514,20 @@ def _not_available(name: str, err: OSError) -> ModelNotAvailable:
                              f"or use --model {REFERENCE_NAME} (the embedded model)")
 
 
+def _unknown_family(name: str, err: Exception) -> ValueError | None:
+    """The one-line error for a config whose model_type transformers has no class for; None for other errors."""
+    m = re.search(r"model type `([^`]+)` but Transformers does not recognize", str(err))
+    if m is None:
+        return None
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return ValueError(f"could not load model {name!r}: its config names model_type {m.group(1)!r}, which transformers "
+                      f"{transformers.__version__} has no class for; closest known causal LM types: "
+                      f"{closest_names(m.group(1), known)} ({len(known)} in all); a newer transformers may know it")
+
+
 def _load(name_or_path: str, backend: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     if backend == "hf":
         return HFModel(name_or_path, dev, dtype)
@@ -446,7 +539,7 @@ def _load(name_or_path: str, backend: str, dev: torch.device, dtype: torch.dtype
         log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
         return HFModel(name_or_path, dev, dtype)
     except Exception as err:  # architectures TransformerLens does not know raise assorted errors
-        if backend == "transformer_lens":
-            raise
+        if backend == "transformer_lens" or _unknown_family(name_or_path, err) is not None:
+            raise  # nor would transformers' own classes load a model_type it does not know
         log.warning("TransformerBridge could not load %s (%s); using plain forward hooks", name_or_path, err)
         return HFModel(name_or_path, dev, dtype)

@@ -8,9 +8,9 @@ sparsify's forward, which the reader reproduces exactly:
 
 Only the "topk" activation is read ("groupmax" is refused). The folder name is a module path under the model's
 `base_model` (`layers.12`, `layers.12.mlp`, `h.3`); it becomes a TransformerLens hook point where the pattern is
-known (a block's output → `blocks.12.hook_resid_post`; a transcoder on an MLP reads `blocks.12.ln2.hook_normalized`
-and writes `blocks.12.hook_mlp_out`; the old layer-indexed `layer_12` is the block's input, `hook_resid_pre`), and
-stays as it is otherwise. The original name is kept in metadata["sparsify_hookpoint"].
+known (a block's output → `blocks.12.hook_resid_post`; a module's output → `blocks.12.mlp.hook_out`, and a transcoder
+on it reads the module's input, `blocks.12.mlp.hook_in`; the old layer-indexed `layer_12` is the block's input,
+`hook_resid_pre`), and stays as it is otherwise. The original name is kept in metadata["sparsify_hookpoint"].
 
 Writing: TopK SAEs and transcoders with d_out = d_in, no per-row input normalisation; our settings sparsify has no
 field for go to `sae_kit.json` beside its files (sparsify ignores it; our reader restores them). Our coders that do not centre
@@ -61,12 +61,14 @@ def hook_points(hookpoint: str, transcoder: bool) -> tuple[str, str | None]:
             else (f"blocks.{n}.hook_resid_post", None)
     if m := re.fullmatch(_LAYER + r"\.mlp", hookpoint):
         n = m.group(1)
-        return (f"blocks.{n}.ln2.hook_normalized", f"blocks.{n}.hook_mlp_out") if transcoder \
-            else (f"blocks.{n}.hook_mlp_out", None)
+        # sparsify hooks the module: its input is ln2's output (hook_normalized is before ln2's weight and bias), its
+        # output the MLP's own (hook_mlp_out is after the post-MLP norm of Gemma 2 and OLMo 2).
+        return (f"blocks.{n}.mlp.hook_in", f"blocks.{n}.mlp.hook_out") if transcoder \
+            else (f"blocks.{n}.mlp.hook_out", None)
     if m := re.fullmatch(_LAYER + r"\." + _ATTN, hookpoint):
         n = m.group(1)
-        return (f"blocks.{n}.ln1.hook_normalized", f"blocks.{n}.hook_attn_out") if transcoder \
-            else (f"blocks.{n}.hook_attn_out", None)
+        return (f"blocks.{n}.attn.hook_in", f"blocks.{n}.attn.hook_out") if transcoder \
+            else (f"blocks.{n}.attn.hook_out", None)
     if m := re.fullmatch(r"layer_(\d+)", hookpoint):  # the `sae` library's output_hidden_states index
         return f"blocks.{m.group(1)}.hook_resid_pre", None
     if hookpoint in ("embed_tokens", "wte", "embed_in"):

@@ -208,3 +208,65 @@ def test_capture_takes_one_hook_point_as_a_string(tiny_model):
     assert list(one) == ["blocks.0.hook_resid_post"]
     assert torch.equal(one["blocks.0.hook_resid_post"],
                        tiny_model.capture(tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"])
+
+
+def test_intervene_on_resid_mid_edits_the_residual_stream(tiny_model, tokens):
+    """As in TransformerLens, an edit of hook_resid_mid is the residual the block adds its MLP output to, not only
+    ln2's input (the bridge's alias): resid_post = edited resid_mid + the MLP's output on it."""
+    hooks = ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    clean = tiny_model.capture(tokens, hooks)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 10
+    with tiny_model.intervene({"blocks.0.hook_resid_mid": lambda x: x + v}):
+        edited = tiny_model.capture(tokens, hooks)
+    torch.testing.assert_close(edited["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_mid"] + v)
+    assert not torch.allclose(edited["blocks.0.hook_mlp_out"], clean["blocks.0.hook_mlp_out"])
+    torch.testing.assert_close(edited["blocks.0.hook_resid_post"],
+                               clean["blocks.0.hook_resid_mid"] + v + edited["blocks.0.hook_mlp_out"])
+    clean_logits = tiny_model(tokens)
+    with tiny_model.intervene({"blocks.1.hook_resid_mid": lambda x: x.clone()}):
+        torch.testing.assert_close(tiny_model(tokens), clean_logits)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hf_model"])
+def test_a_left_padded_row_reads_as_the_row_alone(fixture, request, tokens):
+    """With its attention mask, a left-padded row gives the activations of the unpadded row on both backends: the
+    positions of GPT-2's absolute embeddings count real tokens only, as TransformerLens and `generate` count them."""
+    model = request.getfixturevalue(fixture)
+    hook = "blocks.1.hook_resid_post" if model.backend == "transformer_lens" else "transformer.h.1"
+    row = tokens[:1, :7]
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1)
+    alone = model.capture(row, [hook])[hook]
+    torch.testing.assert_close(model.capture(padded, [hook], attention_mask=mask)[hook][:, 4:], alone,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(padded, attention_mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "hf"])
+def test_every_hook_point_has_one_row_per_token(tiny_llama_path, backend):
+    """Each listed hook point captures (batch, pos, width): tensors the batch shares, such as rotary cos/sin
+    (1, pos, d_head), are no hook points (their rows did not line up with the tokens, and the cache crashed)."""
+    model = load_model(str(tiny_llama_path), backend=backend, device="cpu")
+    tokens = torch.randint(0, len(model.tokenizer), (3, 5))
+    acts = model.capture(tokens, model.list_hook_points(), stop_early=False)
+    wrong = {h: tuple(a.shape) for h, a in acts.items() if tuple(a.shape) != (3, 5, model.hook_points[h])}
+    assert wrong == {}
+
+
+def test_an_unknown_model_family_is_one_line_naming_known_ones(tiny_gpt2_path, tmp_path, caplog):
+    """A config whose model_type transformers has no class for fails once, in one line naming the type and the
+    closest known ones, on every backend (not the fallback's warning and then transformers' multi-line text)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gtp2"
+    shutil.copytree(tiny_gpt2_path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gtp2"}))
+    for backend in ("auto", "transformer_lens", "hf"):
+        caplog.clear()
+        with pytest.raises(ValueError, match=r"model_type 'gtp2', which transformers \S+ has no class for; closest "
+                                             r"known causal LM types: \[[^]]*'gpt2'") as err:
+            load_model(str(folder), backend=backend, device="cpu")
+        assert "\n" not in str(err.value)
+        assert "using plain forward hooks" not in caplog.text

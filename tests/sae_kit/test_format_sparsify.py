@@ -29,9 +29,9 @@ def test_sparsify_folder_gives_sparsify_outputs(tmp_path: Path, transcode: bool,
     assert c.model_name == "tiny-model"  # from the run's config.json one level up
     assert c.metadata["sparsify_hookpoint"] == "layers.6.mlp"
     if transcode:
-        assert (c.hook_point, c.target_hook_point) == ("blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out")
+        assert (c.hook_point, c.target_hook_point) == ("blocks.6.mlp.hook_in", "blocks.6.mlp.hook_out")
     else:
-        assert c.hook_point == "blocks.6.hook_mlp_out"
+        assert c.hook_point == "blocks.6.mlp.hook_out"
     sae.save(tmp_path / "again", format="sparsify")
     back = SAE.load(tmp_path / "again")
     assert (back.cfg.hook_point, back.cfg.model_name) == (c.hook_point, c.model_name)  # kept in sae_kit.json
@@ -42,7 +42,7 @@ def test_sparsify_folder_gives_sparsify_outputs(tmp_path: Path, transcode: bool,
     ("layers.12", False, ("blocks.12.hook_resid_post", None)),
     ("h.3", False, ("blocks.3.hook_resid_post", None)),
     ("layers.5", True, ("blocks.5.hook_resid_pre", "blocks.5.hook_resid_post")),
-    ("layers.5.self_attn", False, ("blocks.5.hook_attn_out", None)),
+    ("layers.5.self_attn", False, ("blocks.5.attn.hook_out", None)),
     ("layer_7", False, ("blocks.7.hook_resid_pre", None)),
     ("embed_tokens", False, ("hook_embed", None)),
     ("model.norm", False, ("model.norm", None)),
@@ -90,3 +90,67 @@ def test_unsupported_and_broken_sparsify_files(tmp_path: Path) -> None:
     save_file({**w, "encoder.bias": w["encoder.bias"][:10].clone()}, str(folder / "sae.safetensors"))
     with pytest.raises(FormatError, match=r"'encoder.bias' has shape \(10,\) but the config gives \(16,\)"):
         SAE.load(folder)
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The embedded model: trained, so its norms' weights and biases are far from 1 and 0."""
+    from activation_store import load_model
+
+    return load_model("reference", backend="transformer_lens", device="cpu")
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_a_transcoders_input_is_what_sparsify_read(reference_model, module: str) -> None:
+    """sparsify trains a transcoder on `h.1.mlp` (or `.attn`) with the module's input, the norm's output; the hook
+    point the reader gives must capture that tensor (ln2.hook_normalized is before the norm's weight and bias)."""
+    model = reference_model
+    hook_in, _ = hook_points(f"h.1.{module}", transcoder=True)
+    seen = {}
+
+    def keep(mod, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = getattr(model.hf_model().transformer.h[1], module).register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        got = model.capture(model.to_tokens("def f(x):\n    return x + 1\n"), [hook_in], stop_early=False)[hook_in]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, seen["x"])
+
+
+@pytest.mark.parametrize("module", ["mlp", "self_attn"])
+def test_a_modules_output_is_what_sparsify_read_on_gemma2(tmp_path: Path, module: str) -> None:
+    """sparsify's SAE on `layers.1.mlp` (or `.self_attn`) reads the module's output, and a transcoder there writes
+    it; on Gemma 2 hook_mlp_out (hook_attn_out) is after the post-norm, so the reader must name the module's own."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from activation_store import load_model
+    from activation_store.model import reference_model_path
+
+    tok = AutoTokenizer.from_pretrained(reference_model_path())
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+    )).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), backend="transformer_lens", device="cpu")
+    sae_hook, _ = hook_points(f"layers.1.{module}", transcoder=False)
+    tc_in, tc_out = hook_points(f"layers.1.{module}", transcoder=True)
+    assert tc_out == sae_hook
+    seen = {}
+
+    def keep(mod, args, kwargs, out):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+        seen["out"] = out[0] if isinstance(out, tuple) else out
+
+    layer = model.hf_model().model.layers[1]
+    handle = getattr(layer, module).register_forward_hook(keep, with_kwargs=True)
+    try:
+        tokens = torch.randint(0, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
+        got = model.capture(tokens, [tc_in, sae_hook], stop_early=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[sae_hook], seen["out"])
+    torch.testing.assert_close(got[tc_in], seen["in"])
