@@ -8,9 +8,11 @@ sparsify's forward, which the reader reproduces exactly:
 
 Only the "topk" activation is read ("groupmax" is refused). The folder name is a module path under the model's
 `base_model` (`layers.12`, `layers.12.mlp`, `h.3`); it becomes a TransformerLens hook point where the pattern is
-known (a block's output → `blocks.12.hook_resid_post`; a transcoder on an MLP reads `blocks.12.ln2.hook_normalized`
-and writes `blocks.12.hook_mlp_out`; the old layer-indexed `layer_12` is the block's input, `hook_resid_pre`), and
-stays as it is otherwise. The original name is kept in metadata["sparsify_hookpoint"].
+known (a block's output → `blocks.12.hook_resid_post`; a transcoder on an MLP reads the module's input,
+`blocks.12.mlp.hook_in` (after ln2's weight and bias, unlike `ln2.hook_normalized`), and writes
+`blocks.12.hook_mlp_out`; on attention, `attn.hook_in` → `hook_attn_out`; the old layer-indexed `layer_12` is the
+block's input, `hook_resid_pre`), and stays as it is otherwise. The original name is kept in
+metadata["sparsify_hookpoint"].
 
 Writing: TopK SAEs and transcoders with d_out = d_in, no per-row input normalisation; our settings sparsify has no
 field for go to `sae_kit.json` beside its files (sparsify ignores it; our reader restores them). Our coders that do not centre
@@ -61,11 +63,12 @@ def hook_points(hookpoint: str, transcoder: bool) -> tuple[str, str | None]:
             else (f"blocks.{n}.hook_resid_post", None)
     if m := re.fullmatch(_LAYER + r"\.mlp", hookpoint):
         n = m.group(1)
-        return (f"blocks.{n}.ln2.hook_normalized", f"blocks.{n}.hook_mlp_out") if transcoder \
+        # sparsify's transcoders hook the module and read its input: ln2's output with its weight and bias applied
+        return (f"blocks.{n}.mlp.hook_in", f"blocks.{n}.hook_mlp_out") if transcoder \
             else (f"blocks.{n}.hook_mlp_out", None)
     if m := re.fullmatch(_LAYER + r"\." + _ATTN, hookpoint):
         n = m.group(1)
-        return (f"blocks.{n}.ln1.hook_normalized", f"blocks.{n}.hook_attn_out") if transcoder \
+        return (f"blocks.{n}.attn.hook_in", f"blocks.{n}.hook_attn_out") if transcoder \
             else (f"blocks.{n}.hook_attn_out", None)
     if m := re.fullmatch(r"layer_(\d+)", hookpoint):  # the `sae` library's output_hidden_states index
         return f"blocks.{m.group(1)}.hook_resid_pre", None

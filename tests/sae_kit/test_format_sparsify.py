@@ -29,7 +29,7 @@ def test_sparsify_folder_gives_sparsify_outputs(tmp_path: Path, transcode: bool,
     assert c.model_name == "tiny-model"  # from the run's config.json one level up
     assert c.metadata["sparsify_hookpoint"] == "layers.6.mlp"
     if transcode:
-        assert (c.hook_point, c.target_hook_point) == ("blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out")
+        assert (c.hook_point, c.target_hook_point) == ("blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out")
     else:
         assert c.hook_point == "blocks.6.hook_mlp_out"
     sae.save(tmp_path / "again", format="sparsify")
@@ -49,6 +49,29 @@ def test_sparsify_folder_gives_sparsify_outputs(tmp_path: Path, transcode: bool,
 ])
 def test_hookpoints_become_transformer_lens_names(name: str, transcoder: bool, expected: tuple) -> None:
     assert hook_points(name, transcoder) == expected
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_transcoder_hook_points_hold_what_sparsify_read(module: str) -> None:
+    """sparsify's transcoder on a module reads that module's input (its layer norm's output with weight and bias) and
+    predicts its output; the mapped hook points hold exactly those on a model whose layer norms are not identities."""
+    from activation_store.model import load_model
+
+    model = load_model("reference", backend="transformer_lens", device="cpu")
+    block = model.hf_model().transformer.h[1]
+    assert not torch.allclose(block.ln_2.weight, torch.ones_like(block.ln_2.weight))  # else any LN hook would pass
+    seen: dict[str, torch.Tensor] = {}
+    handles = [getattr(block, module).register_forward_pre_hook(lambda _, args: seen.update(x=args[0])),
+               getattr(block, module).register_forward_hook(
+                   lambda _, args, out: seen.update(y=out[0] if isinstance(out, tuple) else out))]
+    try:
+        hook, target = hook_points(f"h.1.{module}", transcoder=True)
+        acts = model.capture(torch.arange(1, 17)[None], [hook, target], stop_early=False)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(acts[hook], seen["x"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(acts[target], seen["y"], atol=1e-6, rtol=0)
 
 
 def test_ours_written_as_sparsify(tmp_path: Path) -> None:
