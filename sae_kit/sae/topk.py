@@ -228,7 +228,7 @@ class TopKSAE(SparseCoder):
         """Encode, decode, FVU + AuxK (see the module docstring); sparsity_coefficient is unused. The dead latents
         come as a mask, or as their ascending indices (`dead_latents`, which the trainer keeps: listing a mask's
         entries waits for the device)."""
-        y = x if target is None else target
+        y = self.reconstruction_target(x, target)
         dead = self._dead_latents(dead_mask, dead_latents)
         # The fast path reads raw x; a coder that normalises its inputs (an imported one) takes the dense reference.
         if self.use_sparse_kernels and self.cfg.normalize_activations == "none":
