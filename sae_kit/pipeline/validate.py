@@ -437,6 +437,13 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
             message = f"{hook!r} is not a hook point of model {cfg.model!r} ({backend} names)"
         c.add(keys[0], message, f"use one of {closest_names(hook, valid)} (`sae-kit hooks --model {cfg.model}` "
                                 f"lists them all)")
+    order = {h: i for i, h in enumerate(widths)}  # the model lists its hook points in firing order
+    for key, t in zip(c.train_keys, cfg.train):
+        for hook, target in zip(t.hook_points, t.target_hook_points):
+            if hook in order and target in order and order[target] < order[hook]:
+                c.add(f"{key}.target_hook_points", f"{target!r} fires before the transcoder's input {hook!r}, so "
+                      "no eval, interp or steer can splice it in", "pair each input with a later hook point (e.g. "
+                      "blocks.L.mlp.hook_in → blocks.L.hook_mlp_out)")
     return widths
 
 

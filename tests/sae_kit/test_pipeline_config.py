@@ -208,3 +208,13 @@ def test_decoder_suites_are_refused_for_transcoder_passes(tmp_path, tiny_gpt2_pa
     assert "['tpp']" in issue.message and "train[0] trains transcoders" in issue.message
     ok = tc.replace("eval: {{n_tokens: 512, batch_size: 8}}", "eval: {{n_tokens: 512, suites: [core, probing]}}")
     assert load_config(str(write(tmp_path, ok, out=tmp_path / "out", model=tiny_gpt2_path))).train[0].transcoder
+
+
+def test_a_transcoder_target_before_its_input_is_refused(tmp_path, tiny_gpt2_path):
+    """Such a pair trained fine, then failed at eval (the splice needs the input first); now refused up front."""
+    backwards = GOOD.replace("    hook_points: blocks.1.hook_resid_post\n", "    hook_points: blocks.1.hook_resid_post\n"
+                             "    target_hook_points: blocks.0.hook_mlp_out\n    transcoder: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, backwards, out=tmp_path / "out", model=tiny_gpt2_path)))
+    (issue,) = info.value.issues
+    assert issue.key == "train[0].target_hook_points" and "fires before the transcoder's input" in issue.message
