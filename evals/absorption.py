@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evals.concepts import LETTERS
-from evals.tasks import LabelledTokens, check_reads, fold_decoder_norms
+from evals.tasks import LabelledTokens, check_decoder_reads_input, check_reads, fold_decoder_norms
 
 EPS = 1e-8
 
@@ -243,6 +243,7 @@ def run_absorption(x: Tensor, data: LetterData, saes: Sequence[tuple[str, Any]],
     """The absorption section of metrics.json: x (N, d) are the activations of data.rows at hook_point."""
     for label, sae in saes:
         check_reads(sae, hook_point, f"the first-letter examples (for SAE {label!r})")
+        check_decoder_reads_input(sae, "absorption", label)
     if len(x) != len(data.rows):
         raise ValueError(f"{len(x)} activations for {len(data.rows)} first-letter examples")
     letters = torch.as_tensor(data.letters)

@@ -46,6 +46,7 @@ from activation_store.tokens import DatasetConfig, iter_token_batches, recorded_
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
 from evals.suites import MODEL_SUITES, SuiteConfig, parse_suites, run_model_suites, scoreboard
+from evals.tasks import DECODER_SUITES, check_decoder_reads_input
 from sae_kit.compat import check_compatible, check_requested, recorded_model
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     device = cfg.device or str(default_device())
     # Every SAE is checked before any compute, and against its cfg.json before any weights load.
     configs = [(str(p), read_sae_config(p)) for p in cfg.sae_paths]
+    for suite in (s for s in cfg.suites if s in DECODER_SUITES):
+        for path, sae_cfg in configs:
+            check_decoder_reads_input(sae_cfg, suite, path)
     names: list[str] = []
     if set(cfg.suites) - {"consistency"}:  # every suite but consistency runs the model
         for path, sae_cfg in configs:

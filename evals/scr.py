@@ -51,6 +51,7 @@ from evals.tasks import (
     LabelledTokens,
     ProbeTask,
     TaskSet,
+    check_decoder_reads_input,
     check_reads,
     load_labelled_texts,
     pooled,
@@ -278,6 +279,7 @@ def run_tpp(tasks: TaskSet, saes: Sequence[tuple[str, Any]], cfg: ScrConfig = Sc
     """The tpp section of metrics.json: probes on the raw activations once, then each SAE's ablations."""
     for label, sae in saes:
         check_reads(sae, tasks.hook_point, f"the TPP examples (for SAE {label!r})")
+        check_decoder_reads_input(sae, "tpp", label)
     names = [t.name for t in tasks.tasks]
     probes = train_probes([pooled(t.train) for t in tasks.tasks], [t.train.labels for t in tasks.tasks], cfg)
     out: dict[str, Any] = {"hook_point": tasks.hook_point, "source": tasks.source, "tasks": names,
@@ -384,6 +386,7 @@ def run_scr(pairs: Sequence[PairTasks], hook_point: str, saes: Sequence[tuple[st
         raise ValueError("no SCR concept pairs to run")
     for label, sae in saes:
         check_reads(sae, hook_point, f"the SCR examples (for SAE {label!r})")
+        check_decoder_reads_input(sae, "scr", label)
     sets = [(pair.name, k, getattr(pair, k).train) for pair in pairs for k in ("a", "b", "biased")]
     trained = train_probes([pooled(ex) for _, _, ex in sets], [ex.labels for _, _, ex in sets], cfg)
     probes: dict[str, dict[str, Probe]] = {}

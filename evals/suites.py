@@ -60,10 +60,12 @@ def run_model_suites(model: Any, hook_point: str, saes: Sequence[tuple[str, Any]
     wanted = [s for s in suites if s in MODEL_SUITES]
     if not wanted:
         return {}
-    from evals.tasks import check_reads
+    from evals.tasks import DECODER_SUITES, check_decoder_reads_input, check_reads
 
     for label, sae in saes:
         check_reads(sae, hook_point, f"the suites' examples (for SAE {label!r})")
+        for suite in (s for s in wanted if s in DECODER_SUITES):  # before the token scan, not after it
+            check_decoder_reads_input(sae, suite, label)
     need_concepts = (("probing" in wanted or "tpp" in wanted) and cfg.hub is None)
     need_tokens = need_concepts or "absorption" in wanted or ("scr" in wanted and cfg.hub_pair is None)
     out: dict[str, dict[str, Any]] = {}

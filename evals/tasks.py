@@ -83,6 +83,23 @@ def check_reads(sae: Any, hook_point: str, what: str = "these examples") -> None
         )
 
 
+DECODER_SUITES = ("absorption", "scr", "tpp")
+"""Suites that set latents' decoder directions against probes of the activations the coder reads: SAEs only, since a
+transcoder's decoder writes another hook point's space."""
+
+
+def check_decoder_reads_input(sae: Any, suite: str, label: str = "") -> None:
+    """ValueError when `sae` (a coder or its SAEConfig) is a transcoder, whose decoder directions live in its target's
+    space, not the input space `suite` probes."""
+    cfg = getattr(sae, "cfg", sae)
+    if cfg.transcoder:
+        raise ValueError(
+            f"the {suite} suite compares decoder directions with probes on the activations the SAE reads, but "
+            f"{label or cfg.hook_point!r} is a transcoder: its decoder writes {cfg.target_hook_point!r}, not "
+            f"{cfg.hook_point!r}; run core, probing or consistency on it, or {', '.join(DECODER_SUITES)} on SAEs only"
+        )
+
+
 def pooled(ex: ExampleSet) -> Tensor:
     """(N, d) mean activation over each example's masked positions."""
     m = ex.mask.to(ex.acts.dtype)[..., None]  # (N, L, 1)

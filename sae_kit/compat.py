@@ -98,3 +98,10 @@ def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
             raise ValueError(f"SAE {label!r} expects width {width} at {field_name} {hook!r} ({dim}={width}), but "
                              f"model {model.name!r} has width {have} there: this SAE was trained on a different "
                              f"model or hook point")
+    if cfg.transcoder:
+        # The splice reads the input and rewrites the target in one forward pass, so the input must fire first.
+        order = {name: i for i, name in enumerate(model.list_hook_points())}
+        if order[cfg.target_hook_point] < order[cfg.hook_point]:
+            raise ValueError(f"transcoder {label!r} reads {cfg.hook_point!r}, which model {model.name!r} reaches only "
+                             f"after its target {cfg.target_hook_point!r}: a transcoder's input must come before the "
+                             f"output it predicts (e.g. blocks.L.mlp.hook_in → blocks.L.hook_mlp_out)")

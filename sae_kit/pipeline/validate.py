@@ -336,6 +336,22 @@ def _eval(c: Checker, data: Any) -> dict[str, Any]:
     return values
 
 
+def _decoder_suites(c: Checker, train: list[TrainConfig], eval_values: dict[str, Any]) -> None:
+    """Report eval suites that set decoder directions against input-space probes when a pass trains transcoders."""
+    from evals.suites import parse_suites
+    from evals.tasks import DECODER_SUITES
+
+    try:
+        bad = [s for s in parse_suites(eval_values.get("suites", ("core",))) if s in DECODER_SUITES]
+    except ValueError:  # reported by _eval
+        return
+    for key, t in zip(c.train_keys, train):
+        if bad and t.transcoder:
+            c.add("eval.suites", f"{bad} compare decoder directions with probes of the input, but {key} trains "
+                  f"transcoders, whose decoders write {list(t.target_hook_points)}",
+                  f"drop {bad} from eval.suites (core, probing and consistency run on transcoders)")
+
+
 def _dataclass(c: Checker, data: Any, path: str, cls: type) -> Any:
     """A config dataclass from a mapping, nested dataclass fields (optional ones too) built the same way; every
     unknown key or wrong type is reported at its full path. The class's defaults where it cannot be built."""
@@ -422,6 +438,13 @@ def _hook_points(c: Checker, cfg: RunConfig) -> dict[str, int | None] | None:
             message = f"{hook!r} is not a hook point of model {cfg.model!r} ({backend} names)"
         c.add(keys[0], message, f"use one of {closest_names(hook, valid)} (`sae-kit hooks --model {cfg.model}` "
                                 f"lists them all)")
+    order = {h: i for i, h in enumerate(widths)}  # the model lists its hook points in firing order
+    for key, t in zip(c.train_keys, cfg.train):
+        for hook, target in zip(t.hook_points, t.target_hook_points):
+            if hook in order and target in order and order[target] < order[hook]:
+                c.add(f"{key}.target_hook_points", f"{target!r} fires before the transcoder's input {hook!r}, so "
+                      "no eval, interp or steer can splice it in", "pair each input with a later hook point (e.g. "
+                      "blocks.L.mlp.hook_in → blocks.L.hook_mlp_out)")
     return widths
 
 
@@ -553,6 +576,7 @@ def load_config(path: str | None = None, out: str | None = None, device: str | N
     cache = _cache(c, top["cache"], top)
     train = _train(c, top["train"], top, cache) if top["train"] is not None else []
     eval_values = _eval(c, top["eval"])
+    _decoder_suites(c, train, eval_values)
     interp_values, interp_section = _interp(c, top["interp"], top)
     steer = _plain_section(c, top["steer"], "steer", SteerSection)
     site = _plain_section(c, top["site"], "site", SiteSection)

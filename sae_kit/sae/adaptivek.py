@@ -178,7 +178,7 @@ class AdaptiveKSAE(TopKSAE):
         sparsity_coefficient: float | None = None, dead_latents: Tensor | None = None, **_: Any,
     ) -> ForwardOutput:
         """Encode with each row's k(x), decode, and the loss of the module docstring."""
-        y = x if target is None else target
+        y = self.reconstruction_target(x, target)
         dead = self._dead_latents(dead_mask, dead_latents)
         score = self.complexity(x)  # (N,)
         with torch.no_grad():

@@ -347,11 +347,21 @@ class SparseCoder(nn.Module):
         """Encode, decode and compute the training loss; target defaults to x (an SAE)."""
         raise NotImplementedError
 
+    def reconstruction_target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """What forward's loss compares ŷ with: target, else x for an SAE; ValueError for a transcoder given none
+        (defaulting to x would train it, without a word, to reconstruct its input)."""
+        if target is not None:
+            return target
+        if self.cfg.transcoder:
+            raise ValueError(f"a transcoder predicts {self.cfg.target_hook_point or 'its target'!r} from its input "
+                             f"{self.cfg.hook_point or 'x'!r}: pass those target activations as forward(x, target=y)")
+        return x
+
     def _dense_output(self, x: Tensor, target: Tensor | None, z: Tensor, sparsity: Tensor,
                       l0: Tensor) -> ForwardOutput:
         """Output of a dense-latent coder: decode z (N, d_sae); loss = FVU + the λ-weighted sparsity term."""
         y_hat = self.decode(z, x)  # (N, d_out)
-        recon_fvu = fvu(x if target is None else target, y_hat)
+        recon_fvu = fvu(self.reconstruction_target(x, target), y_hat)
         zero = recon_fvu.new_zeros(())
         return ForwardOutput(y_hat, z, None, recon_fvu, zero, sparsity, recon_fvu + sparsity, l0)
 

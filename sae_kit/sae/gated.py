@@ -83,7 +83,7 @@ class GatedSAE(SparseCoder):
         sparsity_coefficient: float | None = None, **_: Any,
     ) -> ForwardOutput:
         """Encode, decode, FVU + λ·L1(ReLU(π_gate)) + the frozen-decoder FVU (module docstring); dead_mask unused."""
-        y = x if target is None else target
+        y = self.reconstruction_target(x, target)
         pi_gate, pi_mag = self._paths(x)  # (N, d_sae) each
         z = torch.where(pi_gate > 0, F.relu(pi_mag), 0)  # the gate's mask, not a multiply by its 0/1 cast
         y_hat = self.decode(z, x)  # (N, d_out)

@@ -228,7 +228,7 @@ class TopKSAE(SparseCoder):
         """Encode, decode, FVU + AuxK (see the module docstring); sparsity_coefficient is unused. The dead latents
         come as a mask, or as their ascending indices (`dead_latents`, which the trainer keeps: listing a mask's
         entries waits for the device)."""
-        y = x if target is None else target
+        y = self.reconstruction_target(x, target)
         dead = self._dead_latents(dead_mask, dead_latents)
         if self.sparse_path_usable():
             acts, idx, y_hat, e_hat, parts = self._forward_sparse(x, dead)

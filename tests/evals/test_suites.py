@@ -99,6 +99,36 @@ def test_clear_errors(pair, tiny_gpt2_path, tmp_path, capsys):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("suite", ["absorption", "scr", "tpp"])
+def test_decoder_suites_refuse_transcoders(tiny_gpt2_path, tmp_path, suite):
+    """These suites compare decoder directions with probes of the input; a transcoder's decoder writes its target's
+    space (a shape error for d_out ≠ d_in, meaningless numbers otherwise), so it is refused before any compute."""
+    from evals.evaluate import EvalConfig, run_eval
+    from evals.suites import run_model_suites
+
+    torch.manual_seed(0)
+    tc = SparseCoder.from_config(SAEConfig(
+        architecture="topk", d_in=32, d_sae=64, k=4, d_out=128, transcoder=True, hook_point="blocks.1.hook_resid_mid",
+        target_hook_point="blocks.1.mlp.hook_post", model_name=str(tiny_gpt2_path)))
+    tc.save(tmp_path / "tc")
+    with pytest.raises(ValueError, match=f"the {suite} suite .* is a transcoder: its decoder writes "
+                                         "'blocks.1.mlp.hook_post'"):
+        run_eval(EvalConfig(sae_paths=(str(tmp_path / "tc"),), out=str(tmp_path / "o"), suites=("core", suite)))
+    with pytest.raises(ValueError, match="is a transcoder"):  # the library entry, before the token scan
+        run_model_suites(None, tc.cfg.hook_point, [("tc", tc)], [suite])
+    from types import SimpleNamespace
+
+    from evals.absorption import run_absorption
+    from evals.scr import run_scr, run_tpp
+
+    run = {"absorption": lambda: run_absorption(torch.zeros(1, 32), None, [("tc", tc)], tc.cfg.hook_point),
+           "scr": lambda: run_scr([None], tc.cfg.hook_point, [("tc", tc)]),
+           "tpp": lambda: run_tpp(SimpleNamespace(hook_point=tc.cfg.hook_point), [("tc", tc)])}[suite]
+    with pytest.raises(ValueError, match="is a transcoder"):  # each suite's own entry point
+        run()
+    assert not (tmp_path / "o").exists()
+
+
 def test_parse_suites_and_scoreboard_rows():
     assert parse_suites("core, probing,core") == ("core", "probing")
     with pytest.raises(ValueError, match="valid"):

@@ -68,6 +68,23 @@ def test_generic_config_errors():
 
 
 # -- forward contract ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", sorted(set(SparseCoder.REGISTRY) - {"matching_pursuit"}))  # MP: SAEs only
+def test_transcoder_forward_needs_its_target(arch):
+    """forward(x) used to default a transcoder's target to its input: a shape error when d_out ≠ d_in, and a loss that
+    trains it to reconstruct its input, without a word, when the widths agree."""
+    torch.manual_seed(0)
+    kw = {"k": 4} if SparseCoder.REGISTRY[arch].has_k else {"sparsity_coefficient": 0.1}
+    tc = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, d_out=16, transcoder=True,
+                                           hook_point="blocks.1.mlp.hook_in", target_hook_point="blocks.1.hook_mlp_out",
+                                           **kw))
+    x, y = torch.randn(32, 16), torch.randn(32, 16)
+    with pytest.raises(ValueError, match="predicts 'blocks.1.hook_mlp_out' .* forward\\(x, target=y\\)"):
+        tc(x)
+    assert tc(x, target=y).sae_out.shape == (32, 16)
+    sae = SparseCoder.from_config(SAEConfig(architecture=arch, d_in=16, d_sae=64, **kw))
+    assert sae(x).sae_out.shape == (32, 16)  # an SAE's target is its input
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["sae", "transcoder", "skip_transcoder"])
 def test_forward_shapes_and_losses(arch, kind):

@@ -70,3 +70,15 @@ def test_check_compatible_takes_a_config_without_weights(tiny_model):
     tc = sae_cfg(transcoder=True, d_out=16, target_hook_point="blocks.0.hook_mlp_out")
     with pytest.raises(ValueError, match=r"expects width 16 at target_hook_point 'blocks.0.hook_mlp_out' \(d_out=16\)"):
         check_compatible(tiny_model, tc)
+
+
+def test_a_transcoder_whose_target_fires_before_its_input_is_refused(tiny_model):
+    """The splice needs the input before the target in one forward pass; a backwards pair used to fail with a
+    RuntimeError traceback mid-eval, after the mean-ablation pass."""
+    backwards = sae_cfg(hook="blocks.1.hook_resid_post", transcoder=True, target_hook_point="blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match=r"transcoder 'tc' reads 'blocks.1.hook_resid_post', which .* only after its "
+                                         r"target 'blocks.0.hook_mlp_out'"):
+        check_compatible(tiny_model, backwards, "tc")
+    check_compatible(tiny_model, sae_cfg(hook="blocks.0.hook_resid_mid", transcoder=True,
+                                         target_hook_point="blocks.0.hook_mlp_out"))
+    check_compatible(tiny_model, sae_cfg(transcoder=True, target_hook_point=HOOK))  # one hook point: allowed

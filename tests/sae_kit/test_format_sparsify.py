@@ -51,6 +51,29 @@ def test_hookpoints_become_transformer_lens_names(name: str, transcoder: bool, e
     assert hook_points(name, transcoder) == expected
 
 
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_transcoder_hook_points_hold_what_sparsify_read(module: str) -> None:
+    """sparsify's transcoder on a module reads that module's input (its layer norm's output with weight and bias) and
+    predicts its output; the mapped hook points hold exactly those on a model whose layer norms are not identities."""
+    from activation_store.model import load_model
+
+    model = load_model("reference", backend="transformer_lens", device="cpu")
+    block = model.hf_model().transformer.h[1]
+    assert not torch.allclose(block.ln_2.weight, torch.ones_like(block.ln_2.weight))  # else any LN hook would pass
+    seen: dict[str, torch.Tensor] = {}
+    handles = [getattr(block, module).register_forward_pre_hook(lambda _, args: seen.update(x=args[0])),
+               getattr(block, module).register_forward_hook(
+                   lambda _, args, out: seen.update(y=out[0] if isinstance(out, tuple) else out))]
+    try:
+        hook, target = hook_points(f"h.1.{module}", transcoder=True)
+        acts = model.capture(torch.arange(1, 17)[None], [hook, target], stop_early=False)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(acts[hook], seen["x"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(acts[target], seen["y"], atol=1e-6, rtol=0)
+
+
 def test_ours_written_as_sparsify(tmp_path: Path) -> None:
     """Coders sparsify cannot hold raise naming the way out; an uncentred encoder and a known scale are folded."""
     x = torch.randn(12, 8, dtype=torch.float64)
@@ -90,33 +113,6 @@ def test_unsupported_and_broken_sparsify_files(tmp_path: Path) -> None:
     save_file({**w, "encoder.bias": w["encoder.bias"][:10].clone()}, str(folder / "sae.safetensors"))
     with pytest.raises(FormatError, match=r"'encoder.bias' has shape \(10,\) but the config gives \(16,\)"):
         SAE.load(folder)
-
-
-@pytest.fixture(scope="module")
-def reference_model():
-    """The embedded model: trained, so its norms' weights and biases are far from 1 and 0."""
-    from activation_store import load_model
-
-    return load_model("reference", backend="transformer_lens", device="cpu")
-
-
-@pytest.mark.parametrize("module", ["mlp", "attn"])
-def test_a_transcoders_input_is_what_sparsify_read(reference_model, module: str) -> None:
-    """sparsify trains a transcoder on `h.1.mlp` (or `.attn`) with the module's input, the norm's output; the hook
-    point the reader gives must capture that tensor (ln2.hook_normalized is before the norm's weight and bias)."""
-    model = reference_model
-    hook_in, _ = hook_points(f"h.1.{module}", transcoder=True)
-    seen = {}
-
-    def keep(mod, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-    handle = getattr(model.hf_model().transformer.h[1], module).register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        got = model.capture(model.to_tokens("def f(x):\n    return x + 1\n"), [hook_in], stop_early=False)[hook_in]
-    finally:
-        handle.remove()
-    torch.testing.assert_close(got, seen["x"])
 
 
 @pytest.mark.parametrize("module", ["mlp", "self_attn"])

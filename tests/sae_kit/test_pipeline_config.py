@@ -194,3 +194,27 @@ def test_eval_suite_settings_are_checked_key_by_key_and_built(tmp_path, tiny_gpt
     cfg = load_config(str(write(tmp_path, good, out=tmp_path / "out", model=tiny_gpt2_path)))
     suite = cfg.eval_config(tmp_path / "sae", tmp_path / "ev").suite
     assert isinstance(suite, SuiteConfig) and suite.absorption.absorber_cos == 0.2 and suite.hub is None
+
+
+def test_decoder_suites_are_refused_for_transcoder_passes(tmp_path, tiny_gpt2_path):
+    """absorption, scr and tpp set decoder directions against probes of the input; a transcoder's decoder writes its
+    target, so a run that trains one and asks for them fails before the cache instead of after training."""
+    tc = GOOD.replace("    hook_points: blocks.1.hook_resid_post\n", "    hook_points: blocks.1.hook_resid_mid\n"
+                      "    target_hook_points: blocks.1.hook_mlp_out\n    transcoder: true\n")
+    bad = tc.replace("eval: {{n_tokens: 512, batch_size: 8}}", "eval: {{n_tokens: 512, suites: [core, probing, tpp]}}")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, bad, out=tmp_path / "out", model=tiny_gpt2_path)))
+    (issue,) = [i for i in info.value.issues if i.key == "eval.suites"]
+    assert "['tpp']" in issue.message and "train[0] trains transcoders" in issue.message
+    ok = tc.replace("eval: {{n_tokens: 512, batch_size: 8}}", "eval: {{n_tokens: 512, suites: [core, probing]}}")
+    assert load_config(str(write(tmp_path, ok, out=tmp_path / "out", model=tiny_gpt2_path))).train[0].transcoder
+
+
+def test_a_transcoder_target_before_its_input_is_refused(tmp_path, tiny_gpt2_path):
+    """Such a pair trained fine, then failed at eval (the splice needs the input first); now refused up front."""
+    backwards = GOOD.replace("    hook_points: blocks.1.hook_resid_post\n", "    hook_points: blocks.1.hook_resid_post\n"
+                             "    target_hook_points: blocks.0.hook_mlp_out\n    transcoder: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(tmp_path, backwards, out=tmp_path / "out", model=tiny_gpt2_path)))
+    (issue,) = info.value.issues
+    assert issue.key == "train[0].target_hook_points" and "fires before the transcoder's input" in issue.message
