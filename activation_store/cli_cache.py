@@ -26,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="read documents in an order shuffled with this seed, so the tokens sample the whole "
                              "corpus (default: source order)")
-    parser.add_argument("--context-size", type=int, default=dd.context_size, help="tokens per context")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="contexts per forward pass")
-    parser.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="target tokens per shard")
+    parser.add_argument("--context-size", type=int, default=dd.context_size,
+                        help="tokens per context (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="contexts per forward pass (default: %(default)s)")
+    parser.add_argument("--shard-tokens", type=int, default=d.shard_tokens,
+                        help="target tokens per shard (default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="stored dtype (default: float32)")
     parser.add_argument("--backend", default=d.backend, choices=BACKENDS, help="hook-name backend (default: auto)")
     parser.add_argument("--no-exclude-special", action="store_true", help="keep rows of BOS/EOS/pad tokens")
