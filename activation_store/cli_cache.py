@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-exclude-special", action="store_true", help="keep rows of BOS/EOS/pad tokens")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     parser.add_argument("--out", default=d.out, help="output folder or fsspec URL (default: activations)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Cache the activations and print where they went."""
     cfg = config_from_args(args)
     try:
-        out = cache_activations(cfg)
+        out = cache_activations(cfg, progress=not args.no_progress)
     except OSError as err:
         if not is_disk_full(err):
             raise

@@ -105,3 +105,10 @@ def test_cache_refuses_to_resume_a_text_store_cut_the_old_way(tiny_gpt2_path, tm
     storage.write_json_atomic("manifest.json", manifest)
     assert main(argv) == 2
     assert "dataset.text_sample_by: stored None, requested 'paragraph'" in capsys.readouterr().err
+
+
+def test_no_progress_hides_the_bar_as_in_every_other_command(tiny_gpt2_path, docs, tmp_path, capsys):
+    argv = args(tiny_gpt2_path, docs, tmp_path / "store", "--hook", "blocks.0.hook_resid_post", "--tokens", "64")
+    assert main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "complete" in captured.out and "tok/s" not in captured.err
