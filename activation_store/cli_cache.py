@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hook", action="append", dest="hooks", metavar="H",
                         help=f"hook point to capture; repeat for several (default: {d.hook_points[0]})")
     parser.add_argument("--dataset", default=dd.path, help="'stdlib' (default), a hub dataset or local files")
+    parser.add_argument("--dataset-config", default=None,
+                        help="hub dataset configuration name, e.g. sample-10BT for HuggingFaceFW/fineweb (default: none)")
     parser.add_argument("--text-column", default=dd.text_column, help="column holding the text (default: text)")
     parser.add_argument("--split", default=dd.split, choices=("train", "eval"), help="document split (default: train)")
     parser.add_argument("--eval-percent", type=int, default=dd.eval_percent,
@@ -42,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
     """The CacheConfig the flags describe."""
-    dataset = DatasetConfig(path=args.dataset, text_column=args.text_column, split=args.split,
-                            eval_percent=args.eval_percent, context_size=args.context_size, shuffle_seed=args.shuffle_seed)
+    dataset = DatasetConfig(path=args.dataset, name=args.dataset_config, text_column=args.text_column,
+                            split=args.split, eval_percent=args.eval_percent, context_size=args.context_size,
+                            shuffle_seed=args.shuffle_seed)
     return CacheConfig(
         model=args.model, backend=args.backend, hook_points=tuple(args.hooks or CacheConfig().hook_points),
         dataset=dataset, n_tokens=args.tokens, batch_size=args.batch_size, shard_tokens=args.shard_tokens,

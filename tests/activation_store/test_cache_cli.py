@@ -112,3 +112,14 @@ def test_no_progress_hides_the_bar_as_in_every_other_command(tiny_gpt2_path, doc
     assert main([*argv, "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "complete" in captured.out and "tok/s" not in captured.err
+
+
+def test_dataset_config_reaches_the_dataset():
+    # A hub dataset with configurations (fineweb's sample-10BT, the shipped gpt2 run's) is reachable from the CLI.
+    from activation_store.cli_cache import config_from_args
+    from sae_kit.cli import build_parser
+
+    parsed = build_parser("cache").parse_args(["cache", "--dataset", "HuggingFaceFW/fineweb", "--dataset-config",
+                                               "sample-10BT"])
+    assert config_from_args(parsed).dataset.name == "sample-10BT"
+    assert config_from_args(build_parser("cache").parse_args(["cache"])).dataset.name is None
