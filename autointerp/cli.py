@@ -17,30 +17,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "'org/repo[/folder]' or 'release:sae_id'")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default=None, help="model name or path (default: the SAE's cfg.model_name)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"],
+                        help="hook-name backend (default: %(default)s)")
     parser.add_argument("--dataset", default=None,
                         help="dataset: stdlib, a hub name or local files (default: the one the SAE was trained on, "
                              "as recorded in its metadata, else stdlib)")
     parser.add_argument("--text-column", default=None,
                         help="column holding the text (default: the recorded one, else text)")
-    parser.add_argument("--tokens", type=int, default=100_000, help="tokens read to build latent records")
-    parser.add_argument("--latents", default="0:64", help="'START:STOP', 'I,J,K' or 'random:N' (live latents)")
-    parser.add_argument("--explainer", default="baseline", choices=list(EXPLAINERS))
-    parser.add_argument("--scorers", default="embedding", help=f"comma list of {','.join(SCORERS)}")
-    parser.add_argument("--llm", default=None, help="LLM spec: openai:MODEL, http://host:port/v1:MODEL, local:PATH")
+    parser.add_argument("--tokens", type=int, default=100_000,
+                        help="tokens read to build latent records (default: %(default)s)")
+    parser.add_argument("--latents", default="0:64",
+                        help="'START:STOP', 'I,J,K' or 'random:N' (live latents; default: %(default)s)")
+    parser.add_argument("--explainer", default="baseline", choices=list(EXPLAINERS),
+                        help="baseline (offline: the words a latent peaks on) or llm (needs --llm; default: "
+                             "%(default)s)")
+    parser.add_argument("--scorers", default="embedding",
+                        help=f"comma list of {','.join(SCORERS)} (default: %(default)s)")
+    parser.add_argument("--llm", default=None,
+                        help="LLM spec: openai:MODEL, openrouter:MODEL, http://host:port/v1:MODEL, local:PATH")
     parser.add_argument("--control", default="none", choices=list(CONTROLS),
-                        help="random-directions: score random directions of the same norms (a baseline)")
-    parser.add_argument("--context-size", type=int, default=64, help="tokens per model context")
-    parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
-    parser.add_argument("--window", type=int, default=32, help="tokens per example window")
+                        help="random-directions: score random directions of the same norms, a baseline "
+                             "(default: %(default)s)")
+    parser.add_argument("--context-size", type=int, default=64, help="tokens per model context (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default: %(default)s)")
+    parser.add_argument("--window", type=int, default=32, help="tokens per example window (default: %(default)s)")
     parser.add_argument("--no-shuffle", dest="shuffle_documents", action="store_false",
                         help="read the dataset's documents in source order (default: a seeded shuffle, so the "
                              "records sample the whole corpus)")
-    parser.add_argument("--workers", type=int, default=4, help="latents processed concurrently in LLM runs")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="latents processed concurrently in LLM runs (default: %(default)s)")
     parser.add_argument("--embed-chunk", type=int, default=1,
-                        help="latents whose embedding-scorer texts are embedded in one call (same scores)")
+                        help="latents whose embedding-scorer texts are embedded in one call, same scores "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the latent sample, the document shuffle, the scored examples and the "
+                             "control's directions (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete OUT's earlier results (run.json, explanations, scores, summary, dashboard) and "

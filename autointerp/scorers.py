@@ -81,6 +81,7 @@ def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explai
     """
     rng = random.Random(seed * 1_000_003 + record.latent)
     held_top, samples = held_out(record, n_explained, n_sampled)
+    n_unshown = (len(held_top), len(samples))
     rng.shuffle(samples)
     positives: list[Example] = []
     seen: set[tuple[int, ...]] = set()
@@ -98,8 +99,9 @@ def scoring_set(record: LatentRecord, n_positive: int, n_negative: int, n_explai
     if not positives or not negatives:
         raise ValueError(
             f"latent {record.latent}: need activating contexts the explainer was not shown and non-activating "
-            f"contexts to score (have {len(positives)} and {len(negatives)}; {len(record.top)} top contexts, "
-            f"{n_explained} of them shown); read more tokens or keep more top contexts (RecordConfig.n_top)"
+            f"contexts to score (have {len(positives)} and {len(negatives)}; of {len(record.top)} top contexts and "
+            f"{len(record.samples)} quantile samples, {n_unshown[0]} and {n_unshown[1]} were not shown to the "
+            f"explainer); read more tokens or keep more top contexts (RecordConfig.n_top)"
         )
     return ScoringSet(positives, negatives, n_positive - len(positives))
 

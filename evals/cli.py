@@ -34,15 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None,
                         help="dataset path (default: the one recorded in the SAE's metadata); its held-out "
                              "split is always used")
-    parser.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to evaluate on")
-    parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    parser.add_argument("--tokens", type=int, default=65_536,
+                        help="held-out tokens to evaluate on (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default: %(default)s)")
     parser.add_argument("--context-size", type=int, default=None,
                         help="tokens per context (default: the SAE's training context size, else 128)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--backend", default="auto", choices=["auto", "transformer_lens", "hf"],
-                        help="model backend")
+                        help="model backend (default: %(default)s)")
     parser.add_argument("--dense-threshold", type=float, default=0.1,
-                        help="latents firing on more than this fraction of tokens count as dense")
+                        help="latents firing on more than this fraction of tokens count as dense "
+                             "(default: %(default)s)")
     parser.add_argument("--include-special-tokens", action="store_true",
                         help="also splice and measure at BOS/EOS/pad positions")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -61,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--probe-dataset", help="hub dataset name or local folder laid out like it (data/train-*.parquet, "
                                            "data/test-*.parquet), e.g. LabHC/bias_in_bios")
     h.add_argument("--label-column", help="column of the class label (e.g. profession)")
-    h.add_argument("--text-column", default="text", help="column of the text (bias_in_bios: hard_text)")
+    h.add_argument("--text-column", default="text",
+                   help="column of the text (bias_in_bios: hard_text; default: %(default)s)")
     h.add_argument("--dataset-config", help="hub dataset configuration name")
     h.add_argument("--probe-classes", type=_names, help="classes to probe (default: the 5 most frequent)")
     h.add_argument("--scr-dataset", help="hub dataset (or local folder) of an SCR pair")

@@ -21,19 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--sae", required=True, help="SAE or transcoder: a folder of any supported format, a hub id 'org/repo[/folder]' "
                                    "or 'release:sae_id'")
     p("--model", help="model name or path (default: the one recorded in the SAE, else 'reference')")
-    p("--backend", default="auto", choices=("auto", "transformer_lens", "hf"))
-    p("--prompt", default="def __init__(self", help="text to continue")
+    p("--backend", default="auto", choices=("auto", "transformer_lens", "hf"),
+      help="hook-name backend (default: %(default)s)")
+    p("--prompt", default="def __init__(self", help="text to continue (default: %(default)r)")
     p("--feature", type=int, action="append", required=True, help="latent index (repeat for several)")
-    p("--mode", default="add", choices=MODES)
+    p("--mode", default="add", choices=MODES, help="what to do to each --feature (default: %(default)s)")
     p("--strength", type=float, default=4.0,
-      help="add: multiples of the latent's max activation; clamp: the activation value; ignored by ablate")
-    p("--positions", default="all", help=POSITIONS_HELP)
-    p("--max-new-tokens", type=int, default=30)
-    p("--seed", type=int, default=0, help="first seed")
-    p("--n-samples", type=int, default=1, help="continuations per side (seeds seed..seed+n-1)")
+      help="add: multiples of the latent's max activation; clamp: the activation value; ignored by ablate "
+           "(default: %(default)s)")
+    p("--positions", default="all", help=POSITIONS_HELP + " (default: %(default)s)")
+    p("--max-new-tokens", type=int, default=30, help="tokens generated per continuation (default: %(default)s)")
+    p("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    p("--n-samples", type=int, default=1, help="continuations per side (seeds seed..seed+n-1) (default: %(default)s)")
     p("--temperature", type=float, default=None,
       help="sampling temperature; 0 = greedy (default: 0 for one sample, 1 for several)")
-    p("--scale-tokens", type=int, default=8192, help="tokens used to estimate each latent's max activation")
+    p("--scale-tokens", type=int, default=8192,
+      help="tokens used to estimate each latent's max activation when the SAE records none (default: %(default)s)")
     p("--sweep", help="comma-separated strengths to sweep for the first --feature, e.g. 0,1,2,4 (needs --out)")
     p("--explanation", help="the latent's explanation: concept score = embedding similarity to it")
     p("--baseline-positive", help="file of positive prompts (one per line) for a difference-in-means baseline")

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("src", metavar="SRC", help="SAE folder (any supported format), hub id or 'release:sae_id'")
     parser.add_argument("repo_id", metavar="REPO_ID", help="hub repo to create or update ('org/name')")
-    parser.add_argument("--format", default="sae-kit", choices=list(WRITERS), help="layout of the uploaded files")
+    parser.add_argument("--format", default="sae-kit", choices=list(WRITERS),
+                        help="layout of the uploaded files (default: %(default)s)")
     parser.add_argument("--path-in-repo", help="folder inside the repo (default: its root)")
     parser.add_argument("--metrics", help="metrics.json of `sae-kit eval` for the model card (default: SRC/metrics.json)")
     parser.add_argument("--private", action="store_true", help="create the repo private")

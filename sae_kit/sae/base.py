@@ -253,6 +253,7 @@ class SparseCoder(nn.Module):
     # -- the maths every architecture defines ---------------------------------------------------------------
     @property
     def d_sae(self) -> int:
+        """Number of latents (cfg.d_sae)."""
         return self.cfg.d_sae
 
     @property

@@ -71,3 +71,11 @@ def test_a_run_scores_none_of_the_contexts_its_explainer_saw(tmp_path, sae, tiny
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert sum("auroc" in r["scores"]["embedding"] for r in scored) >= 4
     assert positives and all(shown[lat] and not shown[lat] & pos for lat, pos in positives.items())
+
+
+def test_the_refusal_counts_what_was_shown_and_what_was_left():
+    # 9 top contexts, all shown: the message once said "9 top contexts, 10 of them shown".
+    rec = synthetic_record()
+    rec.top = rec.top[:9]
+    with pytest.raises(ValueError, match=r"of 9 top contexts and 10 quantile samples, 0 and 0 were not shown"):
+        scoring_set(rec, 10, 10, n_explained=10, n_sampled=10)

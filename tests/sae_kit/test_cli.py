@@ -69,3 +69,18 @@ def test_an_sae_of_another_model_is_refused_before_any_weights_load(command, tin
             "steer": ["--feature", "1"]}[command]
     line = one_error_line(command, ["--sae", str(sae), "--model", str(tiny_llama_path), *argv], capsys)
     assert f"was trained on model '{tiny_gpt2_path}'" in line and f"model '{tiny_llama_path}' was requested" in line
+
+
+@pytest.mark.parametrize("command", ["hooks", "cache", "train", "eval", "interp", "steer", "convert", "push", "run"])
+def test_every_flag_with_a_default_says_it_in_help(command):
+    # A default only the code knows is a default the reader guesses: --help states each one.
+    import argparse
+
+    from sae_kit.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    silent = [a.option_strings[-1] for a in sub._actions
+              if a.option_strings and a.default is not None and not isinstance(a.default, bool)
+              and a.default not in (argparse.SUPPRESS, []) and "default" not in (a.help or "")]
+    assert not silent, f"sae-kit {command}: flags whose --help hides their default: {silent}"
