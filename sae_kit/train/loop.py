@@ -589,7 +589,7 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
         ckpt.remove_checkpoints(plan.out)
         for p in plan.partials:  # left by a SAE of an earlier, differently configured attempt
             shutil.rmtree(p, ignore_errors=True)
-    return [plan.finals[i] for i in plan.mine] if not plan.data_parallel else plan.finals
+    return plan.finals  # after the barrier every rank's SAEs are in place, so each rank lists the whole pass
 
 
 def _open_wandb(cfg: TrainConfig) -> Any:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +15,18 @@ import torch
 from sae_kit.sae import SparseCoder
 from sae_kit.train import TensorSource, TrainConfig, train_all
 
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import torch
     torch.set_num_threads(1)
     from sae_kit.train import TensorSource, TrainConfig, train_all
     x = torch.load(sys.argv[1])
+    returned = []
     for c in json.loads(sys.argv[2]):  # several passes in one launch: the process-group start-up is paid once
-        train_all(TrainConfig.from_dict(c), TensorSource({"h": x}), progress=False)
+        returned.append([str(p) for p in train_all(TrainConfig.from_dict(c), TensorSource({"h": x}), progress=False)])
+    with open(sys.argv[1] + f".rank{os.environ['RANK']}.json", "w") as f:
+        json.dump(returned, f)
 """)
 
 
@@ -34,7 +39,9 @@ def _free_port() -> int:
 def _torchrun(tmp_path, x, cfgs: list[TrainConfig]) -> None:
     (tmp_path / "run.py").write_text(SCRIPT)
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The script runs from tmp_path: put this checkout first on its path, so the ranks run the code under test.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(tmp_path / "run.py"), str(tmp_path / "x.pt"),
            json.dumps([c.to_dict() for c in cfgs])]
@@ -75,6 +82,10 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-4)
         assert max(r["auxk_loss"] for r in la) > 0  # dead latents were tracked and used
     assert not (tmp_path / "ddp" / ".checkpoints").exists()
+    for rank in (0, 1):  # every rank returns every SAE of the pass, those another rank trained too
+        returned = json.loads((tmp_path / f"x.pt.rank{rank}.json").read_text())
+        assert returned == [[str(tmp_path / "ddp" / n) for n in ("topk_k3", "topk_k4")],
+                            [str(tmp_path / "mod" / n) for n in ("topk_k3", "topk_k4")]], rank
     plain = train_all(_base(tmp_path / "plain", sweep={"k": [3, 4]}), TensorSource({"h": x}), progress=False)
     for p in plain:
         # modules spread over ranks: identical to one process
