@@ -247,13 +247,20 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
     return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner)
 
 
-def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
+def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path, dp_ranks: int) -> int:
     """Load a checkpoint into the trainees; ValueError naming every differing field (checkpoint untouched)."""
     state = ckpt.load_part(path, ckpt.STATE)
     diffs = _differences(state["train_config"], cfg.to_dict(), TrainConfig().to_dict())
     if diffs:
         raise ValueError(f"cannot resume from {path}: the config differs ({'; '.join(diffs)}); resume with the "
                          f"original settings or train into another --out")
+    # Each data-parallel rank normalises and selects (BatchTopK) on its slice of the batch, so the rank count is part
+    # of the run's numbers; a checkpoint from before it was recorded is not checked.
+    saved_ranks = state.get("data_parallel_ranks", dp_ranks)
+    if saved_ranks != dp_ranks:
+        raise ValueError(f"cannot resume from {path}: it was trained data parallel over {saved_ranks} rank(s), now "
+                         f"{dp_ranks}; resume with {saved_ranks} rank(s) (torchrun --nproc_per_node), or train into "
+                         f"another --out")
     step = int(state["step"])
     for t in trainees:
         part = ckpt.load_part(path, f"sae-{t.spec.name}.pt")
@@ -290,7 +297,7 @@ def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Tra
     last = ckpt.latest_checkpoint(plan.out)
     step = 0
     if last is not None:
-        step = _restore(trainees, cfg, last)
+        step = _restore(trainees, cfg, last, plan.dp.world_size)
         log.info("resuming from %s (step %d)", last, step)
     if plan.comm.is_main:
         ckpt.remove_temporaries(plan.out)
@@ -475,7 +482,8 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trai
     if comm.is_main:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         shared = {"step": step, "tokens": step * cfg.batch_size, "batches_consumed": step, "rng": rng,
-                  "train_config": cfg.to_dict(), "names": [t.spec.name for t in trainees]}
+                  "train_config": cfg.to_dict(), "names": [t.spec.name for t in trainees],
+                  "data_parallel_ranks": plan.dp.world_size}
         ckpt.write_part(tmp, ckpt.STATE, shared)
     comm.barrier()
     final = tmp.with_name(tmp.name.removeprefix(".tmp-"))

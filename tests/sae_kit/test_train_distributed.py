@@ -7,13 +7,15 @@ import socket
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 from pathlib import Path
 
 import pytest
 import torch
 
 from sae_kit.sae import SparseCoder
-from sae_kit.train import TensorSource, TrainConfig, train_all
+from sae_kit.train import TensorSource, TrainConfig, loop, train_all
+from sae_kit.train.distributed import SingleProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
@@ -104,6 +106,31 @@ def test_micro_batches_average_slice_gradients(tmp_path):
     two = train_all(_base(tmp_path / "b", micro_batches=2), TensorSource({"h": x}), progress=False)[0]
     a, b = SparseCoder.load(one), SparseCoder.load(two)
     assert 0 < (a.W_dec - b.W_dec).norm() / a.W_dec.norm() < 0.2
+
+
+class _RankZeroOfTwo(SingleProcess):
+    """Rank 0 of a 2-rank data-parallel job whose other rank contributes nothing: enough to write its checkpoint."""
+
+    world_size = 2
+
+
+def test_resume_on_another_number_of_data_parallel_ranks_is_refused(tmp_path):
+    """Each rank normalises and selects on its slice of the batch, so a checkpoint of 2 data-parallel ranks resumed in
+    one process (or the other way round) would continue a different run: refused, naming both counts."""
+    x = _data()
+    cfg = _base(tmp_path / "two", checkpoint_every=256 * 4)
+    with pytest.raises(RuntimeError, match="stop"), mock.patch.object(loop, "after_checkpoint",
+                                                                       side_effect=RuntimeError("stop")):
+        loop._train(cfg, TensorSource({"h": x}), False, False, torch.device("cpu"), _RankZeroOfTwo())
+    with pytest.raises(ValueError, match=r"data parallel over 2 rank\(s\), now 1"):
+        train_all(cfg, TensorSource({"h": x}), resume=True, progress=False)
+    one = _base(tmp_path / "one", checkpoint_every=256 * 4)
+    with pytest.raises(RuntimeError, match="stop"), mock.patch.object(loop, "after_checkpoint",
+                                                                       side_effect=RuntimeError("stop")):
+        train_all(one, TensorSource({"h": x}), progress=False)
+    with pytest.raises(ValueError, match=r"data parallel over 1 rank\(s\), now 2"):
+        loop._train(one, TensorSource({"h": x}), True, False, torch.device("cpu"), _RankZeroOfTwo())
+    assert train_all(one, TensorSource({"h": x}), resume=True, progress=False)  # the same count resumes
 
 
 @pytest.mark.parametrize("device, current", [("cuda:1", "cuda:1"), ("cpu", None)])
