@@ -48,6 +48,13 @@ from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, sample_rows, source_rows
 
 log = logging.getLogger(__name__)
+_quiet = logging.getLogger(__name__ + ".other_ranks")
+_quiet.disabled = True
+
+
+def _log_for(comm: SingleProcess) -> logging.Logger:
+    """The loop's logger on rank 0, a silent one on the others: every rank would log the same line."""
+    return log if comm.is_main else _quiet
 
 # Fields that may change between a checkpoint and its resume without changing the numbers of the run.
 RESUME_NEUTRAL = {"checkpoint_every", "device", "log_every", "wandb", "wandb_project", "distribute_modules"}
@@ -180,7 +187,7 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
     finals = [out / s.name for s in specs]
     done = [p for p in finals if (p / MARKER).exists()]
     if resume and len(done) == len(finals):
-        log.info("every SAE of this pass is already complete in %s", out)
+        _log_for(comm).info("every SAE of this pass is already complete in %s", out)
         if comm.is_main:
             ckpt.remove_checkpoints(out)
         return None
@@ -194,7 +201,7 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
         raise FileExistsError(f"{out} holds checkpoints of an unfinished run ({last.name}); pass --resume to "
                               f"continue it, or delete {ckpt.checkpoint_root(out)}")
     if resume and last is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+        _log_for(comm).warning("--resume: no checkpoint in %s, starting from the beginning", out)
 
     data_parallel = comm.world_size > 1 and not cfg.distribute_modules
     if data_parallel and cfg.batch_size % (comm.world_size * cfg.micro_batches):
@@ -298,7 +305,7 @@ def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Tra
     step = 0
     if last is not None:
         step = _restore(trainees, cfg, last, plan.dp.world_size)
-        log.info("resuming from %s (step %d)", last, step)
+        _log_for(plan.comm).info("resuming from %s (step %d)", last, step)
     if plan.comm.is_main:
         ckpt.remove_temporaries(plan.out)
     plan.comm.barrier()
@@ -634,10 +641,12 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     trainees, step = _build_trainees(cfg, plan, source)
     if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
             cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
-        log.warning("%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
-                    "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
+        _log_for(comm).warning(
+            "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
+            "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
     if cfg.dtype == "bfloat16" and device.type != "cuda":
-        log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
+        _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)",
+                            device)
     halt = _Halt(device, len(trainees), cfg.micro_batches)
     logger = _Logger(cfg, plan, step, progress)
     feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
@@ -659,8 +668,8 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
         feed.close()
         logger.close(trainees)
     if step < plan.n_steps:
-        log.warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
-                    step, plan.n_steps, step * cfg.batch_size)
+        _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
+                               step, plan.n_steps, step * cfg.batch_size)
     paths = _publish(trainees, step, cfg, plan, source)
     if logger.wandb is not None:
         logger.wandb.finish()

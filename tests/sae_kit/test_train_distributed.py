@@ -133,6 +133,23 @@ def test_resume_on_another_number_of_data_parallel_ranks_is_refused(tmp_path):
     assert train_all(one, TensorSource({"h": x}), resume=True, progress=False)  # the same count resumes
 
 
+class _RankOneOfTwo(_RankZeroOfTwo):
+    rank = 1
+
+
+def test_only_rank_0_logs_what_every_rank_would(tmp_path, caplog):
+    """The loop's notes (no checkpoint to resume, λ = 0, ...) are the same on every rank: rank 0 logs them once,
+    where every rank of a torchrun job used to repeat them."""
+    x = _data(n=1024)
+    cfg = _base(tmp_path / "o", architecture="relu").replace(n_tokens=1024)  # λ = 0
+    for comm, expected in ((_RankOneOfTwo(), []), (_RankZeroOfTwo(), ["no checkpoint", "λ = 0"])):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sae_kit.train.loop"):
+            loop._train(cfg, TensorSource({"h": x}), True, False, torch.device("cpu"), comm)
+        assert [m for m in expected if not any(m in r.getMessage() for r in caplog.records)] == []
+        assert len(caplog.records) == len(expected), [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("device, current", [("cuda:1", "cuda:1"), ("cpu", None)])
 def test_each_rank_makes_its_own_gpu_current(monkeypatch, device, current):
     """A rank training on cuda:N makes cuda:N its current device before the process group exists: NCCL's barrier
