@@ -150,13 +150,23 @@ def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, A
             for k in sorted(set(filled) | set(new)) if k not in neutral and filled.get(k) != new.get(k)]
 
 
+def _same_run_config(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """`_differences` between a saved train config and `cfg`, with the store and output folders compared as the
+    folders they name: `acts`, `./acts/` and its absolute path are one store."""
+    def folders(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, **{k: str(Path(v).resolve()) for k in ("activations", "out")
+                             if isinstance(v := config.get(k), str) and "://" not in v}}
+
+    return _differences(folders(saved), folders(cfg.to_dict()), TrainConfig().to_dict())
+
+
 def _published_by(final: Path, cfg: TrainConfig) -> bool:
     """Whether `final` is a complete SAE this very config trained (a pass interrupted while publishing)."""
     try:
         saved = json.loads((final / "cfg.json").read_text())["metadata"]["train_config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (final / MARKER).exists() and not _differences(saved, cfg.to_dict(), TrainConfig().to_dict())
+    return (final / MARKER).exists() and not _same_run_config(saved, cfg)
 
 
 def _field_defaults(cls: type) -> dict[str, Any]:
@@ -257,7 +267,7 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
 def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path, dp_ranks: int) -> int:
     """Load a checkpoint into the trainees; ValueError naming every differing field (checkpoint untouched)."""
     state = ckpt.load_part(path, ckpt.STATE)
-    diffs = _differences(state["train_config"], cfg.to_dict(), TrainConfig().to_dict())
+    diffs = _same_run_config(state["train_config"], cfg)
     if diffs:
         raise ValueError(f"cannot resume from {path}: the config differs ({'; '.join(diffs)}); resume with the "
                          f"original settings or train into another --out")
