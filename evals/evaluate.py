@@ -408,10 +408,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     core = [{k: _json_safe(v) for k, v in r.record.items()} for r in results]
     metrics = {"suites": list(cfg.suites), **({"core": core} if "core" in cfg.suites else {}), **sections,
                "scoreboard": scoreboard([r.record for r in results], sections)}
+    # An earlier eval's marker goes first: killed below, the folder must not pass for finished with this run's
+    # config and report beside the earlier run's metrics.
+    (out / METRICS_FILENAME).unlink(missing_ok=True)
     atomic_write_text(out / CONFIG_FILENAME, json.dumps(cfg.to_dict(), indent=2))
     atomic_write_text(out / REPORT_FILENAME, build_report(results, sections))
     if results:
         save_sparsity(out / SPARSITY_FILENAME, [r.sparsity for r in results])
+    else:  # no core suite: an earlier eval's counts would pass for this one's
+        (out / SPARSITY_FILENAME).unlink(missing_ok=True)
     atomic_write_text(out / METRICS_FILENAME, json.dumps(_finite(metrics), indent=2, allow_nan=False))
     return out
 

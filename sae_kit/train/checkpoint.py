@@ -1,7 +1,7 @@
 """Atomic checkpoints of a training pass: everything the loop reads, so resume continues the same run exactly.
 
 Layout: `OUT/.checkpoints/step_XXXXXXXXX/` with `state.pt` (step, tokens, batches consumed, RNG states, the
-train config) and one `sae-<name>.pt` per SAE (weights, optimiser state, dead-latent counters, scales). A
+train config, the data-parallel rank count) and one `sae-<name>.pt` per SAE (weights, optimiser state, dead-latent counters, scales). A
 checkpoint is written into a temporary folder, its `COMPLETE` marker last, then renamed into place; the last
 `KEEP` are kept. A folder without the marker is never read.
 """

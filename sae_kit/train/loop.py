@@ -48,6 +48,13 @@ from sae_kit.train.schedule import default_lr, lr_at, sparsity_at, warmup_steps_
 from sae_kit.train.sources import dataset_record, default_hook, model_name, open_source, sample_rows, source_rows
 
 log = logging.getLogger(__name__)
+_quiet = logging.getLogger(__name__ + ".other_ranks")
+_quiet.disabled = True
+
+
+def _log_for(comm: SingleProcess) -> logging.Logger:
+    """The loop's logger on rank 0, a silent one on the others: every rank would log the same line."""
+    return log if comm.is_main else _quiet
 
 # Fields that may change between a checkpoint and its resume without changing the numbers of the run.
 RESUME_NEUTRAL = {"checkpoint_every", "device", "log_every", "wandb", "wandb_project", "distribute_modules"}
@@ -143,13 +150,23 @@ def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, A
             for k in sorted(set(filled) | set(new)) if k not in neutral and filled.get(k) != new.get(k)]
 
 
+def _same_run_config(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """`_differences` between a saved train config and `cfg`, with the store and output folders compared as the
+    folders they name: `acts`, `./acts/` and its absolute path are one store."""
+    def folders(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, **{k: str(Path(v).resolve()) for k in ("activations", "out")
+                             if isinstance(v := config.get(k), str) and "://" not in v}}
+
+    return _differences(folders(saved), folders(cfg.to_dict()), TrainConfig().to_dict())
+
+
 def _published_by(final: Path, cfg: TrainConfig) -> bool:
     """Whether `final` is a complete SAE this very config trained (a pass interrupted while publishing)."""
     try:
         saved = json.loads((final / "cfg.json").read_text())["metadata"]["train_config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (final / MARKER).exists() and not _differences(saved, cfg.to_dict(), TrainConfig().to_dict())
+    return (final / MARKER).exists() and not _same_run_config(saved, cfg)
 
 
 def _field_defaults(cls: type) -> dict[str, Any]:
@@ -180,7 +197,7 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
     finals = [out / s.name for s in specs]
     done = [p for p in finals if (p / MARKER).exists()]
     if resume and len(done) == len(finals):
-        log.info("every SAE of this pass is already complete in %s", out)
+        _log_for(comm).info("every SAE of this pass is already complete in %s", out)
         if comm.is_main:
             ckpt.remove_checkpoints(out)
         return None
@@ -194,7 +211,7 @@ def _plan(cfg: TrainConfig, source: Any, resume: bool, comm: SingleProcess, devi
         raise FileExistsError(f"{out} holds checkpoints of an unfinished run ({last.name}); pass --resume to "
                               f"continue it, or delete {ckpt.checkpoint_root(out)}")
     if resume and last is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+        _log_for(comm).warning("--resume: no checkpoint in %s, starting from the beginning", out)
 
     data_parallel = comm.world_size > 1 and not cfg.distribute_modules
     if data_parallel and cfg.batch_size % (comm.world_size * cfg.micro_batches):
@@ -247,13 +264,20 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
     return Trainee(spec, sae, opt, dead, peak_lr, s_in, s_out, owner)
 
 
-def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path) -> int:
+def _restore(trainees: list[Trainee], cfg: TrainConfig, path: Path, dp_ranks: int) -> int:
     """Load a checkpoint into the trainees; ValueError naming every differing field (checkpoint untouched)."""
     state = ckpt.load_part(path, ckpt.STATE)
-    diffs = _differences(state["train_config"], cfg.to_dict(), TrainConfig().to_dict())
+    diffs = _same_run_config(state["train_config"], cfg)
     if diffs:
         raise ValueError(f"cannot resume from {path}: the config differs ({'; '.join(diffs)}); resume with the "
                          f"original settings or train into another --out")
+    # Each data-parallel rank normalises and selects (BatchTopK) on its slice of the batch, so the rank count is part
+    # of the run's numbers; a checkpoint from before it was recorded is not checked.
+    saved_ranks = state.get("data_parallel_ranks", dp_ranks)
+    if saved_ranks != dp_ranks:
+        raise ValueError(f"cannot resume from {path}: it was trained data parallel over {saved_ranks} rank(s), now "
+                         f"{dp_ranks}; resume with {saved_ranks} rank(s) (torchrun --nproc_per_node), or train into "
+                         f"another --out")
     step = int(state["step"])
     for t in trainees:
         part = ckpt.load_part(path, f"sae-{t.spec.name}.pt")
@@ -290,8 +314,8 @@ def _build_trainees(cfg: TrainConfig, plan: Plan, source: Any) -> tuple[list[Tra
     last = ckpt.latest_checkpoint(plan.out)
     step = 0
     if last is not None:
-        step = _restore(trainees, cfg, last)
-        log.info("resuming from %s (step %d)", last, step)
+        step = _restore(trainees, cfg, last, plan.dp.world_size)
+        _log_for(plan.comm).info("resuming from %s (step %d)", last, step)
     if plan.comm.is_main:
         ckpt.remove_temporaries(plan.out)
     plan.comm.barrier()
@@ -475,7 +499,8 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainees: list[Trai
     if comm.is_main:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         shared = {"step": step, "tokens": step * cfg.batch_size, "batches_consumed": step, "rng": rng,
-                  "train_config": cfg.to_dict(), "names": [t.spec.name for t in trainees]}
+                  "train_config": cfg.to_dict(), "names": [t.spec.name for t in trainees],
+                  "data_parallel_ranks": plan.dp.world_size}
         ckpt.write_part(tmp, ckpt.STATE, shared)
     comm.barrier()
     final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
@@ -589,7 +614,7 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
         ckpt.remove_checkpoints(plan.out)
         for p in plan.partials:  # left by a SAE of an earlier, differently configured attempt
             shutil.rmtree(p, ignore_errors=True)
-    return [plan.finals[i] for i in plan.mine] if not plan.data_parallel else plan.finals
+    return plan.finals  # after the barrier every rank's SAEs are in place, so each rank lists the whole pass
 
 
 def _open_wandb(cfg: TrainConfig) -> Any:
@@ -626,10 +651,12 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     trainees, step = _build_trainees(cfg, plan, source)
     if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
             cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
-        log.warning("%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
-                    "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
+        _log_for(comm).warning(
+            "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
+            "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
     if cfg.dtype == "bfloat16" and device.type != "cuda":
-        log.info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)", device)
+        _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)",
+                            device)
     halt = _Halt(device, len(trainees), cfg.micro_batches)
     logger = _Logger(cfg, plan, step, progress)
     feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
@@ -651,8 +678,8 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
         feed.close()
         logger.close(trainees)
     if step < plan.n_steps:
-        log.warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
-                    step, plan.n_steps, step * cfg.batch_size)
+        _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
+                               step, plan.n_steps, step * cfg.batch_size)
     paths = _publish(trainees, step, cfg, plan, source)
     if logger.wandb is not None:
         logger.wandb.finish()

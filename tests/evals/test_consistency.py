@@ -77,3 +77,34 @@ def test_cli_consistency_needs_no_model(tmp_path: Path, capsys: pytest.CaptureFi
     code = main(["eval", "--consistency", str(tmp_path / "a"), str(tmp_path / "narrow"), "--out",
                  str(tmp_path / "o2")])
     assert code == 2 and "d_sae=48" in capsys.readouterr().err
+
+
+def test_an_eval_into_a_used_folder_leaves_nothing_of_the_earlier_one(tmp_path: Path, monkeypatch):
+    """Re-running `sae-kit eval` into a folder an earlier eval (with core) wrote: a consistency-only eval drops the
+    earlier sparsity.safetensors, and one killed while writing leaves no metrics.json (the completion marker)."""
+    import evals.evaluate as evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 8, generator=gen)
+    sae_with_decoder(w).save(tmp_path / "a")
+    sae_with_decoder(-w).save(tmp_path / "b")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"suites": ["core"], "core": []}')  # what an earlier core eval left
+    evaluate.save_sparsity(out / "sparsity.safetensors", [])
+    args = ["eval", "--consistency", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
+    real = evaluate.atomic_write_text
+
+    def killed_at_the_report(path, text):
+        if Path(path).name == "report.html":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(evaluate, "atomic_write_text", killed_at_the_report)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(evaluate, "atomic_write_text", real)
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["suites"] == ["consistency"]
+    assert not (out / "sparsity.safetensors").exists()

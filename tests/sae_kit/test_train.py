@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,6 +315,19 @@ def test_resume_with_different_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="d_in"):  # same config, activations of another width
         train(c, TensorSource({HOOK: x[:, :16]}), resume=True, progress=False)
     assert {p: p.read_bytes() for p in sorted((tmp_path / ".checkpoints").glob("step_*/*"))} == before
+
+
+def test_resume_names_the_folders_any_way(tmp_path, monkeypatch):
+    """The output folder spelled another way on resume (`./b/` or its absolute path for `b`; the store's folder is
+    compared the same way) is the same run and resumes; another learning rate is still refused."""
+    x, _ = synthetic(n=2048)
+    monkeypatch.chdir(tmp_path)
+    c = cfg(tmp_path, n_tokens=2048 * 2, checkpoint_every=256 * 4).replace(out="b")
+    with pytest.raises(KeyboardInterrupt):
+        train(c, Dying({HOOK: x}, die_at=6), progress=False)
+    with pytest.raises(ValueError, match=r"the config differs \(lr: checkpoint 0.003 vs now 0.01\)"):
+        train(c.replace(out=str(tmp_path / "b"), lr=1e-2), TensorSource({HOOK: x}), resume=True, progress=False)
+    assert train(c.replace(out="./b/"), TensorSource({HOOK: x}), resume=True, progress=False) == Path("b/topk")
 
 
 class Poisoned(TensorSource):

@@ -7,21 +7,28 @@ import socket
 import subprocess
 import sys
 import textwrap
+from unittest import mock
+from pathlib import Path
 
 import pytest
 import torch
 
 from sae_kit.sae import SparseCoder
-from sae_kit.train import TensorSource, TrainConfig, train_all
+from sae_kit.train import TensorSource, TrainConfig, loop, train_all
+from sae_kit.train.distributed import SingleProcess
 
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import torch
     torch.set_num_threads(1)
     from sae_kit.train import TensorSource, TrainConfig, train_all
     x = torch.load(sys.argv[1])
+    returned = []
     for c in json.loads(sys.argv[2]):  # several passes in one launch: the process-group start-up is paid once
-        train_all(TrainConfig.from_dict(c), TensorSource({"h": x}), progress=False)
+        returned.append([str(p) for p in train_all(TrainConfig.from_dict(c), TensorSource({"h": x}), progress=False)])
+    with open(sys.argv[1] + f".rank{os.environ['RANK']}.json", "w") as f:
+        json.dump(returned, f)
 """)
 
 
@@ -34,7 +41,9 @@ def _free_port() -> int:
 def _torchrun(tmp_path, x, cfgs: list[TrainConfig]) -> None:
     (tmp_path / "run.py").write_text(SCRIPT)
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The script runs from tmp_path: put this checkout first on its path, so the ranks run the code under test.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(tmp_path / "run.py"), str(tmp_path / "x.pt"),
            json.dumps([c.to_dict() for c in cfgs])]
@@ -75,6 +84,10 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-4)
         assert max(r["auxk_loss"] for r in la) > 0  # dead latents were tracked and used
     assert not (tmp_path / "ddp" / ".checkpoints").exists()
+    for rank in (0, 1):  # every rank returns every SAE of the pass, those another rank trained too
+        returned = json.loads((tmp_path / f"x.pt.rank{rank}.json").read_text())
+        assert returned == [[str(tmp_path / "ddp" / n) for n in ("topk_k3", "topk_k4")],
+                            [str(tmp_path / "mod" / n) for n in ("topk_k3", "topk_k4")]], rank
     plain = train_all(_base(tmp_path / "plain", sweep={"k": [3, 4]}), TensorSource({"h": x}), progress=False)
     for p in plain:
         # modules spread over ranks: identical to one process
@@ -93,6 +106,48 @@ def test_micro_batches_average_slice_gradients(tmp_path):
     two = train_all(_base(tmp_path / "b", micro_batches=2), TensorSource({"h": x}), progress=False)[0]
     a, b = SparseCoder.load(one), SparseCoder.load(two)
     assert 0 < (a.W_dec - b.W_dec).norm() / a.W_dec.norm() < 0.2
+
+
+class _RankZeroOfTwo(SingleProcess):
+    """Rank 0 of a 2-rank data-parallel job whose other rank contributes nothing: enough to write its checkpoint."""
+
+    world_size = 2
+
+
+def test_resume_on_another_number_of_data_parallel_ranks_is_refused(tmp_path):
+    """Each rank normalises and selects on its slice of the batch, so a checkpoint of 2 data-parallel ranks resumed in
+    one process (or the other way round) would continue a different run: refused, naming both counts."""
+    x = _data()
+    cfg = _base(tmp_path / "two", checkpoint_every=256 * 4)
+    with pytest.raises(RuntimeError, match="stop"), mock.patch.object(loop, "after_checkpoint",
+                                                                       side_effect=RuntimeError("stop")):
+        loop._train(cfg, TensorSource({"h": x}), False, False, torch.device("cpu"), _RankZeroOfTwo())
+    with pytest.raises(ValueError, match=r"data parallel over 2 rank\(s\), now 1"):
+        train_all(cfg, TensorSource({"h": x}), resume=True, progress=False)
+    one = _base(tmp_path / "one", checkpoint_every=256 * 4)
+    with pytest.raises(RuntimeError, match="stop"), mock.patch.object(loop, "after_checkpoint",
+                                                                       side_effect=RuntimeError("stop")):
+        train_all(one, TensorSource({"h": x}), progress=False)
+    with pytest.raises(ValueError, match=r"data parallel over 1 rank\(s\), now 2"):
+        loop._train(one, TensorSource({"h": x}), True, False, torch.device("cpu"), _RankZeroOfTwo())
+    assert train_all(one, TensorSource({"h": x}), resume=True, progress=False)  # the same count resumes
+
+
+class _RankOneOfTwo(_RankZeroOfTwo):
+    rank = 1
+
+
+def test_only_rank_0_logs_what_every_rank_would(tmp_path, caplog):
+    """The loop's notes (no checkpoint to resume, λ = 0, ...) are the same on every rank: rank 0 logs them once,
+    where every rank of a torchrun job used to repeat them."""
+    x = _data(n=1024)
+    cfg = _base(tmp_path / "o", architecture="relu").replace(n_tokens=1024)  # λ = 0
+    for comm, expected in ((_RankOneOfTwo(), []), (_RankZeroOfTwo(), ["no checkpoint", "λ = 0"])):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sae_kit.train.loop"):
+            loop._train(cfg, TensorSource({"h": x}), True, False, torch.device("cpu"), comm)
+        assert [m for m in expected if not any(m in r.getMessage() for r in caplog.records)] == []
+        assert len(caplog.records) == len(expected), [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("device, current", [("cuda:1", "cuda:1"), ("cpu", None)])
