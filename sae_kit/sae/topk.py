@@ -315,5 +315,8 @@ class TopKSAE(SparseCoder):
         if sel.aux_indices is not None:
             z_aux = torch.zeros_like(pre).scatter(1, sel.aux_indices, self.activation(pre.gather(1, sel.aux_indices)))
             # The residual is in the output's units: an imported SAE's normalisation scales the dead latents' part too.
-            e_hat = (z_aux @ self.W_dec) * self.decoder_gain(x)  # (N, d_out)
+            e_hat = z_aux @ self.W_dec  # (N, d_out)
+            gain = self.decoder_gain(x)
+            if not (isinstance(gain, float) and gain == 1.0):  # an SAE we train: no extra pass over (N, d_out)
+                e_hat = e_hat * gain
         return acts, sel.indices, y_hat, e_hat, None
