@@ -242,6 +242,22 @@ def test_a_left_padded_row_reads_as_the_row_alone(fixture, request, tokens):
     torch.testing.assert_close(model(padded, attention_mask=mask)[:, 4:], model(row), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["transformer_lens", "hf"])
+def test_cuda_model_takes_host_tokens_and_mask_for_a_left_padded_row(tiny_gpt2_path, tokens, backend):
+    """On a GPU the tokens and the attention mask may come from the host (as a DataLoader gives them): both move to
+    the model's device, and a left-padded row still reads as the row alone, as on the CPU."""
+    model = load_model(str(tiny_gpt2_path), backend=backend, device="cuda")
+    hook = "blocks.1.hook_resid_post" if backend == "transformer_lens" else "transformer.h.1"
+    row = tokens[:1, :7]
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1)
+    alone = model.capture(row, [hook])[hook]
+    got = model.capture(padded, [hook], attention_mask=mask)[hook][:, 4:]
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["transformer_lens", "hf"])
 def test_every_hook_point_has_one_row_per_token(tiny_llama_path, backend):
     """Each listed hook point captures (batch, pos, width): tensors the batch shares, such as rotary cos/sin
