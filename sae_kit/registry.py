@@ -13,7 +13,7 @@ import torch
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "pretrained_saes.yaml"
-FIELDS = {"repo_id", "format", "model", "hook_point", "layer_pattern", "note", "saes", "revision"}
+FIELDS = {"repo_id", "format", "model", "hook_point", "target_hook_point", "layer_pattern", "note", "saes", "revision"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,7 +56,9 @@ def resolve(release: str, sae_id: str) -> tuple[dict[str, Any], str, dict[str, A
         layer = re.search(entry.get("layer_pattern", r"(\d+)"), path)
         if layer is None:
             raise ValueError(f"{REGISTRY_FILE}: cannot find the layer of {path!r} with {entry.get('layer_pattern')!r}")
-        fields["hook_point"] = entry["hook_point"].format(layer=int(layer.group(1)))
+        for key in ("hook_point", "target_hook_point"):
+            if entry.get(key):
+                fields[key] = entry[key].format(layer=int(layer.group(1)))
     return entry, path, fields
 
 

@@ -4,11 +4,17 @@
     W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, threshold (d_sae,), b_dec (d_in,)
 
 The file records no model or hook point: they come from the release registry, from the caller (`hook_point=`,
-`model_name=`), or from a Gemma Scope repo name in the path (`gemma-scope-2b-pt-res/layer_5/...` →
-google/gemma-2-2b, `blocks.5.hook_resid_post`; `-mlp` → hook_mlp_out, `-att` → attn.hook_z).
+`model_name=`, `target_hook_point=`), or from a Gemma Scope repo name in the path (`gemma-scope-2b-pt-res/layer_5/...`
+→ google/gemma-2-2b, `blocks.5.hook_resid_post`; `-mlp` → hook_mlp_out, `-att` → attn.hook_z).
+
+The same file is a transcoder when it has a target hook point (given, or from a `-transcoders` repo in the path):
+`gemma-scope-2b-pt-transcoders/layer_5/...` reads `blocks.5.ln2.hook_normalized` (the pre-MLP RMSNorm's output before
+its gain, which Gemma Scope folds into the MLP's input weights) and predicts `blocks.5.hook_mlp_out` (the MLP's output
+after the post-MLP RMSNorm: what the block adds to the residual), as the release's model card and SAELens have it.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,10 @@ from sae_kit.sae.base import SAEConfig
 NAME = "gemma-scope"
 FILE = "params.npz"
 LOOKS_FOR = f"{FILE} (W_enc, W_dec, b_enc, b_dec, threshold)"
-HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out", "att": "blocks.{layer}.attn.hook_z"}
+HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
+         "att": "blocks.{layer}.attn.hook_z", "transcoders": "blocks.{layer}.ln2.hook_normalized"}
+TARGETS = {"transcoders": "blocks.{layer}.hook_mlp_out"}
+"""Target hook point per repo kind whose SAEs are transcoders."""
 
 
 def detect(path: Path) -> bool:
@@ -32,17 +41,23 @@ def detect(path: Path) -> bool:
 
 
 def guess_origin(path: Path) -> dict[str, str]:
-    """model_name and hook_point from a Gemma Scope repo and layer folder in the path, where present."""
-    text = path.resolve().as_posix()
-    out: dict[str, str] = {}
-    repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)", text)  # the -it- repos: SAEs of gemma-2-*-it
+    """model_name, hook_point (and target_hook_point) from a Gemma Scope repo and layer folder in the path."""
+    # The path as given first: in a huggingface_hub cache the file is a symlink into blobs/, whose target names
+    # the repo but not the layer folder.
+    for text in (Path(os.path.abspath(path)).as_posix(), path.resolve().as_posix()):
+        repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)", text)  # -it-: of gemma-2-*-it
+        if repo:
+            break
+    else:
+        return {}
+    out = {"model_name": f"google/gemma-2-{repo.group(1)}{'-it' if repo.group(2) == 'it' else ''}"}
     layer = re.search(r"layer_(\d+)", text)
-    if repo:
-        out["model_name"] = f"google/gemma-2-{repo.group(1)}{'-it' if repo.group(2) == 'it' else ''}"
-        if re.search(r"/embedding/", text):
-            out["hook_point"] = "hook_embed"
-        elif layer:
-            out["hook_point"] = HOOKS[repo.group(3)].format(layer=layer.group(1))
+    if re.search(r"/embedding/", text):
+        out["hook_point"] = "hook_embed"
+    elif layer:
+        out["hook_point"] = HOOKS[repo.group(3)].format(layer=layer.group(1))
+        if repo.group(3) in TARGETS:
+            out["target_hook_point"] = TARGETS[repo.group(3)].format(layer=layer.group(1))
     return out
 
 
@@ -73,4 +88,6 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
         "dtype": dtype or dtype_name(w_enc.dtype), "metadata": {"source_format": NAME},
         **guess_origin(file_path), **(options or {}),
     }
+    # The file is the same for an SAE and a transcoder: a target hook point is what makes it one.
+    fields["transcoder"] = bool(fields.get("target_hook_point"))
     return make_config(file_path, **fields), state, file_path

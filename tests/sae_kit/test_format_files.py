@@ -57,6 +57,91 @@ def test_gemma_scope_origin_from_the_repo_path(tmp_path: Path, where: str, model
     assert (sae.cfg.model_name, sae.cfg.hook_point) == (model, hook)
 
 
+
+def test_gemma_scope_transcoder_from_the_repo_path(tmp_path: Path) -> None:
+    """google/gemma-scope-2b-pt-transcoders holds params.npz like the SAEs; from that repo they are transcoders from
+    the pre-MLP RMSNorm's output (before its gain, as SAELens's gemma_2_transcoder reads them) to hook_mlp_out."""
+    folder = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_5" / "width_16k" / "average_l0_87"
+    params = write_gemma_scope(folder, d_in=16, d_sae=40)
+    x = inputs(20, 16)
+    for path in (folder, folder / "params.npz"):
+        sae = SAE.load(path)
+        c = sae.cfg
+        assert (c.architecture, c.transcoder, c.apply_b_dec_to_input) == ("jumprelu", True, False)
+        assert (c.hook_point, c.target_hook_point) == ("blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out")
+        assert c.model_name == "google/gemma-2-2b"
+        check(sae, *gemma_scope_forward(params, x), x)  # the input is read uncentred, as an SAE's is
+    # A copy outside the repo layout is a transcoder when told its target; an SAE otherwise.
+    write_gemma_scope(tmp_path / "copy", d_in=16, d_sae=40)
+    assert not SAE.load(tmp_path / "copy").cfg.transcoder
+    hooks = ("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out")
+    c = SAE.load(tmp_path / "copy", hook_point=hooks[0], target_hook_point=hooks[1]).cfg
+    assert (c.transcoder, c.hook_point, c.target_hook_point) == (True, *hooks)
+
+
+def test_gemma_scope_transcoder_splices_over_the_mlp_on_gemma2(tmp_path: Path) -> None:
+    """On a tiny Gemma 2 with non-trivial RMSNorm gains, the loaded hook points hold the MLP input with the
+    pre-feedforward gain left out and the MLP output after the post-feedforward norm, and the eval splice replaces
+    exactly what the block adds to the residual: the logits equal a splice made with the model's own modules."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from activation_store import load_model
+    from activation_store.model import reference_model_path
+    from evals.downstream import splice
+
+    tok = AutoTokenizer.from_pretrained(reference_model_path())
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+    ))
+    with torch.no_grad():  # Gemma's RMSNorm gain is 1 + weight, and weight starts at 0: make every norm matter
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    folder = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_1" / "width_16k" / "average_l0_65"
+    write_gemma_scope(folder, d_in=32, d_sae=64)
+    tc = SAE.load(folder).to(torch.float32)
+    model = load_model(str(tmp_path / "gemma2"), backend="transformer_lens", device="cpu")
+    layer = model.hf_model().model.layers[1]
+    tokens = torch.randint(0, len(tok), (2, 6), generator=torch.Generator().manual_seed(0))
+
+    seen: dict[str, torch.Tensor] = {}
+    handles = [layer.pre_feedforward_layernorm.register_forward_pre_hook(lambda m, a: seen.update(mid=a[0])),
+               layer.mlp.register_forward_hook(lambda m, a, out: seen.update(mlp_in=a[0])),
+               layer.post_feedforward_layernorm.register_forward_hook(lambda m, a, out: seen.update(added=out))]
+    try:
+        acts = model.capture(tokens, [tc.cfg.hook_point, tc.cfg.target_hook_point], stop_early=False)
+    finally:
+        for h in handles:
+            h.remove()
+    eps = layer.pre_feedforward_layernorm.eps
+    normed = seen["mid"] * torch.rsqrt(seen["mid"].pow(2).mean(-1, keepdim=True) + eps)  # gain folded away
+    torch.testing.assert_close(acts[tc.cfg.hook_point], normed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(normed, seen["mlp_in"], atol=1e-2)  # else the MLP module's input would pass too
+    torch.testing.assert_close(acts[tc.cfg.target_hook_point], seen["added"], atol=1e-5, rtol=1e-5)
+
+    def by_hand(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = seen["mid"] * torch.rsqrt(seen["mid"].pow(2).mean(-1, keepdim=True) + eps)
+        return tc.decode(tc.encode(x.reshape(-1, 32))).reshape(out.shape)
+
+    handles = [layer.pre_feedforward_layernorm.register_forward_pre_hook(lambda m, a: seen.update(mid=a[0])),
+               layer.post_feedforward_layernorm.register_forward_hook(by_hand)]
+    try:
+        with torch.no_grad():
+            expected = model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        clean = model(tokens)
+        with splice(model, tc, "sae"):
+            got = model(tokens)
+    assert not torch.allclose(expected, clean, atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
 def test_unknown_dtype_is_named(tmp_path: Path) -> None:
     write_gemma_scope(tmp_path / "g", d_in=16, d_sae=40)
     with pytest.raises(ValueError, match=r"unknown dtype 'int8'; valid: \['float32', 'float64', 'bfloat16', 'float16'\]"):

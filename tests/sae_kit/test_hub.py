@@ -3,6 +3,7 @@ registry, and push_to_hub with HfApi's upload intercepted (no network anywhere).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,37 @@ def test_from_pretrained_registry_releases(hub_cache) -> None:
     with pytest.raises(ValueError, match="unknown release 'gemma-scope-2b-res'; close:"):
         SAE.from_pretrained("gemma-scope-2b-res", "x")
 
+
+
+def as_blob(file: Path) -> None:
+    """Move a snapshot file into the repo's blobs/ and leave a relative symlink, as huggingface_hub stores files."""
+    repo = next(p for p in file.parents if p.name.startswith("models--"))
+    blob = repo / "blobs" / f"{abs(hash(str(file))):064d}"
+    blob.parent.mkdir(exist_ok=True)
+    file.rename(blob)
+    file.symlink_to(os.path.relpath(blob, file.parent))
+
+
+def test_gemma_scope_transcoders_from_the_registry_and_a_cache_of_symlinks(hub_cache) -> None:
+    """gemma-scope-2b-pt-transcoders loads as SAELens lists it: JumpReLU transcoders on gemma-2-2b from
+    ln2.hook_normalized to hook_mlp_out; and a Gemma Scope hub id keeps the layer of its path although the cached
+    params.npz is a symlink into blobs/ (whose target path names no layer)."""
+    snap = hub_cache("google/gemma-scope-2b-pt-transcoders")
+    params = write_gemma_scope(snap / "layer_12" / "width_16k" / "average_l0_6", d_in=16, d_sae=40)
+    as_blob(snap / "layer_12" / "width_16k" / "average_l0_6" / "params.npz")
+    x = inputs(10, 16)
+    for sae in (SAE.from_pretrained("gemma-scope-2b-pt-transcoders", "layer_12/width_16k/average_l0_6"),
+                SAE.load("gemma-scope-2b-pt-transcoders:layer_12/width_16k/average_l0_6"),
+                SAE.load("google/gemma-scope-2b-pt-transcoders/layer_12/width_16k/average_l0_6")):
+        c = sae.cfg
+        assert (c.architecture, c.transcoder, c.model_name) == ("jumprelu", True, "google/gemma-2-2b")
+        assert (c.hook_point, c.target_hook_point) == ("blocks.12.ln2.hook_normalized", "blocks.12.hook_mlp_out")
+        torch.testing.assert_close(sae.decode(sae.encode(x), x), gemma_scope_forward(params, x)[1], atol=1e-6, rtol=0)
+    snap = hub_cache("google/gemma-scope-2b-pt-res")
+    write_gemma_scope(snap / "layer_5" / "width_16k" / "average_l0_68", d_in=16, d_sae=40)
+    as_blob(snap / "layer_5" / "width_16k" / "average_l0_68" / "params.npz")
+    c = SAE.load("google/gemma-scope-2b-pt-res", subfolder="layer_5/width_16k/average_l0_68").cfg
+    assert (c.model_name, c.hook_point, c.transcoder) == ("google/gemma-2-2b", "blocks.5.hook_resid_post", False)
 
 def test_release_spec_passes_revision_and_refuses_a_subfolder(hub_cache, monkeypatch: pytest.MonkeyPatch) -> None:
     """`load("release:sae_id", revision=...)` downloads that revision; a subfolder cannot apply to a release's SAE;

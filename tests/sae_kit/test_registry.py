@@ -14,7 +14,7 @@ def test_every_release_is_complete_and_resolves() -> None:
     known = releases()
     for family in ("gemma-scope-2b-pt-res", "gemma-scope-2b-pt-mlp", "gemma-scope-2b-pt-att", "gemma-scope-9b-pt-res",
                    "gemma-scope-9b-pt-mlp", "gemma-scope-9b-pt-att", "gpt2-small-res-jb", "llama_scope_lxr_8x",
-                   "llama_scope_lxm_32x", "eleuther-llama-3-8b-32x"):
+                   "llama_scope_lxm_32x", "eleuther-llama-3-8b-32x", "gemma-scope-2b-pt-transcoders"):
         assert family in known, family
     for name, entry in known.items():
         assert entry["format"] in FORMATS, name
@@ -27,6 +27,7 @@ def test_every_release_is_complete_and_resolves() -> None:
         if entry.get("hook_point"):
             assert re.fullmatch(r"blocks\.\d+\.[\w.]+", fields["hook_point"]), (name, fields)
             assert str(int(re.search(entry["layer_pattern"], path).group(1))) in fields["hook_point"]
+        assert ("target_hook_point" in fields) == bool(entry.get("target_hook_point")), name
 
 
 def test_canonical_ids_point_into_the_full_release() -> None:
@@ -43,3 +44,13 @@ def test_resolve_names_the_hook_point_per_layer() -> None:
     assert fields == {"model_name": "google/gemma-2-9b", "hook_point": "blocks.20.attn.hook_z"}
     with pytest.raises(ValueError, match="close"):
         resolve("gemma-scope-9b-pt-att-canonical", "layer_20/width_16k/canonicall")
+
+
+def test_transcoder_release_names_both_hook_points_per_layer() -> None:
+    """Gemma Scope's 2B transcoders, as SAELens lists them (one per layer), read the pre-MLP RMSNorm's output before
+    its gain (folded into the MLP by Gemma Scope) and predict the MLP's output after the post-MLP norm."""
+    assert len(sae_paths("gemma-scope-2b-pt-transcoders")) == 26
+    _, path, fields = resolve("gemma-scope-2b-pt-transcoders", "layer_11/width_16k/average_l0_5")
+    assert path == "layer_11/width_16k/average_l0_5"
+    assert fields == {"model_name": "google/gemma-2-2b", "hook_point": "blocks.11.ln2.hook_normalized",
+                      "target_hook_point": "blocks.11.hook_mlp_out"}
