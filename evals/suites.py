@@ -82,6 +82,12 @@ def plan_model_suites(model: Any, suites: Sequence[str], cfg: SuiteConfig = Suit
     """Label the held-out tokens and sample every suite's rows, so that a concept or SCR pair short of examples is
     refused before any activation is read (the scan is the same for every hook point of a model)."""
     wanted = [s for s in suites if s in MODEL_SUITES]
+    if "tpp" in wanted:
+        flag, tasks = (("--concepts", cfg.concepts.concepts) if cfg.hub is None
+                       else ("--probe-classes", cfg.hub.classes or ("?",) * cfg.hub.max_classes))
+        if len(tasks) < 2:
+            raise ValueError(f"TPP needs at least two tasks (one intended, others unintended), got {list(tasks)}: "
+                             f"name at least two with {flag}")
     need_concepts = (("probing" in wanted or "tpp" in wanted) and cfg.hub is None)
     need_tokens = need_concepts or "absorption" in wanted or ("scr" in wanted and cfg.hub_pair is None)
     ccfg = cfg.concepts if need_concepts else _no_tasks(cfg.concepts)

@@ -160,3 +160,18 @@ def test_short_concepts_and_scr_pairs_stop_the_eval_before_any_forward_pass(pair
     assert "task 'fstring' has 0 positive" in err
     assert "SCR pair (def_signature, indent_2) has quadrant counts {'11': 0," in err and "--probe-tokens" in err
     assert not out.exists()
+
+
+def test_tpp_with_one_task_is_refused_before_the_core_suite(pair, tmp_path, capsys, monkeypatch):
+    import evals.evaluate as E
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the core suite ran before TPP's single task was refused")
+
+    monkeypatch.setattr(E, "evaluate_sae", ran)
+    code = main(["eval", "--sae", str(pair[0]), "--suite", "core,tpp", "--out", str(tmp_path / "o"), *FAST,
+                 "--concepts", "string"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "TPP needs at least two tasks (one intended, others unintended), got ['string']" in err
+    assert "--concepts" in err
