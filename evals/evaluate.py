@@ -45,7 +45,7 @@ from activation_store.storage import atomic_write_text
 from activation_store.tokens import DatasetConfig, iter_token_batches, recorded_dataset, special_token_mask
 from evals import metrics as M
 from evals.downstream import replaced_hook_point, splice
-from evals.suites import MODEL_SUITES, SuiteConfig, parse_suites, run_model_suites, scoreboard
+from evals.suites import MODEL_SUITES, SuiteConfig, parse_suites, plan_model_suites, run_model_suites, scoreboard
 from evals.tasks import DECODER_SUITES, check_decoder_reads_input
 from sae_kit.compat import check_compatible, check_requested, recorded_model
 
@@ -376,6 +376,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     plans = [(path, sae, name, dataset_config(sae.cfg, cfg)) for (path, sae), name in zip(saes, names)]
     consistency = (run_consistency(saes, strict=len(saes) == 2) if "consistency" in cfg.suites else None)
 
+    # The suites' examples are labelled and sampled first: a concept or SCR pair short of examples stops the run
+    # before the core suite's and the captures' forward passes, not after them.
+    suite_plans = ({name: plan_model_suites(models[name], cfg.suites, cfg.suite, progress) for name in models}
+                   if set(cfg.suites) & set(MODEL_SUITES) else {})
+
     results: list[SAEEvalResult] = []
     if "core" in cfg.suites:
         token_cache: dict[tuple[str, str], list[Tensor]] = {}
@@ -397,8 +402,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         for path, sae, name, _ in plans:
             groups.setdefault((name, sae.cfg.hook_point), []).append((path, sae.to(models[name].device)))
         for (name, hook), members in groups.items():
-            for suite, section in run_model_suites(models[name], hook, members, cfg.suites, cfg.suite,
-                                                   progress).items():
+            for suite, section in run_model_suites(models[name], hook, members, cfg.suites, cfg.suite, progress,
+                                                   suite_plans[name]).items():
                 sections.setdefault(suite, []).append(section)
     if consistency is not None:
         sections["consistency"] = consistency

@@ -327,8 +327,10 @@ def pair_rows(tokens: LabelledTokens, a: str, b: str, cfg: ScrConfig) -> dict[st
         quads = {f"{i}{j}": np.nonzero(side & (col_a == i) & (col_b == j))[0] for i in (1, 0) for j in (1, 0)}
         counts = {k: len(v) for k, v in quads.items()}
         if min(counts.values()) < 4:
-            raise ValueError(f"SCR pair ({a}, {b}) has quadrant counts {counts} (A, B values) in its {split} split: "
-                             "every combination must occur; pick concepts that can co-occur and be apart")
+            raise ValueError(f"SCR pair ({a}, {b}) has quadrant counts {counts} (A, B values) in its {split} split "
+                             f"of {len(tokens.token_ids)} held-out tokens: every combination must occur at least 4 "
+                             "times; scan more held-out tokens (--probe-tokens) or pick other pairs (--scr-pairs), "
+                             "concepts that can co-occur and be apart")
         out[split] = quadrant_sets(quads, n, rng)
         out["quadrants"][split] = counts
     return out

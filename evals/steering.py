@@ -37,7 +37,7 @@ ConceptScorer = Callable[[list[str]], Sequence[float]]
 
 
 class LogitLens(NamedTuple):
-    """Tokens a direction promotes and suppresses through the unembedding, with their logit contributions."""
+    """Tokens (decoded: ' import') a direction promotes and suppresses through W_U, with their logit contributions."""
 
     promoted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
@@ -107,10 +107,14 @@ def direction_logit_lens(model: LoadedModel, direction: Tensor, n: int = 10,
         d = d * gamma.to(d.dtype)  # the final norm's scale (its centring is ignored: a direction, not a point)
     logits = w_u @ d  # (vocab,)
     n = min(n, logits.shape[0])
-    to_tok = model.tokenizer.convert_ids_to_tokens
     up, down = logits.topk(n), (-logits).topk(n)
-    return LogitLens(list(zip(to_tok(up.indices.tolist()), up.values.tolist(), strict=True)),
-                     list(zip(to_tok(down.indices.tolist()), (-down.values).tolist(), strict=True)))
+
+    def text(ids: Tensor) -> list[str]:
+        # each token's decoded text (' import'), not its vocabulary entry ('Ġimport'), as SAELens/Neuronpedia show
+        return [model.tokenizer.decode([i]) for i in ids.tolist()]
+
+    return LogitLens(list(zip(text(up.indices), up.values.tolist(), strict=True)),
+                     list(zip(text(down.indices), (-down.values).tolist(), strict=True)))
 
 
 def logit_lens(model: LoadedModel, sae: SparseCoder, feature: int, n: int = 10,

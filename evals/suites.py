@@ -3,7 +3,8 @@
 Suites (`SUITES`): `core` (reconstruction, sparsity, downstream loss: `evals.evaluate`), `probing`
 (`evals.probing`), `absorption` (`evals.absorption`), `scr` and `tpp` (`evals.scr`), `consistency`
 (`evals.consistency`). The model-reading suites share one pass per (model, hook point): held-out stdlib tokens are
-labelled once, the rows every suite needs are sampled, and their activations are read in one capture. A hub dataset
+labelled once and the rows every suite needs are sampled (`plan_model_suites`, before any forward pass, so a concept or
+pair short of examples is refused up front), and their activations are read in one capture. A hub dataset
 (`SuiteConfig.hub`) replaces the code concepts for probing and TPP; a hub pair (`SuiteConfig.hub_pair`) replaces
 the code-concept pairs for SCR. Absorption always reads code identifiers.
 
@@ -11,6 +12,7 @@ the code-concept pairs for SCR. Absorption always reads code identifiers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from evals.absorption import AbsorptionConfig, letter_rows, run_absorption
+from evals.absorption import AbsorptionConfig, LetterData, letter_rows, run_absorption
 from evals.probing import ProbingConfig, run_probing
 from evals.scr import HEADLINE_N, HubPairConfig, ScrConfig, hub_pair, pair_examples, pair_rows, run_scr, run_tpp
-from evals.tasks import ConceptTaskConfig, HubTaskConfig, concept_tasks, hub_tasks, label_heldout_tokens
+from evals.tasks import (
+    ConceptTaskConfig,
+    HubTaskConfig,
+    LabelledTokens,
+    concept_tasks,
+    hub_tasks,
+    label_heldout_tokens,
+    sample_concept_rows,
+)
 
 SUITES = ("core", "probing", "absorption", "consistency", "scr", "tpp")
 MODEL_SUITES = ("probing", "absorption", "scr", "tpp")
@@ -54,9 +64,64 @@ def parse_suites(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+@dataclass
+class SuitePlan:
+    """The labelled held-out tokens and the rows each model-reading suite samples from them (no forward pass)."""
+
+    tokens: LabelledTokens | None = None
+    concepts: ConceptTaskConfig = field(default_factory=ConceptTaskConfig)
+    """The token scan's config (no concept task when only absorption / SCR need the tokens)."""
+    need_concepts: bool = False
+    letters: LetterData | None = None
+    pair_plans: dict[str, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
+    """{"A+B": (A, B, `pair_rows` output)} of the code-concept SCR pairs."""
+
+
+def plan_model_suites(model: Any, suites: Sequence[str], cfg: SuiteConfig = SuiteConfig(),
+                      progress: bool = False) -> SuitePlan:
+    """Label the held-out tokens and sample every suite's rows, so that a concept or SCR pair short of examples is
+    refused before any activation is read (the scan is the same for every hook point of a model)."""
+    wanted = [s for s in suites if s in MODEL_SUITES]
+    if "tpp" in wanted:
+        flag, tasks = (("--concepts", cfg.concepts.concepts) if cfg.hub is None
+                       else ("--probe-classes", cfg.hub.classes or ("?",) * cfg.hub.max_classes))
+        if len(tasks) < 2:
+            raise ValueError(f"TPP needs at least two tasks (one intended, others unintended), got {list(tasks)}: "
+                             f"name at least two with {flag}")
+    need_concepts = (("probing" in wanted or "tpp" in wanted) and cfg.hub is None)
+    need_tokens = need_concepts or "absorption" in wanted or ("scr" in wanted and cfg.hub_pair is None)
+    ccfg = cfg.concepts if need_concepts else _no_tasks(cfg.concepts)
+    plan = SuitePlan(concepts=ccfg, need_concepts=need_concepts)
+    if not need_tokens:
+        return plan
+    plan.tokens = label_heldout_tokens(model, ccfg, progress)
+    problems = []  # every short concept and pair in one error, so one rerun fixes them all
+    if plan.tokens.n_unparsed_files < plan.tokens.n_files:  # else concept_tasks names the cause
+        for name in ccfg.concepts:
+            try:
+                sample_concept_rows(plan.tokens, dataclasses.replace(ccfg, concepts=(name,)))
+            except ValueError as err:
+                problems.append(str(err))
+    if "absorption" in wanted:
+        plan.letters = letter_rows(plan.tokens, cfg.absorption)
+    if "scr" in wanted and cfg.hub_pair is None:
+        for a, b in cfg.scr.pairs:
+            try:
+                plan.pair_plans[f"{a}+{b}"] = (a, b, pair_rows(plan.tokens, a, b, cfg.scr))
+            except ValueError as err:
+                problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return plan
+
+
 def run_model_suites(model: Any, hook_point: str, saes: Sequence[tuple[str, Any]], suites: Sequence[str],
-                     cfg: SuiteConfig = SuiteConfig(), progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Run the requested model-reading suites for SAEs on one hook point; {suite: section}."""
+                     cfg: SuiteConfig = SuiteConfig(), progress: bool = False,
+                     plan: SuitePlan | None = None) -> dict[str, dict[str, Any]]:
+    """Run the requested model-reading suites for SAEs on one hook point; {suite: section}.
+
+    plan: `plan_model_suites(model, suites, cfg)` if already made (`run_eval` makes it before the core suite).
+    """
     wanted = [s for s in suites if s in MODEL_SUITES]
     if not wanted:
         return {}
@@ -66,42 +131,34 @@ def run_model_suites(model: Any, hook_point: str, saes: Sequence[tuple[str, Any]
         check_reads(sae, hook_point, f"the suites' examples (for SAE {label!r})")
         for suite in (s for s in wanted if s in DECODER_SUITES):  # before the token scan, not after it
             check_decoder_reads_input(sae, suite, label)
-    need_concepts = (("probing" in wanted or "tpp" in wanted) and cfg.hub is None)
-    need_tokens = need_concepts or "absorption" in wanted or ("scr" in wanted and cfg.hub_pair is None)
+    plan = plan if plan is not None else plan_model_suites(model, wanted, cfg, progress)
     out: dict[str, dict[str, Any]] = {}
     taskset = None
-    if need_tokens:
-        ccfg = cfg.concepts if need_concepts else _no_tasks(cfg.concepts)
-        tokens = label_heldout_tokens(model, ccfg, progress)
+    if plan.tokens is not None:
         extra: dict[str, np.ndarray] = {}
-        letters = None
-        if "absorption" in wanted:
-            letters = letter_rows(tokens, cfg.absorption)
-            extra["letters"] = letters.rows
-        pair_plans = {}
-        if "scr" in wanted and cfg.hub_pair is None:
-            for a, b in cfg.scr.pairs:
-                plan = pair_rows(tokens, a, b, cfg.scr)
-                pair_plans[f"{a}+{b}"] = (a, b, plan)
-                extra[f"scr:{a}+{b}"] = np.unique(np.concatenate(
-                    [np.concatenate(ix) for split in ("train", "test") for ix in plan[split].values()]))
-        taskset = concept_tasks(model, hook_point, ccfg, tokens=tokens, extra_rows=extra, progress=progress)
-        if not need_concepts:
+        if plan.letters is not None:
+            extra["letters"] = plan.letters.rows
+        for name, (_, _, rows) in plan.pair_plans.items():
+            extra[f"scr:{name}"] = np.unique(np.concatenate(
+                [np.concatenate(ix) for split in ("train", "test") for ix in rows[split].values()]))
+        taskset = concept_tasks(model, hook_point, plan.concepts, tokens=plan.tokens, extra_rows=extra,
+                                progress=progress)
+        if not plan.need_concepts:
             taskset.tasks = []
         extra_acts = taskset.extras["extra_acts"]
-        if letters is not None:
-            out["absorption"] = run_absorption(extra_acts["letters"], letters, saes, hook_point, cfg.absorption,
-                                               progress)
-        if pair_plans:
+        if plan.letters is not None:
+            out["absorption"] = run_absorption(extra_acts["letters"], plan.letters, saes, hook_point,
+                                               cfg.absorption, progress)
+        if plan.pair_plans:
             pairs = []
-            for name, (a, b, plan) in pair_plans.items():
+            for name, (a, b, rows_of) in plan.pair_plans.items():
                 rows = extra[f"scr:{name}"]
                 acts = extra_acts[f"scr:{name}"]
 
                 def acts_of(r: np.ndarray, rows: np.ndarray = rows, acts: torch.Tensor = acts) -> torch.Tensor:
                     return acts[torch.as_tensor(np.searchsorted(rows, r), dtype=torch.long)]
 
-                pairs.append(pair_examples(name, plan, acts_of, a, b))
+                pairs.append(pair_examples(name, rows_of, acts_of, a, b))
             out["scr"] = run_scr(pairs, hook_point, saes, cfg.scr)
     if "scr" in wanted and cfg.hub_pair is not None:
         out["scr"] = run_scr([hub_pair(model, hook_point, cfg.hub_pair, cfg.scr, progress)], hook_point, saes, cfg.scr)
@@ -118,8 +175,6 @@ def run_model_suites(model: Any, hook_point: str, saes: Sequence[tuple[str, Any]
 
 def _no_tasks(cfg: ConceptTaskConfig) -> ConceptTaskConfig:
     """The same token scan with no concept task sampled (absorption / SCR only)."""
-    import dataclasses
-
     return dataclasses.replace(cfg, concepts=())
 
 

@@ -32,7 +32,7 @@ def test_logit_lens_finds_the_token_a_direction_points_at(tiny_model):
     w_u = tiny_model.hf_model().get_output_embeddings().weight
     target = 57
     lens = direction_logit_lens(tiny_model, w_u[target] * 10, n=5, through_final_norm=False)
-    assert lens.promoted[0][0] == tiny_model.tokenizer.convert_ids_to_tokens(target)
+    assert lens.promoted[0][0] == tiny_model.tokenizer.decode([target])
     values = [v for _, v in lens.promoted]
     assert values == sorted(values, reverse=True)
     assert all(v <= lens.promoted[-1][1] for _, v in lens.suppressed)
@@ -45,6 +45,23 @@ def test_logit_lens_finds_the_token_a_direction_points_at(tiny_model):
         direction_logit_lens(tiny_model, torch.ones(31))
 
 
+def space_token(tokenizer) -> tuple[int, str]:
+    """A token that starts with a space: its id and decoded text (its BPE vocabulary entry starts with 'Ġ')."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    i = next(i for i, t in enumerate(vocab) if t.startswith("Ġ") and len(t) > 2 and t[1:].isalpha())
+    return i, tokenizer.decode([i])
+
+
+def test_logit_lens_shows_decoded_text_not_bpe_entries(tiny_model):
+    """' import', as SAELens and Neuronpedia show a token, not the byte-level BPE entry 'Ġimport'."""
+    target, text = space_token(tiny_model.tokenizer)
+    assert text.startswith(" ") and "Ġ" not in text
+    w_u = tiny_model.hf_model().get_output_embeddings().weight
+    lens = direction_logit_lens(tiny_model, w_u[target] * 10, n=20, through_final_norm=False)
+    assert lens.promoted[0][0] == text
+    assert not any("Ġ" in t or "Ċ" in t for t, _ in lens.promoted + lens.suppressed)
+
+
 def test_logit_lens_goes_through_the_final_norm_scale(tiny_model, monkeypatch):
     import evals.steering as es
 
@@ -55,7 +72,7 @@ def test_logit_lens_goes_through_the_final_norm_scale(tiny_model, monkeypatch):
     direction = torch.randn(32)
     lens = direction_logit_lens(tiny_model, direction, n=1)
     expected = int((w_u[:, 4] * 2.0 * direction[4]).argmax())
-    assert lens.promoted[0][0] == tiny_model.tokenizer.convert_ids_to_tokens(expected)
+    assert lens.promoted[0][0] == tiny_model.tokenizer.decode([expected])
 
 
 def test_side_by_side_same_seed_and_zero_strength(tiny_model):
@@ -200,6 +217,20 @@ def test_cli_side_by_side(tiny_gpt2_path, sae_dir, capsys):
     out = capsys.readouterr().out
     assert out.count("--- unsteered ---") == 2 and "--- steered (add 50.0 on [3, 5]) ---" in out
     assert "promotes" in out and "max activation" in out and "=== seed 1 ===" in out
+
+
+def test_cli_logit_lens_prints_decoded_tokens(tiny_gpt2_path, tiny_model, tmp_path, capsys):
+    from sae_kit.cli import main
+
+    target, text = space_token(tiny_model.tokenizer)
+    sae = make_sae()
+    with torch.no_grad():  # latent 3 writes the target token's unembedding row: the lens's top token
+        sae.W_dec[3] = tiny_model.hf_model().get_output_embeddings().weight[target].detach() * 10
+    sae.save(tmp_path / "sae")
+    assert main(["steer", "--sae", str(tmp_path / "sae"), "--model", str(tiny_gpt2_path), "--prompt", "class A",
+                 "--feature", "3", "--strength", "5", "--max-new-tokens", "1", "--scale-tokens", "64"]) == 0
+    lens = next(line for line in capsys.readouterr().out.splitlines() if "promotes" in line)
+    assert f"promotes   {text!r}(+" in lens and "Ġ" not in lens
 
 
 def test_cli_sweep_with_baseline(tiny_gpt2_path, sae_dir, tmp_path, capsys):

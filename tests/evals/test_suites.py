@@ -138,3 +138,40 @@ def test_parse_suites_and_scoreboard_rows():
     assert rows == [{"sae_path": "a", "hook_point": None, "d_sae": None, "l0": 3.0, "fvu": 0.1,
                      "ce_loss_recovered": None, "consistency_mcc": 0.7, "consistency_with": "b"},
                     {"sae_path": "b", "consistency_mcc": 0.7, "consistency_with": "a"}]
+
+
+def test_short_concepts_and_scr_pairs_stop_the_eval_before_any_forward_pass(pair, tmp_path, capsys, monkeypatch):
+    """The labelled tokens say which concepts and SCR pairs are short: all of them are named in one error before
+    the core suite (or a capture) runs, not after minutes of it with nothing written."""
+    import evals.evaluate as E
+    import evals.tasks as T
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the short concept / pair was refused")
+
+    monkeypatch.setattr(E, "evaluate_sae", ran)
+    monkeypatch.setattr(T, "capture_rows", ran)
+    out = tmp_path / "short"
+    code = main(["eval", "--sae", str(pair[0]), "--suite", "core,probing,absorption,scr,tpp", "--out", str(out),
+                 *FAST, "--probe-tokens", "4096", "--concepts", "string,fstring",
+                 "--scr-pairs", "string+indent_2,def_signature+indent_2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "task 'fstring' has 0 positive" in err
+    assert "SCR pair (def_signature, indent_2) has quadrant counts {'11': 0," in err and "--probe-tokens" in err
+    assert not out.exists()
+
+
+def test_tpp_with_one_task_is_refused_before_the_core_suite(pair, tmp_path, capsys, monkeypatch):
+    import evals.evaluate as E
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the core suite ran before TPP's single task was refused")
+
+    monkeypatch.setattr(E, "evaluate_sae", ran)
+    code = main(["eval", "--sae", str(pair[0]), "--suite", "core,tpp", "--out", str(tmp_path / "o"), *FAST,
+                 "--concepts", "string"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "TPP needs at least two tasks (one intended, others unintended), got ['string']" in err
+    assert "--concepts" in err
