@@ -39,3 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     run_pipeline(cfg, progress=not args.no_progress, until=args.until, check=args.check)
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: how far a training stage got, and that a re-run skips finished pieces and resumes the rest."""
+    where = f" ({err})" if str(err) else ""  # a training pass says its step and last checkpoint
+    return (f"interrupted{where}; re-running the same command skips the finished pieces and resumes the interrupted "
+            "one (the cache after its last shard, training from its last checkpoint, autointerp after its last "
+            "latent)")

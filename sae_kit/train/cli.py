@@ -155,3 +155,17 @@ def run(args: argparse.Namespace) -> int:
         for path in paths:
             print(f"saved {path}")
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: the step reached and what re-running does (resume from the last checkpoint, or start over)."""
+    from sae_kit.train.loop import TrainingInterrupted
+
+    if not isinstance(err, TrainingInterrupted):
+        return "interrupted before training started; nothing was written (re-run the same command)"
+    head = f"interrupted at step {err.step} of {err.n_steps}"
+    if err.checkpoint_step is not None:
+        return f"{head}; the last checkpoint is step {err.checkpoint_step} (continue with --resume)"
+    how = (f"the first comes after {err.checkpoint_every:,} tokens" if err.checkpoint_every
+           else "pass --checkpoint-every TOKENS to save some")
+    return f"{head}; nothing was saved (no checkpoint yet: {how}); re-running the same command starts over"

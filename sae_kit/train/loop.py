@@ -73,6 +73,17 @@ METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
 WINDOW_KEYS = (*METRIC_KEYS, "dead_frac")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt during a pass, saying the step it reached and the checkpoint a resume would start from."""
+
+    def __init__(self, step: int, n_steps: int, checkpoint: Path | None, checkpoint_every: int):
+        self.step, self.n_steps, self.checkpoint, self.checkpoint_every = step, n_steps, checkpoint, checkpoint_every
+        self.checkpoint_step = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else None
+        saved = (f"the last checkpoint is step {self.checkpoint_step}" if checkpoint is not None
+                 else "no checkpoint was saved")
+        super().__init__(f"interrupted at step {step} of {n_steps}; {saved}")
+
+
 @dataclass
 class Trainee:
     """One SAE of the pass and all its mutable training state."""
@@ -648,39 +659,46 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     plan = _plan(cfg, source, resume, comm, device)
     if plan is None:
         return [Path(cfg.out) / s.name for s in cfg.specs(default_hook(source))]
-    trainees, step = _build_trainees(cfg, plan, source)
-    if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
-            cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
-        _log_for(comm).warning(
-            "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
-            "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
-    if cfg.dtype == "bfloat16" and device.type != "cuda":
-        _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)",
-                            device)
-    halt = _Halt(device, len(trainees), cfg.micro_batches)
-    logger = _Logger(cfg, plan, step, progress)
-    feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
-                         start_batch=step)
-    last_ckpt_tokens = step * cfg.batch_size
+    step = 0
     try:
-        for batch in feed:
-            if step >= plan.n_steps:
-                break
-            if step == 0:
-                _init_from_first_batch(trainees, batch, device)
-            _step(trainees, batch, step, cfg, plan, halt)
-            step += 1
-            logger.bar.update()
-            if _is_sync_point(step, cfg, plan, last_ckpt_tokens):
-                last_ckpt_tokens = _sync_point(trainees, step, halt, cfg, plan, logger, last_ckpt_tokens)
-        _raise_if_halted(trainees, halt, cfg, plan)
-    finally:
-        feed.close()
-        logger.close(trainees)
-    if step < plan.n_steps:
-        _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
-                               step, plan.n_steps, step * cfg.batch_size)
-    paths = _publish(trainees, step, cfg, plan, source)
-    if logger.wandb is not None:
-        logger.wandb.finish()
-    return paths
+        trainees, step = _build_trainees(cfg, plan, source)
+        if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
+                cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
+            _log_for(comm).warning(
+                "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
+                "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
+        if cfg.dtype == "bfloat16" and device.type != "cuda":
+            _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need "
+                                "CUDA)", device)
+        halt = _Halt(device, len(trainees), cfg.micro_batches)
+        logger = _Logger(cfg, plan, step, progress)
+        feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
+                             epochs=plan.epochs, start_batch=step)
+        last_ckpt_tokens = step * cfg.batch_size
+        try:
+            for batch in feed:
+                if step >= plan.n_steps:
+                    break
+                if step == 0:
+                    _init_from_first_batch(trainees, batch, device)
+                _step(trainees, batch, step, cfg, plan, halt)
+                step += 1
+                logger.bar.update()
+                if _is_sync_point(step, cfg, plan, last_ckpt_tokens):
+                    last_ckpt_tokens = _sync_point(trainees, step, halt, cfg, plan, logger, last_ckpt_tokens)
+            _raise_if_halted(trainees, halt, cfg, plan)
+        finally:
+            feed.close()
+            logger.close(trainees)
+        if step < plan.n_steps:
+            _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
+                                   step, plan.n_steps, step * cfg.batch_size)
+        paths = _publish(trainees, step, cfg, plan, source)
+        if logger.wandb is not None:
+            logger.wandb.finish()
+        return paths
+    except KeyboardInterrupt as err:
+        # Nothing to clean up: checkpoints and published folders are atomic. Say how far it got and where a
+        # resume would start, for the one-line message of the CLI.
+        raise TrainingInterrupted(step, plan.n_steps, ckpt.latest_checkpoint(plan.out), cfg.checkpoint_every) \
+            from err

@@ -452,6 +452,30 @@ def test_nan_from_cli_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert "step 0 (batch index 0" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("every", [256 * 10, 0])
+def test_ctrl_c_from_cli_is_one_line_exit_130_saying_how_to_go_on(tmp_path, capsys, monkeypatch, every):
+    import sae_kit.train.loop as loop
+    from sae_kit.cli import main
+
+    x, _ = synthetic(n=4096)
+    argv = ["train", "--hook", HOOK, "--out", str(tmp_path), "--d-sae", "64", "--k", "3", "--tokens", str(256 * 40),
+            "--batch-size", "256", "--checkpoint-every", str(every), "--no-progress"]
+    monkeypatch.setattr(loop, "open_source", lambda c: Dying({HOOK: x}, die_at=27))
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if every:
+        assert err.strip() == ("sae-kit train: interrupted at step 27 of 40; the last checkpoint is step 20 "
+                               "(continue with --resume)")
+    else:
+        assert err.strip() == ("sae-kit train: interrupted at step 27 of 40; nothing was saved (no checkpoint yet: "
+                               "pass --checkpoint-every TOKENS to save some); re-running the same command starts over")
+    # and what the line promises works
+    monkeypatch.setattr(loop, "open_source", lambda c: TensorSource({HOOK: x}))
+    assert main(argv + ["--resume"] * bool(every)) == 0
+    assert (tmp_path / "topk" / "COMPLETE").exists()
+
+
 def test_transcoder_learns_a_sparse_map(tmp_path):
     x, _ = synthetic()
     gen = torch.Generator().manual_seed(1)
