@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from activation_store.model import usable_device
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import checkpoint as ckpt
-from sae_kit.train.config import SAESpec, TrainConfig
+from sae_kit.train.config import SWEEPABLE, SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import training_feed
@@ -163,12 +163,27 @@ def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, A
 
 def _same_run_config(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """`_differences` between a saved train config and `cfg`, with the store and output folders compared as the
-    folders they name: `acts`, `./acts/` and its absolute path are one store."""
+    folders they name (`acts`, `./acts/` and its absolute path are one store) and a swept field as `sweep.NAME`."""
     def folders(config: dict[str, Any]) -> dict[str, Any]:
         return {**config, **{k: str(Path(v).resolve()) for k in ("activations", "out")
                              if isinstance(v := config.get(k), str) and "://" not in v}}
 
-    return _differences(folders(saved), folders(cfg.to_dict()), TrainConfig().to_dict())
+    defaults = TrainConfig().to_dict()
+    old, new = folders(saved), folders(cfg.to_dict())
+    old_sweep, new_sweep = {**defaults["sweep"], **(old.pop("sweep", None) or {})}, new.pop("sweep")
+    diffs = []
+    for name in SWEEPABLE:
+        before, now = list(old_sweep.get(name) or []), list(new_sweep.get(name) or [])
+        if not before and not now:
+            continue  # unswept on both sides: the scalar field is compared below like any other
+        if before != now:  # an unswept side shows the scalar in force, not a bare default
+            before_s, now_s = (repr(values) if values else f"(none, {name}={config.get(name, defaults[name])!r})"
+                               for values, config in ((before, old), (now, new)))
+            diffs.append(f"sweep.{name}: checkpoint {before_s} vs now {now_s}")
+        if name != "seed":  # a swept field's scalar is unused (the seed's still sets the data order)
+            old[name] = new[name] = None
+    del defaults["sweep"]
+    return sorted(diffs + _differences(old, new, defaults))
 
 
 def _published_by(final: Path, cfg: TrainConfig) -> bool:

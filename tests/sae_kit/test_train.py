@@ -317,6 +317,21 @@ def test_resume_with_different_config_is_refused(tmp_path):
     assert {p: p.read_bytes() for p in sorted((tmp_path / ".checkpoints").glob("step_*/*"))} == before
 
 
+def test_resuming_into_a_sweep_names_the_swept_axis_not_the_unused_scalar(tmp_path):
+    # `--k 8,16` leaves the scalar k at its default (32), which no SAE of the sweep uses: naming it misleads.
+    x, _ = synthetic(n=2048)
+    c = cfg(tmp_path, k=8, n_tokens=2048 * 2, checkpoint_every=256 * 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, Dying({HOOK: x}, die_at=6), progress=False)
+    swept = TrainConfig.from_dict({**c.to_dict(), "k": [8, 16], "sweep": {}})
+    assert swept.k == 32 and swept.sweep.k == (8, 16)
+    with pytest.raises(ValueError, match=r"differs \(sweep\.k: checkpoint \(none, k=8\) vs now \[8, 16\]\);") as err:
+        train_all(swept, TensorSource({HOOK: x}), resume=True, progress=False)
+    assert "32" not in str(err.value)
+    with pytest.raises(ValueError, match=r"differs \(k: checkpoint 8 vs now 16\);"):  # unswept: the field itself
+        train(c.replace(k=16), TensorSource({HOOK: x}), resume=True, progress=False)
+
+
 def test_resume_names_the_folders_any_way(tmp_path, monkeypatch):
     """The output folder spelled another way on resume (`./b/` or its absolute path for `b`; the store's folder is
     compared the same way) is the same run and resumes; another learning rate is still refused."""
