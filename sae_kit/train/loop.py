@@ -64,7 +64,8 @@ PARTIAL_SUFFIX = ".partial"
 MEDIAN_SAMPLE = 4096
 """Rows of the first batch used for the geometric-median b_dec initialisation."""
 FINAL_WINDOW = 50
-"""Final metrics average the last this many steps."""
+"""`final_metrics` are the mean over the last this many steps (fewer on a shorter run: `final_metrics_window_steps`),
+not the last step's values (metrics.jsonl has those)."""
 CALIBRATION_ROWS = 16_384
 """Rows on which a BatchTopK SAE's inference threshold is set after training."""
 DEAD_REFRESH_STEPS = 10
@@ -633,7 +634,9 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
         if (plan.finals[i] / MARKER).exists():  # published before an interruption; retrained to the same weights
             continue
         t.sae.save(plan.partials[i])
-        (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")
+        # The metrics are a window's mean, so the marker says over how many steps, as cfg.json does.
+        (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics,
+                                                           "final_metrics_window_steps": len(window["fvu"])}) + "\n")
         os.replace(plan.partials[i], plan.finals[i])
     plan.comm.barrier()
     if plan.comm.is_main:

@@ -245,6 +245,19 @@ def test_seeds_train_a_consistency_pair_in_one_pass(tmp_path):
         cfg(tmp_path, sweep={"seed": [0, -1]})
 
 
+def test_final_metrics_are_the_mean_of_a_window_that_cfg_json_and_the_marker_both_state(tmp_path):
+    x, _ = synthetic(n=4096)
+    path = train(cfg(tmp_path, n_tokens=256 * 60, log_every=1), TensorSource({HOOK: x}), progress=False)
+    meta = SparseCoder.load(path).cfg.metadata
+    n = meta["final_metrics_window_steps"]
+    assert n == 50 and meta["steps"] == 60
+    fvus = [r["fvu"] for r in lines(path)]
+    assert meta["final_metrics"]["fvu"] == pytest.approx(sum(fvus[-n:]) / n, rel=1e-5)
+    assert meta["final_metrics"]["fvu"] != pytest.approx(fvus[-1], rel=1e-3)  # not the last step's value
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["fvu"] == meta["final_metrics"]["fvu"] and marker["final_metrics_window_steps"] == n
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     x, _ = synthetic(n=4096)
     kw = dict(n_tokens=4096 * 3, sweep={"lr": [3e-3, 1e-3]}, checkpoint_every=256 * 10)
