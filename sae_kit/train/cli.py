@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sae.add_argument("--skip", action="store_true", default=None, help="skip transcoder: add a linear skip path")
     sae.add_argument("--sparsity-coefficient", help="final λ for jumprelu / relu / gated")
     sae.add_argument("--target-l0", type=float, help="jumprelu: the penalty is λ·(L0/target − 1)² instead of λ·L0 (still needs λ > 0)")
-    sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_in // 2)")
+    sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_out // 2, i.e. d_in // 2 for an SAE)")
     sae.add_argument("--matryoshka-widths", metavar="W1,W2,...",
                      help="matryoshka_batchtopk: nested dictionary sizes, increasing, the last = d_sae "
                           "(default: d/32, 3d/32, 7d/32, 15d/32, d)")
