@@ -108,6 +108,16 @@ def test_ctrl_c_is_one_line_saying_what_a_rerun_does_and_exit_130(command, argv,
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"sae-kit {command}: interrupted") and says in err, err
+    if command == "run":  # interrupted in a training pass: how far it got
+        from sae_kit.train.loop import TrainingInterrupted
+
+        def stopped_training(args):
+            raise TrainingInterrupted(40, 100, Path("o/.checkpoints/step_000000032"), 4096)
+
+        monkeypatch.setattr(importlib.import_module(SUBCOMMANDS[command][0]), "run", stopped_training)
+        assert main([command, *argv]) == 130
+        assert capsys.readouterr().err.startswith("sae-kit run: interrupted while training, at step 40 of 100 (last "
+                                                  "checkpoint step 32); re-running the same command skips")
     # Under torchrun every rank is interrupted: rank 0 speaks for all, every rank exits 130.
     monkeypatch.setenv("RANK", "1")
     assert main([command, *argv]) == 130
