@@ -70,3 +70,9 @@ def run(args: argparse.Namespace) -> int:
     shards = len(store.manifest["shards"])
     print(f"{out}: {store.n_rows} rows × {len(store.hook_points)} hook point(s) in {shards} shard(s), complete")
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: finished shards are kept and the same command resumes after them."""
+    return (f"interrupted; the finished shards in {args.out} are kept, and re-running the same command continues "
+            "after the last of them")

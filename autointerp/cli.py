@@ -85,3 +85,9 @@ def run(args: argparse.Namespace) -> int:
               "and scores.jsonl for the errors", file=sys.stderr)
         return 1
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: finished latents are kept and the same command continues with the rest."""
+    return (f"interrupted; the latents finished so far are kept in {args.out}, and re-running the same command "
+            "continues with the rest")

@@ -140,3 +140,9 @@ def run(args: argparse.Namespace) -> int:
     out = run_eval(cfg, progress=not args.no_progress)
     print(f"wrote {out / METRICS_FILENAME} and {out / REPORT_FILENAME}")
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: an eval keeps nothing part-done, so the same command evaluates again from the start."""
+    return (f"interrupted; an eval does not resume ({args.out}/metrics.json is written only when it finishes), so "
+            "re-running the same command evaluates from the start")

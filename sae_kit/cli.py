@@ -1,13 +1,15 @@
 """The `sae-kit` command: one thin face over the four packages.
 
 Each subcommand lives beside the library code it drives, in a module with `add_arguments(parser)` and
-`run(args) -> int`; this dispatcher imports only the one that is asked for, so `--help` stays fast.
+`run(args) -> int` (and, optionally, `interrupted(args, err) -> str`, its one-line Ctrl-C message); this dispatcher
+imports only the one that is asked for, so `--help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name → (module, one-line help)
@@ -56,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"sae-kit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # Ctrl-C is the user's choice, not a bug: one line saying what was kept and what a re-run does, and the
+        # shell's exit code for SIGINT. Outputs need no cleanup (every command writes atomically). Under torchrun
+        # every rank gets the signal; rank 0 speaks for all, and no rank waits on another here.
+        describe = getattr(module, "interrupted", None)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sae-kit {args.command}: {describe(args, err) if describe else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

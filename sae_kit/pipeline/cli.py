@@ -39,3 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     run_pipeline(cfg, progress=not args.no_progress, until=args.until, check=args.check)
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: how far a training stage got, and that a re-run skips finished pieces and resumes the rest."""
+    from sae_kit.train.loop import TrainingInterrupted
+
+    where = ""
+    if isinstance(err, TrainingInterrupted):  # a training pass says how far it got
+        saved = f"last checkpoint step {err.checkpoint_step}" if err.checkpoint_step is not None else "no checkpoint"
+        where = f" while training, at step {err.step} of {err.n_steps} ({saved})"
+    return (f"interrupted{where}; re-running the same command skips the finished pieces and resumes the interrupted "
+            "one (the cache after its last shard, training from its last checkpoint, autointerp after its last "
+            "latent)")

@@ -44,7 +44,8 @@ class ArchitectureKnobs:
     `TrainConfig`, which passes them through; each architecture ignores the others' knobs."""
 
     k_aux: int | None = None
-    """Dead latents used by the AuxK loss; None means d_in // 2."""
+    """Dead latents used by the AuxK loss; None means d_out // 2 (half the predicted residual's width; d_in // 2 for
+    an SAE)."""
     auxk_coefficient: float = 1 / 32
     """Weight of the AuxK loss (Gao et al.)."""
     jumprelu_bandwidth: float = 0.05
@@ -234,7 +235,7 @@ class SparseCoder(nn.Module):
             raise ValueError(f"an SAE reconstructs its input, so d_out must be None or d_in={cfg.d_in}, got "
                              f"d_out={cfg.d_out}; set transcoder=True for a different target")
         if cfg.k_aux is not None and cfg.k_aux <= 0:
-            raise ValueError(f"k_aux must be positive (or None for d_in // 2), got k_aux={cfg.k_aux}")
+            raise ValueError(f"k_aux must be positive (or None for d_out // 2), got k_aux={cfg.k_aux}")
         if cfg.auxk_coefficient < 0 or cfg.sparsity_coefficient < 0:
             raise ValueError(f"loss coefficients must be ≥ 0, got auxk_coefficient={cfg.auxk_coefficient}, "
                              f"sparsity_coefficient={cfg.sparsity_coefficient}")

@@ -149,7 +149,7 @@ class MatchingPursuitSAE(TopKSAE):
             # Both in the output's units, as TopK's AuxK: the normalisation's inverse scales r^k and the atoms alike.
             e = (x - y_hat).detach()  # (N, d_in)
             e_hat = ((F.relu(corr) * keep) @ u_dead) * self.decoder_gain(x)  # (N, d_in)
-            scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
+            scale = min(1.0, dead.numel() / self._k_aux_full())
             auxk = scale * fvu(e, e_hat)
         with torch.no_grad():
             values, idx, _ = self._latents(idx.detach(), c.detach())

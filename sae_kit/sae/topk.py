@@ -10,7 +10,7 @@ Training loss (what `forward(...).loss` holds):
     FVU  = Σ‖y − ŷ‖² / Σ‖y − ȳ‖²                                            (over the batch)
     AuxK = min(1, n_dead / k_aux) · Σ‖e − ê‖² / Σ‖e − ē‖²,   e = (y − ŷ) detached
 
-where ê = W_decᵀ ReLU(TopK_{k_aux}(pre restricted to the dead latents)) (no bias), k_aux = cfg.k_aux or d_in // 2,
+where ê = W_decᵀ ReLU(TopK_{k_aux}(pre restricted to the dead latents)) (no bias), k_aux = cfg.k_aux or d_out // 2,
 and dead latents come from the trainer as `dead_mask`. AuxK is normalised by the residual's own variance (Gao et
 al.'s NMSE of e; sparsify divides by the variance of y instead) and scaled down like sparsify when fewer than
 k_aux latents are dead. `sparsity_loss` is 0.
@@ -201,8 +201,13 @@ class TopKSAE(SparseCoder):
             return parts[0]
         return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
 
+    def _k_aux_full(self) -> int:
+        """k_aux with every latent dead: cfg.k_aux, else half the width of the residual AuxK predicts (d_out // 2,
+        = d_in // 2 for an SAE), as sparsify does and Gao et al.'s d_model / 2 for an SAE."""
+        return self.cfg.k_aux or max(1, self.cfg.d_target // 2)
+
     def _k_aux(self, n_dead: int) -> int:
-        return min(self.cfg.k_aux or max(1, self.cfg.d_in // 2), n_dead)
+        return min(self._k_aux_full(), n_dead)
 
     # -- inference --------------------------------------------------------------------------------------------
     def encode_sparse(self, x: Tensor) -> EncoderOutput:
@@ -252,7 +257,7 @@ class TopKSAE(SparseCoder):
         k_aux latents are dead; 0 without one."""
         if e_hat is None or dead is None:
             return y_hat.new_zeros(())
-        scale = min(1.0, dead.numel() / (self.cfg.k_aux or max(1, self.cfg.d_in // 2)))
+        scale = min(1.0, dead.numel() / self._k_aux_full())
         return scale * fvu((y - y_hat).detach(), e_hat)
 
     def reconstruction_loss(self, x: Tensor, y: Tensor, acts: Tensor, idx: Tensor, parts: Tensor | None,

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sae.add_argument("--skip", action="store_true", default=None, help="skip transcoder: add a linear skip path")
     sae.add_argument("--sparsity-coefficient", help="final λ for jumprelu / relu / gated")
     sae.add_argument("--target-l0", type=float, help="jumprelu: the penalty is λ·(L0/target − 1)² instead of λ·L0 (still needs λ > 0)")
-    sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_in // 2)")
+    sae.add_argument("--k-aux", type=int, help="dead latents used by AuxK (default: d_out // 2, i.e. d_in // 2 for an SAE)")
     sae.add_argument("--matryoshka-widths", metavar="W1,W2,...",
                      help="matryoshka_batchtopk: nested dictionary sizes, increasing, the last = d_sae "
                           "(default: d/32, 3d/32, 7d/32, 15d/32, d)")
@@ -155,3 +155,17 @@ def run(args: argparse.Namespace) -> int:
         for path in paths:
             print(f"saved {path}")
     return 0
+
+
+def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """The Ctrl-C line: the step reached and what re-running does (resume from the last checkpoint, or start over)."""
+    from sae_kit.train.loop import TrainingInterrupted
+
+    if not isinstance(err, TrainingInterrupted):
+        return "interrupted before training started; nothing was written (re-run the same command)"
+    head = f"interrupted at step {err.step} of {err.n_steps}"
+    if err.checkpoint_step is not None:
+        return f"{head}; the last checkpoint is step {err.checkpoint_step} (continue with --resume)"
+    how = (f"the first comes after {err.checkpoint_every:,} tokens" if err.checkpoint_every
+           else "pass --checkpoint-every TOKENS to save some")
+    return f"{head}; nothing was saved (no checkpoint yet: {how}); re-running the same command starts over"

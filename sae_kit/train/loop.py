@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from activation_store.model import usable_device
 from sae_kit.sae import SAEConfig, SparseCoder
 from sae_kit.train import checkpoint as ckpt
-from sae_kit.train.config import SAESpec, TrainConfig
+from sae_kit.train.config import SWEEPABLE, SAESpec, TrainConfig
 from sae_kit.train.dead import DeadLatentTracker, fired_latents
 from sae_kit.train.distributed import SingleProcess, init_distributed
 from sae_kit.train.feed import training_feed
@@ -64,13 +64,25 @@ PARTIAL_SUFFIX = ".partial"
 MEDIAN_SAMPLE = 4096
 """Rows of the first batch used for the geometric-median b_dec initialisation."""
 FINAL_WINDOW = 50
-"""Final metrics average the last this many steps."""
+"""`final_metrics` are the mean over the last this many steps (fewer on a shorter run: `final_metrics_window_steps`),
+not the last step's values (metrics.jsonl has those)."""
 CALIBRATION_ROWS = 16_384
 """Rows on which a BatchTopK SAE's inference threshold is set after training."""
 DEAD_REFRESH_STEPS = 10
 """AuxK reads the dead latents as of the last multiple of this many steps (a fixed cadence, so resume is exact)."""
 METRIC_KEYS = ("loss", "fvu", "l0", "auxk_loss", "sparsity_loss")
 WINDOW_KEYS = (*METRIC_KEYS, "dead_frac")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt during a pass, saying the step it reached and the checkpoint a resume would start from."""
+
+    def __init__(self, step: int, n_steps: int, checkpoint: Path | None, checkpoint_every: int):
+        self.step, self.n_steps, self.checkpoint, self.checkpoint_every = step, n_steps, checkpoint, checkpoint_every
+        self.checkpoint_step = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else None
+        saved = (f"the last checkpoint is step {self.checkpoint_step}" if checkpoint is not None
+                 else "no checkpoint was saved")
+        super().__init__(f"interrupted at step {step} of {n_steps}; {saved}")
 
 
 @dataclass
@@ -152,12 +164,27 @@ def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, A
 
 def _same_run_config(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """`_differences` between a saved train config and `cfg`, with the store and output folders compared as the
-    folders they name: `acts`, `./acts/` and its absolute path are one store."""
+    folders they name (`acts`, `./acts/` and its absolute path are one store) and a swept field as `sweep.NAME`."""
     def folders(config: dict[str, Any]) -> dict[str, Any]:
         return {**config, **{k: str(Path(v).resolve()) for k in ("activations", "out")
                              if isinstance(v := config.get(k), str) and "://" not in v}}
 
-    return _differences(folders(saved), folders(cfg.to_dict()), TrainConfig().to_dict())
+    defaults = TrainConfig().to_dict()
+    old, new = folders(saved), folders(cfg.to_dict())
+    old_sweep, new_sweep = {**defaults["sweep"], **(old.pop("sweep", None) or {})}, new.pop("sweep")
+    diffs = []
+    for name in SWEEPABLE:
+        before, now = list(old_sweep.get(name) or []), list(new_sweep.get(name) or [])
+        if not before and not now:
+            continue  # unswept on both sides: the scalar field is compared below like any other
+        if before != now:  # an unswept side shows the scalar in force, not a bare default
+            before_s, now_s = (repr(values) if values else f"(none, {name}={config.get(name, defaults[name])!r})"
+                               for values, config in ((before, old), (now, new)))
+            diffs.append(f"sweep.{name}: checkpoint {before_s} vs now {now_s}")
+        if name != "seed":  # a swept field's scalar is unused (the seed's still sets the data order)
+            old[name] = new[name] = None
+    del defaults["sweep"]
+    return sorted(diffs + _differences(old, new, defaults))
 
 
 def _published_by(final: Path, cfg: TrainConfig) -> bool:
@@ -607,7 +634,9 @@ def _publish(trainees: list[Trainee], step: int, cfg: TrainConfig, plan: Plan, s
         if (plan.finals[i] / MARKER).exists():  # published before an interruption; retrained to the same weights
             continue
         t.sae.save(plan.partials[i])
-        (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics}) + "\n")
+        # The metrics are a window's mean, so the marker says over how many steps, as cfg.json does.
+        (plan.partials[i] / MARKER).write_text(json.dumps({"tokens_seen": step * cfg.batch_size, **final_metrics,
+                                                           "final_metrics_window_steps": len(window["fvu"])}) + "\n")
         os.replace(plan.partials[i], plan.finals[i])
     plan.comm.barrier()
     if plan.comm.is_main:
@@ -648,39 +677,46 @@ def _train(cfg: TrainConfig, source: Any, resume: bool, progress: bool, device: 
     plan = _plan(cfg, source, resume, comm, device)
     if plan is None:
         return [Path(cfg.out) / s.name for s in cfg.specs(default_hook(source))]
-    trainees, step = _build_trainees(cfg, plan, source)
-    if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
-            cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
-        _log_for(comm).warning(
-            "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
-            "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
-    if cfg.dtype == "bfloat16" and device.type != "cuda":
-        _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need CUDA)",
-                            device)
-    halt = _Halt(device, len(trainees), cfg.micro_batches)
-    logger = _Logger(cfg, plan, step, progress)
-    feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed, epochs=plan.epochs,
-                         start_batch=step)
-    last_ckpt_tokens = step * cfg.batch_size
+    step = 0
     try:
-        for batch in feed:
-            if step >= plan.n_steps:
-                break
-            if step == 0:
-                _init_from_first_batch(trainees, batch, device)
-            _step(trainees, batch, step, cfg, plan, halt)
-            step += 1
-            logger.bar.update()
-            if _is_sync_point(step, cfg, plan, last_ckpt_tokens):
-                last_ckpt_tokens = _sync_point(trainees, step, halt, cfg, plan, logger, last_ckpt_tokens)
-        _raise_if_halted(trainees, halt, cfg, plan)
-    finally:
-        feed.close()
-        logger.close(trainees)
-    if step < plan.n_steps:
-        _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
-                               step, plan.n_steps, step * cfg.batch_size)
-    paths = _publish(trainees, step, cfg, plan, source)
-    if logger.wandb is not None:
-        logger.wandb.finish()
-    return paths
+        trainees, step = _build_trainees(cfg, plan, source)
+        if SparseCoder.REGISTRY[cfg.architecture].uses_sparsity_coefficient and 0 in (
+                cfg.sweep.sparsity_coefficient or (cfg.sparsity_coefficient,)):
+            _log_for(comm).warning(
+                "%s with sparsity coefficient λ = 0: nothing pushes its L0 down, so it trains dense; pass "
+                "--sparsity-coefficient (e.g. 1e-3 for relu; 1 with --target-l0 for jumprelu)", cfg.architecture)
+        if cfg.dtype == "bfloat16" and device.type != "cuda":
+            _log_for(comm).info("dtype bfloat16 on %s: the encoder product runs on bf16 operands (tensor cores need "
+                                "CUDA)", device)
+        halt = _Halt(device, len(trainees), cfg.micro_batches)
+        logger = _Logger(cfg, plan, step, progress)
+        feed = training_feed(source, plan.hooks, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
+                             epochs=plan.epochs, start_batch=step)
+        last_ckpt_tokens = step * cfg.batch_size
+        try:
+            for batch in feed:
+                if step >= plan.n_steps:
+                    break
+                if step == 0:
+                    _init_from_first_batch(trainees, batch, device)
+                _step(trainees, batch, step, cfg, plan, halt)
+                step += 1
+                logger.bar.update()
+                if _is_sync_point(step, cfg, plan, last_ckpt_tokens):
+                    last_ckpt_tokens = _sync_point(trainees, step, halt, cfg, plan, logger, last_ckpt_tokens)
+            _raise_if_halted(trainees, halt, cfg, plan)
+        finally:
+            feed.close()
+            logger.close(trainees)
+        if step < plan.n_steps:
+            _log_for(comm).warning("the activations ran out after %d of %d steps (%d tokens); saving what was trained",
+                                   step, plan.n_steps, step * cfg.batch_size)
+        paths = _publish(trainees, step, cfg, plan, source)
+        if logger.wandb is not None:
+            logger.wandb.finish()
+        return paths
+    except KeyboardInterrupt as err:
+        # Nothing to clean up: checkpoints and published folders are atomic. Say how far it got and where a
+        # resume would start, for the one-line message of the CLI.
+        raise TrainingInterrupted(step, plan.n_steps, ckpt.latest_checkpoint(plan.out), cfg.checkpoint_every) \
+            from err

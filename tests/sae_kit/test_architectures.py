@@ -187,6 +187,25 @@ def test_auxk_uses_only_dead_latents_and_scales_with_their_count():
         sae(x, dead_mask=torch.zeros(63, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_transcoders_default_k_aux_is_half_the_output_width_as_in_sparsify(arch):
+    # AuxK predicts the residual of the d_out-wide output, so its default size follows d_out (sparsify:
+    # y.shape[-1] // 2), not d_in: with d_in 16, d_out 40 and 12 dead latents, k_aux 20 keeps all 12 at weight 12/20.
+    torch.manual_seed(0)
+    kw = dict(architecture=arch, d_in=16, d_out=40, transcoder=True, d_sae=64, k=4)
+    default = SparseCoder.from_config(SAEConfig(**kw))
+    x, y = torch.randn(50, 16), torch.randn(50, 40)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:12] = True
+    with torch.no_grad():
+        got = default(x, target=y, dead_mask=dead).auxk_loss
+        for k_aux, same in ((20, True), (8, False)):
+            explicit = SparseCoder.from_config(SAEConfig(**kw, k_aux=k_aux))
+            explicit.load_state_dict(default.state_dict())
+            want = explicit(x, target=y, dead_mask=dead).auxk_loss
+            assert bool(torch.isclose(got, want)) is same, (k_aux, got, want)
+
+
 NORMALISED = [("layer_norm", None), ("constant_norm_rescale", None), ("expected_average_only_in", 0.2)]
 """Input normalisations of imported SAEs, each undone on the output (with the factor that makes the last one act)."""
 

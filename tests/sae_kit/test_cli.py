@@ -84,3 +84,41 @@ def test_every_flag_with_a_default_says_it_in_help(command):
               if a.option_strings and a.default is not None and not isinstance(a.default, bool)
               and a.default not in (argparse.SUPPRESS, []) and "default" not in (a.help or "")]
     assert not silent, f"sae-kit {command}: flags whose --help hides their default: {silent}"
+
+
+@pytest.mark.parametrize("command, argv, says", [
+    ("cache", ["--out", "acts"], "the finished shards in acts are kept, and re-running the same command continues"),
+    ("eval", ["--sae", "s", "--out", "ev"], "an eval does not resume (ev/metrics.json is written only when it"),
+    ("interp", ["--sae", "s", "--out", "ip"], "the latents finished so far are kept in ip, and re-running the same"),
+    ("run", [], "re-running the same command skips the finished pieces and resumes the interrupted one"),
+    ("train", ["--out", "o"], "interrupted before training started; nothing was written (re-run the same command)"),
+    ("steer", ["--sae", "s", "--feature", "1"], "interrupted"),
+])
+def test_ctrl_c_is_one_line_saying_what_a_rerun_does_and_exit_130(command, argv, says, monkeypatch, capsys):
+    import importlib
+
+    from sae_kit.cli import SUBCOMMANDS
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(SUBCOMMANDS[command][0]), "run", stopped)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main([command, *argv]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"sae-kit {command}: interrupted") and says in err, err
+    if command == "run":  # interrupted in a training pass: how far it got
+        from sae_kit.train.loop import TrainingInterrupted
+
+        def stopped_training(args):
+            raise TrainingInterrupted(40, 100, Path("o/.checkpoints/step_000000032"), 4096)
+
+        monkeypatch.setattr(importlib.import_module(SUBCOMMANDS[command][0]), "run", stopped_training)
+        assert main([command, *argv]) == 130
+        assert capsys.readouterr().err.startswith("sae-kit run: interrupted while training, at step 40 of 100 (last "
+                                                  "checkpoint step 32); re-running the same command skips")
+    # Under torchrun every rank is interrupted: rank 0 speaks for all, every rank exits 130.
+    monkeypatch.setenv("RANK", "1")
+    assert main([command, *argv]) == 130
+    assert capsys.readouterr().err == ""

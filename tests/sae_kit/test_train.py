@@ -245,6 +245,19 @@ def test_seeds_train_a_consistency_pair_in_one_pass(tmp_path):
         cfg(tmp_path, sweep={"seed": [0, -1]})
 
 
+def test_final_metrics_are_the_mean_of_a_window_that_cfg_json_and_the_marker_both_state(tmp_path):
+    x, _ = synthetic(n=4096)
+    path = train(cfg(tmp_path, n_tokens=256 * 60, log_every=1), TensorSource({HOOK: x}), progress=False)
+    meta = SparseCoder.load(path).cfg.metadata
+    n = meta["final_metrics_window_steps"]
+    assert n == 50 and meta["steps"] == 60
+    fvus = [r["fvu"] for r in lines(path)]
+    assert meta["final_metrics"]["fvu"] == pytest.approx(sum(fvus[-n:]) / n, rel=1e-5)
+    assert meta["final_metrics"]["fvu"] != pytest.approx(fvus[-1], rel=1e-3)  # not the last step's value
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["fvu"] == meta["final_metrics"]["fvu"] and marker["final_metrics_window_steps"] == n
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     x, _ = synthetic(n=4096)
     kw = dict(n_tokens=4096 * 3, sweep={"lr": [3e-3, 1e-3]}, checkpoint_every=256 * 10)
@@ -315,6 +328,21 @@ def test_resume_with_different_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="d_in"):  # same config, activations of another width
         train(c, TensorSource({HOOK: x[:, :16]}), resume=True, progress=False)
     assert {p: p.read_bytes() for p in sorted((tmp_path / ".checkpoints").glob("step_*/*"))} == before
+
+
+def test_resuming_into_a_sweep_names_the_swept_axis_not_the_unused_scalar(tmp_path):
+    # `--k 8,16` leaves the scalar k at its default (32), which no SAE of the sweep uses: naming it misleads.
+    x, _ = synthetic(n=2048)
+    c = cfg(tmp_path, k=8, n_tokens=2048 * 2, checkpoint_every=256 * 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, Dying({HOOK: x}, die_at=6), progress=False)
+    swept = TrainConfig.from_dict({**c.to_dict(), "k": [8, 16], "sweep": {}})
+    assert swept.k == 32 and swept.sweep.k == (8, 16)
+    with pytest.raises(ValueError, match=r"differs \(sweep\.k: checkpoint \(none, k=8\) vs now \[8, 16\]\);") as err:
+        train_all(swept, TensorSource({HOOK: x}), resume=True, progress=False)
+    assert "vs now 32" not in str(err.value)  # the unused scalar k
+    with pytest.raises(ValueError, match=r"differs \(k: checkpoint 8 vs now 16\);"):  # unswept: the field itself
+        train(c.replace(k=16), TensorSource({HOOK: x}), resume=True, progress=False)
 
 
 def test_resume_names_the_folders_any_way(tmp_path, monkeypatch):
@@ -450,6 +478,30 @@ def test_nan_from_cli_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
                  "--batch-size", "256", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "step 0 (batch index 0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("every", [256 * 10, 0])
+def test_ctrl_c_from_cli_is_one_line_exit_130_saying_how_to_go_on(tmp_path, capsys, monkeypatch, every):
+    import sae_kit.train.loop as loop
+    from sae_kit.cli import main
+
+    x, _ = synthetic(n=4096)
+    argv = ["train", "--hook", HOOK, "--out", str(tmp_path), "--d-sae", "64", "--k", "3", "--tokens", str(256 * 40),
+            "--batch-size", "256", "--checkpoint-every", str(every), "--no-progress"]
+    monkeypatch.setattr(loop, "open_source", lambda c: Dying({HOOK: x}, die_at=27))
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if every:
+        assert err.strip() == ("sae-kit train: interrupted at step 27 of 40; the last checkpoint is step 20 "
+                               "(continue with --resume)")
+    else:
+        assert err.strip() == ("sae-kit train: interrupted at step 27 of 40; nothing was saved (no checkpoint yet: "
+                               "pass --checkpoint-every TOKENS to save some); re-running the same command starts over")
+    # and what the line promises works
+    monkeypatch.setattr(loop, "open_source", lambda c: TensorSource({HOOK: x}))
+    assert main(argv + ["--resume"] * bool(every)) == 0
+    assert (tmp_path / "topk" / "COMPLETE").exists()
 
 
 def test_transcoder_learns_a_sparse_map(tmp_path):
