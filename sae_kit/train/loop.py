@@ -284,7 +284,9 @@ def _build(cfg: TrainConfig, spec: SAESpec, source: Any, device: torch.device, o
         model_name=model_name(source, cfg), sparsity_coefficient=spec.sparsity_coefficient, **cfg.knobs(),
     )
     torch.manual_seed(spec.seed)
-    sae = SparseCoder.from_config(sae_cfg, device=device)
+    # Drawn on the host and then moved: one seed gives the same initial weights on every device (CUDA's generator
+    # draws another sequence), so a GPU run starts where the CPU run of the same config does.
+    sae = SparseCoder.from_config(sae_cfg, device="cpu").to(device)
     peak_lr = spec.lr or default_lr(d_sae)
     opt = make_optimizer(sae, peak_lr, sae.adam_betas)
     dead = DeadLatentTracker(d_sae, cfg.dead_tokens_threshold, device)

@@ -153,7 +153,8 @@ def test_cuda_training_through_the_tensor_cores_matches_the_cpu_fp32_training(ar
     assert calls  # the CUDA run went through the rescoring
     cpu, cuda = weights
     for name in cpu:
-        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4, msg=name)
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -124,4 +124,5 @@ def test_cuda_training_matches_the_cpu_training(arch, tmp_path):
         weights.append({k: v.float() for k, v in sae.state_dict().items()})
     cpu, cuda = weights
     for name in cpu:
-        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4, msg=name)
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=5e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
