@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae_kit.sae import kernels
+
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -375,6 +377,10 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm_(self, skip: Tensor | None = None) -> None:
         """Renormalise every decoder row to unit L2 norm (unless `skip`, a 0-d bool on the device, is set)."""
+        if kernels.triton_rows_usable(self.W_dec):  # one read and one write of W_dec, the flag read on the device
+            flag = skip if skip is not None else torch.zeros((), dtype=torch.bool, device=self.W_dec.device)
+            kernels.triton_kernels.unit_rows_(self.W_dec.data, flag, torch.finfo(self.W_dec.dtype).eps)
+            return
         norm = self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # (d_sae, 1)
         if skip is not None:
             norm.masked_fill_(skip, 1.0)  # dividing by 1 leaves the rows bit-identical
@@ -386,6 +392,9 @@ class SparseCoder(nn.Module):
         if self.W_dec.grad is None:
             return
         w, g = self.W_dec.data, self.W_dec.grad  # (d_sae, d_out) each
+        if kernels.triton_rows_usable(w) and g.stride() == w.stride():  # one read of each, one write of g
+            kernels.triton_kernels.project_out_rows_(g, w)
+            return
         # g −= (⟨g, w⟩ / ‖w‖²)·w, in passes that each read W_dec and its gradient once: the row dot products as a
         # batched (1 × d) · (d × 1) product and the update as one addcmul, with no (d_sae, d_out) temporaries
         # (at 131072 × 4096 every temporary is 2 GB of memory traffic).

@@ -44,6 +44,25 @@ USE_TRITON = os.environ.get("SAE_KIT_TRITON", "0") == "1"
 """Opt-in (`SAE_KIT_TRITON=1`): on CUDA the decoder backward's sampled dot products run in the Triton kernel of
 `triton_kernels` instead of cuSPARSE's `sampled_addmm` (bench/bench_gpu.py times both)."""
 
+USE_TRITON_BAGS = os.environ.get("SAE_KIT_TRITON_BAGS", "0") == "1"
+"""`SAE_KIT_TRITON_BAGS=1`: on CUDA with Triton, the sparse decoder and the weight gradients of the sparse backward
+run in `triton_kernels.segment_sum` instead of torch's embedding_bag (bench/bench_gpu.py times both)."""
+
+USE_TRITON_ROWS = os.environ.get("SAE_KIT_TRITON_ROWS", "0") == "1"
+"""`SAE_KIT_TRITON_ROWS=1`: on CUDA with Triton, the decoder upkeep of unit-norm coders (the gradient's component
+along each row projected out; the rows renormalised after Adam) runs as one row kernel each
+(`triton_kernels.project_out_rows_`, `unit_rows_`): 3 and 2 passes over W_dec instead of 6 and 3."""
+
+
+def triton_rows_usable(W: Tensor) -> bool:
+    """Whether the decoder upkeep of W (rows, D) goes through the Triton row kernels (`USE_TRITON_ROWS`)."""
+    return USE_TRITON_ROWS and W.is_cuda and W.dim() == 2 and W.stride(1) == 1 and triton_kernels.available()
+
+
+GROUPED_TOPK_CUDA = os.environ.get("SAE_KIT_GROUPED_TOPK", "0") == "1"
+"""`SAE_KIT_GROUPED_TOPK=1`: on CUDA the rows' top k comes from `topk_indices`' two stages (group maxima, then the
+candidates) instead of one `topk` over each whole row (bench/bench_gpu.py times both)."""
+
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A reusable uninitialised CPU buffer (per thread, per dtype), clobbered by the next call.
@@ -308,14 +327,22 @@ def _csr(ptr: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(ptr, cols, values, shape, check_invariants=False)
 
 
+def bag_sum(idx: Tensor, dense: Tensor, ptr: Tensor, weights: Tensor) -> Tensor:
+    """Σ_{t ∈ [ptr[s], ptr[s+1])} weights[t] · dense[idx[t]] for each segment s (n_segments, D): torch's
+    embedding_bag, or on CUDA with `USE_TRITON_BAGS` the Triton kernel (`triton_kernels.segment_sum`)."""
+    if USE_TRITON_BAGS and dense.is_cuda and triton_kernels.available():
+        return triton_kernels.segment_sum(idx, dense if dense.stride(-1) == 1 else dense.contiguous(), ptr, weights)
+    return F.embedding_bag(idx, dense, ptr, per_sample_weights=weights.to(dense.dtype), mode="sum",
+                           include_last_offset=True)
+
+
 def _latent_major_mm(values: Tensor, p: SparsePattern, dense: Tensor) -> Tensor:
     """Aᵀ · dense (d_sae, D) for A the sparse (N, d_sae) code holding values (N, K) at the pattern.
 
     An embedding_bag over the latent-major layout (bag = latent, items = its tokens): the same sums as a CSR
     sparse.mm without its zero-filled output and copy.
     """
-    return F.embedding_bag(p.slot_token, dense, p.latent_ptr, per_sample_weights=values.reshape(-1)[p.by_latent],
-                           mode="sum", include_last_offset=True)
+    return bag_sum(p.slot_token, dense, p.latent_ptr, values.reshape(-1)[p.by_latent])
 
 
 def _row_major(values: Tensor, p: SparsePattern) -> Tensor:
@@ -361,7 +388,7 @@ class _DecodeAtPattern(torch.autograd.Function):
     def forward(ctx: Any, acts: Tensor, W_dec: Tensor, p: SparsePattern) -> Tensor:
         ctx.save_for_backward(acts, W_dec)
         ctx.p = p
-        return F.embedding_bag(p.indices, W_dec, per_sample_weights=acts.to(W_dec.dtype), mode="sum")  # (N, d_out)
+        return bag_sum(p.cols, W_dec, p.row_ptr, acts.reshape(-1))  # (N, d_out): segment = a row's K slots
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -392,8 +419,7 @@ class _DecodePrefixes(torch.autograd.Function):
                 groups: int) -> Tensor:
         ctx.save_for_backward(acts, W_dec, run_ptr, run_of_slot)
         ctx.p = p
-        runs = F.embedding_bag(p.cols, W_dec, run_ptr, mode="sum", include_last_offset=True,  # same index dtypes
-                               per_sample_weights=acts.reshape(-1).to(W_dec.dtype))  # (N·G, d_out)
+        runs = bag_sum(p.cols, W_dec, run_ptr, acts.reshape(-1))  # (N·G, d_out); p.cols and run_ptr: one dtype
         return runs.view(-1, groups, W_dec.shape[1]).cumsum_(dim=1)  # (N, G, d_out)
 
     @staticmethod
@@ -412,8 +438,7 @@ class _DecodePrefixes(torch.autograd.Function):
             grad_acts = grad_acts.view(acts.shape).to(acts.dtype)
         if ctx.needs_input_grad[1]:
             weights = acts.to(W_dec.dtype).reshape(-1)[p.by_latent]
-            grad_w = F.embedding_bag(run_of_slot[p.by_latent], grad, p.latent_ptr, per_sample_weights=weights,
-                                     mode="sum", include_last_offset=True)  # (d_sae, d_out)
+            grad_w = bag_sum(run_of_slot[p.by_latent], grad, p.latent_ptr, weights)  # (d_sae, d_out)
         return grad_acts, grad_w, None, None, None, None
 
 

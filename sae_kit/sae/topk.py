@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_kit.sae import kernels
 from sae_kit.sae.base import EncoderOutput, ForwardOutput, SAEConfig, SparseCoder, fvu
 from sae_kit.sae.kernels import (
     SparsePattern,
@@ -194,7 +195,10 @@ class TopKSAE(SparseCoder):
             pre = torch.addmm(b_enc, xc[i:i + step].to(dtype), W)  # (C, d_sae)
             dead_pre = pre.index_select(1, dead).to(self.W_enc.dtype) if dead is not None else None
             key = pre.abs() if self.by_magnitude else pre
-            idx = key.topk(width, dim=1, sorted=False).indices.sort(dim=1).values  # (C, width) ascending
+            if kernels.GROUPED_TOPK_CUDA and key.is_cuda:  # the module's flag: the bench toggles it
+                idx = topk_indices(key, width)  # (C, width) ascending
+            else:
+                idx = key.topk(width, dim=1, sorted=False).indices.sort(dim=1).values  # (C, width) ascending
             parts.append(Selection(pre.gather(1, idx).to(self.W_enc.dtype), idx, None,
                                    *self._aux_selection(dead_pre, dead)))
         if len(parts) == 1:
