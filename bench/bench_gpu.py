@@ -54,7 +54,8 @@ GPU_ROUNDS = 20
 HOST_SHAPE = (64, 256, 4)
 """d_in, d_sae, k of the host-time measurement, at batch HOST_BATCH: a few µs of device work per kernel."""
 HOST_BATCH = 256
-CONTENDERS = ("ours", "ours-triton", "ours-fp32", "ours-fp32-exact", "loop", "bf16mm", "fp32mm", "sparsify", "saelens")
+CONTENDERS = ("ours", "ours-triton", "ours-bags", "ours-grouped", "ours-rows", "ours-new", "ours-fp32", "ours-fp32-exact", "loop",
+              "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
 
 _json_path: Path | None = None
@@ -117,6 +118,26 @@ def triton_on(step: Callable[[], None]) -> Callable[[], None]:
             step()
         finally:
             kernels.USE_TRITON = False
+
+    return run
+
+
+def switched(step: Callable[[], None], **flags: bool) -> Callable[[], None]:
+    """The same step with `sae_kit.sae.kernels` switches set (USE_TRITON_BAGS, GROUPED_TOPK_CUDA) while it runs."""
+    from sae_kit.sae import kernels, triton_kernels
+
+    if (flags.get("USE_TRITON_BAGS") or flags.get("USE_TRITON_ROWS")) and not triton_kernels.available():
+        raise ImportError("Triton is not installed", name="triton")
+
+    def run() -> None:
+        before = {name: getattr(kernels, name) for name in flags}
+        for name, value in flags.items():
+            setattr(kernels, name, value)
+        try:
+            step()
+        finally:
+            for name, value in before.items():
+                setattr(kernels, name, value)
 
     return run
 
@@ -199,6 +220,19 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                          lambda x=x, d_sae=d_sae, k=k, precision=precision: ours(x, d_sae, k, precision)),
                 "ours-triton": ("ours, Triton decoder backward (SAE_KIT_TRITON=1)",
                                 lambda x=x, d_sae=d_sae, k=k, precision=precision: triton_on(ours(x, d_sae, k, precision))),
+                "ours-bags": ("ours, Triton segment sums (SAE_KIT_TRITON_BAGS=1)",
+                              lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
+                                  ours(x, d_sae, k, precision), USE_TRITON_BAGS=True)),
+                "ours-grouped": ("ours, grouped top-k (SAE_KIT_GROUPED_TOPK=1)",
+                                 lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
+                                     ours(x, d_sae, k, precision), GROUPED_TOPK_CUDA=True)),
+                "ours-rows": ("ours, Triton decoder upkeep (SAE_KIT_TRITON_ROWS=1)",
+                              lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
+                                  ours(x, d_sae, k, precision), USE_TRITON_ROWS=True)),
+                "ours-new": ("ours, all three (SAE_KIT_TRITON_BAGS=1 _GROUPED_TOPK=1 _TRITON_ROWS=1)",
+                             lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
+                                 ours(x, d_sae, k, precision), USE_TRITON_BAGS=True, GROUPED_TOPK_CUDA=True,
+                                 USE_TRITON_ROWS=True)),
                 "ours-fp32": ("ours fp32", lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None)),
                 "loop": ("ours loop step",
                          lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
@@ -207,7 +241,8 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             }
             if not cuda:
                 del builders["ours-fp32"]  # the CPU default already is the fp32 regime
-                del builders["ours-triton"]  # a CUDA kernel
+                for key in ("ours-triton", "ours-bags", "ours-grouped", "ours-rows", "ours-new"):  # CUDA-only
+                    del builders[key]
                 if not bf16_matmul_units():  # without AMX torch's bf16 matmul is emulated: no roofline, minutes
                     del builders["bf16mm"]
             if peers:
@@ -260,6 +295,10 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
                 if mine is not None and other in rates:
                     print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")
+            for name in rates:  # the switched variants, against sparsify and against the default in this run
+                if name.startswith("ours, ") and "sparsify" in rates and mine is not None:
+                    print(f"  {name[6:]:50s} / sparsify {rates[name] / rates['sparsify']:5.2f}×, "
+                          f"/ ours {rates[name] / rates[mine]:5.2f}×")
     return errors
 
 

@@ -38,15 +38,27 @@ else
     Q=(--model gpt2s)
     X=1
 fi
-OURS=ours,ours-triton,ours-fp32,ours-fp32-exact,loop,bf16mm,fp32mm,sparsify
+# H200_CONTENDERS: section 1's contenders; H200_SKIP: comma-separated section names (or their first words) to skip,
+# e.g. a second call that re-measures what changed: H200_SKIP="SAELens,traffic,profile batchtopk"
+OURS=${H200_CONTENDERS:-ours,ours-bags,ours-grouped,ours-rows,ours-new,ours-triton,ours-fp32,ours-fp32-exact,loop,bf16mm,fp32mm,sparsify}
+SKIP=${H200_SKIP:-}
+NEWENV=()  # set once the CUDA smoke check of the opt-in kernels passes: the later sections run them as well
 
 note() {  # note NAME STATUS RC SECONDS: one status line in results.jsonl
     printf '{"section": "status", "name": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' "$1" "$2" "$3" "$4" >>"$RES"
 }
 
 section() {  # section NAME CAP CMD...: CMD under `timeout`, its cap trimmed to the budget left (20 s kept back)
-    local name=$1 cap=$(($2 * X)) left t0 rc status
+    local name=$1 cap=$(($2 * X)) left t0 rc status skip
     shift 2
+    IFS=, read -ra skip <<<"$SKIP"
+    for s in "${skip[@]}"; do
+        if [ -n "$s" ] && { [ "$name" = "$s" ] || [ "${name#"$s "}" != "$name" ]; }; then
+            echo "### $name: skipped (H200_SKIP)"
+            note "$name" skipped 0 0
+            return
+        fi
+    done
     left=$((BUDGET - (SECONDS - START) - 20))
     ((cap > left)) && cap=$left
     if ((cap < 15)); then
@@ -101,14 +113,26 @@ main() {
                            echo tests/sae_kit/test_triton_kernels.py) | sort -u)
     section "CUDA tests" 75 env PYTHONPATH="$ROOT:$SITE" "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda \
         --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" "${files[@]}"
+    # the opt-in kernels (Triton segment sums, grouped top-k) on one small training run: if they work here, the
+    # pipeline, caching and profile sections run with them too (their figures are then those of the new default)
+    if [ "$DRY" != 1 ] && env PYTHONPATH="$ROOT:$SITE" SAE_KIT_TRITON_BAGS=1 SAE_KIT_GROUPED_TOPK=1 SAE_KIT_TRITON_ROWS=1 "$PY" -c "
+import tempfile, torch
+from sae_kit.train import TensorSource, TrainConfig, train
+with tempfile.TemporaryDirectory() as d:
+    train(TrainConfig(hook_points='h', k=8, d_sae=4096, batch_size=512, n_tokens=512 * 20, out=d + '/o', device='cuda'),
+          TensorSource({'h': torch.randn(8192, 256)}), progress=False)
+print('opt-in kernels: smoke check ok')"; then
+        NEWENV=(SAE_KIT_TRITON_BAGS=1 SAE_KIT_GROUPED_TOPK=1 SAE_KIT_TRITON_ROWS=1)
+    fi
+    echo "### environment of the later sections: ${NEWENV[*]:-(defaults)}"
     # the first shape's process also times the steps' host side at a tiny shape (bench_gpu.bench_host, ~10 s)
     section "step ${SHAPES[0]}" 75 "${KIT[@]}" "${STEP[@]}" "${SHAPES[0]}" --contenders $OURS
     section "step ${SHAPES[1]}" 70 "${KIT[@]}" "${STEP[@]}" "${SHAPES[1]}" --contenders $OURS --skip-host
     section "step ${SHAPES[2]}" 90 "${KIT[@]}" "${STEP[@]}" "${SHAPES[2]}" --contenders $OURS --skip-host
-    section "pipeline" 150 "${KIT[@]}" --skip-step --skip-cache
+    section "pipeline" 150 env "${NEWENV[@]}" "${KIT[@]}" --skip-step --skip-cache
     section "cache" 120 "${KIT[@]}" --skip-step --skip-pipeline
     # where the largest step's time goes (phases by device events, then kernels): guides the next change
-    section "profile step" 60 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 30 \
+    section "profile step" 60 env "${NEWENV[@]}" PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 30 \
         --json "$OUT/profile.json" $([ "$DRY" = 1 ] && echo "--shape 128,512,8")
     section "profile batchtopk" 45 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 20 \
         --arch batchtopk --json "$OUT/profile_batchtopk.json" --shape "$([ "$DRY" = 1 ] && echo 96,384,8 || echo 2304,65536,64)"
