@@ -54,8 +54,8 @@ GPU_ROUNDS = 20
 HOST_SHAPE = (64, 256, 4)
 """d_in, d_sae, k of the host-time measurement, at batch HOST_BATCH: a few µs of device work per kernel."""
 HOST_BATCH = 256
-CONTENDERS = ("ours", "ours-triton", "ours-bags", "ours-grouped", "ours-rows", "ours-new", "ours-fp32", "ours-fp32-exact", "loop",
-              "bf16mm", "fp32mm", "sparsify", "saelens")
+CONTENDERS = ("ours", "ours-triton", "ours-bags", "ours-grouped", "ours-new", "ours-fp32", "ours-fp32-exact", "loop",
+              "loop-new", "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
 
 _json_path: Path | None = None
@@ -226,22 +226,23 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 "ours-grouped": ("ours, grouped top-k (SAE_KIT_GROUPED_TOPK=1)",
                                  lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
                                      ours(x, d_sae, k, precision), GROUPED_TOPK_CUDA=True)),
-                "ours-rows": ("ours, Triton decoder upkeep (SAE_KIT_TRITON_ROWS=1)",
-                              lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
-                                  ours(x, d_sae, k, precision), USE_TRITON_ROWS=True)),
-                "ours-new": ("ours, all three (SAE_KIT_TRITON_BAGS=1 _GROUPED_TOPK=1 _TRITON_ROWS=1)",
+                "ours-new": ("ours, both (SAE_KIT_TRITON_BAGS=1 SAE_KIT_GROUPED_TOPK=1)",
                              lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
-                                 ours(x, d_sae, k, precision), USE_TRITON_BAGS=True, GROUPED_TOPK_CUDA=True,
-                                 USE_TRITON_ROWS=True)),
+                                 ours(x, d_sae, k, precision), USE_TRITON_BAGS=True, GROUPED_TOPK_CUDA=True)),
                 "ours-fp32": ("ours fp32", lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None)),
                 "loop": ("ours loop step",
                          lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
+                # the loop's step also keeps the decoder rows at unit norm: the row kernels show here
+                "loop-new": ("ours loop step, all three (+ SAE_KIT_TRITON_ROWS=1)",
+                             lambda x=x, d_sae=d_sae, k=k, tmp=tmp: switched(
+                                 ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop-new"), USE_TRITON_BAGS=True,
+                                 GROUPED_TOPK_CUDA=True, USE_TRITON_ROWS=True)),
                 "bf16mm": ("bf16 matmul", lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.bfloat16)),
                 "fp32mm": ("fp32 matmul", lambda x=x, d_sae=d_sae: matmul(x, d_sae, torch.float32)),
             }
             if not cuda:
                 del builders["ours-fp32"]  # the CPU default already is the fp32 regime
-                for key in ("ours-triton", "ours-bags", "ours-grouped", "ours-rows", "ours-new"):  # CUDA-only
+                for key in ("ours-triton", "ours-bags", "ours-grouped", "ours-new", "loop-new"):  # CUDA-only
                     del builders[key]
                 if not bf16_matmul_units():  # without AMX torch's bf16 matmul is emulated: no roofline, minutes
                     del builders["bf16mm"]
@@ -295,10 +296,11 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
             for other in ("sparsify", "SAELens", "bf16 matmul", "fp32 matmul"):
                 if mine is not None and other in rates:
                     print(f"  ours / {other:12s} {rates[mine] / rates[other]:6.2f}×")
-            for name in rates:  # the switched variants, against sparsify and against the default in this run
-                if name.startswith("ours, ") and "sparsify" in rates and mine is not None:
-                    print(f"  {name[6:]:50s} / sparsify {rates[name] / rates['sparsify']:5.2f}×, "
-                          f"/ ours {rates[name] / rates[mine]:5.2f}×")
+            for name in rates:  # the switched variants, against sparsify and against their default in this run
+                base = mine if name.startswith("ours, ") else "ours loop step" if name.startswith("ours loop step,") else None
+                if base in rates and "sparsify" in rates:
+                    print(f"  {name:58s} / sparsify {rates[name] / rates['sparsify']:5.2f}×, "
+                          f"/ its default {rates[name] / rates[base]:5.2f}×")
     return errors
 
 
@@ -335,6 +337,10 @@ def bench_host(device: torch.device, rounds: int, peers: bool, contenders: tuple
             "ours": ("ours (SAE step)", lambda: ours(x, d_sae, k, precision)),
             "loop": ("ours loop step", lambda: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
         }
+        if cuda:  # Triton's launches cost the host more than aten's (and are not counted as aten ops)
+            builders["loop-new"] = ("ours loop step, all three switches", lambda: switched(
+                ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop-new"), USE_TRITON_BAGS=True,
+                GROUPED_TOPK_CUDA=True, USE_TRITON_ROWS=True))
         if peers:
             builders["sparsify"] = ("sparsify", lambda: sparsify(x, d_sae, k))
         got: dict[str, float] = {}
@@ -352,7 +358,7 @@ def bench_host(device: torch.device, rounds: int, peers: bool, contenders: tuple
             print(f"  {name:58s} {1e6 * t:9.0f} {ops:9d} {1e6 * t / ops:7.1f}")
             record("host", d_in=d_in, d_sae=d_sae, k=k, batch=HOST_BATCH, device=str(device), contender=key,
                    name=name, us=1e6 * t, aten_ops=ops, rounds=rounds)
-        for key in ("ours", "loop"):  # sparsify's step here is its SAE's alone, with no trainer's bookkeeping
+        for key in ("ours", "loop", "loop-new"):  # sparsify's step here is its SAE's alone, with no trainer's bookkeeping
             if key in got and "sparsify" in got:
                 print(f"  {builders[key][0]} / sparsify {got[key] / got['sparsify']:6.2f}× the host time")
 

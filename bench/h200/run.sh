@@ -40,7 +40,7 @@ else
 fi
 # H200_CONTENDERS: section 1's contenders; H200_SKIP: comma-separated section names (or their first words) to skip,
 # e.g. a second call that re-measures what changed: H200_SKIP="SAELens,traffic,profile batchtopk"
-OURS=${H200_CONTENDERS:-ours,ours-bags,ours-grouped,ours-rows,ours-new,ours-triton,ours-fp32,ours-fp32-exact,loop,bf16mm,fp32mm,sparsify}
+OURS=${H200_CONTENDERS:-ours,ours-bags,ours-grouped,ours-new,ours-triton,ours-fp32,ours-fp32-exact,loop,loop-new,bf16mm,fp32mm,sparsify}
 SKIP=${H200_SKIP:-}
 NEWENV=()  # set once the CUDA smoke check of the opt-in kernels passes: the later sections run them as well
 
