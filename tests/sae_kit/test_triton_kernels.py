@@ -57,6 +57,52 @@ INTERPRETED = textwrap.dedent("""
         assert got.dtype == dtype and got.shape == (n_seg, d), (got.dtype, got.shape)
         assert torch.allclose(got.double(), want, rtol=tol, atol=tol), (n_seg, d, (got.double() - want).abs().max())
 
+    for rows, d in [(7, 5), (9, 130), (5, 5000)]:  # 5000: wider than one block
+        W, g = torch.randn(rows, d, generator=gen), torch.randn(rows, d, generator=gen)
+        want = g - ((g * W).sum(1) / (W * W).sum(1)).unsqueeze(1) * W
+        tk.project_out_rows_(g, W)
+        assert torch.allclose(g, want, rtol=1e-5, atol=1e-5), (rows, d, (g - want).abs().max())
+        for skip in (False, True):
+            V = W.clone()
+            tk.unit_rows_(V, torch.tensor(skip), 1e-7)
+            assert torch.allclose(V, W if skip else W / W.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6), (d, skip)
+    Z = torch.zeros(3, 8)
+    tk.unit_rows_(Z, torch.tensor(False), 1e-7)  # a zero row stays zero (the norm's floor), not NaN
+    assert torch.equal(Z, torch.zeros(3, 8))
+
+    # Wired in: the SAEs' sparse paths and the trainer's decoder upkeep with the kernels in place of torch's ops
+    # (the device checks forced open for CPU tensors) give torch's losses, gradients and trained weights.
+    import tempfile
+    from sae_kit.sae import SAEConfig, SparseCoder, kernels
+    from sae_kit.train import TensorSource, TrainConfig, train
+    torch_bag, torch_rows = kernels.bag_sum, kernels.triton_rows_usable
+    kernel_bag = lambda idx, dense, ptr, w: tk.segment_sum(idx, dense.contiguous(), ptr, w)
+    for arch, d_out in [("topk", None), ("matryoshka_batchtopk", None), ("topk", 24), ("abstopk", None)]:
+        cfg = SAEConfig(architecture=arch, d_in=16, d_sae=64, k=4, d_out=d_out, transcoder=d_out is not None)
+        torch.manual_seed(0)
+        sae = SparseCoder.from_config(cfg)
+        x, y = torch.randn(40, 16), (torch.randn(40, d_out) if d_out else None)
+        runs = []
+        for bag in (torch_bag, kernel_bag):
+            kernels.bag_sum = bag
+            sae.zero_grad(set_to_none=True)
+            out = sae(x, y)
+            out.loss.backward()
+            runs.append([out.loss.detach()] + [p.grad.clone() for p in sae.parameters() if p.grad is not None])
+        kernels.bag_sum = torch_bag
+        for a, b in zip(*runs):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (arch, d_out, (a - b).abs().max())
+    x = torch.randn(512, 16) * torch.linspace(0.5, 1.5, 16)
+    trained = []
+    for rows in (torch_rows, lambda W: W.dim() == 2 and W.stride(1) == 1):
+        kernels.triton_rows_usable = rows
+        with tempfile.TemporaryDirectory() as d:
+            cfg = TrainConfig(hook_points="h", d_sae=128, k=4, batch_size=128, n_tokens=128 * 5, lr=3e-3,
+                              grad_clip=0.05, out=d + "/o", device="cpu", log_every=100)
+            trained.append(SparseCoder.load(train(cfg, TensorSource({"h": x}), progress=False)).state_dict())
+    kernels.triton_rows_usable = torch_rows
+    for name in trained[0]:
+        assert torch.allclose(trained[1][name], trained[0][name], rtol=1e-4, atol=1e-5), name
     print("ok")
 """)
 
@@ -163,3 +209,26 @@ def test_grouped_topk_switch_selects_the_same_latents(monkeypatch, device, preci
         got = sae.select_active(x, None)
     assert torch.equal(got.indices, want.indices)
     assert torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_TRITON)])
+def test_triton_rows_change_no_training(monkeypatch, tmp_path, device):
+    """USE_TRITON_ROWS on: on CUDA the decoder upkeep runs in the row kernels and six training steps end at the
+    weights the torch ops give; on CPU the torch ops run."""
+    from sae_kit.train import TensorSource, TrainConfig, train
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 32) * torch.linspace(0.5, 1.5, 32)
+    calls = []
+    real = kernels.triton_kernels.unit_rows_
+    monkeypatch.setattr(kernels.triton_kernels, "unit_rows_", lambda *a: calls.append(1) or real(*a))
+    weights = []
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "USE_TRITON_ROWS", on)
+        cfg = TrainConfig(hook_points="h", architecture="topk", d_sae=256, k=4, batch_size=128, n_tokens=128 * 6,
+                          lr=3e-3, grad_clip=0.05, out=str(tmp_path / str(on)), device=device, log_every=100)
+        weights.append(SparseCoder.load(train(cfg, TensorSource({"h": x}), progress=False)).state_dict())
+    assert bool(calls) == (device == "cuda")
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
