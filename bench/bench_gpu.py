@@ -229,7 +229,8 @@ def bench_steps(shapes, batch: int, device: torch.device, rounds: int, peers: bo
                 "ours-new": ("ours, both (SAE_KIT_TRITON_BAGS=1 SAE_KIT_GROUPED_TOPK=1)",
                              lambda x=x, d_sae=d_sae, k=k, precision=precision: switched(
                                  ours(x, d_sae, k, precision), USE_TRITON_BAGS=True, GROUPED_TOPK_CUDA=True)),
-                "ours-fp32": ("ours fp32", lambda x=x, d_sae=d_sae, k=k: ours(x, d_sae, k, None)),
+                "ours-fp32": ("ours fp32 (SAE_KIT_BF16_PRESELECT=0)",
+                              lambda x=x, d_sae=d_sae, k=k: preselect_switch(ours(x, d_sae, k, None), "0")),
                 "loop": ("ours loop step",
                          lambda x=x, d_sae=d_sae, k=k, tmp=tmp: ours_loop_step(x, d_sae, k, "auto", Path(tmp) / "loop")),
                 # the loop's step also keeps the decoder rows at unit norm: the row kernels show here

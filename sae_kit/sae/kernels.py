@@ -134,19 +134,30 @@ def topk_biased(pre: Tensor, bias: Tensor, k: int, by_magnitude: bool = False) -
 
 BF16_SWITCH = "SAE_KIT_BF16_PRESELECT"
 """0: compute the fp32 encoder in fp32 even where bf16 matrix units could preselect the top k (on by default on CPUs
-with AMX); 1: also on CUDA's tensor cores (`bf16_rescored_topk`; opt-in until bench/bench_gpu.py shows on a GPU
-that it pays)."""
+with AMX, and on CUDA for encoders of at least CUDA_PRESELECT_MIN_ELEMENTS); 1: also on CUDA's tensor cores for
+smaller encoders (`bf16_rescored_topk`)."""
+
+CUDA_PRESELECT_MIN_ELEMENTS = 1 << 26
+"""With the switch unset, CUDA's fp32 encoder goes through the tensor cores and exact rescoring (`bf16_rescored_topk`)
+when W_enc has at least this many elements. On an H200 (bench_gpu.py's `ours-fp32-exact` against `ours-fp32`) that
+step ran 1.38× as fast as the fp32 product's at 2304 × 65536 (151M elements) and 1.59× at 4096 × 131072, but 0.83× at
+768 × 24576 (19M), where the rescoring's fixed costs outweigh the product it saves."""
+
+
+def cuda_preselect_by_default(d_in: int, d_sae: int) -> bool:
+    """Whether, with the switch unset, an fp32 encoder of d_in × d_sae goes through the bf16 product on CUDA."""
+    return d_in * d_sae >= CUDA_PRESELECT_MIN_ELEMENTS
 
 
 def bf16_preselect_usable(xc: Tensor, W_enc: Tensor) -> bool:
     """Whether the fp32 encoder should go through a bf16 product and exact rescoring: fp32 operands, not switched
-    off, and on CPU the native kernels and bf16 matrix units (`bf16_topk`), on CUDA the switch set to 1
-    (`bf16_rescored_topk`)."""
+    off, and on CPU the native kernels and bf16 matrix units (`bf16_topk`), on CUDA the switch set to 1 or, unset, a
+    large enough encoder (`bf16_rescored_topk`)."""
     switch = os.environ.get(BF16_SWITCH)
     if switch == "0" or xc.dtype != torch.float32 or W_enc.dtype != torch.float32:
         return False
     if xc.is_cuda:
-        return switch == "1"
+        return switch == "1" or (switch is None and cuda_preselect_by_default(*W_enc.shape))
     return native.usable(xc) and native.usable(W_enc) and native.bf16_matmul_units()
 
 

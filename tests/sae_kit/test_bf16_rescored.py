@@ -170,3 +170,12 @@ def test_cuda_selection_is_the_exact_top_k(sampled, by_magnitude):
         assert torch.equal(indices.cpu(), want)
         torch.testing.assert_close(values.cpu().double(), pre.gather(1, want), rtol=1e-5, atol=1e-5)
     assert sum(rows for rows, _ in sampled) >= 2 * 1024
+
+
+def test_cuda_fp32_encoders_take_the_tensor_cores_from_the_measured_size():
+    """With SAE_KIT_BF16_PRESELECT unset, CUDA's fp32 encoder goes through the exact bf16 path from 2²⁶ weights (the
+    H200 measured it faster at 2304 × 65536 and 4096 × 131072, slower at 768 × 24576)."""
+    assert not kernels.cuda_preselect_by_default(768, 24576)
+    assert kernels.cuda_preselect_by_default(2304, 65536)
+    assert kernels.cuda_preselect_by_default(4096, 131072)
+    assert kernels.cuda_preselect_by_default(1024, 65536) and not kernels.cuda_preselect_by_default(1024, 65535)
