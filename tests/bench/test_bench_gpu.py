@@ -84,3 +84,22 @@ def test_a_contender_out_of_memory_is_released_before_the_next_one(monkeypatch, 
     out = capsys.readouterr().out
     assert "out of memory" in out and "ours / " not in out  # no ratio of another contender labelled as ours
     assert seen == [None]
+
+
+def test_the_marginal_rate_leaves_one_time_warm_up_costs_out(monkeypatch):
+    """The first run in a process pays one-time costs (on the H200 they made train() on tensors 6.99× the bare step):
+    an unmeasured run goes first, so the rate is the steady state's. On a virtual clock: 1 s a step, 100 s once."""
+    from types import SimpleNamespace
+
+    from bench import bench_gpu
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_gpu, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = []
+
+    def run(n_steps: int) -> None:
+        clock[0] += n_steps + (100.0 if not calls else 0.0)
+        calls.append(n_steps)
+
+    assert bench_gpu._marginal_rate(run, 10, 40) == 1.0
+    assert calls == [10, 10, 40]
