@@ -18,11 +18,13 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
     bench_gpu.main(["--quick", "--skip-peers"])
     out = capsys.readouterr().out
     for expected in ("ms/step", "ours / fp32 matmul", "ours loop step", "host time per step", "aten ops",
-                     "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward"):
+                     "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward",
+                     "sae-kit train --activations loop, with its feed", "store reader + feed alone (per batch"):
         assert expected in out, expected
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
-    assert out.count("of the bare step") == 3  # train() on tensors, train --activations, the store reader alone
+    # train() on tensors, train --activations, the store reader alone; the host time of train --activations' loop
+    assert out.count("of the bare step") == 4
 
 
 def test_bench_gpu_parts_write_json_that_the_h200_summary_reads(tmp_path, capsys):
