@@ -12,7 +12,9 @@ training loop against its own bare step; caching against the bare forward. Ratio
    whose kernels take less than this waits on the host.
 2. Pipeline: tokens/s of `train()` on in-memory tensors and of `sae-kit train --activations` (an on-disk store),
    each as the marginal rate of two runs of different length (start-up and publishing cancel out), against the
-   loop's bare step on batches already on the device.
+   loop's bare step on batches already on the device. Then the host time per step of `train --activations`' loop
+   with its feed (marginal, as above) next to the bare loop step's, at section 1's tiny host shape on the store's
+   rows: what the loop and the feed add per step on the host, where a GPU step of a real shape waits on the host.
 3. Caching: `sae-kit cache` tokens/s against the bare forward of the same model (bench/bench_cache.py).
 
 Usage: python bench/bench_gpu.py [--quick] [--rounds N] [--threads 2] [--skip-peers] [--skip-step] [--skip-host]
@@ -367,7 +369,11 @@ def bench_host(device: torch.device, rounds: int, peers: bool, contenders: tuple
 # -- 2. the pipeline ----------------------------------------------------------------------------------------------
 
 def _marginal_rate(run: Callable[[int], None], short: int, long: int) -> float:
-    """Steps/s of the steady state: (long − short) / (time(long) − time(short)); start-up and publishing cancel."""
+    """Steps/s of the steady state: (long − short) / (time(long) − time(short)); start-up and publishing cancel.
+    An unmeasured short run goes first: the first run in a process pays one-time costs (CUDA context and kernel
+    loading, allocator growth, imports) that would otherwise land on the short run alone and inflate the rate (on
+    the H200, train() on a TensorSource came out at 6.99 of the bare step)."""
+    run(short)
     t0 = time.perf_counter()
     run(short)
     t1 = time.perf_counter()
@@ -440,6 +446,39 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
               f"{reader / bare_store:5.2f} of the bare step")
         record("pipeline", **{**where, "d_in": d_store}, what="store reader alone", tok_s=reader,
                ratio=reader / bare_store)
+        _pipeline_host(device, str(store), store_hook, d_store, steps, rounds, tmp)
+
+
+def _pipeline_host(device: torch.device, store: str, hook: str, d_in: int, steps: int, rounds: int,
+                   tmp: Path) -> None:
+    """Host time per step of `train --activations`' loop with its feed, next to the loop's bare step, at the host
+    section's tiny SAE on the store's rows (device work negligible): what the loop and the feed add per step on the
+    host beyond `loop._step`, where a GPU step of a real shape waits on the host."""
+    from sae_kit.train import TrainConfig, train_all
+
+    _, d_sae, k = HOST_SHAPE
+    batch = HOST_BATCH
+    torch.manual_seed(0)
+    step, _ = loop_step(torch.randn(batch, d_in, device=device), d_sae, k, "auto", tmp / "host-bare")
+    bare = statistics.median(_time(step, device, max(rounds, steps), warmup=10))
+    runs = [0]
+
+    def run_store(n_steps: int) -> None:
+        runs[0] += 1
+        cfg = TrainConfig(activations=store, k=k, d_sae=d_sae, batch_size=batch, n_tokens=n_steps * batch, lr=LR,
+                          out=str(tmp / f"host-s{runs[0]}"), device=str(device), log_every=50)
+        train_all(cfg, progress=False)
+
+    short = max(2, steps // 4)
+    loop_s = 1 / _marginal_rate(run_store, short, steps)
+    reader_s = 1 / _marginal_rate(lambda n: _read_store(store, hook, batch, n, device), short, steps)
+    print(f"  host time per step at {d_in} × {d_sae}, k {k}, batch {batch} (device work negligible):")
+    print(f"    {'bare loop step (loop._step)':56s} {1e6 * bare:9.0f} µs")
+    print(f"    {'sae-kit train --activations loop, with its feed':56s} {1e6 * loop_s:9.0f} µs  "
+          f"(+{1e6 * (loop_s - bare):,.0f} µs, {bare / loop_s:.2f} of the bare step)")
+    print(f"    {'store reader + feed alone (per batch, no step)':56s} {1e6 * reader_s:9.0f} µs")
+    record("pipeline_host", d_in=d_in, d_sae=d_sae, k=k, batch=batch, device=str(device), steps=steps,
+           bare_us=1e6 * bare, loop_us=1e6 * loop_s, reader_us=1e6 * reader_s, ratio=bare / loop_s)
 
 
 def _read_store(store: str, hook: str, batch: int, n_batches: int, device: torch.device) -> None:

@@ -389,8 +389,9 @@ class _Halt:
         """(n_saes, micro_batches + 1) at the halting step: each SAE's micro-batch losses, then its gradient norm."""
 
     def note(self, records: Tensor, step: int, comm: SingleProcess) -> Tensor:
-        """Halt at `step` if any entry of records (n_saes, micro_batches + 1) is non-finite on any rank and no earlier
-        step halted; return the 0-d bool "halted" (now or before), the same on every rank."""
+        """Halt at `step` if any entry of records (n_saes, micro_batches + 1), or (micro_batches + 1,) for one SAE, is
+        non-finite on any rank and no earlier step halted; return the 0-d bool "halted" (now or before), the same on
+        every rank."""
         bad = (records * 0).ne(0).any()  # x·0 is NaN exactly when x is ±inf or NaN: 3 ops where isfinite takes 5
         if comm.world_size > 1:
             flag = bad.to(torch.uint8)
@@ -398,7 +399,7 @@ class _Halt:
             bad = flag.bool()
         fresh = bad & (self.at < 0)
         self.at.masked_fill_(fresh, step)  # a Python scalar: no tensor made from host data, so no copy to the device
-        self.records.copy_(torch.where(fresh, records.float(), self.records))
+        torch.where(fresh, records.float(), self.records, out=self.records)
         return self.at >= 0
 
 
@@ -411,7 +412,7 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
     micro = per_rank // cfg.micro_batches
     rank = plan.dp.rank
     saved: list[dict[str, Tensor]] = []
-    metrics: list[Tensor] = []
+    metrics: list[list[Tensor]] = []  # per SAE, per micro-batch: (len(METRIC_KEYS),)
     fired: list[Tensor] = []
     # Forward + backward of every SAE; no parameter changes yet. Every op here costs host time on a GPU too (a
     # kernel launch), so the bookkeeping is a few ops per SAE and step, not per value.
@@ -420,27 +421,28 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
         for group in t.opt.param_groups:
             group["lr"] = lr
         saved.append({n: b.clone() for n, b in t.sae.named_buffers()})  # e.g. BatchTopK's running threshold
-        x_all = batch[t.hook][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_in  # (B/W, d_in)
-        y_all = batch[t.target][rank * per_rank:(rank + 1) * per_rank].to(plan.device) * t.s_out if t.target else None
+        x_all = _rows(batch[t.hook], rank, per_rank).to(plan.device) * t.s_in  # (B/W, d_in)
+        y_all = _rows(batch[t.target], rank, per_rank).to(plan.device) * t.s_out if t.target else None
         # None, not zeros: autograd then adopts each fresh gradient instead of adding it to a zeroed one (a write
         # and an add: 4 passes over every parameter's size per step).
         t.opt.zero_grad(set_to_none=True)
         per_micro: list[Tensor] = []
         hit: Tensor | None = None
         for m in range(cfg.micro_batches):
-            x = x_all[m * micro:(m + 1) * micro]  # (micro, d_in)
-            y = y_all[m * micro:(m + 1) * micro] if y_all is not None else None
+            x = _rows(x_all, m, micro)  # (micro, d_in)
+            y = _rows(y_all, m, micro) if y_all is not None else None
             with t.sae.training_precision(plan.precision):
                 o = t.sae(x, target=y, dead_latents=t.dead.dead_latents,
                           sparsity_coefficient=t.spec.sparsity_coefficient * lam_frac)
             (o.loss if cfg.micro_batches == 1 else o.loss / cfg.micro_batches).backward()
-            per_micro.append(torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).detach().float())
+            with torch.no_grad():  # no autograd node to make (and detach)
+                per_micro.append(torch.stack([o.loss, o.fvu, o.l0, o.auxk_loss, o.sparsity_loss]).float())
             now = fired_latents(o.latent_acts, o.latent_indices, t.sae.d_sae)
             hit = now if hit is None else hit | now
         for p in t.sae.parameters():
             if p.grad is None and t.opt.state.get(p):  # unused this step but trained before: Adam still moves it
                 p.grad = torch.zeros_like(p)
-        metrics.append(torch.stack(per_micro))  # (micro_batches, len(METRIC_KEYS))
+        metrics.append(per_micro)
         fired.append(hit)
     # Average over ranks, fix the decoder gradient, clip; a non-finite loss or gradient norm halts.
     sums: list[Tensor] = []
@@ -448,8 +450,16 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
     records: list[Tensor] = []
     for t, per_micro_metrics, hit in zip(trainees, metrics, fired):
         params = [p for p in t.sae.parameters() if p.grad is not None]
-        s = per_micro_metrics.mean(0)  # (len(METRIC_KEYS),)
+        if len(per_micro_metrics) == 1:  # the values as they are: a mean over one row is the row
+            s = per_micro_metrics[0]  # (len(METRIC_KEYS),)
+            losses = [s[0]]
+        else:
+            stacked = torch.stack(per_micro_metrics)  # (micro_batches, len(METRIC_KEYS))
+            s = stacked.mean(0)
+            losses = list(stacked[:, 0].unbind())
         if plan.dp.world_size > 1:
+            if len(per_micro_metrics) == 1:
+                s = s.clone()  # averaged in place next: `losses` stay this rank's own (a view of the original)
             plan.dp.all_reduce_mean_([p.grad for p in params] + [s] + [b for b in t.sae.buffers()
                                                                        if b.is_floating_point()])
             hit_int = hit.to(torch.uint8)
@@ -459,9 +469,10 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
             t.sae.remove_gradient_parallel_to_decoder_directions_()
         norm = grad_norm(params)
         scales.append(grad_scale(norm, cfg.grad_clip))  # applied inside the update
-        records.append(torch.cat([per_micro_metrics[:, 0], norm.reshape(1)]))  # losses, then the gradient norm
+        records.append(torch.stack([*losses, norm]))  # the micro-batches' losses, then the gradient norm
         sums.append(s)
-    halted = halt.note(torch.stack(records), step, plan.comm)  # every rank halts at the same step
+    # Every rank halts at the same step. One SAE's record goes as it is: note() broadcasts it.
+    halted = halt.note(records[0] if len(records) == 1 else torch.stack(records), step, plan.comm)
     # Update, skipped on the device when halted: the parameters keep the last good state.
     for t, s, hit, buffers, scale in zip(trainees, sums, fired, saved, scales):
         masked_step(t.opt, halted, scale)
@@ -471,6 +482,11 @@ def _step(trainees: list[Trainee], batch: dict[str, Tensor], step: int, cfg: Tra
             b.copy_(torch.where(halted, buffers[name], b))
         t.dead.update(fired=hit, n_tokens=cfg.batch_size, skip=halted)
         t.recent.append((step + 1, torch.cat([s, t.dead.dead_mask.float().mean(0, keepdim=True)])))
+
+
+def _rows(a: Tensor, index: int, size: int) -> Tensor:
+    """Rows index·size .. (index + 1)·size of `a`: `a` itself when that is all of it (no op to dispatch)."""
+    return a if index == 0 and len(a) == size else a[index * size:(index + 1) * size]
 
 
 # -- 4. sync points: logs, checkpoints, dead-latent refresh, the non-finite check -----------------------------------

@@ -133,6 +133,23 @@ def test_resume_on_another_number_of_data_parallel_ranks_is_refused(tmp_path):
     assert train_all(one, TensorSource({"h": x}), resume=True, progress=False)  # the same count resumes
 
 
+class _PeerOverflows(_RankZeroOfTwo):
+    """Rank 0 of two whose peer's gradients overflowed: every average comes back infinite."""
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            t.fill_(float("inf"))
+
+
+def test_a_data_parallel_halt_reports_this_ranks_own_losses(tmp_path):
+    """The halt record holds this rank's own losses, not the ranks' average that the metrics get (averaged in place):
+    a finite loss here and an overflow on the peer reports the averaged gradient norm, not an infinite loss."""
+    with pytest.raises(FloatingPointError) as err:
+        loop._train(_base(tmp_path / "dp"), TensorSource({"h": _data()}), False, False, torch.device("cpu"),
+                    _PeerOverflows())
+    assert "SAE topk: gradient norm" in str(err.value) and "loss inf" not in str(err.value), err.value
+
+
 class _RankOneOfTwo(_RankZeroOfTwo):
     rank = 1
 
