@@ -18,7 +18,9 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
     bench_gpu.main(["--quick", "--skip-peers"])
     out = capsys.readouterr().out
     for expected in ("ms/step", "ours / fp32 matmul", "ours loop step", "host time per step", "aten ops",
-                     "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward"):
+                     "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward",
+                     "cache stages", "waited for tokens", "waited for writers", "sha256", "open+fsync+rename",
+                     "host stages of one shard alone", "old_path", "new_path_parallel"):
         assert expected in out, expected
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
