@@ -26,6 +26,7 @@ import queue
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from activation_store.capture import check_finite, kept_indices, n_contexts, sel
 from activation_store.model import REFERENCE_NAME, LoadedModel, load_model, resolve_model_name
 from activation_store.shuffle import mixed_batches
 from activation_store.stages import Stages
-from activation_store.storage import Storage, file_sha256, head_and_tail, is_disk_full, sha256, temporary_name
+from activation_store.storage import Storage, Written, file_sha256, head_and_tail, is_disk_full, sha256, temporary_name
 from activation_store.tokens import DatasetConfig, TokenBatch, describe_source
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,51 @@ class TokenRows(NamedTuple):
     tokens: Tensor  # (n_rows,) int64 token id
     doc_ids: Tensor  # (n_rows,) int64 document index in the dataset's order
     positions: Tensor  # (n_rows,) int64 position inside the document
+
+
+@dataclass
+class CacheTimings:
+    """Where a `cache_activations` run spent its time, stage by stage: filled in when passed to it.
+
+    Wall seconds: `total_s`, `setup_s` (folder checks, fingerprints, the first batch's tokens), `drain_s` (from the
+    last forward until the last shard is committed). Busy seconds of one thread: `tokenize_s` (encode, pack and
+    prepare batches), `forward_s` (the forward thread's own work; on CUDA mostly kernel launches, as the GPU runs
+    behind it), `commit_s` (manifest writes). Waits of the forward thread: `wait_tokens_s` (no batch ready: the
+    tokenizer is behind) and `wait_writers_s` (every in-flight slot taken: the writers are behind, or on CUDA the
+    GPU's work and copies still under way). Seconds summed over the writer threads: `wait_copy_s` (until the
+    device-to-host copy of the shard completed), `serialise_s`, `hash_s`, `write_s` (file writes, page cache) and
+    `sync_s` (open, fsync, rename); `commit_s` is the manifest writes alone. On CUDA `gpu_s` is the device's own
+    time over every batch's forward and copy (from events): against the bare forward's time it says how long the
+    GPU sat idle.
+    """
+
+    total_s: float = 0.0
+    setup_s: float = 0.0
+    tokenize_s: float = 0.0
+    forward_s: float = 0.0
+    wait_tokens_s: float = 0.0
+    wait_writers_s: float = 0.0
+    wait_copy_s: float = 0.0
+    serialise_s: float = 0.0
+    hash_s: float = 0.0
+    write_s: float = 0.0
+    sync_s: float = 0.0
+    commit_s: float = 0.0
+    drain_s: float = 0.0
+    gpu_s: float = 0.0
+    bytes_written: int = 0
+    batches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **seconds: float) -> None:
+        """Add to fields from any thread."""
+        with self._lock:
+            for name, value in seconds.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a plain dict (for JSON records)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
 
 
 # -- writing --------------------------------------------------------------------------------------------------
@@ -373,8 +419,8 @@ class _ShardWriter:
     committed; the files of the others are removed.
     """
 
-    def __init__(self, storage: Storage, manifest: dict[str, Any], cfg: CacheConfig):
-        self.storage, self.manifest, self.cfg = storage, manifest, cfg
+    def __init__(self, storage: Storage, manifest: dict[str, Any], cfg: CacheConfig, timings: CacheTimings):
+        self.storage, self.manifest, self.cfg, self.timings = storage, manifest, cfg, timings
         self.pending: dict[int, _Shard] = {}  # handed to the writers, not yet committed
 
     def run(self, model: LoadedModel, batches: Iterator[TokenBatch], bar: Any) -> None:
@@ -387,9 +433,17 @@ class _ShardWriter:
         slots = threading.Semaphore(_IN_FLIGHT)
         pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="sae-kit-cache-write")
 
+        clock = time.perf_counter
+        t = self.timings
+
         def tokenize() -> None:
+            t0 = clock()
             for batch in batches:
-                stages.put(ready, _prepare(batch, model.tokenizer, cfg.exclude_special, cuda))
+                item = _prepare(batch, model.tokenizer, cfg.exclude_special, cuda)
+                t1 = clock()
+                stages.put(ready, item)
+                t0, busy = clock(), t1 - t0
+                t.add(tokenize_s=busy)
             stages.put(ready, None)
 
         def commit() -> None:
@@ -398,7 +452,9 @@ class _ShardWriter:
                 slots.release()
 
         def hand_over(shard: _Shard) -> None:
+            t0 = clock()
             stages.acquire(slots)
+            t.add(wait_writers_s=clock() - t0)
             if cuda:
                 shard.copied = torch.cuda.current_stream(model.device).record_event()
             self.pending[shard.index] = shard
@@ -408,10 +464,22 @@ class _ShardWriter:
 
         stages.start("tokens", tokenize)
         stages.start("commit", commit)
+        events: list[tuple[Any, Any]] = []  # on CUDA: (start, end) of each batch's forward and copy
         try:
             shard = _Shard(len(self.manifest["shards"]), cfg.hook_points)
-            while (item := stages.get(ready)) is not None:
+            while True:
+                t0 = clock()
+                item = stages.get(ready)
+                t1 = clock()
+                if item is None:
+                    break
+                if cuda:  # the GPU's own time for this batch, read once the run is over
+                    events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                    events[-1][0].record()
                 shard.add(_forward(model, cfg, item), item)
+                if cuda:
+                    events[-1][1].record()
+                t.add(wait_tokens_s=t1 - t0, forward_s=clock() - t1, batches=1)
                 bar.update(item.tokens.numel())
                 if shard.batches == cfg.batches_per_shard:
                     hand_over(shard)
@@ -421,6 +489,7 @@ class _ShardWriter:
             handed.put(None)
         except BaseException as err:  # noqa: BLE001 (raised by `wait` below, after the other stages stopped)
             stages.fail(err)
+        t0 = clock()
         try:
             stages.wait()
         except BaseException:
@@ -428,27 +497,35 @@ class _ShardWriter:
             self.discard_uncommitted()
             raise
         pool.shutdown()
+        t.add(drain_s=clock() - t0)
+        for start, end in events:
+            end.synchronize()
+            t.add(gpu_s=start.elapsed_time(end) / 1000)
 
     def write_file(self, shard: _Shard, key: str, first: bool) -> tuple[dict[str, Any], _Sums | None]:
         """Serialise, hash and atomically write one file of a shard; its manifest entry and norm sums."""
+        t0 = time.perf_counter()
         if shard.copied is not None:
             shard.copied.synchronize()
+        t1 = time.perf_counter()
         sums = None
         if key == TOKENS_DIR:
             tok, doc, pos = (torch.cat(p).long() for p in zip(*shard.where))  # (R,) each
-            blob = safetensors.torch.save({"tokens": tok, "doc_ids": doc, "positions": pos})
+            blob = [safetensors.torch.save({"tokens": tok, "doc_ids": doc, "positions": pos})]
         else:
             parts, shard.acts[key] = shard.acts[key], []  # freed once written
             sums = _sums(parts, key, shard.index)
-            acts = torch.cat([p.acts for p in parts])  # (R, d) stored dtype
-            blob = safetensors.torch.save({"activations": acts.contiguous()})
-            del parts, acts
+            blob = safetensors_parts("activations", [p.acts for p in parts])  # (R, d) stored dtype, uncopied
+            del parts
         rel = f"{key}/{shard.name}"
-        self.storage.write_atomic(rel, blob)
+        t2 = time.perf_counter()
+        done: Written = self.storage.write_parts_atomic(rel, blob)
+        self.timings.add(wait_copy_s=t1 - t0, serialise_s=t2 - t1, hash_s=done.hash_s, write_s=done.write_s,
+                         sync_s=done.total_s - done.hash_s - done.write_s, bytes_written=done.bytes)
         shard.written.append(rel)
         if first:
             _kill_point("mid_shard", shard.index)
-        return {"path": rel, "sha256": sha256(blob), "bytes": len(blob)}, sums
+        return {"path": rel, "sha256": done.sha256, "bytes": done.bytes}, sums
 
     def commit(self, shard: _Shard) -> None:
         """List a shard in the manifest once all its files are written."""
@@ -477,7 +554,9 @@ class _ShardWriter:
                             "files": files})
         m["n_rows"] = sum(s["rows"] for s in m["shards"])
         m["n_contexts"] = sum(s["contexts"] for s in m["shards"])
+        t0 = time.perf_counter()
         self.storage.write_json_atomic(MANIFEST, m)
+        self.timings.add(commit_s=time.perf_counter() - t0)
         del self.pending[index]
         _kill_point("after_shard", index)
 
@@ -491,12 +570,18 @@ class _ShardWriter:
                     pass
 
 
-def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedModel | None = None) -> str:
+def cache_activations(
+    cfg: CacheConfig, progress: bool = True, model: LoadedModel | None = None, timings: CacheTimings | None = None,
+) -> str:
     """Run the model over the token stream and write every hook point's activations to cfg.out; resumable.
 
     `model` may pass in cfg.model already loaded (a pipeline or test reusing it); otherwise it is loaded here.
+    `timings`, when given, is filled in with where the time went (bench/bench_cache.py prints it).
     """
     from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    timings = CacheTimings() if timings is None else timings
 
     storage = Storage(cfg.out)
     existing = _check_folder(storage, cfg)  # before anything is written or removed
@@ -548,9 +633,10 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     total = header["n_contexts_planned"] * C
     bar = tqdm(total=total, initial=manifest["n_contexts"] * C, unit="tok", unit_scale=True,
                desc=f"cache {len(cfg.hook_points)} hook(s)", disable=not progress)
+    timings.add(setup_s=time.perf_counter() - start)
     try:
         if first is not None:
-            _ShardWriter(storage, manifest, cfg).run(model, _chain(first, stream), bar)
+            _ShardWriter(storage, manifest, cfg, timings).run(model, _chain(first, stream), bar)
     finally:
         bar.close()
     if manifest["n_contexts"] < header["n_contexts_planned"]:
@@ -562,12 +648,33 @@ def cache_activations(cfg: CacheConfig, progress: bool = True, model: LoadedMode
     }
     manifest["complete"] = True
     storage.write_json_atomic(MANIFEST, manifest)
+    timings.add(total_s=time.perf_counter() - start)
     return cfg.out
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
+
+
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_parts(name: str, tensors: Sequence[Tensor]) -> list[Any]:
+    """The bytes of `safetensors.torch.save({name: torch.cat(tensors)})` without making them: the header, then
+    each tensor's own memory (viewed through numpy, nothing copied). Joined, the parts are that file byte for byte;
+    the copies that saving makes (the concatenation, numpy's `tobytes`, the serialiser's buffer) cost more than
+    hashing and writing the rows, and two of them hold the GIL."""
+    if sys.byteorder != "little":  # safetensors stores little-endian; it byte-swaps
+        return [safetensors.torch.save({name: torch.cat(list(tensors)).contiguous()})]
+    shape = [sum(len(t) for t in tensors), *tensors[0].shape[1:]]
+    dtype = tensors[0].dtype
+    n_bytes = math.prod(shape) * dtype.itemsize
+    entry = {name: {"dtype": _SAFETENSORS_CODES[dtype], "shape": shape, "data_offsets": [0, n_bytes]}}
+    header = json.dumps(entry, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    views = [t.contiguous().view(-1).view(torch.uint8).numpy() for t in tensors if t.numel()]  # (bytes,) each
+    return [len(header).to_bytes(8, "little") + header, *views]
 
 
 def tensors_in(blob: bytearray | mmap.mmap) -> dict[str, Tensor]:

@@ -509,7 +509,7 @@ def gpt2_small_like(folder: Path, n_layer: int = 12, d_model: int = 768) -> str:
 def bench_cache(model: str, tokens: int, device: torch.device, backend: str = "auto", context_size: int = 256) -> None:
     print(f"\n== 3. Caching: {model}, {device}")
     try:
-        from bench.bench_cache import measure_cache
+        from bench.bench_cache import measure_cache, stage_lines
     except ImportError as err:
         print(f"  n/a ({err})")
         return
@@ -517,6 +517,7 @@ def bench_cache(model: str, tokens: int, device: torch.device, backend: str = "a
     print(f"  sae-kit cache {got['cache_tok_s']:,.0f} tokens/s, bare forward {got['forward_tok_s']:,.0f} tokens/s: "
           f"{got['ratio']:.2f} of the forward (context {context_size}, batch {got['batch_size']}, "
           f"{got['n_tokens']:,} tokens, hook {got['hook_points'][0]})")
+    print("\n".join(f"  {line}" for line in stage_lines(got)))
     record("cache", **got)
 
 

@@ -91,3 +91,22 @@ def test_read_buffer_is_a_writable_copy_of_the_file(tmp_path, url):
     assert bytes(again) == b"new content" and (identity is None or new_identity != identity)
     storage.write_atomic("empty", b"")
     assert bytes(storage.read_buffer("empty").data) == b""
+
+
+@pytest.mark.parametrize("url", ["local", "memory://sae-kit-test/write-parts"])
+def test_write_parts_writes_and_hashes_their_concatenation(tmp_path, url, monkeypatch):
+    import hashlib
+
+    import numpy as np
+
+    from activation_store import storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "BLOCK", 1000)  # parts span several blocks, and blocks end inside parts
+    storage = Storage(str(tmp_path) if url == "local" else url)
+    parts = [b"head", np.arange(1234, dtype=np.float32), b"", torch.arange(77, dtype=torch.int64).numpy()]
+    want = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    done = storage.write_parts_atomic("sub/f.bin", parts)
+    assert storage.read_bytes("sub/f.bin") == want
+    assert (done.sha256, done.bytes) == (hashlib.sha256(want).hexdigest(), len(want))
+    assert done.total_s >= done.hash_s + done.write_s >= 0
+    assert storage.write_atomic("g.bin", want).sha256 == done.sha256

@@ -587,6 +587,53 @@ def test_tensors_in_reads_what_safetensors_reads_without_copying():
     assert bytes(blob) != before and torch.equal(tensors_in(blob)["f32"], got["f32"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [[3, 5], [0, 4, 0], [0], [1000], [1, 1, 1, 1]])
+@pytest.mark.parametrize("width", [1, 5, 768])
+def test_safetensors_parts_join_to_the_bytes_safetensors_saves(dtype, rows, width):
+    from activation_store.storage import byte_views
+    from activation_store.store import safetensors_parts
+
+    gen = torch.Generator().manual_seed(len(rows) * width)
+    tensors = [torch.randn(r, width, generator=gen).to(dtype) for r in rows]  # (r, width) each
+    parts = safetensors_parts("activations", tensors)
+    assert b"".join(byte_views(parts)) == safetensors.torch.save({"activations": torch.cat(tensors)})
+    before = [bytes(v) for v in byte_views(parts[1:])]
+    for t in tensors:  # the parts are the tensors' own memory, not copies of it
+        t.fill_(1)
+    assert [bytes(v) for v in byte_views(parts[1:])] != before or not sum(rows)
+
+
+def test_shards_are_written_without_a_copy_and_hold_what_safetensors_saves(ref_store, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    """Activation files go from the forward's row blocks to disk uncopied (no safetensors.save, no concatenation),
+    and are still, byte for byte and hash for hash, what saving the concatenated rows gives."""
+    real, saved = safetensors.torch.save, []
+
+    def save(tensors, *a, **k):
+        saved.append(sorted(tensors))
+        return real(tensors, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save", save)
+    cfg = CacheConfig(**{**ref_store.__dict__, "out": str(tmp_path / "s")})
+    timings = store_mod.CacheTimings()
+    cache_activations(cfg, progress=False, model=tiny_model, timings=timings)
+    assert saved and all(names == ["doc_ids", "positions", "tokens"] for names in saved)  # tokens files only
+    assert shard_hashes(cfg.out) == shard_hashes(ref_store.out)
+    manifest = store_mod.Storage(cfg.out).read_json("manifest.json")
+    for shard in manifest["shards"]:
+        for key, entry in shard["files"].items():
+            data = (Path(cfg.out) / entry["path"]).read_bytes()
+            assert len(data) == entry["bytes"] and storage_mod.sha256(data) == entry["sha256"]
+            assert real(safetensors.torch.load(data)) == data
+    # Every stage's time is accounted for, and every byte written.
+    assert timings.batches == 16 and timings.bytes_written == sum(
+        e["bytes"] for s in manifest["shards"] for e in s["files"].values())
+    for name in ("total_s", "setup_s", "tokenize_s", "forward_s", "hash_s", "write_s", "sync_s", "commit_s"):
+        assert getattr(timings, name) > 0, name
+    assert timings.total_s >= timings.setup_s + timings.drain_s
+
+
 @pytest.mark.parametrize("damage", ["header_length", "offsets", "dtype"])
 def test_tensors_in_hands_malformed_files_to_safetensors(damage):
     from activation_store.store import tensors_in

@@ -19,7 +19,9 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
     out = capsys.readouterr().out
     for expected in ("ms/step", "ours / fp32 matmul", "ours loop step", "host time per step", "aten ops",
                      "of the bare step", "sae-kit train --activations", "== 3. Caching", "of the forward",
-                     "sae-kit train --activations loop, with its feed", "store reader + feed alone (per batch"):
+                     "sae-kit train --activations loop, with its feed", "store reader + feed alone (per batch",
+                     "cache stages", "waited for tokens", "waited for writers", "sha256", "open+fsync+rename",
+                     "host stages of one shard alone", "old_path", "new_path_parallel"):
         assert expected in out, expected
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
