@@ -117,13 +117,21 @@ def main(argv: list[str] | None = None) -> None:
             step(clock)
         clock.phases()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=70)
     print(f"\nKernels over 3 steps, by {sort}:\n{table}")
+    busy = None
+    if device.type == "cuda":
+        # The kernels' own time against the step's: well below it, the GPU waits for the host's launches.
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in averages
+                   if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()) / 3e3
+        print(f"kernels' device time per step {busy:.3f} ms of a {total:.3f} ms step ({100 * busy / total:.0f}% busy)")
     if args.json:
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         Path(args.json).write_text(json.dumps({"arch": args.arch, "shape": [d_in, d_sae, k], "batch": args.batch, "dtype": args.dtype,
                                                "device": str(device), "phases_ms": phases, "step_ms": total,
-                                               "peak_gb": peak, "kernels": table}, indent=1))
+                                               "peak_gb": peak, "device_busy_ms": busy, "kernels": table},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,9 @@ print('opt-in kernels: smoke check ok')"; then
     # where the largest step's time goes (phases by device events, then kernels): guides the next change
     section "profile step" 60 env "${NEWENV[@]}" PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 30 \
         --json "$OUT/profile.json" $([ "$DRY" = 1 ] && echo "--shape 128,512,8")
+    # the smallest shape: is the step bound by the host's launches (kernels' time well below the step's)?
+    section "profile small" 30 env "${NEWENV[@]}" PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 20 --rows 15 \
+        --json "$OUT/profile_small.json" --shape "$([ "$DRY" = 1 ] && echo 64,256,4 || echo 768,24576,32)"
     section "profile batchtopk" 45 env PYTHONPATH="$ROOT:$SITE" "$PY" bench/profile_step.py --rounds 5 --rows 20 \
         --arch batchtopk --json "$OUT/profile_batchtopk.json" --shape "$([ "$DRY" = 1 ] && echo 96,384,8 || echo 2304,65536,64)"
     # the CUDA path's op list with the bytes each op moves (the model behind the step's memory-bound part)
