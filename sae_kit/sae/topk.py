@@ -246,7 +246,9 @@ class TopKSAE(SparseCoder):
         recon_fvu = fvu(y, y_hat)
         auxk = self._auxk_loss(y, y_hat, e_hat, dead)
         l0 = (acts != 0).sum(-1, dtype=torch.float32).mean()
-        loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu) + self.cfg.auxk_coefficient * auxk
+        loss = self.reconstruction_loss(x, y, acts, idx, parts, recon_fvu)
+        if e_hat is not None and dead is not None:  # else AuxK is the constant 0: two launches fewer per GPU step
+            loss = loss + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(y_hat, acts, idx, recon_fvu, auxk, recon_fvu.new_zeros(()), loss, l0)
 
     def sparse_path_usable(self) -> bool:
