@@ -172,7 +172,7 @@ def host_stages(rows: int, width: int, dtype: torch.dtype, device: torch.device,
 def stage_lines(r: dict[str, Any]) -> list[str]:
     """`measure_cache`'s stage breakdown and host stages as printable lines."""
     s, n = r["stages"], r["n_tokens"]
-    rest = n - r["batch_size"] * r["context_size"]  # tokens of the batches after the first
+    rest = n * (s["batches"] - 1) / max(1, s["batches"])  # about the tokens of the batches after the first
     gb = s["bytes_written"] / 1e9
     rate = lambda sec: f"{gb / sec:.2f} GB/s" if sec > 0 else "-"  # noqa: E731
     lines = [
