@@ -156,7 +156,7 @@ class Storage:
                 h.update(v)
             t1 = time.perf_counter()
             self.fs.makedirs(parent, exist_ok=True)
-            data = bytes(views[0]) if len(views) == 1 else b"".join(views)
+            data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(views)
             self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
             return Written(h.hexdigest(), len(data), t1 - t0, time.perf_counter() - t1, time.perf_counter() - t0)
         os.makedirs(parent, exist_ok=True)

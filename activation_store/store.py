@@ -356,16 +356,30 @@ class _Rows(NamedTuple):
     sum_sq: Tensor  # () float64 Σ‖x‖²
 
 
-def _forward(model: LoadedModel, cfg: CacheConfig, item: _Ready) -> dict[str, _Rows]:
+COPY_STREAM = False
+"""On CUDA, copy rows to the host on a stream of their own (the next forward need not wait for the copy) rather than
+on the forward's stream. Off until a GPU run shows it pays: bench/bench_cache.py times the cache both ways."""
+
+
+def _forward(model: LoadedModel, cfg: CacheConfig, item: _Ready, copy_stream: Any = None) -> dict[str, _Rows]:
     """One forward; every hook point's kept rows in the stored dtype and their sums (computed where the rows are:
-    on a GPU they cost nothing), on their way to host memory."""
+    on a GPU they cost nothing), on their way to host memory: copied on `copy_stream` when given (CUDA), after it
+    waited for the forward's stream, else on the forward's stream."""
     tokens = item.tokens.to(model.device, non_blocking=True)
     dtype = getattr(torch, cfg.dtype)
-    out = {}
+    on_device = {}
     for h, a in model.capture(tokens, cfg.hook_points).items():  # (B, C, d) on the model's device
         rows = select_rows(a, item.keep).to(dtype)  # (R, d)
         x = rows.double()  # statistics over the values as stored, in float64
-        out[h] = _Rows(to_host(rows), to_host(x.sum(0)), to_host((x * x).sum()))
+        on_device[h] = (rows, x.sum(0), (x * x).sum())
+    if copy_stream is None:
+        return {h: _Rows(*(to_host(t) for t in ts)) for h, ts in on_device.items()}
+    copy_stream.wait_stream(torch.cuda.current_stream(model.device))
+    with torch.cuda.stream(copy_stream):
+        out = {h: _Rows(*(to_host(t) for t in ts)) for h, ts in on_device.items()}
+    for ts in on_device.values():
+        for t in ts:  # made on the forward's stream: their memory is not reused before the copy read it
+            t.record_stream(copy_stream)
     return out
 
 
@@ -456,7 +470,7 @@ class _ShardWriter:
             stages.acquire(slots)
             t.add(wait_writers_s=clock() - t0)
             if cuda:
-                shard.copied = torch.cuda.current_stream(model.device).record_event()
+                shard.copied = (copy_stream if copy_stream is not None else torch.cuda.current_stream(model.device)).record_event()
             self.pending[shard.index] = shard
             for i, key in enumerate((*cfg.hook_points, TOKENS_DIR)):
                 shard.files[key] = pool.submit(self.write_file, shard, key, i == 0)
@@ -464,7 +478,8 @@ class _ShardWriter:
 
         stages.start("tokens", tokenize)
         stages.start("commit", commit)
-        events: list[tuple[Any, Any]] = []  # on CUDA: (start, end) of each batch's forward and copy
+        events: list[tuple[Any, Any]] = []  # on CUDA: (start, end) of each batch's forward (and copy, on its stream)
+        copy_stream = torch.cuda.Stream(model.device) if cuda and COPY_STREAM else None
         try:
             shard = _Shard(len(self.manifest["shards"]), cfg.hook_points)
             while True:
@@ -476,7 +491,7 @@ class _ShardWriter:
                 if cuda:  # the GPU's own time for this batch, read once the run is over
                     events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                     events[-1][0].record()
-                shard.add(_forward(model, cfg, item), item)
+                shard.add(_forward(model, cfg, item, copy_stream), item)
                 if cuda:
                     events[-1][1].record()
                 t.add(wait_tokens_s=t1 - t0, forward_s=clock() - t1, batches=1)

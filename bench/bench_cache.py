@@ -59,14 +59,15 @@ def measure_cache(
     model: str = "reference", hook_points: tuple[str, ...] | None = None, backend: str = "auto",
     context_size: int = 256, batch_size: int = 32, n_tokens: int | None = None, shard_tokens: int = 65_536,
     dtype: str = "float32", device: str | None = None, dataset: str = "stdlib", repeats: int = 2,
-    out_dir: str | None = None, loaded: LoadedModel | None = None, host_check: bool = True,
+    out_dir: str | None = None, loaded: LoadedModel | None = None, host_check: bool = True, copy_ab: bool = True,
 ) -> dict[str, Any]:
     """Tokens/s of `cache_activations` and of the bare forward on the same batches, and their ratio.
 
     n_tokens defaults to 8 forward batches on CPU, and on CUDA to 64 batches or 4M tokens, whichever is more. Runs
     alternate and each keeps its best of `repeats` (the first pays one-time costs, and machines are shared).
     `loaded` passes `model` already loaded. "stages" holds the best cache run's `CacheTimings`; "host_gb_s" the host
-    stages of one shard's write timed alone (`host_stages`, skipped without `host_check`).
+    stages of one shard's write timed alone (`host_stages`, skipped without `host_check`). On CUDA with `copy_ab`
+    each repeat also runs the cache with `store.COPY_STREAM` switched: "other_copy_stream_tok_s", its best.
     """
     m = loaded if loaded is not None else load_model(model, backend=backend, device=device)
     hooks = tuple(hook_points) if hook_points else (default_hook(m),)
@@ -85,8 +86,18 @@ def measure_cache(
     m.capture(batches[0], hooks)  # warm-up (kernels, allocator)
     _sync(m.device)
 
-    forward, cache, timings = [], [], []
+    forward, cache, timings, other = [], [], [], []
+    default_copy = store_mod.COPY_STREAM
     root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=out_dir))
+
+    def run_cache(out: Path, stats: CacheTimings) -> float:
+        t = time.perf_counter()
+        cache_activations(CacheConfig(**{**cfg.__dict__, "out": str(out)}), progress=False, model=m, timings=stats)
+        _sync(m.device)
+        seconds = time.perf_counter() - t
+        shutil.rmtree(out, ignore_errors=True)
+        return seconds
+
     try:
         for rep in range(repeats):
             t = time.perf_counter()
@@ -94,15 +105,15 @@ def measure_cache(
                 m.capture(tokens, hooks)
             _sync(m.device)
             forward.append(time.perf_counter() - t)
-            out = root / f"store{rep}"
             timings.append(CacheTimings())
-            t = time.perf_counter()
-            cache_activations(CacheConfig(**{**cfg.__dict__, "out": str(out)}), progress=False, model=m,
-                              timings=timings[-1])
-            _sync(m.device)
-            cache.append(time.perf_counter() - t)
-            shutil.rmtree(out, ignore_errors=True)
-        shard_rows = cfg.batches_per_shard * batch_size * context_size
+            cache.append(run_cache(root / f"store{rep}", timings[-1]))
+            if m.device.type == "cuda" and copy_ab:  # A/B: the same run with the copy stream switched
+                store_mod.COPY_STREAM = not default_copy
+                try:
+                    other.append(run_cache(root / f"other{rep}", CacheTimings()))
+                finally:
+                    store_mod.COPY_STREAM = default_copy
+        shard_rows = cfg.batches_per_shard * batch_size * context_size  # rows of a full shard, none excluded
         host = host_stages(shard_rows, m.width(hooks[0]), getattr(torch, dtype), m.device, root) if host_check else {}
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -113,6 +124,7 @@ def measure_cache(
         "cache_tok_s": cache_tok_s, "forward_tok_s": forward_tok_s, "ratio": cache_tok_s / forward_tok_s,
         "tokenize_tok_s": n / tokenize_s, "model": model, "backend": m.backend, "device": str(m.device),
         "stages": best.as_dict(), "host_gb_s": host, "forward_gb_s": forward_tok_s * row_bytes / 1e9,
+        "copy_stream": default_copy, "other_copy_stream_tok_s": n / min(other) if other else None,
         "hook_points": list(hooks), "d_in": [m.width(h) for h in hooks], "context_size": context_size,
         "batch_size": batch_size, "n_tokens": n, "shard_tokens": shard_tokens, "dtype": dtype, "dataset": dataset,
         "repeats": repeats, "threads": torch.get_num_threads(),
@@ -120,7 +132,7 @@ def measure_cache(
 
 
 def host_stages(rows: int, width: int, dtype: torch.dtype, device: torch.device, folder: Path,
-                repeats: int = 3) -> dict[str, float]:
+                repeats: int = 2) -> dict[str, float]:
     """GB/s of each host stage of writing one shard of (rows, width) activations, each timed alone (best of
     `repeats`): "d2h" (CUDA only: the rows into fresh pinned memory, as the forward thread copies them), "concat",
     "safetensors_save", "sha256", "write_fsync" (write, fsync, rename), "old_path" (the four of them, as the writer
@@ -161,7 +173,9 @@ def host_stages(rows: int, width: int, dtype: torch.dtype, device: torch.device,
                "old_path": best(old_path), "new_path": best(new_path)}
     for name, writers in (("new_path_parallel", store_mod._WRITERS), ("new_path_parallel_x2", 2 * store_mod._WRITERS)):
         with ThreadPoolExecutor(writers) as pool:  # each thread its own shard, as the writers run
-            seconds[name] = best(lambda: list(pool.map(lambda _: new_path(), range(writers)))) / writers
+            t = time.perf_counter()
+            list(pool.map(lambda _: new_path(), range(writers)))
+            seconds[name] = (time.perf_counter() - t) / writers
     if device.type == "cuda":
         on_device = acts.to(device)
         seconds["d2h"] = best(lambda: (to_host(on_device), torch.cuda.synchronize(device)))
@@ -172,7 +186,7 @@ def host_stages(rows: int, width: int, dtype: torch.dtype, device: torch.device,
 def stage_lines(r: dict[str, Any]) -> list[str]:
     """`measure_cache`'s stage breakdown and host stages as printable lines."""
     s, n = r["stages"], r["n_tokens"]
-    rest = n - r["batch_size"] * r["context_size"]  # tokens of the batches after the first
+    rest = n * (s["batches"] - 1) / max(1, s["batches"])  # about the tokens of the batches after the first
     gb = s["bytes_written"] / 1e9
     rate = lambda sec: f"{gb / sec:.2f} GB/s" if sec > 0 else "-"  # noqa: E731
     lines = [
@@ -190,6 +204,10 @@ def stage_lines(r: dict[str, Any]) -> list[str]:
         f"{s['write_s']:.2f} s ({rate(s['write_s'])}) | open+fsync+rename {s['sync_s']:.2f} s ({rate(s['sync_s'])})"
         f" | manifest commits {s['commit_s']:.2f} s",
     ]
+    if r["other_copy_stream_tok_s"]:
+        where = {True: "on a copy stream of its own", False: "on the forward's stream"}
+        lines.append(f"A/B of the device-to-host copy: {where[r['copy_stream']]} (the default) {r['cache_tok_s']:,.0f}"
+                     f" tok/s | {where[not r['copy_stream']]} {r['other_copy_stream_tok_s']:,.0f} tok/s")
     if r["host_gb_s"]:
         lines.append("host stages of one shard alone, GB/s: " + " | ".join(
             f"{k} {v:.2f}" for k, v in r["host_gb_s"].items()) + f"  (needed: {r['forward_gb_s']:.2f})")

@@ -509,16 +509,24 @@ def gpt2_small_like(folder: Path, n_layer: int = 12, d_model: int = 768) -> str:
 def bench_cache(model: str, tokens: int, device: torch.device, backend: str = "auto", context_size: int = 256) -> None:
     print(f"\n== 3. Caching: {model}, {device}")
     try:
-        from bench.bench_cache import measure_cache, stage_lines
+        from bench.bench_cache import host_stages, measure_cache, stage_lines
     except ImportError as err:
         print(f"  n/a ({err})")
         return
-    got = measure_cache(model=model, backend=backend, context_size=context_size, n_tokens=tokens, device=str(device))
+    got = measure_cache(model=model, backend=backend, context_size=context_size, n_tokens=tokens, device=str(device),
+                        host_check=False)
     print(f"  sae-kit cache {got['cache_tok_s']:,.0f} tokens/s, bare forward {got['forward_tok_s']:,.0f} tokens/s: "
           f"{got['ratio']:.2f} of the forward (context {context_size}, batch {got['batch_size']}, "
           f"{got['n_tokens']:,} tokens, hook {got['hook_points'][0]})")
     print("\n".join(f"  {line}" for line in stage_lines(got)))
     record("cache", **got)
+    # then, recorded apart (a cut-off here loses nothing above): one shard's host stages alone, in GB/s
+    rows = max(1, got["shard_tokens"] // (got["batch_size"] * context_size)) * got["batch_size"] * context_size
+    with tempfile.TemporaryDirectory() as folder:
+        gb_s = host_stages(rows, got["d_in"][0], getattr(torch, got["dtype"]), device, Path(folder))
+    print(f"  host stages of one shard alone ({rows:,} rows x {got['d_in'][0]}), GB/s: "
+          + " | ".join(f"{k} {v:.2f}" for k, v in gb_s.items()) + f"  (needed: {got['forward_gb_s']:.2f})")
+    record("cache_host", rows=rows, d_in=got["d_in"][0], needed_gb_s=got["forward_gb_s"], **gb_s)
 
 
 def _shapes(spec: str | None, default: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:

@@ -116,10 +116,15 @@ def test_norm_stats_match_rows(ref_store, tiny_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_cache_writes_the_rows_a_blocking_capture_gives(tiny_gpt2_path, docs, tmp_path):
-    """On CUDA the rows reach the host through pinned buffers filled by asynchronous copies, read by the writer
-    threads once the shard's copy event completed: the files hold the rows (and sums) of a blocking capture."""
+@pytest.mark.parametrize("copy_stream", [False, True])
+def test_cuda_cache_writes_the_rows_a_blocking_capture_gives(tiny_gpt2_path, docs, tmp_path, monkeypatch,
+                                                             copy_stream):
+    """On CUDA the rows reach the host through pinned buffers filled by asynchronous copies (on the forward's
+    stream, or on one of their own), read by the writer threads once the shard's copy event completed: the files
+    hold the rows (and sums) of a blocking capture."""
     from activation_store.model import load_model
+
+    monkeypatch.setattr(store_mod, "COPY_STREAM", copy_stream)
 
     model = load_model(str(tiny_gpt2_path), backend="hf", device="cuda")
     hooks = ("transformer.h.0", "transformer.h.1.mlp")
