@@ -56,6 +56,8 @@ GPU_ROUNDS = 20
 HOST_SHAPE = (64, 256, 4)
 """d_in, d_sae, k of the host-time measurement, at batch HOST_BATCH: a few µs of device work per kernel."""
 HOST_BATCH = 256
+FEED_THREADS_AB = (1, 4)
+"""Section 2 also runs `train --activations` with the feed's gathers on these many CPU threads (feed.FEED_THREADS)."""
 CONTENDERS = ("ours", "ours-triton", "ours-bags", "ours-grouped", "ours-new", "ours-fp32", "ours-fp32-exact", "loop",
               "loop-new", "bf16mm", "fp32mm", "sparsify", "saelens")
 """Keys for --contenders, in the order section 1 runs them."""
@@ -446,6 +448,23 @@ def bench_pipeline(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
               f"{reader / bare_store:5.2f} of the bare step")
         record("pipeline", **{**where, "d_in": d_store}, what="store reader alone", tok_s=reader,
                ratio=reader / bare_store)
+        # A/B: the feed's gathers on fewer CPU threads (feed.FEED_THREADS), whose pool otherwise spins on every core
+        # after each gather, where the training thread launching the kernels needs one.
+        from sae_kit.train import feed
+
+        for threads in FEED_THREADS_AB:
+            feed.FEED_THREADS = threads
+            try:
+                got = batch * _marginal_rate(run_store, max(2, steps // 4), steps)
+                alone = batch * _marginal_rate(lambda n: _read_store(str(store), store_hook, batch, n, device),
+                                               max(2, steps // 4), steps)
+            finally:
+                feed.FEED_THREADS = None
+            what = f"sae-kit train --activations, feed on {threads} thread{'s' if threads > 1 else ''}"
+            print(f"  {what:58s} {got:12,.0f} tokens/s  {got / bare_store:5.2f} of the bare step "
+                  f"(reader + feed alone {alone / bare_store:.2f})")
+            record("pipeline", **{**where, "d_in": d_store}, what=what, tok_s=got, ratio=got / bare_store,
+                   reader_ratio=alone / bare_store, feed_threads=threads)
         _pipeline_host(device, str(store), store_hook, d_store, steps, rounds, tmp)
 
 

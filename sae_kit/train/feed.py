@@ -35,6 +35,10 @@ Batch = dict[str, Tensor]
 
 DEPTH = 3
 """Batches made ahead of the one the step is using."""
+FEED_THREADS: int | None = None
+"""CPU threads of the intra-op ops (the row gathers) that `training_feed`'s thread runs; None: torch's setting. A
+gather over every core leaves its pool's threads spinning on them afterwards, where the training thread, which
+launches the GPU's kernels, needs a core; bench_gpu measures `train --activations` both ways."""
 _POLL_S = 0.1
 
 
@@ -42,12 +46,16 @@ class BatchFeed:
     """Iterate `batches` through a background thread `depth` items ahead; tensors arrive on `device`."""
 
     def __init__(self, batches: Iterable[Batch], device: torch.device | str = "cpu", depth: int = DEPTH,
-                 buffers: BatchBuffers | None = None, dtype: torch.dtype | None = None):
+                 buffers: BatchBuffers | None = None, dtype: torch.dtype | None = None, threads: int | None = None):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.device = torch.device(device)
         self.buffers = buffers
         self.dtype = dtype
+        self.threads = threads
+        # This thread's own intra-op thread count, read now: torch sets a thread's count on its first read, from a
+        # process-wide value that the background thread changes for the time it runs (given `threads`).
+        self._threads_before = torch.get_num_threads()
         self._lent: Batch | None = None  # CPU: the batch the consumer holds, handed back when it asks for the next
         self._source = iter(batches)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -60,6 +68,8 @@ class BatchFeed:
     def _produce(self) -> None:
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's, and the default of threads started from now on
         try:
             with torch.cuda.stream(stream) if cuda else nullcontext():
                 for batch in self._source:
@@ -90,6 +100,8 @@ class BatchFeed:
             close = getattr(self._source, "close", None)
             if close is not None:
                 close()  # a generator source is closed in the thread that ran it
+            if self.threads is not None:
+                torch.set_num_threads(self._threads_before)  # the default of later threads, as it was
 
     def _convert(self, a: Tensor) -> Tensor:
         return a if self.dtype is None else a.to(self.dtype)
@@ -159,7 +171,7 @@ def training_feed(source: Any, hook_points: list[str], batch_size: int, device: 
     if wire is not None:
         kwargs["dtype"] = wire
     return BatchFeed(source_batches(source, hook_points, batch_size, buffers, **kwargs), device, buffers=buffers,
-                     dtype=torch.float32 if wire is not None else None)
+                     dtype=torch.float32 if wire is not None else None, threads=FEED_THREADS)
 
 
 def _wire_dtype(source: Any, hook_points: list[str], device: torch.device) -> torch.dtype | None:

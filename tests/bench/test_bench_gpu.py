@@ -25,8 +25,10 @@ def test_bench_gpu_quick_prints_the_ratios(capsys):
         assert expected in out, expected
     # the bf16 roofline only where bf16 matmuls run on matrix units (CUDA, or a CPU with AMX), not emulated
     assert ("ours / bf16 matmul" in out) == bf16_matmul_units()
-    # train() on tensors, train --activations, the store reader alone; the host time of train --activations' loop
-    assert out.count("of the bare step") == 4
+    # train() on tensors, train --activations, the store reader alone, train --activations with the feed on 1 and
+    # on 4 threads (the A/B of feed.FEED_THREADS); the host time of train --activations' loop
+    assert out.count("of the bare step") == 6
+    assert "sae-kit train --activations, feed on 1 thread " in out and "feed on 4 threads" in out
 
 
 def test_bench_gpu_parts_write_json_that_the_h200_summary_reads(tmp_path, capsys):

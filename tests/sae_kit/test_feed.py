@@ -554,3 +554,40 @@ def test_cuda_feed_keeps_float32_and_mixed_sources_as_they_are(monkeypatch):
     assert _wire_dtype(mixed, [HOOK], cuda) == torch.bfloat16
     assert _wire_dtype(TensorSource({HOOK: torch.zeros(4, 2)}), [HOOK], cuda) is None
     assert _wire_dtype(object(), [HOOK], cuda) is None  # a source of the user's own, without stored_dtype
+
+
+def test_feed_threads_set_the_gathers_threads_in_the_feeds_thread_alone(tmp_path, monkeypatch):
+    """`FEED_THREADS` (bench_gpu's A/B of the feed's intra-op threads) sets the thread count the source's gathers
+    run with, in the feed's thread; the training thread keeps its own, threads started after the feed get the
+    count from before, and the same batches train the same weights."""
+    import sae_kit.train.feed as feed_module
+
+    x = torch.randn(1024, 16)
+    source = TensorSource({HOOK: x})
+    seen: list[int] = []
+    real = source.batches
+
+    def counting(*a, **kw):
+        for batch in real(*a, **kw):
+            if threading.current_thread().name == "sae-kit-batch-feed":  # not publishing's reads
+                seen.append(torch.get_num_threads())
+            yield batch
+
+    monkeypatch.setattr(source, "batches", counting)
+    before = torch.get_num_threads()
+    cfg = TrainConfig(hook_points=HOOK, k=4, d_sae=64, batch_size=128, n_tokens=128 * 6, log_every=100)
+    a = SparseCoder.load(train(cfg.replace(out=str(tmp_path / "a")), source, progress=False))
+    assert seen and set(seen) == {before}
+    other = 1 if before > 1 else 2
+    monkeypatch.setattr(feed_module, "FEED_THREADS", other)
+    seen.clear()
+    b = SparseCoder.load(train(cfg.replace(out=str(tmp_path / "b")), source, progress=False))
+    assert seen and set(seen) == {other}
+    assert torch.get_num_threads() == before
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before]
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
