@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The one device command for issue #14: every figure bench/bench_gpu.py measures, on the H200, within 8 minutes.
 #
-#   device tool:  run  command "bash bench/h200/run.sh"  carry [".whl"]  timeout_s 540
+#   device tool:  run  command "bash bench/h200/run.sh"  carry [".whl"]  timeout_s 570
 #                 (first, here: bash bench/h200/fetch_wheels.sh, in the checkout the device tool sends)
 #   CPU dry run:  SAE_KIT_H200_DRYRUN=1 PYTHON=/tmp/h200sim/bin/python OUT=/tmp/h200-out bash bench/h200/run.sh
 #
 # Installs .whl/common (sparsify and what it needs beyond the image) and .whl/lens (SAELens, transformer-lens 3.9)
 # into two --target folders, prints the GPU and versions, runs the CUDA-only tests, then bench_gpu.py one part per
 # process (each step shape, the pipeline, caching, SAELens last), each under `timeout` with a cap trimmed to what is
-# left of H200_BUDGET_S (480 s), most important first. Every measurement is appended to $OUT/results.jsonl as it is
+# left of H200_BUDGET_S (510 s), most important first. Every measurement is appended to $OUT/results.jsonl as it is
 # made, so a run cut off still returns what finished; $OUT/log.txt has the whole output, $OUT/cuda_tests.xml the
 # tests, $OUT/results.json everything grouped, $OUT/profile.json the largest step's phases and kernels. The last
 # lines printed are the summary table (bench/h200/summary.py).
@@ -19,7 +19,7 @@ export OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DRY=${SAE_KIT_H200_DRYRUN:-0}
-BUDGET=${H200_BUDGET_S:-480}
+BUDGET=${H200_BUDGET_S:-510}
 SITE=${H200_SITE:-/tmp/sae-kit-h200/site}
 LENS=$SITE-lens
 RES=$OUT/results.jsonl
