@@ -148,6 +148,14 @@ def test_unknown_dtype_is_named(tmp_path: Path) -> None:
         SAE.load(tmp_path / "g", dtype="int8")
 
 
+def test_truncated_params_npz_is_named(tmp_path: Path) -> None:
+    write_gemma_scope(tmp_path / "g", d_in=16, d_sae=40)
+    data = (tmp_path / "g" / "params.npz").read_bytes()
+    (tmp_path / "g" / "params.npz").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(FormatError, match=r"params.npz is not a readable numpy .npz .*re-download it"):
+        SAE.load(tmp_path / "g")
+
+
 def test_llama_scope(tmp_path: Path) -> None:
     hp, w = write_llama_scope(tmp_path / "Llama3_1-8B-Base-L4R-8x", d_in=16, d_sae=40)
     sae = SAE.load(tmp_path / "Llama3_1-8B-Base-L4R-8x")
