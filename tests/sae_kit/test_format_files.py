@@ -242,6 +242,14 @@ def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
             SAE.load(tmp_path / "ae", trust_remote_pickle=trust)
 
 
+def test_dictionary_learning_folder_without_its_config_names_the_config(tmp_path: Path) -> None:
+    write_dictionary_learning(tmp_path / "dl", "AutoEncoderTopK", d_in=8, d_sae=16)
+    (tmp_path / "dl" / "config.json").unlink()  # ae.pt alone was read as an OpenAI file: "no tensor 'latent_bias'"
+    for path in (tmp_path / "dl", tmp_path / "dl" / "ae.pt"):
+        with pytest.raises(FormatError, match=r"ae.pt is a dictionary_learning ae.pt.*needs its config.json"):
+            SAE.load(path)
+
+
 def test_folder_of_no_format_lists_what_was_looked_for(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
     (tmp_path / "notes.txt").write_text("hi")
