@@ -91,6 +91,11 @@ def check_compatible(model: LoadedModel, sae: Any, where: str = "") -> None:
         hooks.append(("target_hook_point", cfg.target_hook_point, cfg.d_target, "d_out"))
     for field_name, hook, width, dim in hooks:
         if not hook:
+            fmt = cfg.metadata.get("source_format")
+            if fmt and fmt != "sae-kit":  # Gemma Scope and OpenAI files have no field for it, and no cfg.json
+                raise ValueError(f"SAE {label!r} records no {field_name} (its {fmt} files have none); write it as a "
+                                 f"sae-kit folder that does: sae-kit convert SRC DST --to sae-kit "
+                                 f"--{field_name.replace('_', '-')} HOOK (a hook point of model {model.name!r})")
             raise ValueError(f"SAE {label!r} records no {field_name} in its {CFG_FILENAME}; set it to a hook point "
                              f"of model {model.name!r}")
         have = model.width(hook)  # ValueError naming the closest hook points if unknown

@@ -11,6 +11,7 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     p("--subfolder", help="folder inside SRC (or inside the hub repo) holding the SAE")
     p("--revision", help="hub revision (branch, tag or commit) when SRC is a hub id")
     p("--hook-point", help="hook point, for formats that do not record it (Gemma Scope, OpenAI)")
+    p("--target-hook-point", help="hook point a transcoder predicts, for formats that do not record it (Gemma Scope)")
     p("--model", help="model name, for formats that do not record it")
     p("--norm-scaling-factor", type=float,
       help="the factor of an 'expected_average_only_in' normalisation the files do not record")
@@ -22,7 +23,8 @@ def load_from_args(args: argparse.Namespace, spec: str):
     """The coder named by `spec` with the loading flags applied."""
     from sae_kit.formats import load
 
-    options = {"hook_point": args.hook_point, "model_name": args.model, "norm_scaling_factor": args.norm_scaling_factor}
+    options = {"hook_point": args.hook_point, "target_hook_point": args.target_hook_point, "model_name": args.model,
+               "norm_scaling_factor": args.norm_scaling_factor}
     return load(spec, subfolder=args.subfolder, revision=args.revision, trust_remote_pickle=args.trust_remote_pickle,
                 **{k: v for k, v in options.items() if v is not None})
 

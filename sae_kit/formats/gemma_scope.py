@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,8 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
         with np.load(file_path, allow_pickle=False) as data:
             # Some copies spell the weights w_enc / w_dec.
             arrays = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data}
-    except (ValueError, OSError) as err:
-        raise FormatError(f"{file_path} is not a readable numpy .npz of arrays ({err})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated download is not a zip
+        raise FormatError(f"{file_path} is not a readable numpy .npz of arrays ({err}); re-download it") from None
     if "W_enc" in arrays and arrays["W_enc"].ndim != 2:
         raise FormatError(f"{file_path}: 'W_enc' has shape {tuple(arrays['W_enc'].shape)}, expected (d_in, d_sae)")
     d_in, d_sae = arrays["W_enc"].shape if "W_enc" in arrays else (0, 0)

@@ -62,6 +62,10 @@ def read(path: Path, dtype: str | None = None, trust_remote_pickle: bool = False
     state = load_pickle(file, trust_remote_pickle)
     if not isinstance(state, dict):
         raise FormatError(f"{file} holds a {type(state).__name__}, expected the Autoencoder's state dict")
+    if file.name == "ae.pt" and not {"pre_bias", "latent_bias"} & set(state):  # dictionary_learning's, config lost
+        raise FormatError(f"{file} is a dictionary_learning ae.pt, not an OpenAI file: it needs its config.json "
+                          f"(trainer.dict_class, activation_dim, dict_size) in the same folder; copy it from where "
+                          f"ae.pt came from")
     activation = state.get("activation", "ReLU")
     settings = state.get("activation_state_dict") or {}
     if activation == "TopK" and settings.get("postact_fn", "ReLU") != "ReLU":

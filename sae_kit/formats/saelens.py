@@ -15,7 +15,8 @@ SAELens's `load_from_disk` then applies none, and so do we unless one is given (
 Writing: every architecture SAELens's inference classes can express; a TopK-family transcoder or a gated
 transcoder cannot be, and raises. A known `expected_average_only_in` factor is folded into the weights (SAELens's own
 `fold_activation_norm_scaling_factor`), since SAELens would not apply it from the folder. Our training settings and
-metadata ride along in `metadata["sae_kit"]` so a round trip restores them.
+metadata ride along in `metadata["sae_kit"]` so a round trip restores them; a SAELens source's own metadata that
+we have no field for (prepend_bos, context_size, dataset_path, model_from_pretrained_kwargs, ...) is written back.
 """
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ NORMALIZATIONS = {"none": "none", "expected_average_only_in": "expected_average_
                   "constant_norm_rescale": "constant_norm_rescale", "layer_norm": "layer_norm"}
 FOLDED_AT_SAVE = ("covariance_whitening",)
 """SAELens folds these into the weights when it saves; its inference applies nothing for them."""
+CARRIED_METADATA = ("model_class_name", "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens",
+                    "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path", "dataset_trust_remote_code",
+                    "sae_lens_training_version")
+"""SAELens metadata we have no field for (how the model was run, on what data), kept from a SAELens source on export;
+pre-6.0 configs hold them at the top level."""
 
 
 def detect(path: Path) -> bool:
@@ -265,6 +271,15 @@ def _export(coder: SparseCoder) -> tuple[str, dict[str, Tensor], str]:
     return name, {k: v.contiguous() for k, v in state.items()}, norm
 
 
+def _carried_metadata(cfg: SAEConfig) -> dict[str, Any]:
+    """The SAELens metadata of the folder `cfg` was read from that our config has no field for."""
+    raw = cfg.metadata.get("source_config") if cfg.metadata.get("source_format") == NAME else None
+    if not isinstance(raw, dict):
+        return {}
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    return {k: v for k in CARRIED_METADATA for v in [meta.get(k, raw.get(k))] if v is not None}
+
+
 def write(coder: SparseCoder, folder: Path) -> None:
     """A SAELens 6 folder that `sae_lens.SAE.load_from_disk` loads with the same outputs."""
     from safetensors.torch import save_file
@@ -272,7 +287,8 @@ def write(coder: SparseCoder, folder: Path) -> None:
     cfg = coder.cfg
     name, state, norm = _export(coder)
     meta: dict[str, Any] = {
-        "sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": None, "model_name": cfg.model_name,
+        "sae_lens_training_version": None, **_carried_metadata(cfg),
+        "sae_lens_version": FORMAT_VERSION, "model_name": cfg.model_name,
         "hook_name": cfg.hook_point, "hook_head_index": cfg.hook_head_index,
         "sae_kit": sae_kit_cfg(cfg, {k: v for k, v in cfg.metadata.items() if k not in ("source_config",)}),
     }

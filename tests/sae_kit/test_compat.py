@@ -67,6 +67,9 @@ def test_check_compatible_takes_a_config_without_weights(tiny_model):
         check_compatible(tiny_model, sae_cfg(hook="blocks.0.hook_resid_pots"))
     with pytest.raises(ValueError, match="records no hook_point"):
         check_compatible(tiny_model, sae_cfg(hook=""))
+    with pytest.raises(ValueError, match=r"records no hook_point \(its gemma-scope files have none\).*sae-kit convert "
+                                         r"SRC DST --to sae-kit --hook-point HOOK"):
+        check_compatible(tiny_model, sae_cfg(hook="", metadata={"source_format": "gemma-scope"}))
     tc = sae_cfg(transcoder=True, d_out=16, target_hook_point="blocks.0.hook_mlp_out")
     with pytest.raises(ValueError, match=r"expects width 16 at target_hook_point 'blocks.0.hook_mlp_out' \(d_out=16\)"):
         check_compatible(tiny_model, tc)

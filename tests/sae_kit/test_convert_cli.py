@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import torch
-from foreign_files import inputs, saelens_cfg, saelens_forward, saelens_weights, write_saelens
+from foreign_files import inputs, saelens_cfg, saelens_forward, saelens_weights, write_gemma_scope, write_saelens
 
 from sae_kit import SAE
 from sae_kit.cli import main
@@ -38,3 +38,13 @@ def test_convert_errors(tmp_path: Path, capsys) -> None:
     assert "is not an empty folder" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "o"), "--to", "sae-kit"]) == 2
     assert "no SAE at" in capsys.readouterr().err
+
+
+def test_convert_sets_the_hook_points_a_gemma_scope_file_lacks(tmp_path: Path) -> None:
+    write_gemma_scope(tmp_path / "gs", d_in=16, d_sae=40)
+    args = ["convert", str(tmp_path / "gs"), str(tmp_path / "tc"), "--to", "sae-kit", "--model", "reference",
+            "--hook-point", "blocks.1.ln2.hook_normalized", "--target-hook-point", "blocks.1.hook_mlp_out"]
+    assert main(args) == 0
+    cfg = SAE.load(tmp_path / "tc").cfg
+    assert (cfg.transcoder, cfg.hook_point, cfg.target_hook_point) == (True, "blocks.1.ln2.hook_normalized",
+                                                                       "blocks.1.hook_mlp_out")

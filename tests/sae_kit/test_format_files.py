@@ -148,6 +148,14 @@ def test_unknown_dtype_is_named(tmp_path: Path) -> None:
         SAE.load(tmp_path / "g", dtype="int8")
 
 
+def test_truncated_params_npz_is_named(tmp_path: Path) -> None:
+    write_gemma_scope(tmp_path / "g", d_in=16, d_sae=40)
+    data = (tmp_path / "g" / "params.npz").read_bytes()
+    (tmp_path / "g" / "params.npz").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(FormatError, match=r"params.npz is not a readable numpy .npz .*re-download it"):
+        SAE.load(tmp_path / "g")
+
+
 def test_llama_scope(tmp_path: Path) -> None:
     hp, w = write_llama_scope(tmp_path / "Llama3_1-8B-Base-L4R-8x", d_in=16, d_sae=40)
     sae = SAE.load(tmp_path / "Llama3_1-8B-Base-L4R-8x")
@@ -232,6 +240,14 @@ def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
     for trust in (False, True):
         with pytest.raises(FormatError, match=r"ae.pt is not a readable torch pickle \(Unsupported operand"):
             SAE.load(tmp_path / "ae", trust_remote_pickle=trust)
+
+
+def test_dictionary_learning_folder_without_its_config_names_the_config(tmp_path: Path) -> None:
+    write_dictionary_learning(tmp_path / "dl", "AutoEncoderTopK", d_in=8, d_sae=16)
+    (tmp_path / "dl" / "config.json").unlink()  # ae.pt alone was read as an OpenAI file: "no tensor 'latent_bias'"
+    for path in (tmp_path / "dl", tmp_path / "dl" / "ae.pt"):
+        with pytest.raises(FormatError, match=r"ae.pt is a dictionary_learning ae.pt.*needs its config.json"):
+            SAE.load(path)
 
 
 def test_folder_of_no_format_lists_what_was_looked_for(tmp_path: Path) -> None:

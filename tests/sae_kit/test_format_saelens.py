@@ -223,3 +223,20 @@ def test_our_settings_survive_a_round_trip(tmp_path: Path) -> None:
     assert back.cfg.k_aux == 5 and back.cfg.metadata["tokens_seen"] == 123 and back.cfg.model_name == "m"
     x = torch.randn(10, 8)
     torch.testing.assert_close(back.decode(back.encode(x), x), sae.decode(sae.encode(x), x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pre_6", [False, True])
+def test_saelens_metadata_survives_saelens_to_ours_to_saelens(tmp_path: Path, pre_6: bool) -> None:
+    run = {"prepend_bos": False, "context_size": 128, "dataset_path": "monology/pile", "neuronpedia_id": "gpt2/1-res",
+           "model_from_pretrained_kwargs": {"center_writing_weights": False}, "seqpos_slice": [1, None]}
+    cfg = saelens_cfg("standard", D_IN, D_SAE, D_IN)
+    if pre_6:
+        top = {k: v for k, v in cfg.items() if k != "metadata"}
+        cfg = {**top, **cfg["metadata"], **run, "sae_lens_version": "5.9.0"}
+    else:
+        cfg["metadata"].update(run)
+    write_saelens(tmp_path / "theirs", cfg, saelens_weights("standard", D_IN, D_SAE, D_IN))
+    SAE.load(tmp_path / "theirs").save(tmp_path / "ours", format="sae-kit")
+    SAE.load(tmp_path / "ours").save(tmp_path / "back", format="saelens")
+    meta = json.loads((tmp_path / "back" / "cfg.json").read_text())["metadata"]
+    assert {k: meta.get(k) for k in run} == run
