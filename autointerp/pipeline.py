@@ -461,11 +461,17 @@ def _explain_and_score(cfg: InterpConfig, out: Path, work: _LatentWork, todo: li
             results = map(work.process, todo)
         # Only this thread writes, so lines never interleave; the explanation goes first, so a score row on disk
         # always has its explanation there too.
-        for latent, exp, is_new, row in results:
-            if is_new:
-                append_jsonl(exp_f, exp.to_dict())
-            append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
-            bar.update()
+        try:
+            for latent, exp, is_new, row in results:
+                if is_new:
+                    append_jsonl(exp_f, exp.to_dict())
+                append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
+                bar.update()
+        except BaseException:
+            # Ctrl-C: leaving the `with` waits for the pool, which would first ask the LLM about every latent not
+            # started yet, for results nobody writes; only the ones in flight are finished.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _write(cfg: InterpConfig, out: Path, records: dict[int, LatentRecord], scorer_names: list[str],
