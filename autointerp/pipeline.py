@@ -336,6 +336,10 @@ def _select_latents(cfg: InterpConfig, spec: Any, model: Any, sae: Any, dataset:
     live = counts.nonzero().flatten().tolist()
     if not live:
         raise ValueError("no latent fired on the tokens read; pass more --tokens or explicit --latents")
+    if len(live) < spec.n_random:
+        log.warning("latents %r: only %d of %d latents fired on the %d tokens read; explaining those %d (pass more "
+                    "--tokens for more)", cfg.latents, len(live), sae.cfg.d_sae,
+                    min(cfg.live_tokens, cfg.records.n_tokens), len(live))
     return sample_live(live, spec.n_random, cfg.seed)
 
 

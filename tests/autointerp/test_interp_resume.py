@@ -282,6 +282,14 @@ def test_interrupt_stops_asking_the_llm_about_latents_not_started(tmp_path, reco
     assert judge.explained <= 4
 
 
+def test_random_sample_larger_than_the_live_latents_warns(tmp_path, tiny_model, sae, caplog):
+    with caplog.at_level(logging.WARNING, logger="autointerp.pipeline"):
+        summary = run_interp(_cfg(tmp_path / "out", latents="random:64"), sae=sae, model=tiny_model,
+                             embedder=FakeEmbedder())
+    assert summary["n_latents"] < 64  # the dead latent never fires
+    assert f"only {summary['n_latents']} of 64 latents fired" in caplog.text
+
+
 def test_killed_records_save_never_pairs_new_records_with_old_meta(tmp_path, records_dir, monkeypatch):
     folder = tmp_path / "records"
     shutil.copytree(records_dir, folder)
