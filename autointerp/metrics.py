@@ -69,9 +69,14 @@ def auroc(scores: Sequence[float], labels: Sequence[int | bool]) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def top_n_predictions(scores: Sequence[float], n_positive: int) -> list[int]:
-    """Turn graded scores into 0/1 by calling the n_positive highest-scoring items positive."""
-    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+def top_n_predictions(scores: Sequence[float], n_positive: int, seed: int = 0) -> list[int]:
+    """Turn graded scores into 0/1 by calling the n_positive highest-scoring items positive (ties in a seeded
+    random order)."""
+    # Scorers list positives first: breaking ties by position would call tied positives positive, so a judge that
+    # cannot tell the classes apart (every score equal) would score perfect accuracy.
+    tiebreak = list(range(len(scores)))
+    random.Random(seed).shuffle(tiebreak)
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), tiebreak[i]))
     chosen = set(order[:n_positive])
     return [int(i in chosen) for i in range(len(scores))]
 

@@ -336,6 +336,10 @@ def _select_latents(cfg: InterpConfig, spec: Any, model: Any, sae: Any, dataset:
     live = counts.nonzero().flatten().tolist()
     if not live:
         raise ValueError("no latent fired on the tokens read; pass more --tokens or explicit --latents")
+    if len(live) < spec.n_random:
+        log.warning("latents %r: only %d of %d latents fired on the %d tokens read; explaining those %d (pass more "
+                    "--tokens for more)", cfg.latents, len(live), sae.cfg.d_sae,
+                    min(cfg.live_tokens, cfg.records.n_tokens), len(live))
     return sample_live(live, spec.n_random, cfg.seed)
 
 
@@ -461,11 +465,17 @@ def _explain_and_score(cfg: InterpConfig, out: Path, work: _LatentWork, todo: li
             results = map(work.process, todo)
         # Only this thread writes, so lines never interleave; the explanation goes first, so a score row on disk
         # always has its explanation there too.
-        for latent, exp, is_new, row in results:
-            if is_new:
-                append_jsonl(exp_f, exp.to_dict())
-            append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
-            bar.update()
+        try:
+            for latent, exp, is_new, row in results:
+                if is_new:
+                    append_jsonl(exp_f, exp.to_dict())
+                append_jsonl(score_f, {"latent": latent, "explanation": exp.text, "scores": row})
+                bar.update()
+        except BaseException:
+            # Ctrl-C: leaving the `with` waits for the pool, which would first ask the LLM about every latent not
+            # started yet, for results nobody writes; only the ones in flight are finished.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _write(cfg: InterpConfig, out: Path, records: dict[int, LatentRecord], scorer_names: list[str],

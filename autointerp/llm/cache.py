@@ -38,6 +38,8 @@ class CachedClient:
         """Create `cache_dir` if needed."""
         self.inner = inner
         self.name = inner.name  # the cache is transparent: records name the model, not the wrapper
+        # A client whose name does not pin its weights (local:PATH) offers a cache_id that does.
+        self.key_name: str = getattr(inner, "cache_id", None) or inner.name
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.stats = LLMStats()
@@ -53,7 +55,7 @@ class CachedClient:
         self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
     ) -> LLMResponse:
         """The cached reply if there is one, else the inner client's (stored on success)."""
-        key = cache_key(self.name, messages, max_tokens, temperature)
+        key = cache_key(self.key_name, messages, max_tokens, temperature)
         path = self.path(key)
         hit = self._read(path, key)
         if hit is not None:

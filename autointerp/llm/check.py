@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 CONNECT_TIMEOUT_S = 3.0
 """How long the reachability check waits for a TCP connection."""
@@ -37,6 +38,27 @@ def endpoint_problem(spec: str) -> str | None:
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S):
-            return None
+            pass
     except OSError as err:
         return f"cannot connect to {url.hostname}:{port} ({err.strerror or err})"
+    return _key_refused(client)
+
+
+def _key_refused(client: Any) -> str | None:
+    """Why the server refuses the client's API key on GET /models (HTTP 401/403), else None.
+
+    A wrong key fails every request of the run, but only after the records pass; /models is the cheap request
+    OpenAI, vLLM, Ollama and llama.cpp all serve. Anything else (no such route, a slow server) is no verdict.
+    """
+    http, base = getattr(client, "_http", None), getattr(client, "base_url", None)
+    if http is None or not base:
+        return None
+    try:
+        status = http.get(f"{base}/models", timeout=CONNECT_TIMEOUT_S).status_code
+    except Exception:  # unreachable routes and timeouts are for the run itself to report
+        return None
+    finally:
+        client.close()
+    if status in (401, 403):
+        return f"{base}/models answered HTTP {status}: the server refuses the API key"
+    return None

@@ -1,7 +1,9 @@
 """A chat client over a local `transformers` causal LM, for runs without an API (or tests without a network)."""
 from __future__ import annotations
 
+import hashlib
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,24 @@ class LocalChatClient:
         cfg = self.model.config
         self.context_length: int | None = (getattr(cfg, "max_position_embeddings", None)
                                            or getattr(cfg, "n_positions", None))
+        self.cache_id = f"{self.name}@{self._weights_digest()}"
+
+    def _weights_digest(self) -> str:
+        """A digest of which weights answer: the folder's files (path, size, mtime) or the hub snapshot, and dtype.
+
+        The on-disk cache keys replies by it (`cache_id`), so another model saved at the same path, or the same
+        relative path read from another folder, never gets the old model's cached replies.
+        """
+        h = hashlib.sha256(f"{self.model.dtype}".encode())
+        folder = Path(self.model_name_or_path)
+        if folder.is_dir():
+            h.update(str(folder.resolve()).encode())
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                st = f.stat()
+                h.update(f"\n{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        else:  # a hub name: the snapshot it resolved to
+            h.update(f"{self.model_name_or_path}:{getattr(self.model.config, '_commit_hash', None)}".encode())
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"LocalChatClient({self.model_name_or_path!r}, device={str(self.device)!r})"

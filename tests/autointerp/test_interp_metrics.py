@@ -50,6 +50,14 @@ def test_top_n_predictions_and_bootstrap():
     assert agg["auroc"]["mean"] == pytest.approx(0.7) and agg["auroc"]["n"] == 2 and "n" not in agg
 
 
+def test_top_n_predictions_breaks_ties_without_favouring_the_first_items():
+    # Scorers list positives first: a judge whose scores are all equal must not score perfect accuracy.
+    labels = [1] * 50 + [0] * 50
+    assert 0.3 < binary_metrics(top_n_predictions([0.5] * 100, 50), labels)["accuracy"] < 0.7
+    assert sum(top_n_predictions([0.2, 0.5, 0.5, 0.5, 0.1], 2)) == 2
+    assert top_n_predictions([0.2, 0.5, 0.5, 0.5, 0.1], 3) == [0, 1, 1, 1, 0]
+
+
 def test_spec_forms():
     assert parse_latent_spec("0:4", 10).indices == (0, 1, 2, 3)
     assert parse_latent_spec("3,7,3", 10).indices == (3, 7)

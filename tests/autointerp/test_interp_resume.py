@@ -251,6 +251,45 @@ def test_line_cut_short_by_a_kill_is_redone_not_joined(tmp_path, records_dir, sa
     assert embedder.texts  # it was redone, not found somewhere
 
 
+@dataclass
+class InterruptedJudge(FakeJudge):
+    """FakeJudge that raises KeyboardInterrupt (Ctrl-C) on its second explanation request; later ones are slow, so
+    the run has time to stop before them."""
+
+    explained: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self, messages, *, max_tokens=256, temperature=0.0):
+        """Answer, or be interrupted."""
+        if "Excerpts where the latent activates" in messages[-1]["content"]:
+            with self.lock:
+                self.explained += 1
+                n = self.explained
+            if n == 2:
+                raise KeyboardInterrupt
+            if n > 2:
+                threading.Event().wait(0.5)
+        return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def test_interrupt_stops_asking_the_llm_about_latents_not_started(tmp_path, records_dir, sae):
+    out = _fresh(tmp_path / "out", records_dir)
+    judge = InterruptedJudge()
+    with pytest.raises(KeyboardInterrupt):
+        run_interp(_cfg(out, explainer="llm", scorers=("detection",), llm="fake", workers=2), sae=sae, client=judge)
+    # Only the latents in flight finish: the other worker's one; asking about all 8 would spend on results
+    # nobody writes.
+    assert judge.explained <= 4
+
+
+def test_random_sample_larger_than_the_live_latents_warns(tmp_path, tiny_model, sae, caplog):
+    with caplog.at_level(logging.WARNING, logger="autointerp.pipeline"):
+        summary = run_interp(_cfg(tmp_path / "out", latents="random:64"), sae=sae, model=tiny_model,
+                             embedder=FakeEmbedder())
+    assert summary["n_latents"] < 64  # the dead latent never fires
+    assert f"only {summary['n_latents']} of 64 latents fired" in caplog.text
+
+
 def test_killed_records_save_never_pairs_new_records_with_old_meta(tmp_path, records_dir, monkeypatch):
     folder = tmp_path / "records"
     shutil.copytree(records_dir, folder)

@@ -121,6 +121,24 @@ def test_embedding_scorer_perfect_vs_random():
     assert 0.3 < sum(bad) / len(bad) < 0.7
 
 
+class ConstantEmbedder:
+    """Every text embeds to the same vector: a judge that cannot tell anything apart."""
+
+    def embed(self, texts: list[str]):
+        import torch
+
+        return torch.ones(len(texts), 4) / 2
+
+    def similarity(self, texts: list[str], query: str) -> list[float]:
+        return [1.0] * len(texts)
+
+
+def test_embedding_scorer_with_all_scores_tied_is_no_better_than_chance():
+    out = EmbeddingScorer(embedder=ConstantEmbedder()).score(synthetic_record(3), "spam")
+    assert out["auroc"] == 0.5
+    assert out["accuracy"] < 1.0 and out["recall"] < 1.0  # ties were called positive in list order: 1.0
+
+
 def test_llm_scorer_down_raises_for_failure_record():
     with pytest.raises(RuntimeError, match="every detection prompt failed"):
         DetectionScorer(client=FakeJudge(mode="down")).score(synthetic_record(), "spam")

@@ -475,3 +475,39 @@ def test_make_client_end_to_end_with_cache(server: ChatServer, tmp_path: Path,
     assert c.complete(msgs()).text == "echo: hello"
     assert server.bodies[0]["model"] == "my-model" and server.headers[0]["Authorization"] == "Bearer sk-local"
     assert c.complete(msgs()).cached and server.requests == 1
+
+
+# ---- the reachability check ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status,refused", [(200, False), (404, False), (401, True), (403, True)])
+def test_endpoint_check_reports_a_refused_api_key(monkeypatch: pytest.MonkeyPatch, status: int, refused: bool) -> None:
+    from autointerp.llm.check import endpoint_problem
+
+    seen: list[str | None] = []
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("Authorization"))
+            data = json.dumps({"data": [{"id": "m"}]} if status == 200 else {"error": {"message": "no"}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SAE_KIT_API_KEY", "wrong-key")
+    try:
+        problem = endpoint_problem(f"http://127.0.0.1:{httpd.server_address[1]}/v1:m")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen == ["Bearer wrong-key"]  # the check asked /models with the run's key
+    if refused:
+        assert problem is not None and f"HTTP {status}" in problem and "API key" in problem
+    else:
+        assert problem is None

@@ -62,3 +62,22 @@ def test_make_client_local_with_cache(tiny_gpt2_path: Path, tmp_path: Path) -> N
     first = c.complete(MESSAGES, max_tokens=3)
     again = c.complete(MESSAGES, max_tokens=3)
     assert again.cached and again.text == first.text and c.inner.stats.requests == 1  # type: ignore[attr-defined]
+
+
+def test_cache_misses_when_another_model_is_saved_at_the_same_path(tiny_gpt2_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    judge = shutil.copytree(tiny_gpt2_path, tmp_path / "judge")
+    spec, cache = f"local:{judge}", str(tmp_path / "cache")
+    assert not make_client(spec, cache_dir=cache, device="cpu").complete(MESSAGES, max_tokens=3).cached
+    assert make_client(spec, cache_dir=cache, device="cpu").complete(MESSAGES, max_tokens=3).cached
+    model = AutoModelForCausalLM.from_pretrained(judge)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(judge)  # retrained, or another checkpoint copied in: same spec, other replies
+    resp = make_client(spec, cache_dir=cache, device="cpu").complete(MESSAGES, max_tokens=3)
+    assert not resp.cached  # the old model's reply would be served here
