@@ -52,7 +52,8 @@ class Explainer(Protocol):
 
 
 def explanation_examples(record: LatentRecord, n_top: int = N_TOP, n_sampled: int = N_SAMPLED) -> list[Example]:
-    """Examples shown to explainers: the strongest contexts plus a few from lower quantiles.
+    """Examples shown to explainers: the strongest contexts plus the `n_sampled` quantile samples of the highest bins
+    not already among them (the lower bins are never shown; they stay for scoring).
 
     The one definition of what an explainer sees: scorers hold exactly these out (`scorers.scoring_set`).
     """
@@ -180,7 +181,8 @@ class LLMExplainer:
     n_top: int = N_TOP
     """Strongest contexts shown."""
     n_sampled: int = N_SAMPLED
-    """Lower-quantile contexts shown as well (so the explanation is not only about the extremes)."""
+    """Quantile samples shown as well, from the highest bins down (below the strongest contexts, so the explanation is
+    not only about the extremes)."""
     max_tokens: int = 128
     name: str = "llm"
 
