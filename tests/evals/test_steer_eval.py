@@ -260,6 +260,20 @@ def test_cli_generation_past_the_models_context(tiny_gpt2_path, sae_dir, capsys)
     assert "max_new_tokens 300" in err and "maximum context of 128" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("temperature", ["-1", "nan"])
+def test_cli_bad_temperature_fails_before_the_model_loads(tiny_gpt2_path, sae_dir, capsys, monkeypatch, temperature):
+    import activation_store.model
+    from sae_kit.cli import main
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before --temperature was checked")
+
+    monkeypatch.setattr(activation_store.model, "load_model", no_load)
+    assert main(["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--feature", "1",
+                 "--temperature", temperature]) == 2
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--feature", "64"], "out of range"),
     (["--feature", "-1"], ">= 0"),
