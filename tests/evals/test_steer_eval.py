@@ -45,6 +45,16 @@ def test_logit_lens_finds_the_token_a_direction_points_at(tiny_model):
         direction_logit_lens(tiny_model, torch.ones(31))
 
 
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_z", "blocks.0.attn.hook_v"])
+def test_logit_lens_refuses_an_sae_in_attention_head_space(tiny_model, hook):
+    # n_heads·d_head = d_model in GPT-2, so the width check passed and head-space directions were read as residual ones.
+    width = tiny_model.width(hook)
+    assert width == tiny_model.hf_model().get_output_embeddings().weight.shape[1]
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=width, d_sae=16, k=4, hook_point=hook))
+    with pytest.raises(ValueError, match="attention-head space"):
+        logit_lens(tiny_model, sae, 0)
+
+
 def space_token(tokenizer) -> tuple[int, str]:
     """A token that starts with a space: its id and decoded text (its BPE vocabulary entry starts with 'Ġ')."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
