@@ -15,11 +15,12 @@ flat record per SAE. Keys (NaN written as null):
   `l2_ratio`, `relative_reconstruction_bias`.
 - Sparsity: `l0` (mean active latents per token), `dead_fraction` / `dead_count` (never fired over the eval
   tokens), `dense_fraction` / `dense_count` (fired on more than `dense_threshold` of them).
-- Downstream, mean next-token cross-entropy in nats over all predicted positions: `ce_clean`, `ce_sae` (SAE
+- Downstream, mean next-token cross-entropy in nats over the predictions made from ordinary tokens (from every
+  position with `exclude_special_tokens=False`, as for KL below): `ce_clean`, `ce_sae` (SAE
   spliced in), `ce_zero_ablation`, `ce_mean_ablation`, `ce_sae_with_error` (x̂ + (x − x̂): must equal
   `ce_clean`), `max_abs_logit_diff_with_error` (its largest |logit − clean logit|, ≈ 0);
   `ce_loss_recovered` = (CE_zero − CE_sae)/(CE_zero − CE_clean) and `ce_loss_recovered_mean_ablation` likewise.
-- KL(clean ‖ spliced) per position, mean in nats: `kl_sae`, `kl_zero_ablation`, `kl_mean_ablation`;
+- KL(clean ‖ spliced) per ordinary position, mean in nats: `kl_sae`, `kl_zero_ablation`, `kl_mean_ablation`;
   `kl_score` = (KL_zero − KL_sae)/KL_zero and `kl_score_mean_ablation` likewise.
 - Geometry: `max_decoder_cosine_mean` (mean over latents of the largest cosine with another decoder
   direction), `enc_dec_cosine_mean` (mean cosine between a latent's encoder and decoder vectors; null for a
@@ -174,7 +175,13 @@ class _Sums:
         self.kl = 0.0
         self.kl_n = 0
 
-    def add(self, ce: Tensor, kl: Tensor | None) -> None:
+    def add(self, ce: Tensor, kl: Tensor | None, keep: Tensor | None = None) -> None:
+        """Add per-position CE (B, P−1) and KL (B, P), leaving out the positions `keep` (B, P) holds clean."""
+        if keep is not None:
+            # Special tokens count in no average (SAELens's exclude_special_tokens): CE by the position it predicts
+            # from, as KL.
+            ce = ce[~keep[:, :-1].to(ce.device)]
+            kl = kl[~keep.to(kl.device)] if kl is not None else None
         self.ce += float(ce.double().sum())
         self.ce_n += ce.numel()
         if kl is not None:
@@ -221,11 +228,11 @@ def evaluate_sae(
         keep = keep_mask(tokens, model, exclude_special_tokens)
         n_tokens += tokens.numel()
         clean = model(tokens)  # (B, P, V)
-        sums["clean"].add(M.next_token_ce(clean, tokens), None)
+        sums["clean"].add(M.next_token_ce(clean, tokens), None, keep)
         for mode in ("sae", "sae_with_error", "zero_ablation", "mean_ablation"):
             with splice(model, sae, mode, mean=mean, keep=keep, observer=observe if mode == "sae" else None):
                 logits = model(tokens)  # (B, P, V)
-            sums[mode].add(M.next_token_ce(logits, tokens), M.kl_divergence(clean, logits))
+            sums[mode].add(M.next_token_ce(logits, tokens), M.kl_divergence(clean, logits), keep)
             if mode == "sae_with_error":
                 max_diff = max(max_diff, float((logits - clean).abs().max()))
             del logits

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,11 +118,21 @@ def direction_logit_lens(model: LoadedModel, direction: Tensor, n: int = 10,
                      list(zip(text(down.indices), (-down.values).tolist(), strict=True)))
 
 
+HEAD_SPACE_HOOK = re.compile(r"(attn\.hook_(z|q|k|v|rot_q|rot_k)|\.(q_proj|k_proj|v_proj|c_attn|qkv_proj|query_key_value))$")
+"""Hook points in attention-head space (TransformerLens hook_z/q/k/v, HF q/k/v projections): often as wide as the
+residual stream (n_heads·d_head = d_model), but a direction there reaches the logits only through W_O."""
+
+
 def logit_lens(model: LoadedModel, sae: SparseCoder, feature: int, n: int = 10,
                through_final_norm: bool = True) -> LogitLens:
     """Tokens most promoted and suppressed by a latent's decoder direction through the unembedding."""
     if not 0 <= feature < sae.cfg.d_sae:
         raise ValueError(f"latent index {feature} out of range [0, {sae.cfg.d_sae})")
+    hook = sae.cfg.target_hook_point if sae.cfg.transcoder else sae.cfg.hook_point
+    if HEAD_SPACE_HOOK.search(hook or ""):
+        # The width check below cannot tell: in GPT-2 hook_z is as wide as the residual stream.
+        raise ValueError(f"the decoder of an SAE on {hook!r} writes in attention-head space, not the residual "
+                         "stream: the logit lens needs a residual, attention-output or MLP-output SAE")
     return direction_logit_lens(model, sae.W_dec[feature], n, through_final_norm)
 
 

@@ -80,9 +80,14 @@ class SteerSection:
     """Score each continuation by embedding similarity to the latent's explanation."""
 
     def __post_init__(self) -> None:
-        from sae_kit.steering import MODES
+        import math
+
+        from sae_kit.steering import MODES, parse_positions
+        from sae_kit.steering.interventions import check_strength
 
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        for s in self.strengths:  # checked here, not when the steer stage runs after cache, train, eval and interp
+            check_strength(s)
         object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
         object.__setattr__(self, "seeds", tuple(self.seeds))
         if self.n_latents < 0:
@@ -95,8 +100,9 @@ class SteerSection:
             raise ValueError("strengths and seeds must each hold at least one value")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        parse_positions(self.positions)
 
 
 @dataclass(frozen=True)

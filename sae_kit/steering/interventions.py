@@ -1,7 +1,8 @@
 """What to do to a latent (add its decoder direction, clamp it, ablate it) or to a raw direction, and where.
 
 Positions are absolute token positions counted from the start of the prompt, across the prompt and every
-generated token, so the same spec selects the same tokens with and without the KV cache.
+generated token, so the same spec selects the same tokens with and without the KV cache. In a left-padded batch
+(generate's attention_mask), each row counts from its first real token.
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def parse_positions(spec: str) -> str | tuple[int | None, int | None]:
     return start, stop
 
 
-def position_mask(spec: str, pos: Tensor, prompt_len: int) -> Tensor:
-    """Bool (P,) of the absolute positions `pos` (P,) that `spec` edits, given the prompt's length."""
+def position_mask(spec: str, pos: Tensor, prompt_len: int | Tensor) -> Tensor:
+    """Bool mask, shaped like `pos`, of the absolute positions that `spec` edits, given the prompt's length
+    (an int, or a tensor broadcasting against `pos`, e.g. (B, 1) per row)."""
     parsed = parse_positions(spec)
     if parsed == "all":
         return torch.ones_like(pos, dtype=torch.bool)

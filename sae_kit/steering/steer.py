@@ -149,14 +149,17 @@ class _PositionTracker:
     """Absolute positions of the tokens in the current forward call, across prefill and KV-cached decode steps.
 
     A pre-forward hook on the top-level model(s) records how many tokens the KV cache already holds (the offset,
-    from the cache or the call's position ids) and the prompt length. A forward whose input extends the previous one by one token (an uncached generation
-    step) keeps the prompt length, so "last" means the same tokens with and without the cache.
+    from the cache, the attention mask or the call's position ids) and the prompt length. A forward whose input extends the previous one by one token (an uncached generation
+    step) keeps the prompt length, so "last" means the same tokens with and without the cache. A left-padded
+    batch's rows count from their first real token (the attention mask's leading zeros are skipped), so padding
+    does not shift what a row's "i:j" selects.
     """
 
     def __init__(self) -> None:
         self.offset = 0
         self.prompt_len: int | None = None
         self.ids: Tensor | None = None  # (B, T) every token seen in the current sequence
+        self.pad: Tensor | None = None  # (B,) left-padding of each row of the current sequence, if any
 
     def before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Pre-forward hook: record the KV-cache offset and the prompt length of this call."""
@@ -164,11 +167,17 @@ class _PositionTracker:
         ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 and ids is not None and len(mask) == len(ids) else None
         position_ids = kwargs.get("position_ids")
-        if past_len == 0 and ids is not None and isinstance(position_ids, Tensor) and position_ids.numel():
-            # transformers ≥ 5.24 no longer hands the cache to the top-level forward's hooks, but the decode
-            # step's absolute positions come along: the first is the cache's length.
-            past_len = int(position_ids.reshape(-1)[0])
+        if past_len == 0 and mask is not None:
+            # transformers ≥ 5.24 no longer hands the cache to the top-level forward's hooks; the attention mask
+            # covers the cached tokens and this call's.
+            past_len = max(0, mask.shape[1] - ids.shape[1])
+        elif past_len == 0 and ids is not None and isinstance(position_ids, Tensor) and position_ids.numel():
+            # Without a mask, the decode step's positions: a left-padded row's run behind by its padding, so
+            # the largest last position (an unpadded row's) gives the cache's length.
+            past_len = max(0, int(position_ids.reshape(len(ids), -1)[:, -1].max()) + 1 - ids.shape[1])
         if past_len > 0:  # a cached decode step continues the current sequence
             self.offset = past_len
             if self.ids is not None and ids is not None and ids.shape[0] == self.ids.shape[0]:
@@ -184,12 +193,19 @@ class _PositionTracker:
                    and ids.shape[1] == self.ids.shape[1] + 1 and torch.equal(ids[:, :-1], self.ids))
         if not extends:
             self.prompt_len = ids.shape[1]
+            # Leading zeros of the mask: a left-padded row's prompt starts after them.
+            self.pad = (mask.cumsum(1) == 0).sum(1).cpu() if mask is not None else None
         self.ids = ids
 
-    def positions(self, seq_len: int) -> tuple[Tensor, int]:
-        """Absolute positions (P,) of the current call's tokens, and the prompt length."""
-        pos = torch.arange(self.offset, self.offset + seq_len)
-        return pos, self.prompt_len if self.prompt_len is not None else seq_len
+    def positions(self, seq_len: int, batch: int) -> tuple[Tensor, Tensor | int]:
+        """Positions (B or 1, P) of the current call's tokens counted from each row's first real token, and the
+        prompt length (an int, or (B, 1) per row of a left-padded batch)."""
+        pos = torch.arange(self.offset, self.offset + seq_len)[None, :]  # (1, P)
+        prompt_len = self.prompt_len if self.prompt_len is not None else seq_len
+        if self.pad is None or not bool(self.pad.any()) or len(self.pad) != batch:
+            return pos, prompt_len
+        pad = self.pad[:, None]  # (B, 1)
+        return pos - pad, prompt_len - pad
 
     @contextmanager
     def attached(self, model: LoadedModel) -> Iterator[None]:
@@ -224,7 +240,7 @@ def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int
 
     def write(act: Tensor) -> Tensor:  # act: (B, P, d_out)
         B, P, _ = act.shape
-        pos, prompt_len = tracker.positions(P)
+        pos, prompt_len = tracker.positions(P, B)
         out = act
         if clamps:
             if transcoder:
@@ -240,8 +256,8 @@ def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int
                 gain = gain.view(B, P, 1) if isinstance(gain, Tensor) else gain
             dz = torch.zeros_like(z)  # (B, P, d_sae): new − old value of each edited latent
             for iv in clamps:
-                where = position_mask(iv.positions, pos, prompt_len).to(z.device)
-                dz[:, where, iv.feature] = iv.value - z[:, where, iv.feature]
+                where = position_mask(iv.positions, pos, prompt_len).to(z.device).expand(B, P)  # (B, P)
+                dz[..., iv.feature] = torch.where(where, iv.value - z[..., iv.feature], dz[..., iv.feature])
             # The decoder is linear in z, so x̂_clamped − x̂ = Δz·W_dec: the error term and the other latents are
             # untouched exactly, not just up to the rounding of a second decode.
             out = out + ((dz @ w_dec) * gain).to(act.dtype)
@@ -252,7 +268,7 @@ def _sae_edits(sae: SparseCoder, ivs: Sequence[Intervention], scale: Mapping[int
             gain = sae.decoder_gain(act.reshape(B * P, -1).to(w_dec.dtype))  # transcoders: 1, x never read
             gain = gain.view(B, P, 1).to(act.dtype) if isinstance(gain, Tensor) else gain
         for iv in adds:
-            where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]  # (1, P, 1)
+            where = position_mask(iv.positions, pos, prompt_len).to(act.device)[..., None]  # (B or 1, P, 1)
             delta = (iv.strength * scale[iv.feature]) * w_dec[iv.feature]  # (d_out,)
             out = out + where * delta.to(act.device, act.dtype) * gain
         return out
@@ -269,8 +285,8 @@ def _direction_edit(iv: DirectionIntervention, tracker: _PositionTracker) -> tup
     vec = iv.direction.detach()
 
     def write(act: Tensor) -> Tensor:
-        pos, prompt_len = tracker.positions(act.shape[1])
-        where = position_mask(iv.positions, pos, prompt_len).to(act.device)[None, :, None]
+        pos, prompt_len = tracker.positions(act.shape[1], act.shape[0])
+        where = position_mask(iv.positions, pos, prompt_len).to(act.device)[..., None]  # (B or 1, P, 1)
         return act + where * (iv.strength * vec).to(act.device, act.dtype)
 
     return iv.hook_point, write

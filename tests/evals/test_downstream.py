@@ -149,6 +149,29 @@ def test_transcoder_splice_path(tiny_model, batches) -> None:
     assert r["ce_sae_with_error"] == pytest.approx(r["ce_clean"], abs=1e-5)
 
 
+def test_ce_and_kl_average_over_ordinary_positions_only(tiny_model, batches) -> None:
+    """Special positions are held clean, so their KL is ~0 and their CE the clean one: averaged in (as before), they
+    diluted kl_* and ce_* by the share of special tokens; SAELens leaves them out, as metrics.md's E_t says."""
+    tokens = [t.clone() for t in batches]
+    for t in tokens:
+        t[:, 9] = tiny_model.bos_token_id  # a document boundary mid-context too
+    sae = coder()
+    r = evaluate_sae(tiny_model, sae, tokens, progress=False).record
+    ce_sum = kl_sum = 0.0
+    ce_n = kl_n = 0
+    for t in tokens:
+        keep = t == tiny_model.bos_token_id
+        clean = tiny_model(t)
+        with splice(tiny_model, sae, "sae", keep=keep):
+            logits = tiny_model(t)
+        ce = M.next_token_ce(logits, t)[~keep[:, :-1]]
+        kl = M.kl_divergence(clean, logits)[~keep]
+        ce_sum, ce_n = ce_sum + float(ce.double().sum()), ce_n + ce.numel()
+        kl_sum, kl_n = kl_sum + float(kl.double().sum()), kl_n + kl.numel()
+    assert r["ce_sae"] == pytest.approx(ce_sum / ce_n, rel=1e-6)
+    assert r["kl_sae"] == pytest.approx(kl_sum / kl_n, rel=1e-6)
+
+
 def test_mean_activation_excludes_special_tokens(tiny_model, batches) -> None:
     mean = mean_activation(tiny_model, HOOK, batches)
     acts = torch.cat([tiny_model.capture(t, [HOOK])[HOOK][t != tiny_model.bos_token_id] for t in batches])

@@ -45,6 +45,16 @@ def test_logit_lens_finds_the_token_a_direction_points_at(tiny_model):
         direction_logit_lens(tiny_model, torch.ones(31))
 
 
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_z", "blocks.0.attn.hook_v"])
+def test_logit_lens_refuses_an_sae_in_attention_head_space(tiny_model, hook):
+    # n_heads·d_head = d_model in GPT-2, so the width check passed and head-space directions were read as residual ones.
+    width = tiny_model.width(hook)
+    assert width == tiny_model.hf_model().get_output_embeddings().weight.shape[1]
+    sae = SparseCoder.from_config(SAEConfig(architecture="topk", d_in=width, d_sae=16, k=4, hook_point=hook))
+    with pytest.raises(ValueError, match="attention-head space"):
+        logit_lens(tiny_model, sae, 0)
+
+
 def space_token(tokenizer) -> tuple[int, str]:
     """A token that starts with a space: its id and decoded text (its BPE vocabulary entry starts with 'Ġ')."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -258,6 +268,20 @@ def test_cli_generation_past_the_models_context(tiny_gpt2_path, sae_dir, capsys)
                  "--prompt", "import os", "--max-new-tokens", "300"]) == 2
     err = capsys.readouterr().err
     assert "max_new_tokens 300" in err and "maximum context of 128" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("temperature", ["-1", "nan"])
+def test_cli_bad_temperature_fails_before_the_model_loads(tiny_gpt2_path, sae_dir, capsys, monkeypatch, temperature):
+    import activation_store.model
+    from sae_kit.cli import main
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before --temperature was checked")
+
+    monkeypatch.setattr(activation_store.model, "load_model", no_load)
+    assert main(["steer", "--sae", str(sae_dir), "--model", str(tiny_gpt2_path), "--feature", "1",
+                 "--temperature", temperature]) == 2
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -196,6 +196,21 @@ def test_eval_suite_settings_are_checked_key_by_key_and_built(tmp_path, tiny_gpt
     assert isinstance(suite, SuiteConfig) and suite.absorption.absorber_cos == 0.2 and suite.hub is None
 
 
+def test_steer_settings_are_checked_before_anything_runs(tmp_path, tiny_gpt2_path):
+    """Bad positions, strengths or temperature passed the check and failed at the steer stage, after cache, train,
+    eval and interp had run."""
+    steer_line = "steer: {{n_latents: 1, strengths: [0, 4], max_new_tokens: 4}}"
+    assert steer_line in GOOD
+    for bad, words in (("positions: first", "bad positions 'first'"), ("positions: '5:2'", "select nothing"),
+                       ("strengths: [0, .nan]", "finite number"),
+                       ("temperature: .nan", "temperature must be a finite number")):
+        text = GOOD.replace(steer_line, f"steer: {{{{n_latents: 1, max_new_tokens: 4, {bad}}}}}")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(write(tmp_path, text, out=tmp_path / "out", model=tiny_gpt2_path)), check_model=False)
+        by_key = {i.key: i for i in info.value.issues}
+        assert "steer" in by_key and words in by_key["steer"].message, (bad, by_key)
+
+
 def test_decoder_suites_are_refused_for_transcoder_passes(tmp_path, tiny_gpt2_path):
     """absorption, scr and tpp set decoder directions against probes of the input; a transcoder's decoder writes its
     target, so a run that trains one and asks for them fails before the cache instead of after training."""

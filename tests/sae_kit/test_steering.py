@@ -158,6 +158,27 @@ def test_kv_cache_gives_same_steered_tokens(fixture, hook, positions, request):
     assert not torch.allclose(cached_logits, clean_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("fixture,hook", [("tiny_model", HOOK), ("tiny_hf_model", "transformer.h.0")])
+@pytest.mark.parametrize("positions", ["last", "1:3", "2:"])
+def test_left_padded_batch_is_steered_like_each_prompt_alone(fixture, hook, positions, request):
+    # A cached decode step's offset was read from row 0's position id, which left padding holds back (nothing
+    # generated was steered under "last"), and "i:j" counted a padded row's pads as its first tokens.
+    model = request.getfixturevalue(fixture)
+    sae = make_sae(hook=hook)
+    short, long_ = model.to_tokens("import os"), model.to_tokens("def __init__(self, x, y")
+    n_pad = long_.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([torch.zeros(1, n_pad, dtype=torch.long), short], 1), long_])
+    mask = torch.ones_like(batch)
+    mask[0, :n_pad] = 0
+    with steer(model, sae, [Intervention(7, "add", 40.0, positions)], scales={7: 1.0}):
+        padded = model.generate(batch, max_new_tokens=4, attention_mask=mask, return_dict_in_generate=True,
+                                output_logits=True)
+        alone = [_generate(model, p, True)[1][:, :4] for p in (short, long_)]
+    logits = torch.stack(padded.logits, 1)  # (2, 4, V)
+    torch.testing.assert_close(logits[1:], alone[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[:1], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def test_transcoder_generation_kv_cache_matches(tiny_model):
     tc = make_sae(hook=TC_IN, transcoder=True, target_hook_point=TC_OUT)
     prompt = tiny_model.to_tokens("class Foo(")
