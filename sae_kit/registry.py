@@ -68,6 +68,10 @@ def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu
     from sae_kit.formats import read_path
 
     entry, path, fields = resolve(release, sae_id)
+    asked = options.pop("format", None)
+    if asked is not None and asked != entry["format"]:  # before any download
+        raise ValueError(f"release {release!r} is in the {entry['format']!r} format (sae_kit/pretrained_saes.yaml); "
+                         f"format={asked!r} cannot change that: drop it, or load a local folder by path")
     if entry.get("note"):
         log.warning("%s: %s", release, entry["note"])
     folder = hub.download(entry["repo_id"], path, revision=options.pop("revision", entry.get("revision")))

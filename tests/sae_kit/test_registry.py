@@ -54,3 +54,19 @@ def test_transcoder_release_names_both_hook_points_per_layer() -> None:
     assert path == "layer_11/width_16k/average_l0_5"
     assert fields == {"model_name": "google/gemma-2-2b", "hook_point": "blocks.11.ln2.hook_normalized",
                       "target_hook_point": "blocks.11.hook_mlp_out"}
+
+
+def test_a_format_other_than_the_releases_is_refused_before_any_download(monkeypatch):
+    """`format=` with a release id named the format twice (a TypeError inside the loader, after the download); another
+    format than the registry's is now refused up front, and the registry's own is accepted."""
+    from sae_kit import hub
+    from sae_kit.registry import from_pretrained
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(hub, "download", no_download)
+    with pytest.raises(ValueError, match="gemma-scope.*format=.sparsify."):
+        from_pretrained("gemma-scope-2b-pt-transcoders", "layer_11/width_16k/average_l0_5", format="sparsify")
+    with pytest.raises(AssertionError, match="downloaded"):  # the same format goes on to the download
+        from_pretrained("gemma-scope-2b-pt-transcoders", "layer_11/width_16k/average_l0_5", format="gemma-scope")
