@@ -12,7 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
-from sae_kit.steering.interventions import MODES, POSITIONS_HELP
+from sae_kit.steering.interventions import MODES, POSITIONS_HELP, check_temperature
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = ((_prompts(args.baseline_positive, "--baseline-positive"),
                  _prompts(args.baseline_negative, "--baseline-negative")) if args.baseline_positive else None)
     temperature = args.temperature if args.temperature is not None else (1.0 if args.n_samples > 1 else 0.0)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    check_temperature(temperature, "--temperature")
     interventions = [Intervention(f, args.mode, args.strength, args.positions) for f in args.feature]
     sae_cfg = read_sae_config(args.sae)  # cfg.json only: every check below runs before any weights load
     check_requested(sae_cfg, args.sae, model=args.model)

@@ -30,7 +30,7 @@ from activation_store.storage import atomic_write_text
 from evals.metrics import kl_divergence
 from sae_kit.sae import SparseCoder
 from sae_kit.steering import DirectionIntervention, Intervention, SAESteering, latent_scales, steer_all
-from sae_kit.steering.interventions import check_strength
+from sae_kit.steering.interventions import check_strength, check_temperature
 from sae_kit.steering.steer import Steering
 
 ConceptScorer = Callable[[list[str]], Sequence[float]]
@@ -139,8 +139,7 @@ def logit_lens(model: LoadedModel, sae: SparseCoder, feature: int, n: int = 10,
 # -- generation -----------------------------------------------------------------------------------------------------
 def _sampling(temperature: float) -> dict[str, Any]:
     """generate() kwargs for a temperature (0 = greedy)."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    check_temperature(temperature)
     return {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
 
 

@@ -80,10 +80,8 @@ class SteerSection:
     """Score each continuation by embedding similarity to the latent's explanation."""
 
     def __post_init__(self) -> None:
-        import math
-
         from sae_kit.steering import MODES, parse_positions
-        from sae_kit.steering.interventions import check_strength
+        from sae_kit.steering.interventions import check_strength, check_temperature
 
         object.__setattr__(self, "prompts", tuple(self.prompts))
         for s in self.strengths:  # checked here, not when the steer stage runs after cache, train, eval and interp
@@ -100,8 +98,7 @@ class SteerSection:
             raise ValueError("strengths and seeds must each hold at least one value")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        check_temperature(self.temperature)
         parse_positions(self.positions)
 
 

@@ -76,6 +76,12 @@ def check_strength(strength: float) -> None:
         raise ValueError(f"steering strength must be a finite number, got {strength!r}")
 
 
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """Raise ValueError (naming the setting `name`) unless temperature is a finite number >= 0 (0 = greedy)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = greedy), got {temperature}")
+
+
 def parse_positions(spec: str) -> str | tuple[int | None, int | None]:
     """"all" / "last", or (start, stop) for "i:j" (either side may be empty)."""
     if spec in ("all", "last"):
