@@ -111,26 +111,14 @@ def ours(x: torch.Tensor, d_sae: int, k: int, precision: torch.dtype | None) -> 
 
 def triton_on(step: Callable[[], None]) -> Callable[[], None]:
     """The same step with the opt-in Triton kernel for the decoder backward (sae_kit.sae.triton_kernels)."""
-    from sae_kit.sae import kernels, triton_kernels
-
-    if not triton_kernels.available():
-        raise ImportError("Triton is not installed", name="triton")
-
-    def run() -> None:
-        kernels.USE_TRITON = True
-        try:
-            step()
-        finally:
-            kernels.USE_TRITON = False
-
-    return run
+    return switched(step, USE_TRITON=True)
 
 
 def switched(step: Callable[[], None], **flags: bool) -> Callable[[], None]:
-    """The same step with `sae_kit.sae.kernels` switches set (USE_TRITON_BAGS, GROUPED_TOPK_CUDA) while it runs."""
+    """The same step with `sae_kit.sae.kernels` switches set (USE_TRITON, USE_TRITON_BAGS, ...) while it runs."""
     from sae_kit.sae import kernels, triton_kernels
 
-    if (flags.get("USE_TRITON_BAGS") or flags.get("USE_TRITON_ROWS")) and not triton_kernels.available():
+    if any(flags.get(name) for name in ("USE_TRITON", "USE_TRITON_BAGS", "USE_TRITON_ROWS")) and not triton_kernels.available():
         raise ImportError("Triton is not installed", name="triton")
 
     def run() -> None:
