@@ -24,7 +24,7 @@ from sae_kit.pipeline.stages import is_temporary
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = textwrap.dedent("""
-    import importlib, os, signal, sys
+    import importlib, os, signal, sys, threading
     import torch
     torch.set_num_threads(1)
     target, when, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -33,14 +33,18 @@ DRIVER = textwrap.dedent("""
     *path, name = attr.split(".")
     for part in path:
         owner = getattr(owner, part)
-    real, calls = getattr(owner, name), [0]
+    real, calls, lock = getattr(owner, name), [0], threading.Lock()
 
     def seam(*args, **kwargs):
-        calls[0] += 1
-        if when == "before" and calls[0] == n:
+        # Each call keeps its own number: seams run on several threads (the cache's writers), and the shared count
+        # moves on while a call is under way, so "after the n-th call" read from it could miss.
+        with lock:
+            calls[0] += 1
+            mine = calls[0]
+        if when == "before" and mine == n:
             os.kill(os.getpid(), signal.SIGKILL)
         out = real(*args, **kwargs)
-        if when == "after" and calls[0] == n:
+        if when == "after" and mine == n:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
